@@ -1,0 +1,13 @@
+"""CMT: Consistency Mid-Training for consistency, Mean Flow and flow-map models.
+
+Conventions used throughout the library (see the module docstrings for details):
+
+* Time is the EDM noise level ``sigma`` (written ``t``, ``s`` or ``r``): data lives at ``sigma = 0``,
+  a noisy sample is ``x_t = x_0 + t * eps`` and the probability-flow ODE is ``dx/dt = (x - D(x, t)) / t``.
+  Mean Flow's average velocity ``u(x_t, r, t) = (x_t - x_r) / (t - r)`` is written in the same time;
+  the rectified-flow time ``tau`` of the Mean Flow paper maps to it by ``t = tau / (1 - tau)`` (see ``samplers``).
+* Trajectories are ordered along the solver: index 0 is the noise end (``sigma_max``), index -1 the clean end.
+* Images are float tensors in ``[-1, 1]``, shape ``(B, C, H, W)``; vector data is ``(B, D)``.
+"""
+
+__version__ = "0.1.0"

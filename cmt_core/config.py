@@ -1,0 +1,224 @@
+"""Validated configuration of every stage and of the whole pipeline.
+
+Every model is a strict pydantic v2 model: unknown keys and out-of-range values fail with an error that
+names the field and the allowed range. A ``PipelineConfig`` round-trips through YAML
+(``save_yaml`` / ``load_yaml``); named presets live in ``cmt_core.presets``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base class: unknown fields are errors, assignment is validated, configs are hashable data."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(StrictModel):
+    """Which data distribution the pipeline learns.
+
+    ``gaussian_mixture`` and ``checkerboard`` are 2-D and come with an exact denoiser; ``digits`` is
+    scikit-learn's 8x8 digits (embedded); ``npz``, ``image_folder`` and ``cifar10`` read a local ``path``.
+    """
+
+    name: Literal["gaussian_mixture", "checkerboard", "digits", "npz", "image_folder", "cifar10"] = "digits"
+    path: Path | None = Field(None, description="local file or folder for npz / image_folder / cifar10")
+    resolution: int | None = Field(None, ge=4, le=1024, description="resize images to this size (None: native)")
+    num_modes: int = Field(8, ge=1, le=1024, description="gaussian_mixture: number of components on a circle")
+    mode_radius: float = Field(2.0, gt=0, description="gaussian_mixture: radius of the circle of means")
+    mode_std: float = Field(0.1, gt=0, description="gaussian_mixture: std of every component")
+    checker_cells: int = Field(4, ge=2, le=64, description="checkerboard: cells per side")
+    seed: int = Field(0, ge=0, description="seed of the train / held-out split")
+    heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of images kept for evaluation")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.name in ("npz", "image_folder", "cifar10") and self.path is None:
+            raise ValueError(f"data.path is required for data.name={self.name!r}")
+        return self
+
+
+class NetworkConfig(StrictModel):
+    """Raw network wrapped by the EDM preconditioning (``cmt_core.preconditioning``)."""
+
+    kind: Literal["mlp", "unet"] = "mlp"
+    width: int = Field(256, ge=1, le=8192, description="mlp hidden width / unet base channels")
+    depth: int = Field(4, ge=1, le=64, description="mlp hidden layers / unet residual blocks per resolution")
+    channel_mult: tuple[int, ...] = Field((1, 2, 2), min_length=1, description="unet channel multipliers")
+    attention_resolutions: tuple[int, ...] = Field((), description="unet resolutions with self-attention")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    emb_dim: int = Field(128, ge=8, le=4096, description="time-embedding width")
+    sigma_data: float = Field(0.5, gt=0)
+
+
+class SolverConfig(StrictModel):
+    """A deterministic probability-flow ODE solver on a time grid (``cmt_core.solvers``)."""
+
+    name: Literal["euler", "heun", "dpm2m", "dpm3m"] = "dpm2m"
+    steps: int = Field(16, ge=1, le=4096, description="number of solver steps (grid has steps + 1 points)")
+    grid: Literal["karras", "log_uniform"] = "log_uniform"
+    sigma_min: float = Field(0.002, gt=0)
+    sigma_max: float = Field(80.0, gt=0)
+    rho: float = Field(7.0, gt=0, description="karras grid exponent")
+    to_zero: bool = Field(False, description="append sigma = 0 to the grid (EDM's Heun: 18 steps = 35 NFE)")
+
+    @model_validator(mode="after")
+    def _sigma_order(self) -> "SolverConfig":
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be < sigma_max ({self.sigma_max})")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """The shared training loop (``cmt_core.training``)."""
+
+    steps: int = Field(1000, ge=0, description="optimisation steps")
+    batch_size: int = Field(128, ge=1, description="global batch size (split over DDP ranks)")
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    optimizer: Literal["adam", "radam"] = "radam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    final_lr_fraction: float = Field(0.0, ge=0.0, le=1.0, description="lr at the end of linear / cosine decay")
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm (None: no clipping)")
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="evaluate the EMA model every N steps (keeps the best)")
+    seed: int = Field(0, ge=0)
+
+
+class TeacherConfig(StrictModel):
+    """Where the teacher denoiser D(x, sigma) comes from (``cmt_core.teachers``).
+
+    ``exact``: closed-form denoiser of a 2-D synthetic distribution. ``pretrain``: EDM training here.
+    ``checkpoint``: a checkpoint of ours; ``torchscript``: a scripted ``D(x, sigma)``;
+    ``callable``: ``module:function`` returning a denoiser module.
+    """
+
+    source: Literal["exact", "pretrain", "checkpoint", "torchscript", "callable"] = "pretrain"
+    path: Path | None = None
+    target: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$", description="module:callable")
+    p_mean: float = Field(-1.2, description="EDM: ln sigma ~ N(p_mean, p_std^2)")
+    p_std: float = Field(1.2, gt=0)
+    train: TrainConfig = TrainConfig(steps=4000, lr=1e-3, optimizer="adam", ema_decay=0.999)
+    sampler: SolverConfig = SolverConfig(name="heun", steps=18, grid="karras", to_zero=True)
+
+    @model_validator(mode="after")
+    def _source_args(self) -> "TeacherConfig":
+        if self.source in ("checkpoint", "torchscript") and self.path is None:
+            raise ValueError(f"teacher.path is required for teacher.source={self.source!r}")
+        if self.source == "callable" and self.target is None:
+            raise ValueError("teacher.target ('module:callable') is required for teacher.source='callable'")
+        return self
+
+
+class RolloutConfig(StrictModel):
+    """Teacher ODE trajectories from x_T = sigma_max * z (``cmt_core.rollouts``)."""
+
+    solver: SolverConfig = SolverConfig()
+    num_trajectories: int = Field(4096, ge=1)
+    batch_size: int = Field(512, ge=1, description="trajectories solved together")
+    seed: int = Field(0, ge=0, description="trajectory k uses noise seeded by (seed, k)")
+
+
+class MidTrainConfig(StrictModel):
+    """Consistency mid-training on teacher trajectories (``cmt_core.objectives.cmt``).
+
+    ``cm``: f(x_ti, t_i) -> x_t0 (clean end); ``flow_map``: f(x_ti, t_i, t_j) -> x_tj;
+    ``mf``: u(x_ti, t_j, t_i) -> (x_ti - x_tj) / (t_i - t_j).
+    """
+
+    form: Literal["cm", "mf", "flow_map"] = "cm"
+    distance: Literal["l2", "pseudo_huber", "lpips"] = "l2"
+    huber_c: float = Field(0.03, ge=0.0, description="pseudo-Huber c (scaled by sqrt of the data dimension)")
+    init: Literal["teacher", "random"] = "teacher"
+    train: TrainConfig = TrainConfig(steps=2000, lr=2e-4)
+
+
+class ECTConfig(StrictModel):
+    """Easy consistency tuning: r = t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)), clamped at 0."""
+
+    p_mean: float = -1.1
+    p_std: float = Field(2.0, gt=0)
+    k: float = Field(8.0, ge=0)
+    b: float = Field(1.0, ge=0)
+    q: float = Field(2.0, gt=1.0)
+    stage_steps: int = Field(1000, ge=1, description="steps per dt-halving stage")
+    huber_c: float = Field(0.0, ge=0.0, description="pseudo-Huber c (scaled by sqrt of the data dimension); 0: l2")
+
+
+class MeanFlowConfig(StrictModel):
+    """Mean Flow: u_tgt = v - (t - r) du/dt, adaptive weight (loss + eps)^-p."""
+
+    p_mean: float = -0.4
+    p_std: float = Field(1.2, gt=0)
+    equal_fraction: float = Field(0.75, ge=0.0, le=1.0, description="fraction of pairs with r = t")
+    adaptive_p: float = Field(1.0, ge=0.0, le=2.0)
+
+
+class PostTrainConfig(StrictModel):
+    """Post-training of a few-step model (``cmt_core.objectives.ect`` / ``meanflow``)."""
+
+    method: Literal["ect", "ecd", "meanflow"] = "ect"
+    init: Literal["cmt", "teacher", "random"] = "cmt"
+    ect: ECTConfig = ECTConfig()
+    meanflow: MeanFlowConfig = MeanFlowConfig()
+    ecd_solver: Literal["euler", "heun", "dpm2m"] = Field("heun", description="ECD: teacher step x_t -> x_r")
+    train: TrainConfig = TrainConfig(steps=2000, lr=1e-4)
+
+
+class EvalConfig(StrictModel):
+    """Evaluation of the teacher and the few-step models (``cmt_core.evaluation``)."""
+
+    num_samples: int = Field(2000, ge=2)
+    batch_size: int = Field(500, ge=1)
+    seed: int = Field(12345, ge=0)
+    mid_sigma: float = Field(0.8, gt=0, description="2-step sampling: re-noise to this sigma")
+    num_seed_sets: int = Field(1, ge=1, le=16)
+    inception_path: Path | None = Field(None, description="local inception-2015-12-05.pt (FID); None: offline")
+    fid_mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = "clean"
+
+
+class PipelineConfig(StrictModel):
+    """The whole pipeline: teacher -> rollouts -> mid-training -> post-training -> evaluation."""
+
+    preset: str = "custom"
+    data: DataConfig = DataConfig()
+    network: NetworkConfig = NetworkConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    midtrain: MidTrainConfig = MidTrainConfig()
+    posttrain: PostTrainConfig = PostTrainConfig()
+    eval: EvalConfig = EvalConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    artifact_root: Path = Path("artifacts")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PipelineConfig":
+        if self.teacher.source == "exact" and self.data.name not in ("gaussian_mixture", "checkerboard"):
+            raise ValueError(f"teacher.source='exact' needs 2-D synthetic data, not data.name={self.data.name!r}")
+        if self.network.kind == "unet" and self.data.name in ("gaussian_mixture", "checkerboard"):
+            raise ValueError("network.kind='unet' needs image data; use 'mlp' for 2-D data")
+        if self.posttrain.method == "meanflow" and self.midtrain.form == "cm" and self.posttrain.init == "cmt":
+            raise ValueError("posttrain.method='meanflow' with init='cmt' needs midtrain.form 'mf' or 'flow_map'")
+        if self.posttrain.method in ("ect", "ecd") and self.midtrain.form != "cm" and self.posttrain.init == "cmt":
+            raise ValueError("posttrain.method='ect'/'ecd' with init='cmt' needs midtrain.form='cm'")
+        return self
+
+
+def save_yaml(cfg: PipelineConfig, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (paths and tuples as plain YAML scalars / lists)."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def load_yaml(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline config written by ``save_yaml`` (or by hand)."""
+    return PipelineConfig.model_validate(yaml.safe_load(Path(path).read_text()))

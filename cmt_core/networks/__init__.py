@@ -1,0 +1,10 @@
+"""Raw networks: ``net(x, c_noise, labels=None) -> tensor shaped like x``.
+
+``c_noise`` is ``(B, num_times)``: the conditioning of each time (``ln(sigma) / 4``); one time for a
+denoiser or consistency model, two for a flow map / Mean Flow model. The preconditioning wrappers in
+``cmt_core.preconditioning`` own all sigma algebra; the raw networks never see sigma.
+"""
+
+from cmt_core.networks.build import build_network
+
+__all__ = ["build_network"]

@@ -1,0 +1,1 @@
+"""Training objectives: ``objective(model, batch, rng) -> per-sample loss`` (see ``base``)."""

@@ -1,0 +1,60 @@
+"""The objective contract shared by every training stage.
+
+``objective(model, batch, rng) -> per-sample loss (B_local,)``. ``batch`` is this rank's slice of the
+global batch (``cmt_core.data.sources``); ``rng`` draws this step's random numbers for the *global*
+batch and returns this rank's rows, so one process and N DDP ranks compute the same samples.
+An objective with ``uses_jvp = True`` differentiates through ``torch.func.jvp`` and is handed the bare
+module (no DDP wrapper); the training loop then all-reduces its gradients itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cmt_core.data.sources import rank_slice, step_generator
+
+
+class StepRandom:
+    """Random numbers of one training step, identical for the same global sample on any number of ranks."""
+
+    def __init__(self, seed: int, step: int, global_batch: int, rank: int = 0, world: int = 1,
+                 device: torch.device | str = "cpu"):
+        self.generator = step_generator(seed, step, stream=2)
+        self.rows = rank_slice(global_batch, rank, world)
+        self.global_batch, self.device = global_batch, device
+
+    def randn(self, *tail: int) -> torch.Tensor:
+        """Standard normal ``(B_local, *tail)``."""
+        return torch.randn(self.global_batch, *tail, generator=self.generator)[self.rows].to(self.device)
+
+    def rand(self, *tail: int) -> torch.Tensor:
+        """Uniform [0, 1) ``(B_local, *tail)``."""
+        return torch.rand(self.global_batch, *tail, generator=self.generator)[self.rows].to(self.device)
+
+    def seed(self) -> int:
+        """A seed shared by all ranks (e.g. to give two forward passes the same dropout masks)."""
+        return int(torch.randint(2**62, (1,), generator=self.generator))
+
+
+def squared_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared l2 distance ``(B,)``."""
+    return (a - b).flatten(1).square().sum(1)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """Per-sample sqrt(||a - b||^2 + c'^2) - c' with c' = c sqrt(dim) (c = 0: the l2 norm)."""
+    c = c * (a[0].numel() ** 0.5)
+    return (squared_l2(a, b) + c**2).sqrt() - c
+
+
+def distance(kind: str, a: torch.Tensor, b: torch.Tensor, huber_c: float = 0.0, lpips=None) -> torch.Tensor:
+    """Per-sample distance named by ``kind``: 'l2' (squared), 'pseudo_huber' or 'lpips' (needs ``lpips``)."""
+    if kind == "l2":
+        return squared_l2(a, b)
+    if kind == "pseudo_huber":
+        return pseudo_huber(a, b, huber_c)
+    if kind == "lpips":
+        if lpips is None:
+            raise ValueError("distance='lpips' needs LPIPS weights, which are not available here")
+        return lpips(a, b).flatten()
+    raise ValueError(f"unknown distance {kind!r}")

@@ -1,0 +1,51 @@
+"""Teacher rollouts: deterministic ODE trajectories from x_T = sigma_max * z.
+
+Trajectory k starts from noise drawn with a generator seeded by (seed, k), so any split of the
+trajectories over batches, processes or machines produces the same states bit for bit (on one device
+type). ``rollout(...)`` returns states ``(N, T + 1, *sample_shape)`` ordered from noise (index 0) to the
+clean end (index T) and the grid ``(T + 1,)`` of their noise levels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from cmt_core.config import SolverConfig
+from cmt_core.solvers import solve
+from cmt_core.time_grids import make_grid
+
+
+@dataclass
+class Trajectories:
+    states: torch.Tensor  # (N, T + 1, *sample_shape), index 0 = noise end
+    grid: torch.Tensor  # (T + 1,) float64, decreasing
+    seeds: torch.Tensor  # (N,) int64: the seed of each trajectory's noise
+
+
+def trajectory_seed(seed: int, index: int) -> int:
+    return seed * 1_000_003 + index
+
+
+def initial_noise(seed: int, indices, sample_shape: tuple[int, ...], sigma_max: float) -> torch.Tensor:
+    """x_T for the trajectories ``indices``: ``(len(indices), *sample_shape)``, float32."""
+    return torch.stack([torch.randn(sample_shape, generator=torch.Generator().manual_seed(trajectory_seed(seed, int(k))))
+                        for k in indices]) * sigma_max
+
+
+def rollout_batch(denoiser, seed: int, indices, sample_shape, solver: SolverConfig, device="cpu") -> torch.Tensor:
+    """States ``(len(indices), T + 1, *sample_shape)`` (float32, on CPU) of the given trajectories."""
+    x = initial_noise(seed, indices, tuple(sample_shape), solver.sigma_max).to(device)
+    return solve(denoiser, x, make_grid(solver).to(device), solver.name).float().cpu()
+
+
+def rollout(denoiser, num: int, sample_shape, solver: SolverConfig, seed: int = 0, batch_size: int = 512,
+            device="cpu", progress: bool = True) -> Trajectories:
+    """All ``num`` trajectories in memory, solved ``batch_size`` at a time."""
+    parts = []
+    for start in tqdm(range(0, num, batch_size), desc="rollouts", disable=not progress, unit="batch"):
+        parts.append(rollout_batch(denoiser, seed, range(start, min(start + batch_size, num)), sample_shape, solver, device))
+    seeds = torch.tensor([trajectory_seed(seed, k) for k in range(num)], dtype=torch.int64)
+    return Trajectories(torch.cat(parts), make_grid(solver), seeds)

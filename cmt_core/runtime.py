@@ -1,0 +1,72 @@
+"""Where the code runs: device choice, mixed precision and the DDP process group.
+
+``Runtime.detect(preference)`` picks CUDA when present (``auto``), reads torchrun's environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and starts the process group: NCCL on GPUs, gloo on CPU.
+bf16 autocast is on by default on CUDA and can be forced on CPU (``precision='bf16'``) to exercise it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("cmt")
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    precision: str = "fp32"  # 'fp32' | 'bf16'
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @classmethod
+    def detect(cls, preference: str = "auto", precision: str = "auto") -> "Runtime":
+        """Choose the device, join torchrun's process group if there is one, and say what was chosen."""
+        if preference == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was requested but torch.cuda.is_available() is False")
+        use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+        world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if precision == "auto":
+            precision = "bf16" if use_cuda else "fp32"
+        rt = cls(device, rank, world, precision)
+        if rt.is_main:
+            name = torch.cuda.get_device_name(device) if use_cuda else "CPU"
+            log.info("device: %s (%s), ranks: %d, precision: %s", device, name, world, precision)
+        return rt
+
+    def autocast(self):
+        """bf16 autocast on this device when ``precision == 'bf16'``; a no-op otherwise."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average ``tensor`` over ranks in place (identity with one rank)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= self.world
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()

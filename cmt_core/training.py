@@ -1,0 +1,175 @@
+"""The training loop shared by every stage (teacher, mid-training, post-training).
+
+``train(model, objective, source, cfg, run_dir, runtime)`` optimises ``model`` (a preconditioned
+module) on batches ``source.batch(step, ...)`` and resumes from ``run_dir/checkpoint.pt`` when it exists.
+Every random number of step k is a function of (seed, k, global sample), so N steps, a resume and N more
+steps give the same weights as 2N steps straight, on one process or on DDP ranks.
+
+Safety: a non-finite loss stops the run with ``NonFiniteLossError`` and the last good checkpoint is left
+untouched; with ``evaluate`` the EMA model is scored every ``cfg.eval_every`` steps (and at step 0) and the
+best one is kept in ``best.pt`` and returned, so a run never ends worse than its best evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from cmt_core.checkpoint import EMA, atomic_save, load_checkpoint, rng_states, set_rng_states
+from cmt_core.config import TrainConfig
+from cmt_core.data.sources import BatchSource, step_generator
+from cmt_core.objectives.base import StepRandom
+from cmt_core.runtime import Runtime
+
+Evaluate = Callable[[nn.Module], dict]  # EMA model -> metrics with a "score" key (lower is better)
+Progress = Callable[[int, int, dict], None]  # (step, total, latest metrics) for dashboards
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # EMA weights: the best evaluated ones when ``evaluate`` was given, else the last
+    step: int
+    best_step: int | None = None
+    best_score: float | None = None
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Warm-up then constant / linear / cosine decay to ``final_lr_fraction * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    low = cfg.final_lr_fraction
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1 - (1 - low) * progress)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    kind = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
+    return kind(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def _read_history(path: Path, up_to: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= up_to]
+
+
+def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, run_dir: Path,
+          runtime: Runtime, evaluate: Evaluate | None = None, desc: str = "train",
+          progress: Progress | None = None) -> TrainResult:
+    """Train ``model`` in place; returns the EMA model (see the module docstring)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.to(runtime.device).train()
+    ema = EMA(model, cfg.ema_decay)
+    opt = make_optimizer(cfg, model.parameters())
+    ckpt_path, best_path, log_path = run_dir / "checkpoint.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
+    start, best = 0, {"step": None, "score": math.inf}
+    ckpt = load_checkpoint(ckpt_path, map_location=runtime.device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        set_rng_states(ckpt["rng"])
+        start, best = ckpt["step"], ckpt["best"]
+    history = _read_history(log_path, start)
+    if runtime.is_main:  # drop lines written after the checkpoint we resume from
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    uses_jvp = getattr(objective, "uses_jvp", False)
+    wrapped = model
+    if runtime.distributed and not uses_jvp:
+        wrapped = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+    def save_checkpoint(step: int) -> None:
+        if runtime.is_main:
+            atomic_save({"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
+                         "rng": rng_states(), "step": step, "best": best, "config": cfg.model_dump(mode="json")},
+                        ckpt_path)
+        runtime.barrier()
+
+    def run_evaluation(step: int) -> dict:
+        metrics = evaluate(ema.model)
+        if metrics["score"] < best["score"]:
+            best.update(step=step, score=float(metrics["score"]))
+            if runtime.is_main:
+                atomic_save({"ema": ema.model.state_dict(), "step": step, "metrics": metrics}, best_path)
+        return {f"eval_{k}": float(v) for k, v in metrics.items()}
+
+    def log(row: dict) -> None:
+        history.append(row)
+        if runtime.is_main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if progress is not None:
+            progress(row["step"], cfg.steps, row)
+
+    t0 = time.perf_counter()
+    if evaluate is not None and start == 0 and cfg.steps > 0:
+        log({"step": 0, **run_evaluation(0)})
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not runtime.is_main, dynamic_ncols=True)
+    running = []
+    for step in range(start, cfg.steps):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=step_generator(cfg.seed, step, 3 + runtime.rank))))
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        batch = {k: v.to(runtime.device, non_blocking=True)
+                 for k, v in source.batch(step, cfg.batch_size, runtime.rank, runtime.world).items()}
+        rng = StepRandom(cfg.seed, step, cfg.batch_size, runtime.rank, runtime.world, runtime.device)
+        with runtime.autocast():
+            loss = objective(wrapped, batch, rng).float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if runtime.distributed and uses_jvp:
+            for p in model.parameters():
+                if p.grad is not None:
+                    runtime.all_reduce_mean(p.grad)
+        reported = runtime.all_reduce_mean(loss.detach().clone())
+        if not torch.isfinite(reported):
+            last = load_checkpoint(ckpt_path)
+            where = f"{ckpt_path} (step {last['step']})" if last else "none written yet"
+            raise NonFiniteLossError(f"{desc}: non-finite loss {reported.item()} at step {step}; "
+                                     f"last good checkpoint kept: {where}. Lower train.lr or raise grad_clip.")
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        opt.step()
+        ema.update(model)
+        running.append(reported.item())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            row = {"step": done, "loss": sum(running) / len(running), "lr": opt.param_groups[0]["lr"],
+                   "grad_norm": float(grad_norm), "seconds": time.perf_counter() - t0}
+            running = []
+            if evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                row.update(run_evaluation(done))
+            log(row)
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+        bar.update(1)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(done)
+    bar.close()
+
+    result = TrainResult(ema.model, cfg.steps, history=history, seconds=time.perf_counter() - t0)
+    if evaluate is not None and best["step"] is not None:
+        if best_path.exists():
+            ema.model.load_state_dict(torch.load(best_path, map_location=runtime.device)["ema"])
+        result.best_step, result.best_score = best["step"], best["score"]
+    return result
