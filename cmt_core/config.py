@@ -61,12 +61,12 @@ class SolverConfig(StrictModel):
     """A deterministic probability-flow ODE solver on a time grid (``cmt_core.solvers``)."""
 
     name: Literal["euler", "heun", "dpm2m", "dpm3m"] = "dpm2m"
-    steps: int = Field(16, ge=1, le=4096, description="number of solver steps (grid has steps + 1 points)")
+    steps: int = Field(16, ge=1, le=4096, description="number of solver steps (the grid has steps + 1 points)")
     grid: Literal["karras", "log_uniform"] = "log_uniform"
     sigma_min: float = Field(0.002, gt=0)
     sigma_max: float = Field(80.0, gt=0)
     rho: float = Field(7.0, gt=0, description="karras grid exponent")
-    to_zero: bool = Field(False, description="append sigma = 0 to the grid (EDM's Heun: 18 steps = 35 NFE)")
+    to_zero: bool = Field(False, description="the last step goes to sigma = 0 (EDM's Heun: 18 steps = 35 NFE)")
 
     @model_validator(mode="after")
     def _sigma_order(self) -> "SolverConfig":
@@ -120,6 +120,26 @@ class TeacherConfig(StrictModel):
         return self
 
 
+class StoreConfig(StrictModel):
+    """Layout of a trajectory store on disk (``cmt_core.trajectory_store``)."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    codec: Literal["zstd", "blosc", "none"] = "zstd"
+    level: int = Field(3, ge=0, le=22, description="compression level")
+    chunk_trajectories: int = Field(256, ge=1, description="trajectories per chunk (a chunk holds all their states)")
+    shard_chunks: int = Field(4, ge=1, description="chunks per shard file; a rollout task owns whole shards")
+    keep_indices: tuple[int, ...] | None = Field(None, description="store only these time indices (None: all)")
+
+
+class ClusterConfig(StrictModel):
+    """The dask cluster that runs rollouts: a LocalCluster for the run, or an existing scheduler."""
+
+    address: str | None = Field(None, description="scheduler address, e.g. tcp://10.0.0.5:8786 (None: LocalCluster)")
+    workers: int = Field(2, ge=1, le=4096, description="LocalCluster worker processes")
+    threads_per_worker: int = Field(1, ge=1, le=256)
+    gpu_resource: bool = Field(False, description="ask each rollout task for the dask resource GPU=1")
+
+
 class RolloutConfig(StrictModel):
     """Teacher ODE trajectories from x_T = sigma_max * z (``cmt_core.rollouts``)."""
 
@@ -127,6 +147,8 @@ class RolloutConfig(StrictModel):
     num_trajectories: int = Field(4096, ge=1)
     batch_size: int = Field(512, ge=1, description="trajectories solved together")
     seed: int = Field(0, ge=0, description="trajectory k uses noise seeded by (seed, k)")
+    store: StoreConfig = StoreConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
 
 class MidTrainConfig(StrictModel):
@@ -138,7 +160,7 @@ class MidTrainConfig(StrictModel):
 
     form: Literal["cm", "mf", "flow_map"] = "cm"
     distance: Literal["l2", "pseudo_huber", "lpips"] = "l2"
-    huber_c: float = Field(0.03, ge=0.0, description="pseudo-Huber c (scaled by sqrt of the data dimension)")
+    huber_c: float = Field(0.03, ge=0.0, description="pseudo-Huber c on the per-dimension scale (the paper's c / sqrt(dim))")
     init: Literal["teacher", "random"] = "teacher"
     train: TrainConfig = TrainConfig(steps=2000, lr=2e-4)
 
@@ -152,15 +174,15 @@ class ECTConfig(StrictModel):
     b: float = Field(1.0, ge=0)
     q: float = Field(2.0, gt=1.0)
     stage_steps: int = Field(1000, ge=1, description="steps per dt-halving stage")
-    huber_c: float = Field(0.0, ge=0.0, description="pseudo-Huber c (scaled by sqrt of the data dimension); 0: l2")
+    huber_c: float = Field(0.0, ge=0.0, description="pseudo-Huber c on the per-dimension scale; 0: squared l2")
 
 
 class MeanFlowConfig(StrictModel):
     """Mean Flow: u_tgt = v - (t - r) du/dt, adaptive weight (loss + eps)^-p."""
 
     p_mean: float = -0.4
-    p_std: float = Field(1.2, gt=0)
-    equal_fraction: float = Field(0.75, ge=0.0, le=1.0, description="fraction of pairs with r = t")
+    p_std: float = Field(1.0, gt=0)
+    equal_fraction: float = Field(0.75, ge=0.0, le=1.0, description="fraction of pairs with r = t (paper: 25% r != t)")
     adaptive_p: float = Field(1.0, ge=0.0, le=2.0)
 
 
@@ -199,6 +221,7 @@ class PipelineConfig(StrictModel):
     posttrain: PostTrainConfig = PostTrainConfig()
     eval: EvalConfig = EvalConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     artifact_root: Path = Path("artifacts")
 
     @model_validator(mode="after")

@@ -71,10 +71,12 @@ def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, lab
         if (t_next == 0).all():
             x = denoised
         else:
-            if (t_next == 0).any():
-                raise ValueError("DPM-Solver++ needs a grid that reaches sigma = 0 for all samples at once")
-            h = _b(torch.log(t / t_next), x)
+            if (t_next == 0).any() and history:
+                raise ValueError("DPM-Solver++ multistep needs a grid that reaches sigma = 0 for all samples at once")
+            to_zero = _b(t_next, x) == 0
+            h = _b(torch.log(t / t_next.clamp(min=1e-12)), x)
             x = _b(t_next / t, x) * x - torch.expm1(-h) * denoised
+            x = torch.where(to_zero, denoised, x)  # a single step to 0 (per-sample grids) lands on D
             phi_2 = torch.expm1(-h) / h + 1
             if len(history) >= 2 and order == 3:
                 r0, r1 = steps[-1] / h, steps[-2] / h

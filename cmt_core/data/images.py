@@ -1,19 +1,47 @@
-"""Image datasets as float tensors ``(N, C, H, W)`` in [-1, 1].
+"""Image datasets as float tensors ``(N, C, H, W)`` in [-1, 1], read from local files only.
 
-``digits`` ships with scikit-learn (1,797 grey 8x8 images, values 0..16).
+* ``digits``: ships with scikit-learn (1,797 grey 8x8 images, values 0..16).
+* ``npz``: array ``images`` of a ``.npz``, ``(N, H, W, C)`` or ``(N, C, H, W)``, uint8 or float in [0, 1].
+* ``image_folder``: every PNG / JPEG under a folder (recursively, sorted by path), RGB or, if all are grey, L.
+* ``cifar10``: the python-pickle release (``cifar-10-batches-py/data_batch_1..5``), training batches only.
+
+``DataConfig.resolution``, when set, makes images square at that size: a non-square image is centre-cropped
+to a square, then resized with antialiased bilinear interpolation. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from cmt_core.config import DataConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{k}" for k in range(1, 6))
 
 
 def to_model_range(pixels: np.ndarray, max_value: float) -> torch.Tensor:
     """uint8-like pixels in [0, max_value] -> float32 in [-1, 1]."""
     return torch.from_numpy(np.asarray(pixels, dtype=np.float32) / max_value * 2 - 1)
+
+
+def resize(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, C, r, r)``: centre crop to a square, then antialiased bilinear resize."""
+    if resolution is None or images.shape[-2:] == (resolution, resolution):
+        return images
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    images = images[..., top:top + side, left:left + side]
+    if side != resolution:
+        images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True,
+                               align_corners=False)
+    return images.clamp(-1, 1)
 
 
 def load_digits() -> torch.Tensor:
@@ -22,8 +50,84 @@ def load_digits() -> torch.Tensor:
     return to_model_range(sklearn_digits().images[:, None], 16.0)
 
 
+def load_npz(path: Path) -> torch.Tensor:
+    """The ``images`` array of ``path`` as ``(N, C, H, W)``; channels are the axis (1 or 3) of size 1 or 3."""
+    archive = np.load(path)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not an .npz archive (expected one holding an array 'images')")
+    with archive:
+        if "images" not in archive.files:
+            raise ValueError(f"{path} has no array 'images' (arrays: {archive.files})")
+        pixels = archive["images"]
+    if pixels.ndim != 4:
+        raise ValueError(f"{path}: 'images' must be (N, H, W, C) or (N, C, H, W), got shape {pixels.shape}")
+    channels_last, channels_first = pixels.shape[-1] in (1, 3), pixels.shape[1] in (1, 3)
+    if channels_last and channels_first:  # e.g. (N, 3, 3, 3): images are square, so H == W decides
+        channels_last = pixels.shape[1] == pixels.shape[2]
+    elif not (channels_last or channels_first):
+        raise ValueError(f"{path}: no channel axis of size 1 or 3 in 'images' of shape {pixels.shape}")
+    if channels_last:
+        pixels = pixels.transpose(0, 3, 1, 2)
+    if np.issubdtype(pixels.dtype, np.floating):
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 1):
+            raise ValueError(f"{path}: float 'images' must lie in [0, 1], got [{pixels.min()}, {pixels.max()}]")
+        return to_model_range(pixels, 1.0)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"{path}: 'images' must be uint8 or float in [0, 1], got dtype {pixels.dtype}")
+    return to_model_range(pixels, 255.0)
+
+
+def load_image_folder(folder: Path, resolution: int | None) -> torch.Tensor:
+    """All PNG / JPEG files under ``folder``; they must share one size unless ``resolution`` is given."""
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no PNG / JPEG images under {folder}")
+    headers = {}
+    for f in files:  # Image.open reads only the header: mode and size without decoding
+        with Image.open(f) as img:
+            headers[f] = (img.mode, img.size)
+    mode = "L" if all(m in ("1", "L", "LA") for m, _ in headers.values()) else "RGB"
+    sizes = {size: f for f, (_, size) in headers.items()}
+    if resolution is None and len(sizes) > 1:
+        (size_a, file_a), (size_b, file_b) = list(sizes.items())[:2]
+        raise ValueError(f"images differ in size ({file_a}: {size_a}, {file_b}: {size_b}); set data.resolution")
+    out = []
+    for f in files:
+        with Image.open(f) as img:
+            pixels = np.asarray(img.convert(mode), dtype=np.uint8).reshape(img.height, img.width, -1)
+        out.append(resize(to_model_range(pixels.transpose(2, 0, 1)[None], 255.0), resolution))
+    return torch.cat(out)
+
+
+def load_cifar10(path: Path) -> torch.Tensor:
+    """The 50,000 CIFAR-10 training images ``(N, 3, 32, 32)``; ``path`` is the batches folder or its parent."""
+    is_batches_folder = path.name == CIFAR10_FOLDER or (path / CIFAR10_TRAIN_BATCHES[0]).exists()
+    folder = path if is_batches_folder else path / CIFAR10_FOLDER
+    batches = []
+    for name in CIFAR10_TRAIN_BATCHES:
+        file = folder / name
+        if not file.is_file():
+            raise FileNotFoundError(f"CIFAR-10 training batch {file} not found (data.path must be the "
+                                    f"{CIFAR10_FOLDER} folder of the python release, or its parent)")
+        with file.open("rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        rows = batch[b"data"] if b"data" in batch else batch["data"]
+        batches.append(np.asarray(rows, dtype=np.uint8).reshape(-1, 3, 32, 32))  # rows are R, G, B planes
+    return to_model_range(np.concatenate(batches), 255.0)
+
+
 def load_images(cfg: DataConfig) -> torch.Tensor:
     """All images of the dataset named by ``cfg`` (the caller splits train / held-out)."""
     if cfg.name == "digits":
-        return load_digits()
-    raise ValueError(f"unknown image dataset {cfg.name!r}")
+        pixels = load_digits()
+    elif cfg.name == "npz":
+        pixels = load_npz(Path(cfg.path))
+    elif cfg.name == "image_folder":
+        pixels = load_image_folder(Path(cfg.path), cfg.resolution)
+    elif cfg.name == "cifar10":
+        pixels = load_cifar10(Path(cfg.path))
+    else:
+        raise ValueError(f"unknown image dataset {cfg.name!r}")
+    return resize(pixels, cfg.resolution)

@@ -19,6 +19,7 @@ class StepRandom:
 
     def __init__(self, seed: int, step: int, global_batch: int, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu"):
+        self.step = step
         self.generator = step_generator(seed, step, stream=2)
         self.rows = rank_slice(global_batch, rank, world)
         self.global_batch, self.device = global_batch, device
@@ -37,13 +38,14 @@ class StepRandom:
 
 
 def squared_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared l2 distance ``(B,)``."""
-    return (a - b).flatten(1).square().sum(1)
+    """Per-sample mean squared error ``(B,)`` (the squared l2 distance divided by the dimension)."""
+    return (a - b).flatten(1).square().mean(1)
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """Per-sample sqrt(||a - b||^2 + c'^2) - c' with c' = c sqrt(dim) (c = 0: the l2 norm)."""
-    c = c * (a[0].numel() ** 0.5)
+    """Per-sample sqrt(mse + c^2) - c: ECT's sqrt(||a - b||^2 + (c sqrt(dim))^2) - c sqrt(dim), over sqrt(dim).
+
+    c = 0 gives the root mean squared error."""
     return (squared_l2(a, b) + c**2).sqrt() - c
 
 

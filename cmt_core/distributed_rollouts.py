@@ -1,0 +1,163 @@
+"""Teacher rollouts on a dask cluster, written shard by shard into a trajectory store.
+
+``run_rollouts(denoiser_factory, path, num, sample_shape, rollout_cfg, teacher_id)`` splits the ``num``
+trajectories into the store's shards (``chunk_trajectories * shard_chunks`` trajectories; the last one
+may be partial). Each shard is one dask task that builds the teacher with ``denoiser_factory`` inside
+the worker, solves its trajectories ``rollout_cfg.batch_size`` at a time and writes the whole shard
+itself, so no two writers ever share a shard (zarr 3 has no synchronizers).
+
+* Determinism: trajectory k's noise is seeded by (seed, k) and a shard is always split into the same
+  batches, so the store is bit-identical for any number of workers (on one device type). A duplicate
+  writer (a task retried while its first attempt still runs) writes the same bytes with atomic renames.
+* Resume: a rerun submits only the shards without a done marker; tasks are retried when they fail or their
+  worker dies; ``complete`` is written last, with a record of every run (``rollout_runs``: shards computed,
+  seconds, workers). A complete store returns at once.
+* Cluster: a ``LocalCluster`` of ``cluster.workers`` processes for the run (closed after it), or the
+  scheduler at ``cluster.address``. Each task uses one torch thread, so that one worker per core does not
+  oversubscribe the machine; with ``cluster.gpu_resource`` tasks ask for the dask resource ``GPU=1`` and
+  run on CUDA.
+
+``denoiser_factory`` is a picklable zero-argument callable returning ``denoiser(x, t: (B,), labels)``,
+e.g. a module-level function or a ``functools.partial`` of one; it should load weights from disk rather
+than carry them, since it travels with every task. Each worker process builds the teacher once and
+reuses it for its later shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import time
+import uuid
+from pathlib import Path
+
+import cloudpickle
+import dask
+import torch
+from distributed import Client, LocalCluster, as_completed
+from distributed.utils import get_mp_context
+from tqdm.auto import tqdm
+
+from cmt_core.config import ClusterConfig, RolloutConfig
+from cmt_core.rollouts import rollout_batch
+from cmt_core.time_grids import make_grid
+from cmt_core.trajectory_store import create_store, mark_complete, missing_shards, open_store, write_shard
+
+log = logging.getLogger("cmt")
+
+TASK_RETRIES = 3
+_teacher_cache: dict = {}  # per worker process: {factory fingerprint: denoiser}
+
+
+def _teacher(denoiser_factory, device: str):
+    key = (hashlib.sha1(cloudpickle.dumps(denoiser_factory)).hexdigest(), device)
+    if key not in _teacher_cache:
+        _teacher_cache.clear()
+        denoiser = denoiser_factory()
+        if isinstance(denoiser, torch.nn.Module):
+            denoiser = denoiser.to(device).eval()
+        _teacher_cache[key] = denoiser
+    return _teacher_cache[key]
+
+
+def rollout_shard(denoiser_factory, path, shard_index: int, rollout_cfg: RolloutConfig) -> int:
+    """Solve and write one whole shard (the body of a dask task); returns its number of trajectories."""
+    torch.set_num_threads(1)
+    device = "cuda" if rollout_cfg.cluster.gpu_resource and torch.cuda.is_available() else "cpu"
+    store = open_store(path, partial=True)
+    start, stop = store.shard_range(shard_index)
+    denoiser = _teacher(denoiser_factory, device)
+    parts = [rollout_batch(denoiser, rollout_cfg.seed, range(b, min(b + rollout_cfg.batch_size, stop)),
+                           store.sample_shape, rollout_cfg.solver, device)
+             for b in range(start, stop, rollout_cfg.batch_size)]
+    write_shard(store, shard_index, torch.cat(parts))
+    return stop - start
+
+
+def _provenance(num: int, sample_shape, cfg: RolloutConfig, teacher_id: str) -> dict:
+    """Everything that decides the stored bits; a resumed store must match it exactly."""
+    return {"teacher_id": teacher_id, "solver": cfg.solver.model_dump(mode="json"), "seed": cfg.seed,
+            "rollout_batch_size": cfg.batch_size, "num_trajectories": num, "sample_shape": list(sample_shape),
+            "store": cfg.store.model_dump(mode="json")}
+
+
+def _check_resumable(path: Path, expected: dict) -> None:
+    attrs = open_store(path, partial=True).attrs
+    found = {k: attrs.get(k) for k in expected}
+    diff = {k: (found[k], v) for k, v in expected.items() if found[k] != v}
+    if diff:
+        raise ValueError(f"{path} holds a different rollout; differing fields (stored, requested): {diff}. "
+                         f"Use a new path (the artifact id should change with these settings).")
+
+
+class _Cluster:
+    """A client on ``cfg.address``, or on a LocalCluster started for the run and closed after it.
+
+    Local workers fork from a forkserver that imports torch and this package once per driver process:
+    importing torch takes seconds, which spawned workers would pay at every cluster start.
+    """
+
+    def __init__(self, cfg: ClusterConfig):
+        self.cfg, self.cluster, self.config = cfg, None, None
+
+    def __enter__(self) -> Client:
+        if self.cfg.address:
+            self.client = Client(self.cfg.address)
+        else:
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                self.config = dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+                get_mp_context().set_forkserver_preload(["distributed", "torch", "zarr", __name__])
+            self.cluster = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=self.cfg.threads_per_worker,
+                                        processes=True, dashboard_address=None,
+                                        resources={"GPU": 1} if self.cfg.gpu_resource else None)
+            self.client = Client(self.cluster)
+        return self.client
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+        if self.config is not None:
+            self.config.__exit__(None, None, None)
+
+
+def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg: RolloutConfig, teacher_id: str,
+                 progress: bool = True) -> Path:
+    """Fill the trajectory store at ``path`` with ``num`` teacher trajectories; resumes a partial store."""
+    path = Path(path)
+    sample_shape = tuple(int(s) for s in sample_shape)
+    provenance = _provenance(num, sample_shape, rollout_cfg, teacher_id)
+    if path.exists():
+        _check_resumable(path, provenance)
+        if open_store(path, partial=True).complete:
+            log.info("rollouts: %s is complete, nothing to do", path)
+            return path
+    else:
+        create_store(path, num, sample_shape, make_grid(rollout_cfg.solver), rollout_cfg.store, provenance)
+    store = open_store(path, partial=True)
+    todo = missing_shards(store)
+    t0 = time.perf_counter()
+    if todo:
+        cluster = rollout_cfg.cluster
+        resources = {"GPU": 1} if cluster.gpu_resource else None
+        done_traj = len(store) - sum(store.shard_range(k)[1] - store.shard_range(k)[0] for k in todo)
+        with _Cluster(cluster) as client, tqdm(total=len(store), initial=done_traj, desc="rollouts", unit="traj",
+                                               disable=not progress, dynamic_ncols=True) as bar:
+            token = uuid.uuid4().hex[:8]
+            futures = [client.submit(rollout_shard, denoiser_factory, str(path), k, rollout_cfg,
+                                     key=f"rollout-{token}-shard-{k}", retries=TASK_RETRIES, resources=resources)
+                       for k in todo]
+            try:
+                for future in as_completed(futures):
+                    bar.update(future.result())
+            except BaseException:
+                client.cancel(futures)
+                raise
+    runs = list(store.attrs.get("rollout_runs", []))
+    runs.append({"shards_computed": len(todo), "shards_total": store.num_shards, "seconds": time.perf_counter() - t0,
+                 "cluster": rollout_cfg.cluster.address or f"LocalCluster({rollout_cfg.cluster.workers} workers)",
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    mark_complete(path, rollout_runs=runs)
+    log.info("rollouts: %s complete, %d of %d shards computed in this run", path, len(todo), store.num_shards)
+    return path

@@ -1,0 +1,53 @@
+"""Building the preconditioned models of each stage and saving them as self-describing files.
+
+Kinds: ``denoiser`` (teacher, one time), ``consistency`` (CM, one time, boundary form),
+``flow_map`` (two times: flow map / Mean Flow). A model file holds the kind, the network config, the
+sample shape and the weights, so ``load_model`` rebuilds it without the pipeline config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmt_core.checkpoint import atomic_save
+from cmt_core.config import NetworkConfig
+from cmt_core.networks import build_network
+from cmt_core.preconditioning import ConsistencyModel, Denoiser, FlowMap
+
+NUM_TIMES = {"denoiser": 1, "consistency": 1, "flow_map": 2}
+
+
+def build_model(kind: str, network: NetworkConfig, sample_shape, sigma_min: float = 0.002) -> nn.Module:
+    raw = build_network(network, tuple(sample_shape), num_times=NUM_TIMES[kind])
+    if kind == "denoiser":
+        return Denoiser(raw, network.sigma_data)
+    if kind == "consistency":
+        return ConsistencyModel(raw, network.sigma_data, sigma_min)
+    if kind == "flow_map":
+        return FlowMap(raw, network.sigma_data)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def init_from(model: nn.Module, source: nn.Module) -> nn.Module:
+    """Copy ``source``'s raw-network weights into ``model`` (a 1-time net into a 2-time one is allowed:
+    the extra time embedding keeps its zero initialisation, so the function is unchanged)."""
+    missing, unexpected = model.raw.load_state_dict(source.raw.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time.mlps.") for k in missing):
+        raise ValueError(f"incompatible weights: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def save_model(path: Path, model: nn.Module, kind: str, network: NetworkConfig, sample_shape, **extra) -> None:
+    atomic_save({"kind": kind, "network": network.model_dump(mode="json"), "sample_shape": list(sample_shape),
+                 "sigma_min": getattr(model, "sigma_min", 0.002), "state_dict": model.state_dict(), **extra}, Path(path))
+
+
+def load_model(path: Path, map_location="cpu") -> nn.Module:
+    """Rebuild a model written by ``save_model`` (eval mode)."""
+    blob = torch.load(path, map_location=map_location, weights_only=False)
+    model = build_model(blob["kind"], NetworkConfig(**blob["network"]), blob["sample_shape"], blob["sigma_min"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()

@@ -1,0 +1,49 @@
+"""Easy consistency tuning (ECT) and its distillation variant (ECD).
+
+t = exp(N(p_mean, p_std^2)); r = t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)) clamped at 0, with
+stage = step // stage_steps, so t - r shrinks as training goes on. With shared noise e:
+ECT: x_t = y + t e, x_r = y + r e;  ECD: x_r is one teacher solver step from x_t to r.
+loss = d(f(x_t, t), sg f(x_r, r)) / (t - r), the target being x_r itself where r = 0 (ECT: y; ECD: the
+teacher's step to 0, i.e. its denoised estimate); both passes use the same dropout mask. d is the squared l2 distance, or pseudo-Huber when ``huber_c > 0``.
+"""
+
+import torch
+
+from cmt_core.config import ECTConfig
+from cmt_core.objectives.base import pseudo_huber, squared_l2
+from cmt_core.preconditioning import bcast
+from cmt_core.solvers import solve
+
+
+class ECTLoss:
+    """``loss(consistency_model, {"x": y}, rng) -> (B,)``; pass ``teacher`` for ECD."""
+
+    def __init__(self, cfg: ECTConfig, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 teacher=None, teacher_solver: str = "heun"):
+        self.cfg, self.sigma_min, self.sigma_max = cfg, sigma_min, sigma_max
+        self.teacher, self.teacher_solver = teacher, teacher_solver
+
+    def r_of_t(self, t: torch.Tensor, step: int) -> torch.Tensor:
+        c = self.cfg
+        decay = 1.0 / c.q ** (step // c.stage_steps + 1)
+        return (t * (1 - decay * (1 + c.k * torch.sigmoid(-c.b * t)))).clamp(min=0)
+
+    def __call__(self, model, batch, rng) -> torch.Tensor:
+        y, c = batch["x"], self.cfg
+        t = (c.p_mean + c.p_std * rng.randn()).exp().clamp(self.sigma_min, self.sigma_max)
+        r = self.r_of_t(t, rng.step)
+        noise = rng.randn(*y.shape[1:])
+        x_t = y + bcast(t, y) * noise
+        dropout_seed = rng.seed()
+        with torch.no_grad():
+            if self.teacher is not None:
+                r = torch.where(r < self.sigma_min, torch.zeros_like(r), r)  # below the model's range: jump to 0
+                x_r = solve(self.teacher, x_t, torch.stack([t, r]), self.teacher_solver)[:, -1]
+            else:
+                x_r = y + bcast(r, y) * noise
+            torch.manual_seed(dropout_seed)
+            target = torch.where(bcast(r, y) > 0, model(x_r, r.clamp(min=self.sigma_min)), x_r)
+        torch.manual_seed(dropout_seed)
+        pred = model(x_t, t)
+        d = pseudo_huber(pred, target, c.huber_c) if c.huber_c > 0 else squared_l2(pred, target)
+        return d / (t - r)

@@ -1,0 +1,65 @@
+"""Teachers: a denoiser ``D(x, t: (B,), labels=None) -> x_0 estimate`` (an ``nn.Module``).
+
+Sources: the exact denoiser of a 2-D synthetic distribution; EDM pre-training here; our own model file;
+a TorchScript file computing ``D(x, sigma)``; or ``module:callable`` returning a denoiser module.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from cmt_core.config import NetworkConfig, TeacherConfig
+from cmt_core.models import build_model, load_model
+
+
+class ExactDenoiser(nn.Module):
+    """The closed-form posterior mean of a synthetic distribution (float64 internally)."""
+
+    def __init__(self, distribution):
+        super().__init__()
+        self.distribution = distribution
+
+    def forward(self, x: torch.Tensor, t, labels=None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float64).expand(x.shape[0])
+        return self.distribution.denoise(x.double(), t).to(x.dtype)
+
+
+class ScriptedDenoiser(nn.Module):
+    """Adapts a TorchScript ``D(x, sigma)`` to the teacher interface."""
+
+    def __init__(self, scripted):
+        super().__init__()
+        self.scripted = scripted
+
+    def forward(self, x, t, labels=None):
+        return self.scripted(x, torch.as_tensor(t, device=x.device, dtype=x.dtype).expand(x.shape[0]))
+
+
+def load_teacher(cfg: TeacherConfig, distribution=None) -> nn.Module:
+    """The teacher named by ``cfg`` for every source except ``pretrain`` (see ``pipeline``)."""
+    if cfg.source == "exact":
+        if distribution is None:
+            raise ValueError("teacher.source='exact' needs a synthetic distribution with a closed-form denoiser")
+        return ExactDenoiser(distribution)
+    if cfg.source == "checkpoint":
+        return load_model(cfg.path)
+    if cfg.source == "torchscript":
+        return ScriptedDenoiser(torch.jit.load(str(cfg.path), map_location="cpu")).eval()
+    if cfg.source == "callable":
+        module, name = cfg.target.split(":")
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        teacher = obj()
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher.target {cfg.target!r} returned {type(teacher).__name__}, not an nn.Module")
+        return teacher.eval()
+    raise ValueError(f"teacher.source={cfg.source!r} is trained, not loaded")
+
+
+def new_teacher(network: NetworkConfig, sample_shape) -> nn.Module:
+    """An untrained EDM denoiser for pre-training."""
+    return build_model("denoiser", network, sample_shape)

@@ -1,0 +1,103 @@
+"""Loss sanity on cases whose answer is known in closed form (Gaussian data N(0, s^2 I))."""
+
+import pytest
+import torch
+from torch import nn
+
+from cmt_core.config import ECTConfig, MeanFlowConfig
+from cmt_core.objectives.base import StepRandom
+from cmt_core.objectives.cmt import CMTLoss
+from cmt_core.objectives.ect import ECTLoss
+from cmt_core.objectives.meanflow import MeanFlowLoss, meanflow_target
+from cmt_core.pairs import TrajectoryPairs
+from cmt_core.solvers import solve
+from cmt_core.time_grids import log_uniform_grid
+
+S = 0.7  # data std
+SIGMA_MIN = 0.002
+
+
+def gaussian_denoiser(x, t, labels=None):
+    return (S**2 / (S**2 + t**2)).reshape(-1, 1) * x
+
+
+def exact_map(x, t, s):
+    """Flow map of the Gaussian's PF-ODE: x_s = x_t sqrt(S^2 + s^2) / sqrt(S^2 + t^2)."""
+    return x * ((S**2 + s**2) / (S**2 + t**2)).sqrt().reshape(-1, 1)
+
+
+class ExactConsistency(nn.Module):
+    def forward(self, x, t, labels=None):
+        return exact_map(x, torch.as_tensor(t, dtype=x.dtype).expand(len(x)), torch.full((len(x),), SIGMA_MIN, dtype=x.dtype))
+
+
+class ExactFlowMap(nn.Module):
+    def forward(self, x, t, s, labels=None):
+        return exact_map(x, t, s)
+
+    def average_velocity(self, x, r, t, labels=None):
+        return (x - exact_map(x, t, r)) / (t - r).reshape(-1, 1)
+
+
+class Constant(nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, t, labels=None):
+        return self.value.expand_as(x)
+
+
+@pytest.mark.parametrize("huber_c", [0.0, 0.03])
+def test_ect_loss_of_an_exactly_consistent_map_is_zero(huber_c):
+    y0 = torch.tensor([[0.3, -0.8]])
+    batch = {"x": y0.expand(64, 2)}
+    loss = ECTLoss(ECTConfig(huber_c=huber_c))(Constant(y0), batch, StepRandom(0, 5, 64))
+    assert torch.count_nonzero(loss) == 0
+
+
+def test_ecd_loss_of_the_true_flow_map_vanishes_with_the_teacher_step():
+    batch = {"x": S * torch.randn(256, 2, dtype=torch.float64)}
+    losses = []
+    for step, stage_steps in ((0, 1), (4, 1)):  # later stages: smaller t - r
+        cfg = ECTConfig(stage_steps=stage_steps)
+        loss = ECTLoss(cfg, teacher=gaussian_denoiser, teacher_solver="heun")
+        losses.append(loss(ExactConsistency(), {"x": batch["x"]}, StepRandom(0, step, 256)).mean().item())
+    assert losses[1] < losses[0] / 4 and losses[1] < 1e-6
+
+
+def test_meanflow_target_equals_true_average_velocity():
+    x_t = torch.randn(32, 2, dtype=torch.float64) * 3
+    t = torch.rand(32, dtype=torch.float64) * 5 + 0.5
+    r = t * torch.rand(32, dtype=torch.float64)
+    v = (x_t - gaussian_denoiser(x_t, t)) / t.reshape(-1, 1)  # the marginal PF-ODE velocity
+    model = ExactFlowMap()
+    u, target = meanflow_target(model.average_velocity, x_t, r, t, v)
+    assert torch.allclose(target, u, atol=1e-10)
+    assert torch.allclose(u, (x_t - exact_map(x_t, t, r)) / (t - r).reshape(-1, 1))
+
+
+def test_meanflow_loss_has_gradients_and_adaptive_weight():
+    from cmt_core.config import NetworkConfig
+    from cmt_core.models import build_model
+
+    model = build_model("flow_map", NetworkConfig(width=32, depth=2), (2,))
+    loss = MeanFlowLoss(MeanFlowConfig(adaptive_p=1.0))(model, {"x": torch.randn(16, 2)}, StepRandom(0, 0, 16))
+    assert loss.shape == (16,)
+    assert (loss <= 1).all() and loss.median() > 0.9  # err / (err + 1e-3): about 1 where err >> 1e-3
+    loss.mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("form,model", [("cm", ExactConsistency()), ("flow_map", ExactFlowMap()), ("mf", ExactFlowMap())])
+def test_cmt_loss_of_true_flow_map_tends_to_zero_as_solver_step_shrinks(form, model):
+    x_T = 80 * torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for steps in (8, 32, 128):
+        grid = log_uniform_grid(steps, SIGMA_MIN, 80.0)
+        pairs = TrajectoryPairs(solve(gaussian_denoiser, x_T, grid, "euler"), grid, to_end=form == "cm")
+        batch = pairs.batch(0, 256)
+        batch = {k: v.double() for k, v in batch.items()}
+        losses.append(CMTLoss(form)(model, batch, None).mean().item())
+    assert losses[0] > losses[1] > losses[2]
+    assert losses[2] < losses[0] / 10

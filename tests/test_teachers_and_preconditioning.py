@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from cmt_core.config import NetworkConfig
+from cmt_core.data.synthetic import Checkerboard, GaussianMixture
+from cmt_core.models import build_model, init_from
+
+
+def monte_carlo_posterior_mean(distribution, x: torch.Tensor, t: float, n: int = 400_000) -> torch.Tensor:
+    """E[x0 | x_t = x] by importance weighting data samples with the Gaussian likelihood N(x; x0, t^2)."""
+    x0 = distribution.sample(n, torch.Generator().manual_seed(0)).double()
+    logw = -((x[:, None, :] - x0[None]) ** 2).sum(-1) / (2 * t**2)
+    w = torch.softmax(logw, dim=1)
+    return w @ x0
+
+
+@pytest.mark.parametrize("distribution", [GaussianMixture(8, 2.0, 0.2), Checkerboard()], ids=["gmm", "checker"])
+@pytest.mark.parametrize("t", [0.3, 1.0, 3.0])
+def test_exact_teacher_matches_monte_carlo_posterior_mean(distribution, t):
+    x = torch.tensor([[1.2, 1.1], [-1.5, 1.0], [2.0, -0.3]], dtype=torch.float64)
+    exact = distribution.denoise(x, torch.full((3,), t, dtype=torch.float64))
+    assert torch.allclose(exact, monte_carlo_posterior_mean(distribution, x, t), atol=0.02)
+
+
+def test_consistency_boundary_is_exact():
+    model = build_model("consistency", NetworkConfig(width=32, depth=2), (2,), sigma_min=0.002)
+    x = torch.randn(16, 2)
+    assert torch.equal(model(x, 0.002), x)
+
+
+def test_flow_map_identity_at_equal_times_and_velocity():
+    model = build_model("flow_map", NetworkConfig(width=32, depth=2), (2,))
+    x, t = torch.randn(16, 2), torch.rand(16) * 10 + 0.1
+    assert torch.allclose(model(x, t, t), x)
+    r = t / 3
+    u = model.average_velocity(x, r, t)
+    assert torch.allclose(model(x, t, r), x - (t - r)[:, None] * u, atol=1e-5)
+
+
+def test_two_time_model_initialised_from_teacher_is_its_ddim_step():
+    cfg = NetworkConfig(width=32, depth=2)
+    teacher = build_model("denoiser", cfg, (2,))
+    for p in teacher.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    flow = init_from(build_model("flow_map", cfg, (2,)), teacher)
+    x, t, s = torch.randn(8, 2), torch.full((8,), 2.0), torch.full((8,), 0.5)
+    ddim = (s / t)[:, None] * x + (1 - s / t)[:, None] * teacher(x, t)
+    assert torch.allclose(flow(x, t, s), ddim, atol=1e-5)

@@ -1,0 +1,102 @@
+"""The DDPM++-style U-Net: shapes, teacher initialisation of a two-time model, gradients, size."""
+
+import pytest
+import torch
+
+from cmt_core.config import NetworkConfig
+from cmt_core.networks import build_network
+from cmt_core.networks.unet import UNet
+
+TINY = dict(img_resolution=8, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+            dropout=0.0, emb_dim=32)
+
+
+def tiny_unet(in_channels: int = 1, num_times: int = 1, label_dim: int = 0) -> UNet:
+    return UNet(in_channels=in_channels, num_times=num_times, label_dim=label_dim, **TINY)
+
+
+@pytest.mark.parametrize("num_times", [1, 2])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_output_is_shaped_like_input(num_times, in_channels):
+    torch.manual_seed(0)
+    net = tiny_unet(in_channels, num_times)
+    x = torch.randn(3, in_channels, 8, 8)
+    y = net(x, torch.randn(3, num_times))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_three_resolutions_with_attention_everywhere():
+    net = UNet(16, 3, 8, (1, 2, 2), 2, (16, 8, 4), 0.1, 16)
+    assert net(torch.randn(2, 3, 16, 16), torch.randn(2, 1)).shape == (2, 3, 16, 16)
+
+
+def test_wrong_number_of_times_is_rejected():
+    with pytest.raises(ValueError, match="c_noise"):
+        tiny_unet(num_times=2)(torch.randn(2, 1, 8, 8), torch.randn(2, 1))
+
+
+def test_resolution_not_divisible_by_the_downsampling_is_rejected():
+    with pytest.raises(ValueError, match="divisible"):
+        UNet(6, 1, 16, (1, 2, 2), 1, (), 0.0, 32)
+
+
+def test_two_time_unet_initialised_from_one_time_unet_ignores_second_time():
+    torch.manual_seed(0)
+    teacher = tiny_unet(num_times=1)
+    # Perturb the small-init output layers so that the comparison is not trivially ~0 == ~0.
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student = tiny_unet(num_times=2)
+    result = student.load_state_dict(teacher.state_dict(), strict=False)
+    extra_time_mlp = [f"time.mlps.1.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")]
+    assert sorted(result.missing_keys) == sorted(extra_time_mlp)
+    assert result.unexpected_keys == []
+
+    x, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1)
+    expected = teacher(x, t)
+    assert expected.abs().mean() > 1e-2
+    for second in (torch.randn(4, 1), torch.full((4, 1), -1.5), torch.full((4, 1), 1.0)):
+        assert torch.equal(student(x, torch.cat([t, second], dim=1)), expected)
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    net = tiny_unet(in_channels=3, label_dim=5)
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 3]), 5).float()
+    net(torch.randn(2, 3, 8, 8), torch.randn(2, 1), labels).square().sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name
+
+
+def test_labels_change_the_output():
+    torch.manual_seed(0)
+    net = tiny_unet(label_dim=3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(2, 1, 8, 8), torch.randn(2, 1)
+    a = net(x, t, torch.eye(3)[[0, 0]])
+    b = net(x, t, torch.eye(3)[[1, 1]])
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_build_network_makes_a_unet_from_the_config():
+    cfg = NetworkConfig(kind="unet", width=16, depth=1, channel_mult=(1, 2), attention_resolutions=(4,),
+                        emb_dim=32)
+    net = build_network(cfg, (1, 8, 8), num_times=2)
+    assert isinstance(net, UNet)
+    assert net(torch.randn(2, 1, 8, 8), torch.randn(2, 2)).shape == (2, 1, 8, 8)
+
+
+def test_ddpmpp_cifar10_size_has_about_56m_parameters():
+    with torch.device("meta"):  # counts parameters without allocating or initialising 56M weights
+        net = UNet(32, 3, 128, (2, 2, 2), 4, (16,), 0.1, 512)
+    assert 40e6 < sum(p.numel() for p in net.parameters()) < 70e6
+
+
+def test_ddpmpp_cifar10_layout_runs_at_reduced_width():
+    net = UNet(32, 3, 16, (2, 2, 2), 4, (16,), 0.1, 64).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 32, 32), torch.zeros(1, 1)).shape == (1, 3, 32, 32)
