@@ -75,8 +75,10 @@ def _read_history(path: Path, up_to: int) -> list[dict]:
 
 def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, run_dir: Path,
           runtime: Runtime, evaluate: Evaluate | None = None, desc: str = "train",
-          progress: Progress | None = None) -> TrainResult:
-    """Train ``model`` in place; returns the EMA model (see the module docstring)."""
+          progress: Progress | None = None, until: int | None = None) -> TrainResult:
+    """Train ``model`` in place; returns the EMA model (see the module docstring).
+
+    ``until`` ends this call after that many steps (a slice of the run: checkpointed, resumable)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.to(runtime.device).train()
@@ -128,7 +130,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
         log({"step": 0, **run_evaluation(0)})
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not runtime.is_main, dynamic_ncols=True)
     running = []
-    for step in range(start, cfg.steps):
+    stop = cfg.steps if until is None else min(until, cfg.steps)
+    for step in range(start, stop):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=step_generator(cfg.seed, step, 3 + runtime.rank))))
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
@@ -163,11 +166,11 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
             log(row)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
         bar.update(1)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if done % cfg.checkpoint_every == 0 or done == stop:
             save_checkpoint(done)
     bar.close()
 
-    result = TrainResult(ema.model, cfg.steps, history=history, seconds=time.perf_counter() - t0)
+    result = TrainResult(ema.model, stop, history=history, seconds=time.perf_counter() - t0)
     if evaluate is not None and best["step"] is not None:
         if best_path.exists():
             ema.model.load_state_dict(torch.load(best_path, map_location=runtime.device)["ema"])

@@ -1,0 +1,108 @@
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmt_core.config import NetworkConfig, TrainConfig
+from cmt_core.data.synthetic import GaussianMixture
+from cmt_core.data.sources import SyntheticSource, TensorSource
+from cmt_core.models import build_model
+from cmt_core.objectives.edm import EDMLoss
+from cmt_core.runtime import Runtime
+from cmt_core.training import NonFiniteLossError, learning_rate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_run(run_dir: Path, steps: int, total: int, dropout: float = 0.1, precision: str = "fp32"):
+    torch.manual_seed(0)
+    model = build_model("denoiser", NetworkConfig(width=32, depth=2, emb_dim=16, dropout=dropout), (2,))
+    cfg = TrainConfig(steps=total, batch_size=64, lr=1e-3, checkpoint_every=steps, log_every=5, lr_schedule="linear")
+    runtime = Runtime(torch.device("cpu"), precision=precision)
+    if steps < total:  # a first slice of the run, then a fresh model resumed from its checkpoint
+        train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, run_dir, runtime, until=steps)
+        torch.manual_seed(123)  # a resumed process starts with other RNG state
+        model = build_model("denoiser", NetworkConfig(width=32, depth=2, emb_dim=16, dropout=dropout), (2,))
+    return train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, run_dir, runtime), model
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+    straight, straight_model = small_run(tmp_path / "a", 40, 40)
+    resumed, resumed_model = small_run(tmp_path / "b", 20, 40)
+    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in straight.history]
+
+
+def test_checkpoint_holds_everything_needed_to_continue(tmp_path):
+    small_run(tmp_path, 10, 10)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert {"model", "ema", "optimizer", "rng", "step", "best"} <= set(ckpt)
+    assert ckpt["step"] == 10 and (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16), (2,))
+    cfg = TrainConfig(steps=20, batch_size=8, checkpoint_every=5)
+
+    def exploding(net, batch, rng):
+        loss = EDMLoss()(net, batch, rng)
+        return loss * (math.inf if rng.step == 12 else 1.0)
+
+    with pytest.raises(NonFiniteLossError, match=r"step 12.*checkpoint.pt \(step 10\)"):
+        train(model, exploding, SyntheticSource(GaussianMixture()), cfg, tmp_path, Runtime(torch.device("cpu")))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 10
+
+
+def test_best_checkpoint_is_returned(tmp_path):
+    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16), (2,))
+    cfg = TrainConfig(steps=30, batch_size=8, log_every=10, eval_every=10)
+    scores = iter([5.0, 1.0, 3.0, 4.0])  # step 0, 10, 20, 30
+    snapshots = {}
+
+    def evaluate(ema):
+        snapshots[len(snapshots) * 10] = {k: v.clone() for k, v in ema.state_dict().items()}
+        return {"score": next(scores)}
+
+    result = train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, Runtime(torch.device("cpu")),
+                   evaluate=evaluate)
+    assert result.best_step == 10 and result.best_score == 1.0
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(v, snapshots[10][k])
+
+
+def test_bf16_autocast_path_runs_on_cpu(tmp_path):
+    result, _ = small_run(tmp_path, 10, 10, precision="bf16")
+    assert math.isfinite(result.history[-1]["loss"])
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, lr_schedule="linear", final_lr_fraction=0.1)
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 10) == pytest.approx(1.0)
+    assert learning_rate(cfg, 100) == pytest.approx(0.1)
+
+
+def test_tensor_source_epochs_cover_every_sample_once_across_ranks():
+    source = TensorSource({"x": torch.arange(40)}, seed=3)
+    seen = torch.cat([source.batch(step, 8, rank, 2)["x"] for step in range(5) for rank in range(2)])
+    assert sorted(seen.tolist()) == list(range(40))
+
+
+@pytest.mark.parametrize("kind", ["cmt", "meanflow"])
+def test_ddp_two_gloo_ranks_match_one_process(tmp_path, kind):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    single, double = tmp_path / "one.pt", tmp_path / "two.pt"
+    worker = str(ROOT / "tests" / "ddp_worker.py")
+    subprocess.run([sys.executable, worker, kind, str(single)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    worker, kind, str(double)], check=True, env=env, timeout=300)
+    a, b = torch.load(single), torch.load(double)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
