@@ -166,7 +166,8 @@ class MidTrainConfig(StrictModel):
 
 
 class ECTConfig(StrictModel):
-    """Easy consistency tuning: r = t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)), clamped at 0."""
+    """Easy consistency tuning: r = t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)), clamped at 0,
+    with stage = start_stage + step // stage_steps."""
 
     p_mean: float = -1.1
     p_std: float = Field(2.0, gt=0)
@@ -174,6 +175,7 @@ class ECTConfig(StrictModel):
     b: float = Field(1.0, ge=0)
     q: float = Field(2.0, gt=1.0)
     stage_steps: int = Field(1000, ge=1, description="steps per dt-halving stage")
+    start_stage: int = Field(0, ge=0, le=30, description="first stage; > 0 starts at a small dt (for CMT weights)")
     huber_c: float = Field(0.0, ge=0.0, description="pseudo-Huber c on the per-dimension scale; 0: squared l2")
 
 

@@ -1,0 +1,60 @@
+"""Feature extractors for the Frechet distance, and the choice among them.
+
+Every extractor maps images ``(N, C, H, W)`` in [-1, 1] to features ``(N, D)`` (a float32 numpy array) and
+carries a ``name`` that names the metric wherever it is reported, so a number is never called FID unless it is:
+
+* ``FID (<mode>)``: ``InceptionFeatures``, clean-fid's Inception from a local file (``EvalConfig.inception_path``).
+* ``FD-digits``: ``DigitsClassifierFeatures``, a digit classifier trained here on the training split.
+* ``FD-pixels``: ``PixelFeatures``, downsampled pixels, for other image data offline.
+
+``cache_key`` identifies the feature space, so cached reference statistics are never reused across spaces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from cmt_core.config import DataConfig, EvalConfig
+from cmt_core.evaluation.digits_classifier import DigitsClassifierFeatures
+from cmt_core.evaluation.inception import InceptionFeatures
+from cmt_core.evaluation.pixels import PixelFeatures
+
+POINT_DATA = ("gaussian_mixture", "checkerboard")
+
+
+class FeatureExtractor(Protocol):
+    name: str
+    cache_key: str
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray: ...
+
+    def info(self) -> dict: ...
+
+
+def extract_features(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    """Features ``(N, D)`` of ``images: (N, C, H, W)``, ``batch_size`` images at a time, without autograd."""
+    with torch.no_grad():
+        return np.concatenate([extractor(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def feature_extractor(data: str | DataConfig, eval_cfg: EvalConfig, cache_dir: str | Path,
+                      device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The extractor for image data ``data`` (a name or a ``DataConfig``, whose split seeds the digits classifier).
+
+    Inception when ``eval_cfg.inception_path`` is set; otherwise the digits classifier for ``digits`` (trained
+    on the split of ``data``, cached in ``cache_dir``) and downsampled pixels for any other image data.
+    """
+    data_cfg = data if isinstance(data, DataConfig) else None
+    name = data if isinstance(data, str) else data.name
+    if name in POINT_DATA:
+        raise ValueError(f"{name!r} is 2-D point data: it is scored with distances_2d, not image features")
+    if eval_cfg.inception_path is not None:
+        return InceptionFeatures(eval_cfg.inception_path, eval_cfg.fid_mode, device)
+    if name == "digits":
+        split = data_cfg or DataConfig(name="digits")
+        return DigitsClassifierFeatures(cache_dir, split.seed, split.heldout_fraction, device)
+    return PixelFeatures(device=device)
