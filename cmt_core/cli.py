@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from cmt_core import pipeline
     from cmt_core.runtime import Runtime
 
-    runtime = Runtime.detect(cfg.device, cfg.precision)
+    runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
     if args.command == "stage":
         _print_stage(pipeline.STAGE_RUNNERS[args.name](cfg, runtime))
         return 0

@@ -169,6 +169,9 @@ class ECTConfig(StrictModel):
     """Easy consistency tuning: r = t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)), clamped at 0,
     with stage = start_stage + step // stage_steps."""
 
+    t_sampling: Literal["lognormal", "log_uniform"] = Field(
+        "lognormal", description="ln t ~ N(p_mean, p_std^2), or uniform in ln t over [sigma_min, sigma_max] "
+        "(the mid-training grid's coverage: keeps the 1-step time sigma_max trained)")
     p_mean: float = -1.1
     p_std: float = Field(2.0, gt=0)
     k: float = Field(8.0, ge=0)
@@ -224,6 +227,8 @@ class PipelineConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    cpu_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads per process (None: torch's "
+                                    "default); 1 avoids spin-wait stalls when other processes share the cores")
     artifact_root: Path = Path("artifacts")
 
     @model_validator(mode="after")

@@ -249,5 +249,5 @@ STAGE_RUNNERS = {"teacher": run_teacher, "rollouts": run_rollouts, "midtrain": r
 
 def run_pipeline(cfg: PipelineConfig, runtime: Runtime | None = None) -> dict[str, StageResult]:
     """All stages in order; complete artifacts are reused."""
-    runtime = runtime or Runtime.detect(cfg.device, cfg.precision)
+    runtime = runtime or Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
     return {stage: runner(cfg, runtime) for stage, runner in STAGE_RUNNERS.items()}

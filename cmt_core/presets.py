@@ -19,6 +19,7 @@ from cmt_core.config import PipelineConfig
 def _toy() -> dict:
     fast = {"batch_size": 256, "log_every": 50, "checkpoint_every": 500}
     return {
+        "cpu_threads": 1,
         "data": {"name": "gaussian_mixture", "num_modes": 8, "mode_radius": 2.0, "mode_std": 0.1},
         "network": {"kind": "mlp", "width": 128, "depth": 3, "emb_dim": 64, "sigma_data": 1.4},
         "teacher": {"source": "exact",
@@ -29,9 +30,9 @@ def _toy() -> dict:
                     "store": {"chunk_trajectories": 128, "shard_chunks": 4}},
         "midtrain": {"form": "cm", "train": {"steps": 1500, "lr": 2e-3, "ema_decay": 0.99, "eval_every": 500,
                                              "lr_schedule": "linear", **fast}},
-        "posttrain": {"method": "ect", "init": "cmt",
-                      "ect": {"stage_steps": 250, "p_mean": -1.1, "p_std": 2.0},
-                      "train": {"steps": 1000, "lr": 2e-4, "ema_decay": 0.99, "eval_every": 250, **fast}},
+        "posttrain": {"method": "ecd", "init": "cmt", "ecd_solver": "heun",
+                      "ect": {"t_sampling": "log_uniform", "start_stage": 4, "stage_steps": 400},
+                      "train": {"steps": 400, "lr": 2e-5, "ema_decay": 0.99, "eval_every": 100, **fast}},
         "eval": {"num_samples": 2000, "batch_size": 2000, "mid_sigma": 0.5},
     }
 
@@ -39,8 +40,9 @@ def _toy() -> dict:
 def _digits() -> dict:
     train = {"batch_size": 256, "log_every": 100, "checkpoint_every": 1000}
     return {
+        "cpu_threads": 1,
         "data": {"name": "digits"},
-        "network": {"kind": "mlp", "width": 512, "depth": 4, "emb_dim": 128, "dropout": 0.1, "sigma_data": 0.5},
+        "network": {"kind": "mlp", "width": 256, "depth": 4, "emb_dim": 128, "dropout": 0.1, "sigma_data": 0.5},
         "teacher": {"source": "pretrain",
                     "train": {"steps": 8000, "lr": 1e-3, "optimizer": "adam", "lr_schedule": "cosine",
                               "ema_decay": 0.999, **train},

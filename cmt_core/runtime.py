@@ -34,8 +34,10 @@ class Runtime:
         return self.world > 1
 
     @classmethod
-    def detect(cls, preference: str = "auto", precision: str = "auto") -> "Runtime":
+    def detect(cls, preference: str = "auto", precision: str = "auto", cpu_threads: int | None = None) -> "Runtime":
         """Choose the device, join torchrun's process group if there is one, and say what was chosen."""
+        if cpu_threads is not None:
+            torch.set_num_threads(cpu_threads)
         if preference == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was requested but torch.cuda.is_available() is False")
         use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
@@ -51,7 +53,8 @@ class Runtime:
         rt = cls(device, rank, world, precision)
         if rt.is_main:
             name = torch.cuda.get_device_name(device) if use_cuda else "CPU"
-            log.info("device: %s (%s), ranks: %d, precision: %s", device, name, world, precision)
+            log.info("device: %s (%s), ranks: %d, precision: %s, cpu threads: %d", device, name, world, precision,
+                     torch.get_num_threads())
         return rt
 
     def autocast(self):

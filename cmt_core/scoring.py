@@ -14,7 +14,7 @@ from cmt_core.config import PipelineConfig, SolverConfig
 from cmt_core.samplers import sample, sample_teacher
 from cmt_core.solvers import solve_config
 
-EXACT_REFERENCE = SolverConfig(name="dpm3m", steps=256, grid="karras", sigma_min=0.002)
+EXACT_REFERENCE = SolverConfig(name="dpm3m", steps=128, grid="karras", sigma_min=0.002)
 
 
 class Scorer:

@@ -7,6 +7,6 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    torch.set_num_threads(2)
+def _one_thread():
+    torch.set_num_threads(1)  # several test processes share 2 cores: avoid OpenMP spin-wait stalls
     yield

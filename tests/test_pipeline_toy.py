@@ -1,0 +1,41 @@
+"""The toy preset end to end: mid-training beats teacher initialisation, reruns reuse every artifact."""
+
+import pytest
+import torch
+
+from cmt_core.pipeline import run_pipeline
+from cmt_core.presets import get_preset
+from cmt_core.runtime import Runtime
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    cfg = get_preset("toy", artifact_root=root)
+    return cfg, run_pipeline(cfg, Runtime(torch.device("cpu")))
+
+
+def row(results, prefix):
+    return next(r for r in results["evaluation"].metrics["rows"] if r["model"].startswith(prefix))
+
+
+def test_cmt_one_step_error_is_five_times_below_teacher_initialisation(toy_run):
+    _, results = toy_run
+    baseline = row(results, "teacher-initialised")["flow_map_error"]
+    cmt = row(results, "CMT (mid-trained), 1-step")["flow_map_error"]
+    assert cmt * 5 <= baseline
+
+
+def test_post_training_does_not_end_worse_than_its_initialisation(toy_run):
+    _, results = toy_run
+    cmt = row(results, "CMT (mid-trained), 1-step")["flow_map_error"]
+    post = next(r for r in results["evaluation"].metrics["rows"] if r["model"].endswith("from cmt, 1-step"))["flow_map_error"]
+    assert post <= cmt
+
+
+def test_second_run_reuses_every_stage(toy_run):
+    cfg, first = toy_run
+    assert not any(r.cached for r in first.values())
+    again = run_pipeline(cfg, Runtime(torch.device("cpu")))
+    assert all(r.cached for r in again.values())
+    assert again["evaluation"].metrics == first["evaluation"].metrics
