@@ -28,7 +28,7 @@ def _toy() -> dict:
         "rollout": {"num_trajectories": 2048, "batch_size": 1024,
                     "solver": {"name": "dpm2m", "steps": 16, "grid": "log_uniform"},
                     "store": {"chunk_trajectories": 128, "shard_chunks": 4}},
-        "midtrain": {"form": "cm", "train": {"steps": 1500, "lr": 2e-3, "ema_decay": 0.99, "eval_every": 500,
+        "midtrain": {"form": "cm", "train": {"steps": 2500, "lr": 2e-3, "ema_decay": 0.99, "eval_every": 500,
                                              "lr_schedule": "linear", **fast}},
         "posttrain": {"method": "ecd", "init": "cmt", "ecd_solver": "heun",
                       "ect": {"t_sampling": "log_uniform", "start_stage": 4, "stage_steps": 400},
@@ -50,8 +50,9 @@ def _digits() -> dict:
         "rollout": {"num_trajectories": 8192, "batch_size": 1024,
                     "solver": {"name": "dpm2m", "steps": 16, "grid": "log_uniform"}},
         "midtrain": {"form": "cm", "train": {"steps": 4000, "lr": 5e-4, "ema_decay": 0.999, "eval_every": 1000, **train}},
-        "posttrain": {"method": "ect", "init": "cmt", "ect": {"stage_steps": 1000},
-                      "train": {"steps": 3000, "lr": 1e-4, "ema_decay": 0.999, "eval_every": 500, **train}},
+        "posttrain": {"method": "ecd", "init": "cmt", "ecd_solver": "heun",
+                      "ect": {"t_sampling": "log_uniform", "start_stage": 3, "stage_steps": 1000},
+                      "train": {"steps": 2000, "lr": 5e-5, "ema_decay": 0.999, "eval_every": 500, **train}},
         "eval": {"num_samples": 2000, "batch_size": 1000, "mid_sigma": 0.8},
     }
 
