@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/cmt run --preset digits
+	$(VENV)/bin/cmt-flow --preset digits
 
 test: $(STAMP)
 	$(PY) -m pytest -q

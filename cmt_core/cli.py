@@ -19,7 +19,7 @@ from cmt_core.config import load_yaml
 from cmt_core.presets import PRESETS, apply_overrides, get_preset
 
 
-def _config(args):
+def config_from_args(args):
     if args.config:
         cfg = load_yaml(args.config)
         if args.set:
@@ -31,14 +31,14 @@ def _config(args):
     return cfg
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS))
     p.add_argument("--config", help="YAML pipeline config (instead of --preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--artifact-root", help="where artifacts live (default: the config's artifact_root)")
 
 
-def _print_stage(result) -> None:
+def print_stage(result) -> None:
     state = "cached" if result.cached else f"computed in {result.manifest.get('seconds', 0):.1f}s"
     print(f"[{result.stage}] {state}  {result.path}")
     metrics = result.metrics
@@ -53,10 +53,10 @@ def _print_stage(result) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmt", description="Consistency mid-training pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_config_args(run := sub.add_parser("run", help="run the whole pipeline"))
-    _add_config_args(stage := sub.add_parser("stage", help="run one stage"))
+    add_config_args(run := sub.add_parser("run", help="run the whole pipeline"))
+    add_config_args(stage := sub.add_parser("stage", help="run one stage"))
     stage.add_argument("name", choices=["teacher", "rollouts", "midtrain", "posttrain", "evaluation"])
-    _add_config_args(sub.add_parser("config", help="print the resolved config as YAML"))
+    add_config_args(sub.add_parser("config", help="print the resolved config as YAML"))
     store = sub.add_parser("store", help="trajectory store tools")
     store.add_argument("action", choices=["verify"])
     store.add_argument("path")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_verify([args.path])
     try:
-        cfg = _config(args)
+        cfg = config_from_args(args)
     except ValueError as err:  # pydantic's ValidationError is a ValueError: name the bad fields
         print(f"invalid configuration:\n{err}", file=sys.stderr)
         return 2
@@ -81,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
 
     runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
     if args.command == "stage":
-        _print_stage(pipeline.STAGE_RUNNERS[args.name](cfg, runtime))
+        result = pipeline.STAGE_RUNNERS[args.name](cfg, runtime)
+        if runtime.is_main:
+            print_stage(result)
         return 0
     results = pipeline.run_pipeline(cfg, runtime)
     if runtime.is_main:
         for result in results.values():
-            _print_stage(result)
+            print_stage(result)
         print(f"report: {results['evaluation'].path / 'report.md'}")
     return 0
 

@@ -8,6 +8,7 @@ manifest last. ``run_pipeline(cfg)`` runs them in order; orchestrators call the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -24,13 +25,14 @@ from cmt_core.objectives.cmt import CMTLoss
 from cmt_core.objectives.ect import ECTLoss
 from cmt_core.objectives.edm import EDMLoss
 from cmt_core.objectives.meanflow import MeanFlowLoss
-from cmt_core.pairs import TrajectoryPairs
 from cmt_core.runtime import Runtime
+from cmt_core.store_loader import StorePairs
 from cmt_core.teachers import load_teacher, new_teacher
 from cmt_core.training import train
 
 log = logging.getLogger("cmt")
 MODEL_FILE = "model.pt"
+STORE_DIR = "store.zarr"
 
 
 @dataclass
@@ -152,19 +154,24 @@ def teacher_weights(cfg: PipelineConfig) -> torch.nn.Module:
     return load_model(path)
 
 
+def rollout_teacher(config_json: str) -> torch.nn.Module:
+    """Builds the rollout teacher inside a dask worker (a picklable ``denoiser_factory``)."""
+    cfg = PipelineConfig.model_validate_json(config_json)
+    return teacher_denoiser(cfg, load_data(cfg.data), torch.device("cpu"))
+
+
 def run_rollouts(cfg: PipelineConfig, runtime: Runtime, progress=None) -> StageResult:
-    """Teacher ODE trajectories (``trajectories.pt``: states, grid, seeds)."""
-    from cmt_core.rollouts import rollout
+    """Teacher ODE trajectories in a zarr store (``store.zarr``), solved shard by shard on dask."""
+    from cmt_core.distributed_rollouts import run_rollouts as solve_on_dask
 
     def work(path: Path) -> dict:
-        data = load_data(cfg.data)
         if runtime.is_main:
-            denoiser = teacher_denoiser(cfg, data, runtime.device)
-            r = cfg.rollout
-            traj = rollout(denoiser, r.num_trajectories, data.sample_shape, r.solver, r.seed, r.batch_size,
-                           runtime.device)
-            torch.save({"states": traj.states, "grid": traj.grid, "seeds": traj.seeds}, path / "trajectories.pt")
-        return {"num_trajectories": cfg.rollout.num_trajectories, "time_points": cfg.rollout.solver.steps + 1}
+            data = load_data(cfg.data)
+            factory = functools.partial(rollout_teacher, cfg.model_dump_json())
+            solve_on_dask(factory, path / STORE_DIR, cfg.rollout.num_trajectories, data.sample_shape, cfg.rollout,
+                          teacher_id=stage_ids(cfg)["teacher"])
+        return {"num_trajectories": cfg.rollout.num_trajectories, "time_points": cfg.rollout.solver.steps + 1,
+                "store": STORE_DIR}
 
     return run_stage(cfg, "rollouts", runtime, work)
 
@@ -186,9 +193,8 @@ def run_midtrain(cfg: PipelineConfig, runtime: Runtime, progress=None) -> StageR
         model = build_model(kind, cfg.network, data.sample_shape, cfg.rollout.solver.sigma_min)
         if cfg.midtrain.init == "teacher":
             init_from(model, teacher_weights(cfg))
-        traj = torch.load(stage_path(cfg, "rollouts") / "trajectories.pt")
-        source = TrajectoryPairs(traj["states"], traj["grid"], to_end=cfg.midtrain.form == "cm",
-                                 seed=cfg.midtrain.train.seed)
+        source = StorePairs(stage_path(cfg, "rollouts") / STORE_DIR, to_end=cfg.midtrain.form == "cm",
+                            seed=cfg.midtrain.train.seed)
         loss = CMTLoss(cfg.midtrain.form, cfg.midtrain.distance, cfg.midtrain.huber_c)
         scorer = _scorer(cfg, data, runtime)
         result = train(model, loss, source, cfg.midtrain.train, path / "train", runtime,

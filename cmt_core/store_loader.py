@@ -15,16 +15,19 @@ Order, built so that reads are sequential chunks while batches stay well mixed:
    continues the epoch exactly where it stopped without saving iterator state.
 
 DDP: rank r takes rows [r B / world, (r + 1) B / world) of the global batch of the step, so the ranks'
-pairs are disjoint and every pair of an epoch appears once across them; each rank reads only the chunks
-its rows need. A background thread reads the chunks of the next ``prefetch`` buffers while the current
-one is trained on; decoded chunks live in a small LRU cache of ``buffer_chunks * (prefetch + 2)`` chunks.
+pairs are disjoint and every pair of an epoch appears once across them; a rank reads only the buffers its
+rows fall in. A background thread reads (and decodes) the next ``prefetch`` buffers while the current one
+is trained on; the decoded chunks of a buffer are kept concatenated, so a batch is two gathers, in a small
+LRU cache of ``prefetch + 2`` buffers (memory: ``buffer_chunks * (prefetch + 2)`` decoded float32 chunks).
 """
 
 from __future__ import annotations
 
 import threading
+from bisect import bisect_right
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,19 +44,25 @@ def _generator(*keys: int) -> torch.Generator:
 
 
 class _Epoch:
-    """Chunk order and buffer boundaries of one epoch (offsets in points)."""
+    """Chunk order of one epoch, cut into buffers; ``start[b]`` is buffer b's first point in the epoch."""
 
-    def __init__(self, order: torch.Tensor, chunk_points: torch.Tensor, buffer_chunks: int):
-        self.order = order
-        points = chunk_points[order]
-        self.chunk_start = torch.cat([torch.zeros(1, dtype=torch.int64), points.cumsum(0)])  # by position in order
-        self.buffer_start = self.chunk_start[::buffer_chunks]
-        if self.buffer_start[-1] != self.chunk_start[-1]:
-            self.buffer_start = torch.cat([self.buffer_start, self.chunk_start[-1:]])
+    def __init__(self, order: list[int], chunk_sizes: list[int], buffer_chunks: int, last: int):
+        self.buffers = [order[b:b + buffer_chunks] for b in range(0, len(order), buffer_chunks)]
+        rows = [sum(chunk_sizes[c] for c in chunks) for chunks in self.buffers]
+        self.start = [0]
+        for r in rows:
+            self.start.append(self.start[-1] + r * last)
 
-    @property
-    def num_buffers(self) -> int:
-        return len(self.buffer_start) - 1
+
+@dataclass
+class _Segment:
+    """Batch positions [first, first + len(rows)) that fall in one buffer: their rows in it and time indices."""
+
+    epoch: int
+    buffer: int
+    first: int
+    rows: torch.Tensor
+    i: torch.Tensor
 
 
 class StorePairs:
@@ -67,12 +76,10 @@ class StorePairs:
         self.buffer_chunks, self.prefetch = buffer_chunks, prefetch
         self.grid = self.store.grid
         self.last = self.store.states.shape[1] - 1
-        self.chunk_trajectories = self.store.chunk_trajectories
-        sizes = torch.tensor([b - a for a, b in map(self.store.chunk_range, range(self.store.num_chunks))])
-        self.chunk_points = sizes * self.last
-        self.size = int(self.chunk_points.sum())  # points per epoch
-        self.cache_chunks = buffer_chunks * (prefetch + 2)
-        self._cache: OrderedDict[int, Future] = OrderedDict()
+        self.chunk_sizes = [b - a for a, b in map(self.store.chunk_range, range(self.store.num_chunks))]
+        self.size = len(self.store) * self.last  # points per epoch
+        self.cache_buffers = prefetch + 2
+        self._cache: OrderedDict[tuple[int, int], Future] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="store-prefetch") if prefetch else None
         self._epochs: OrderedDict[int, _Epoch] = OrderedDict()
@@ -84,90 +91,101 @@ class StorePairs:
     # -------------------------------------------------------------------------------------- order
     def _epoch(self, epoch: int) -> _Epoch:
         if epoch not in self._epochs:
-            order = torch.randperm(self.store.num_chunks, generator=_generator(self.seed, epoch))
-            self._epochs[epoch] = _Epoch(order, self.chunk_points, self.buffer_chunks)
+            order = torch.randperm(self.store.num_chunks, generator=_generator(self.seed, epoch)).tolist()
+            self._epochs[epoch] = _Epoch(order, self.chunk_sizes, self.buffer_chunks, self.last)
             if len(self._epochs) > 2:
                 self._epochs.popitem(last=False)
         return self._epochs[epoch]
 
-    def _permutation(self, epoch: int, buffer: int, size: int) -> torch.Tensor:
+    def _permutation(self, epoch: int, buffer: int) -> torch.Tensor:
         key = (epoch, buffer)
         if key not in self._perms:
+            start = self._epoch(epoch).start
+            size = start[buffer + 1] - start[buffer]
             self._perms[key] = torch.randperm(size, generator=_generator(self.seed, epoch, buffer + 1))
             if len(self._perms) > 8:
                 self._perms.popitem(last=False)
         return self._perms[key]
 
-    def _locate(self, epoch: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Epoch positions ``q`` -> (chunk, row in chunk, time index i)."""
-        layout = self._epoch(epoch)
-        buffer = torch.searchsorted(layout.buffer_start, q, right=True) - 1
-        point = torch.empty_like(q)  # position in the epoch's chunk order, before buffer shuffling
-        for b in buffer.unique().tolist():
-            sel = buffer == b
-            start, stop = int(layout.buffer_start[b]), int(layout.buffer_start[b + 1])
-            point[sel] = start + self._permutation(epoch, b, stop - start)[q[sel] - start]
-        position = torch.searchsorted(layout.chunk_start, point, right=True) - 1
-        local = point - layout.chunk_start[position]
-        return layout.order[position], local // self.last, local % self.last
+    def _segments(self, step: int, batch_size: int) -> list[_Segment]:
+        """Stream positions [step B, (step + 1) B), cut where they cross into another buffer."""
+        first, stop = step * batch_size, (step + 1) * batch_size
+        segments, pos = [], first
+        while pos < stop:
+            epoch, q = divmod(pos, self.size)
+            start = self._epoch(epoch).start
+            buffer = bisect_right(start, q) - 1
+            n = min(stop - pos, start[buffer + 1] - q)
+            offset = q - start[buffer]
+            point = self._permutation(epoch, buffer)[offset:offset + n]  # = row in buffer * last + i
+            segments.append(_Segment(epoch, buffer, pos - first, point // self.last, point % self.last))
+            pos += n
+        return segments
 
     def pair_indices(self, step: int, batch_size: int) -> dict[str, torch.Tensor]:
-        """The global batch of ``step`` as indices: ``traj, i, j`` and ``chunk, row`` (row of traj in chunk)."""
-        start = step * batch_size
-        pos = torch.arange(start, start + batch_size, dtype=torch.int64)
-        epoch = pos // self.size
-        chunk, row, i = (torch.empty_like(pos) for _ in range(3))
-        for e in epoch.unique().tolist():
-            sel = epoch == e
-            chunk[sel], row[sel], i[sel] = self._locate(e, pos[sel] - e * self.size)
+        """The global batch of ``step`` as indices ``traj, i, j`` (and ``chunk`` of each trajectory)."""
+        segments = self._segments(step, batch_size)
+        traj = []
+        for seg in segments:
+            chunks = self._epoch(seg.epoch).buffers[seg.buffer]
+            ids = torch.cat([torch.arange(*self.store.chunk_range(c)) for c in chunks])
+            traj.append(ids[seg.rows])
+        traj, i = torch.cat(traj), torch.cat([seg.i for seg in segments])
         j = later_index(i, self.last, step_generator(self.seed, step, stream=4), self.to_end)
-        return {"traj": chunk * self.chunk_trajectories + row, "i": i, "j": j, "chunk": chunk, "row": row}
+        return {"traj": traj, "i": i, "j": j, "chunk": traj // self.store.chunk_trajectories}
 
     # -------------------------------------------------------------------------------------- reads
-    def _chunk(self, chunk: int, background: bool = False) -> Future:
-        """The cached (or pending) read of ``chunk``; read here unless ``background``."""
+    def _read_buffer(self, chunks: list[int]) -> torch.Tensor:
+        """States ``(rows, K, *sample_shape)`` of the buffer's chunks, in buffer order."""
+        parts = [self.store.read_chunk(c) for c in chunks]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _buffer(self, epoch: int, buffer: int, background: bool = False) -> Future:
+        """The cached (or pending) read of a buffer; read here and now unless ``background``."""
+        key = (epoch, buffer)
         with self._lock:
-            future = self._cache.get(chunk)
+            future = self._cache.get(key)
             if future is not None:
-                self._cache.move_to_end(chunk)
+                self._cache.move_to_end(key)
                 return future
-            future = self._executor.submit(self.store.read_chunk, chunk) if background else Future()
-            self._cache[chunk] = future
-            while len(self._cache) > self.cache_chunks:
+            chunks = self._epoch(epoch).buffers[buffer]
+            future = self._executor.submit(self._read_buffer, chunks) if background else Future()
+            self._cache[key] = future
+            while len(self._cache) > self.cache_buffers:
                 self._cache.popitem(last=False)
         if not background:
             try:
-                future.set_result(self.store.read_chunk(chunk))
+                future.set_result(self._read_buffer(chunks))
             except Exception as err:
                 future.set_exception(err)
         return future
 
-    def _prefetch_after(self, position: int) -> None:
-        """Start reading the chunks of the ``prefetch`` buffers that follow stream ``position``."""
-        epoch, q = divmod(position, self.size)
-        layout = self._epoch(epoch)
-        buffer = int(torch.searchsorted(layout.buffer_start, torch.tensor(q), right=True)) - 1
+    def _prefetch_after(self, epoch: int, buffer: int) -> None:
+        """Start reading the ``prefetch`` buffers that follow (epoch, buffer) in the stream."""
         for _ in range(self.prefetch):
             buffer += 1
-            if buffer >= layout.num_buffers:
+            if buffer >= len(self._epoch(epoch).buffers):
                 epoch, buffer = epoch + 1, 0
-                layout = self._epoch(epoch)
-            for chunk in layout.order[buffer * self.buffer_chunks:(buffer + 1) * self.buffer_chunks].tolist():
-                self._chunk(chunk, background=True)
+            self._buffer(epoch, buffer, background=True)
 
     def batch(self, step, batch_size, rank=0, world=1):
-        idx = self.pair_indices(step, batch_size)
+        segments = self._segments(step, batch_size)
+        i = segments[0].i if len(segments) == 1 else torch.cat([seg.i for seg in segments])
+        j = later_index(i, self.last, step_generator(self.seed, step, stream=4), self.to_end)
         rows = rank_slice(batch_size, rank, world)
-        chunk, row, i, j = (idx[k][rows] for k in ("chunk", "row", "i", "j"))
-        x_t = torch.empty(len(chunk), *self.store.sample_shape)
-        x_s = torch.empty_like(x_t)
-        for c in chunk.unique().tolist():
-            sel = (chunk == c).nonzero().flatten()
-            states = self._chunk(c).result()
-            x_t[sel], x_s[sel] = states[row[sel], i[sel]], states[row[sel], j[sel]]
+        x_t, x_s = [], []
+        for seg in segments:
+            lo, hi = max(seg.first, rows.start), min(seg.first + len(seg.rows), rows.stop)
+            if lo < hi:
+                states = self._buffer(seg.epoch, seg.buffer).result()
+                r = seg.rows[lo - seg.first:hi - seg.first]
+                x_t.append(states[r, i[lo:hi]])
+                x_s.append(states[r, j[lo:hi]])
         if self._executor is not None:
-            self._prefetch_after((step + 1) * batch_size - 1)
-        return {"x_t": x_t, "t": self.grid[i].float(), "x_s": x_s, "s": self.grid[j].float()}
+            self._prefetch_after(segments[-1].epoch, segments[-1].buffer)
+        i, j = i[rows], j[rows]
+        return {"x_t": x_t[0] if len(x_t) == 1 else torch.cat(x_t), "t": self.grid[i].float(),
+                "x_s": x_s[0] if len(x_s) == 1 else torch.cat(x_s), "s": self.grid[j].float()}
 
     def close(self) -> None:
         """Stop the prefetch thread (pending reads are dropped)."""

@@ -44,6 +44,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
@@ -93,17 +94,28 @@ def paper_sizing(keep_indices=tuple(range(0, 17, 2))) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- layout
-@dataclass
 class TrajectoryStore:
-    """An opened store. ``states`` is the zarr array in its storage dtype; ``read`` returns float32."""
+    """An opened store. ``states`` is the zarr array in its storage dtype; ``read`` returns float32.
 
-    path: Path
-    group: zarr.Group
-    states: zarr.Array
-    grid: torch.Tensor  # (K,) float64
-    seeds: torch.Tensor  # (N,) int64
-    labels: torch.Tensor | None
-    attrs: dict = field(repr=False)
+    ``grid`` ``(K,)`` float64; ``seeds`` ``(N,)`` int64 and ``labels`` ``(N,)`` int64 (None when unconditional)
+    are read on first use.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, attrs: dict):
+        self.path, self.group, self.attrs = path, group, attrs
+        self.states = group["states"]
+        self.grid = torch.from_numpy(group["grid"][:])
+
+    def __repr__(self) -> str:
+        return f"TrajectoryStore({str(self.path)!r}, states={self.states.shape}, complete={self.complete})"
+
+    @cached_property
+    def seeds(self) -> torch.Tensor | None:
+        return torch.from_numpy(self.group["seeds"][:]) if "seeds" in self.group else None
+
+    @cached_property
+    def labels(self) -> torch.Tensor | None:
+        return torch.from_numpy(self.group["labels"][:]) if "labels" in self.group else None
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -333,9 +345,7 @@ def open_store(path, partial: bool = False) -> TrajectoryStore:
         raise IncompleteStoreError(
             f"{path} is incomplete ({done} of {attrs['num_shards']} shards written): its rollouts are running or "
             f"were interrupted. Rerun the rollouts to finish it, or open_store(path, partial=True) to inspect it.")
-    seeds = torch.from_numpy(group["seeds"][:]) if "seeds" in group else None
-    labels = torch.from_numpy(group["labels"][:]) if "labels" in group else None
-    return TrajectoryStore(path, group, group["states"], torch.from_numpy(group["grid"][:]), seeds, labels, attrs)
+    return TrajectoryStore(path, group, attrs)
 
 
 @dataclass
@@ -366,7 +376,8 @@ class VerifyReport:
         for bad in self.bad_chunks[:20]:
             lines.append(f"  bad chunk {bad['chunk']} (shard {bad['shard']}): {bad['error']}")
         if self.bad_chunks:
-            lines.append(f"  bad shards: {self.bad_shards}; reset_shards(path, shards) and rerun the rollouts to rewrite them")
+            lines.append(f"  bad shards: {self.bad_shards}; reset_shards(path, shards) and rerun the rollouts "
+                         f"to rewrite them")
         return "\n".join(lines)
 
 
@@ -389,7 +400,8 @@ def verify_store(path) -> VerifyReport:
             report.bad_chunks.append({"chunk": chunk, "shard": shard, "error": str(err.__cause__ or err)})
             continue
         if not torch.isfinite(values).all():
-            report.bad_chunks.append({"chunk": chunk, "shard": shard, "error": "non-finite values (chunk absent or bad data)"})
+            report.bad_chunks.append({"chunk": chunk, "shard": shard,
+                                      "error": "non-finite values (chunk absent or bad data)"})
     return report
 
 

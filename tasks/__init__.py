@@ -1,0 +1,23 @@
+"""Prefect tasks: one thin task per pipeline stage (see ``tasks.stages``).
+
+A task resolves its stage's artifact id, returns at once when that artifact is complete on disk and
+otherwise calls ``cmt_core``; Prefect caching keys on the artifact id (``tasks.caching``). Progress,
+logs and result artifacts for the Prefect UI live in ``tasks.reporting``.
+"""
+
+import os
+
+# Before prefect is imported anywhere below: the server's analytics service only adds sqlite lock noise.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from tasks.stages import (  # noqa: E402
+    STAGE_TASKS,
+    evaluation,
+    midtrain,
+    posttrain,
+    pretrain_teacher,
+    rollouts,
+    run_stage_task,
+)
+
+__all__ = ["STAGE_TASKS", "evaluation", "midtrain", "posttrain", "pretrain_teacher", "rollouts", "run_stage_task"]

@@ -1,0 +1,123 @@
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cmt_core.config import ClusterConfig, RolloutConfig, SolverConfig, StoreConfig
+from cmt_core.data.synthetic import GaussianMixture
+from cmt_core.distributed_rollouts import run_rollouts
+from cmt_core.rollouts import rollout_batch
+from cmt_core.trajectory_store import missing_shards, open_store
+
+NUM, SHAPE, TEACHER = 60, (2,), "gmm-exact"
+CFG = RolloutConfig(solver=SolverConfig(name="dpm2m", steps=8), batch_size=8, seed=3,
+                    store=StoreConfig(chunk_trajectories=4, shard_chunks=2), cluster=ClusterConfig(workers=1))
+NUM_SHARDS = 8  # 60 trajectories in shards of 8, the last one of 4
+
+
+# Teacher factories: module level, so that the dask workers can import them.
+def gmm_teacher():
+    return GaussianMixture().denoise
+
+
+def slow_gmm_teacher(delay: float):
+    gmm = GaussianMixture()
+
+    def denoise(x, t, labels=None):
+        time.sleep(delay)
+        return gmm.denoise(x, t, labels)
+    return denoise
+
+
+def worker_killing_gmm_teacher(flag: str):
+    """The first worker process that uses this teacher dies (once): its shard must be retried."""
+    if not os.path.exists(flag):
+        Path(flag).touch()
+        os._exit(1)
+    return GaussianMixture().denoise
+
+
+def with_workers(n: int) -> RolloutConfig:
+    return CFG.model_copy(update={"cluster": ClusterConfig(workers=n)})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted store, from one worker."""
+    return open_store(run_rollouts(gmm_teacher, tmp_path_factory.mktemp("ref") / "store", NUM, SHAPE, CFG, TEACHER,
+                                   progress=False))
+
+
+def assert_same_store(path, reference):
+    store = open_store(path)
+    assert np.array_equal(store.states[:], reference.states[:])  # bit-identical storage
+    assert torch.equal(store.grid, reference.grid) and torch.equal(store.seeds, reference.seeds)
+
+
+def test_store_holds_the_solver_trajectories(reference):
+    start, stop = reference.shard_range(7)
+    expected = rollout_batch(gmm_teacher(), CFG.seed, range(start, stop), SHAPE, CFG.solver)
+    assert torch.equal(reference.read(range(start, stop)), expected)
+    assert reference.attrs["teacher_id"] == TEACHER
+    assert reference.attrs["rollout_runs"][-1]["shards_computed"] == NUM_SHARDS
+
+
+def test_one_and_two_workers_give_bit_identical_stores(tmp_path, reference):
+    path = run_rollouts(gmm_teacher, tmp_path / "store", NUM, SHAPE, with_workers(2), TEACHER, progress=False)
+    assert_same_store(path, reference)
+
+
+def test_complete_store_returns_at_once(reference):
+    before = reference.attrs["rollout_runs"]
+    run_rollouts(gmm_teacher, reference.path, NUM, SHAPE, CFG, TEACHER, progress=False)
+    assert open_store(reference.path).attrs["rollout_runs"] == before
+
+
+def test_a_different_rollout_refuses_to_resume_the_store(reference):
+    with pytest.raises(ValueError, match="seed"):
+        run_rollouts(gmm_teacher, reference.path, NUM, SHAPE, CFG.model_copy(update={"seed": 4}), TEACHER)
+
+
+def test_killed_rollout_resumes_missing_shards_only(tmp_path, reference):
+    path = tmp_path / "store"
+    script = (
+        "import functools\n"
+        "from cmt_core.distributed_rollouts import run_rollouts\n"
+        "from test_distributed_rollouts import CFG, NUM, SHAPE, TEACHER, slow_gmm_teacher\n"
+        f"run_rollouts(functools.partial(slow_gmm_teacher, 0.1), {str(path)!r}, NUM, SHAPE, CFG, TEACHER,\n"
+        "             progress=False)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not ((path / "zarr.json").exists() and len(missing_shards(path)) <= NUM_SHARDS - 2):
+            assert proc.poll() is None, f"rollout process ended early: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no shard was written in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its scheduler and its worker processes
+        proc.wait()
+    missing = missing_shards(path)
+    assert 0 < len(missing) <= NUM_SHARDS - 2
+    assert not open_store(path, partial=True).complete
+
+    run_rollouts(gmm_teacher, path, NUM, SHAPE, CFG, TEACHER, progress=False)
+    runs = open_store(path).attrs["rollout_runs"]
+    assert [r["shards_computed"] for r in runs] == [len(missing)]  # the killed run never finished
+    assert_same_store(path, reference)
+
+
+def test_shard_of_a_dying_worker_is_retried(tmp_path, reference):
+    factory = functools.partial(worker_killing_gmm_teacher, str(tmp_path / "died"))
+    path = run_rollouts(factory, tmp_path / "store", NUM, SHAPE, CFG, TEACHER, progress=False)
+    assert (tmp_path / "died").exists()
+    assert_same_store(path, reference)
