@@ -44,7 +44,7 @@ SHAPE = (DIM,)
 SOLVER = SolverConfig(name="dpm2m", steps=16)  # the reference: 16 DPM-Solver++ steps, 80 -> 0.002
 STORE = StoreConfig(chunk_trajectories=256, shard_chunks=4)
 REPEATS = 3
-WRITE_TRAJ = 4096  # write_vs_bare
+WRITE_TRAJ = 8192  # write_vs_bare (store creation and the complete flag included once)
 SCALE_TRAJ = 12288  # workers2_vs_1
 TRAIN_STEPS, WARMUP = 220, 20  # per training arm
 SWEEP_STEPS, SWEEP_LRS, SWEEP_REPEATS = 150, (1e-4, 2e-4, 4e-4, 8e-4), 2

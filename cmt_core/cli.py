@@ -50,6 +50,13 @@ def print_stage(result) -> None:
         print("    " + json.dumps(metrics, default=str))
 
 
+def print_results(results: dict) -> None:
+    """Every stage (computed or cached, metrics) and the path of the report."""
+    for result in results.values():
+        print_stage(result)
+    print(f"report: {results['evaluation'].path / 'report.md'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmt", description="Consistency mid-training pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = pipeline.run_pipeline(cfg, runtime)
     if runtime.is_main:
-        for result in results.values():
-            print_stage(result)
-        print(f"report: {results['evaluation'].path / 'report.md'}")
+        print_results(results)
     return 0
 
 

@@ -15,7 +15,10 @@ itself, so no two writers ever share a shard (zarr 3 has no synchronizers).
 * Cluster: a ``LocalCluster`` of ``cluster.workers`` processes for the run (closed after it), or the
   scheduler at ``cluster.address``. Each task uses one torch thread, so that one worker per core does not
   oversubscribe the machine; with ``cluster.gpu_resource`` tasks ask for the dask resource ``GPU=1`` and
-  run on CUDA.
+  run on CUDA (on a multi-GPU host, start one worker per GPU, each with its own ``CUDA_VISIBLE_DEVICES``,
+  e.g. with dask-cuda, and pass the scheduler's address).
+* Cost of writing: a task compresses and writes its shard after solving it, not overlapped with solving
+  (about 30 ms of CPU per 4.4 MB shard with zstd here); a GPU sits idle for that time.
 
 ``denoiser_factory`` is a picklable zero-argument callable returning ``denoiser(x, t: (B,), labels)``,
 e.g. a module-level function or a ``functools.partial`` of one; it should load weights from disk rather

@@ -59,12 +59,14 @@ def posttrain_kind(cfg: PipelineConfig) -> str:
 def stage_configs(cfg: PipelineConfig) -> dict[str, dict]:
     """The part of the config each stage's output depends on (orchestration fields excluded)."""
     d = cfg.model_dump(mode="json")
-    rollout = {k: v for k, v in d["rollout"].items() if k not in ("cluster", "batch_size")}
+    rollout = {k: v for k, v in d["rollout"].items() if k != "cluster"}
+    # training stages keep their best checkpoint by the metric: they depend on how it is measured
+    scoring = {k: v for k, v in d["eval"].items() if k not in ("num_seed_sets", "batch_size")}
     return {
         "teacher": {"data": d["data"], "network": d["network"], "teacher": d["teacher"]},
         "rollouts": {"rollout": rollout, "data": d["data"]},
-        "midtrain": {"midtrain": d["midtrain"], "network": d["network"], "eval": d["eval"]},
-        "posttrain": {"posttrain": d["posttrain"], "network": d["network"], "eval": d["eval"],
+        "midtrain": {"midtrain": d["midtrain"], "network": d["network"], "eval": scoring},
+        "posttrain": {"posttrain": d["posttrain"], "network": d["network"], "eval": scoring,
                       "sigma_max": cfg.rollout.solver.sigma_max},
         "evaluation": {"eval": d["eval"], "teacher_sampler": d["teacher"]["sampler"],
                        "sigma_max": cfg.rollout.solver.sigma_max},

@@ -1,6 +1,6 @@
 """Scoring models on a fixed set of starting noises, during training and in the final table.
 
-``Scorer`` draws ``x_T = sigma_max * z`` once (seeded), samples a model with ``k`` steps and scores the
+``Scorer`` draws ``x_T = sigma_max * z`` once (seeded by ``eval.seed`` and its seed set), samples a model with ``k`` steps and scores the
 samples with the data's ``Evaluator`` (Frechet distance under its extractor's name, or 2-D distances).
 With an exact teacher it also reports ``flow_map_error``: the mean l2 distance between the model's
 sample and the true ODE endpoint from the same noise (a fine DPM-Solver++(3M) solve of the exact ODE).
@@ -18,11 +18,13 @@ EXACT_REFERENCE = SolverConfig(name="dpm3m", steps=128, grid="karras", sigma_min
 
 
 class Scorer:
-    def __init__(self, data, cfg: PipelineConfig, evaluator, device: torch.device, num_samples: int | None = None):
+    def __init__(self, data, cfg: PipelineConfig, evaluator, device: torch.device, num_samples: int | None = None,
+                 seed_set: int = 0):
         self.cfg, self.evaluator, self.device = cfg, evaluator, device
         self.sigma_max = cfg.rollout.solver.sigma_max
+        self.seed = cfg.eval.seed + 1000 * seed_set
         n = num_samples or cfg.eval.num_samples
-        g = torch.Generator().manual_seed(cfg.eval.seed)
+        g = torch.Generator().manual_seed(self.seed)
         self.x_T = torch.randn(n, *data.sample_shape, generator=g) * self.sigma_max
         self.exact = None
         if data.exact_denoiser is not None:
@@ -51,7 +53,7 @@ class Scorer:
         """Metrics and samples of a ``consistency`` / ``flow_map`` model with ``steps`` network calls."""
         was_training = model.training
         model.eval()
-        g = torch.Generator().manual_seed(self.cfg.eval.seed + 1)
+        g = torch.Generator().manual_seed(self.seed + 1)
         samples = self._batched(lambda x: sample(kind, model, x, steps, self.sigma_max, self.cfg.eval.mid_sigma, g))
         model.train(was_training)
         return self.metrics(samples), samples

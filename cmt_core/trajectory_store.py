@@ -256,7 +256,7 @@ def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreCon
     # One uint8 chunk per shard: the writer of a shard owns its marker chunk too.
     group.create_array("shard_done", shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
                        compressors=None)
-    group.attrs.update({
+    group.update_attributes({
         **(attrs or {}),
         "format": FORMAT,
         "num_trajectories": num,
@@ -301,7 +301,8 @@ def write_shard(store, shard_index: int, states: torch.Tensor) -> None:
     expected = (stop - start, *store.states.shape[1:])
     if tuple(states.shape) != expected:
         raise ValueError(f"shard {shard_index} needs states of shape {expected}, got {tuple(states.shape)}")
-    store.states[start:stop] = encode_states(states, store.attrs["dtype"])
+    # Every written chunk holds data: skip zarr's comparison of each chunk with the fill value.
+    store.states.with_config({"write_empty_chunks": True})[start:stop] = encode_states(states, store.attrs["dtype"])
     store.group["shard_done"][shard_index] = 1
 
 
@@ -314,7 +315,7 @@ def missing_shards(path) -> list[int]:
 def reset_shards(path, shards) -> None:
     """Forget shards (e.g. the bad ones ``verify_store`` names) so that a rollout rerun rewrites them."""
     store = open_store(path, partial=True)
-    store.group.attrs.update({"complete": False})
+    store.group.update_attributes({"complete": False})
     marker = store.group["shard_done"]
     for shard in shards:
         marker[int(shard)] = 0
@@ -327,7 +328,7 @@ def mark_complete(path, **extra) -> None:
     if missing:
         raise IncompleteStoreError(f"{path}: {len(missing)} of {store.num_shards} shards are missing "
                                    f"(first: {missing[:5]}); cannot mark the store complete")
-    store.group.attrs.update({**extra, "complete": True, "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    store.group.update_attributes({**extra, "complete": True, "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -14,7 +14,7 @@ import sys
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
 
-from cmt_core.cli import add_config_args, config_from_args, print_stage
+from cmt_core.cli import add_config_args, config_from_args, print_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = cmt_pipeline(preset=cfg.preset if cfg.preset != "custom" else "digits", config=cfg,
                            ddp_processes=args.ddp_processes)
-    for result in results.values():
-        print_stage(result)
-    print(f"report: {results['evaluation'].path / 'report.md'}")
+    print_results(results)
     return 0
 
 

@@ -39,3 +39,13 @@ def test_second_run_reuses_every_stage(toy_run):
     again = run_pipeline(cfg, Runtime(torch.device("cpu")))
     assert all(r.cached for r in again.values())
     assert again["evaluation"].metrics == first["evaluation"].metrics
+
+
+def test_more_seed_sets_recompute_only_the_evaluation_and_report_the_spread(toy_run):
+    cfg, first = toy_run
+    more = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_seed_sets": 3})})
+    again = run_pipeline(more, Runtime(torch.device("cpu")))
+    assert [s for s, r in again.items() if not r.cached] == ["evaluation"]
+    cmt = row(again, "CMT (mid-trained), 1-step")
+    assert cmt["flow_map_error_std"] > 0
+    assert cmt["flow_map_error"] == pytest.approx(row(first, "CMT (mid-trained), 1-step")["flow_map_error"], rel=0.2)

@@ -92,7 +92,8 @@ def save_sample_figure(path: Path, samples: torch.Tensor, title: str) -> None:
 
 def save_curve_figure(path: Path, rows: list[dict], title: str) -> None:
     """Training log rows (``step``, ``loss``, optional ``eval_*``) -> loss vs step and, if any, metrics vs step."""
-    eval_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval_")))
+    # eval_score repeats the metric that selects checkpoints under another name
+    eval_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval_") and k != "eval_score"))
     fig, axes = plt.subplots(1, 2 if eval_keys else 1, figsize=(10 if eval_keys else 5, 4), squeeze=False)
     loss_rows = [r for r in rows if r.get("loss") is not None]
     ax = axes[0, 0]

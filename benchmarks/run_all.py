@@ -1,0 +1,17 @@
+"""Runs every benchmark script in this folder, one after the other (each writes benchmarks/results/*.json).
+
+Run them on an otherwise idle machine: they report ratios measured within one run, but other processes
+sharing the cores still distort them.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ["eval_speed.py", "store.py", "pipeline.py"]
+
+if __name__ == "__main__":
+    for script in SCRIPTS:
+        print(f"== {script}", flush=True)
+        subprocess.run([sys.executable, str(HERE / script)], check=True)
