@@ -44,8 +44,8 @@ SHAPE = (DIM,)
 SOLVER = SolverConfig(name="dpm2m", steps=16)  # the reference: 16 DPM-Solver++ steps, 80 -> 0.002
 STORE = StoreConfig(chunk_trajectories=256, shard_chunks=4)
 REPEATS = 3
-WRITE_TRAJ = 8192  # write_vs_bare (store creation and the complete flag included once)
-SCALE_TRAJ = 12288  # workers2_vs_1
+WRITE_SHARDS = 12  # write_vs_bare: shards of 1024 trajectories per arm
+SCALE_TRAJ = 24576  # workers2_vs_1: 24 shards
 TRAIN_STEPS, WARMUP = 220, 20  # per training arm
 SWEEP_STEPS, SWEEP_LRS, SWEEP_REPEATS = 150, (1e-4, 2e-4, 4e-4, 8e-4), 2
 BATCH, ONLINE_TRAJ = 128, 8  # a batch of 128 pairs = 8 trajectories x 16 points
@@ -76,39 +76,47 @@ def best(times: list[float]) -> float:
 def bench_write_vs_bare(tmp: Path) -> dict:
     """Rollouts in this process, one thread: the dask task body (solve + write a shard) vs solving only.
 
-    The headline is the default store (zstd level 3); a cheaper codec trades bytes for write time.
+    The arms alternate shard by shard (the order rotating every round), so that drifts in the machine's
+    speed hit them alike; store creation and the complete flag count in the write arms' time. The headline
+    is the default store (zstd level 3); cheaper codecs trade bytes for write time.
     """
     factory = functools.partial(teacher, 0)
     stores = {"zstd3": STORE, "zstd1": STORE.model_copy(update={"level": 1}),
               "none": STORE.model_copy(update={"codec": "none"})}
     shard = STORE.chunk_trajectories * STORE.shard_chunks
-    bare, write = [], {name: [] for name in stores}
-    bare_cpu, write_cpu = [], {name: [] for name in stores}
-    for rep in range(REPEATS):
-        torch.set_num_threads(1)
-        denoiser = teacher(0)
+    num = WRITE_SHARDS * shard
+    torch.set_num_threads(1)
+    denoiser = teacher(0)
+    wall = {name: [] for name in ("bare", *stores)}
+    cpu = {name: [] for name in wall}
+
+    def timed(name, fn):
         t0, c0 = time.perf_counter(), time.process_time()
-        for start in range(0, WRITE_TRAJ, 512):
-            rollout_batch(denoiser, 0, range(start, start + 512), SHAPE, SOLVER)
-        bare.append(time.perf_counter() - t0)
-        bare_cpu.append(time.process_time() - c0)
-        for name, store in stores.items():
-            cfg, path = rollout_cfg(1).model_copy(update={"store": store}), tmp / f"write-{name}-{rep}"
-            t0, c0 = time.perf_counter(), time.process_time()
-            create_store(path, WRITE_TRAJ, SHAPE, make_grid(SOLVER), store, {"seed": cfg.seed})
-            for k in range(WRITE_TRAJ // shard):
-                rollout_shard(factory, path, k, cfg)
-            mark_complete(path)
-            write[name].append(time.perf_counter() - t0)
-            write_cpu[name].append(time.process_time() - c0)
-            shutil.rmtree(path)
-    return {"trajectories": WRITE_TRAJ, "bare_s": bare, "write_s": write,
-            "bare_traj_per_s": WRITE_TRAJ / best(bare),
-            "write_traj_per_s": {k: WRITE_TRAJ / best(v) for k, v in write.items()},
-            "ratio_by_codec": {k: best(bare) / best(v) for k, v in write.items()},
-            "cpu_s": {"bare": bare_cpu, **write_cpu},
-            "cpu_ratio_by_codec": {k: best(bare_cpu) / best(v) for k, v in write_cpu.items()},
-            "ratio": best(bare) / best(write["zstd3"]), "load_average": os.getloadavg()}
+        fn()
+        wall[name].append(time.perf_counter() - t0)
+        cpu[name].append(time.process_time() - c0)
+
+    cfgs = {name: rollout_cfg(1).model_copy(update={"store": store}) for name, store in stores.items()}
+    for name, store in stores.items():
+        timed(name, lambda: create_store(tmp / f"write-{name}", num, SHAPE, make_grid(SOLVER), store, {"seed": 0}))
+    arms = list(wall)
+    for k in range(WRITE_SHARDS):
+        for name in arms[k % len(arms):] + arms[:k % len(arms)]:
+            if name == "bare":
+                timed(name, lambda: [rollout_batch(denoiser, 0, range(b, b + 512), SHAPE, SOLVER)
+                                     for b in range(k * shard, (k + 1) * shard, 512)])
+            else:
+                timed(name, lambda: rollout_shard(factory, tmp / f"write-{name}", k, cfgs[name]))
+    for name in stores:
+        timed(name, lambda: mark_complete(tmp / f"write-{name}"))
+        shutil.rmtree(tmp / f"write-{name}")
+    total = {k: sum(v) for k, v in wall.items()}
+    total_cpu = {k: sum(v) for k, v in cpu.items()}
+    return {"trajectories": num, "wall_s": total, "cpu_s": total_cpu,
+            "traj_per_s": {k: num / v for k, v in total.items()},
+            "ratio_by_codec": {k: total["bare"] / total[k] for k in stores},
+            "cpu_ratio_by_codec": {k: total_cpu["bare"] / total_cpu[k] for k in stores},
+            "ratio": total["bare"] / total["zstd3"], "load_average": os.getloadavg()}
 
 
 def bench_workers(tmp: Path) -> dict:
