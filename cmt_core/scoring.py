@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from cmt_core.config import PipelineConfig, SolverConfig
+from cmt_core.evaluation.distances_2d import flow_map_error
 from cmt_core.samplers import sample, sample_teacher
 from cmt_core.solvers import solve_config
 
@@ -45,7 +46,7 @@ class Scorer:
     def metrics(self, samples: torch.Tensor) -> dict:
         out = dict(self.evaluator.score(samples))
         if self.exact is not None:
-            out["flow_map_error"] = float((samples - self.exact).flatten(1).norm(dim=1).mean())
+            out["flow_map_error"] = flow_map_error(samples, self.exact)
         return out
 
     @torch.no_grad()
