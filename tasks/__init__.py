@@ -9,6 +9,9 @@ import os
 
 # Before prefect is imported anywhere below: the server's analytics service only adds sqlite lock noise.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Without PREFECT_API_URL a run starts a temporary server; creating its database on a new machine takes
+# longer than Prefect's default wait on 2 busy cores.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from tasks.stages import (  # noqa: E402
     STAGE_TASKS,
