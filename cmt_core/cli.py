@@ -60,7 +60,7 @@ def print_results(results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmt", description="Consistency mid-training pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_config_args(run := sub.add_parser("run", help="run the whole pipeline"))
+    add_config_args(sub.add_parser("run", help="run the whole pipeline"))
     add_config_args(stage := sub.add_parser("stage", help="run one stage"))
     stage.add_argument("name", choices=["teacher", "rollouts", "midtrain", "posttrain", "evaluation"])
     add_config_args(sub.add_parser("config", help="print the resolved config as YAML"))
