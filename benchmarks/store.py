@@ -30,14 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmt_core.config import ClusterConfig, RolloutConfig, SolverConfig, StoreConfig  # noqa: E402
-from cmt_core.distributed_rollouts import rollout_shard, run_rollouts  # noqa: E402
+from cmt_core.trajectories.dask_rollouts import rollout_shard, run_rollouts  # noqa: E402
 from cmt_core.networks.mlp import MLP  # noqa: E402
-from cmt_core.pairs import TrajectoryPairs, pair_batch  # noqa: E402
+from cmt_core.trajectories.pairs import TrajectoryPairs, pair_batch  # noqa: E402
 from cmt_core.preconditioning import ConsistencyModel, Denoiser  # noqa: E402
-from cmt_core.rollouts import rollout_batch  # noqa: E402
-from cmt_core.store_loader import StorePairs  # noqa: E402
+from cmt_core.trajectories.rollout import rollout_batch, trajectory_seeds  # noqa: E402
+from cmt_core.trajectories.pairs import StorePairs  # noqa: E402
 from cmt_core.time_grids import make_grid  # noqa: E402
-from cmt_core.trajectory_store import create_store, mark_complete, open_store, write_shard  # noqa: E402
+from cmt_core.trajectories.store import create_store, mark_complete, open_store, write_shard  # noqa: E402
 
 DIM, WIDTH, DEPTH = 64, 256, 4
 SHAPE = (DIM,)
@@ -98,7 +98,8 @@ def bench_write_vs_bare(tmp: Path) -> dict:
 
     cfgs = {name: rollout_cfg(1).model_copy(update={"store": store}) for name, store in stores.items()}
     for name, store in stores.items():
-        timed(name, lambda: create_store(tmp / f"write-{name}", num, SHAPE, make_grid(SOLVER), store, {"seed": 0}))
+        timed(name, lambda: create_store(tmp / f"write-{name}", num, SHAPE, make_grid(SOLVER), store, {"seed": 0},
+                                                      seeds=trajectory_seeds(0, num)))
     arms = list(wall)
     for k in range(WRITE_SHARDS):
         for name in arms[k % len(arms):] + arms[:k % len(arms)]:
@@ -122,13 +123,13 @@ def bench_write_vs_bare(tmp: Path) -> dict:
 def bench_workers(tmp: Path) -> dict:
     """``run_rollouts`` end to end (LocalCluster start and close included) with 1 and with 2 workers."""
     factory = functools.partial(teacher, 0)
-    run_rollouts(factory, tmp / "warmup", 64, SHAPE, rollout_cfg(2), "bench-mlp", progress=False)  # forkserver
+    run_rollouts(factory, tmp / "warmup", 64, SHAPE, rollout_cfg(2), "bench-mlp")  # forkserver
     times = {1: [], 2: []}
     for rep in range(REPEATS):
         for workers in (1, 2):
             path = tmp / f"w{workers}-{rep}"
             t0 = time.perf_counter()
-            run_rollouts(factory, path, SCALE_TRAJ, SHAPE, rollout_cfg(workers), "bench-mlp", progress=False)
+            run_rollouts(factory, path, SCALE_TRAJ, SHAPE, rollout_cfg(workers), "bench-mlp")
             times[workers].append(time.perf_counter() - t0)
             if rep or workers == 1:
                 shutil.rmtree(path)
@@ -203,7 +204,7 @@ def bench_sweep(tmp: Path) -> dict:
     for rep in range(SWEEP_REPEATS):
         t0 = time.perf_counter()
         path = run_rollouts(functools.partial(teacher, 0), tmp / f"sweep{rep}", num, SHAPE, rollout_cfg(2),
-                            "bench-mlp", progress=False)
+                            "bench-mlp")
         rollout_s = time.perf_counter() - t0
         for lr in SWEEP_LRS:
             pairs = StorePairs(path, to_end=True, seed=0)
@@ -228,7 +229,7 @@ def bench_bytes(store_path: Path, tmp: Path, num: int = 1024) -> dict:
         for dtype in ("float32", "float16", "bfloat16"):
             cfg = StoreConfig(codec=codec, dtype=dtype, chunk_trajectories=256, shard_chunks=4)
             path = tmp / f"bytes-{codec}-{dtype}"
-            store = create_store(path, num, SHAPE, make_grid(SOLVER), cfg, {"seed": 0})
+            store = create_store(path, num, SHAPE, make_grid(SOLVER), cfg, {"seed": 0}, seeds=trajectory_seeds(0, num))
             for k in range(store.num_shards):
                 write_shard(store, k, states[slice(*store.shard_range(k))])
             on_disk = sum(f.stat().st_size for f in (path / "states").rglob("*") if f.is_file())

@@ -17,8 +17,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-FORMAT_VERSION = 1
-STAGES = ("teacher", "rollouts", "midtrain", "posttrain", "evaluation")
+FORMAT_VERSION = 2
 PACKAGES = ("torch", "zarr", "dask", "numcodecs", "prefect", "pydantic", "clean-fid", "numpy")
 
 
@@ -41,27 +40,32 @@ def read_manifest(path: Path) -> dict | None:
         return None
 
 
-def provenance() -> dict:
+def package_versions(names=PACKAGES) -> dict[str, str]:
+    """Installed versions of ``names`` (packages that are not installed are left out)."""
     versions = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    return versions
+
+
+def provenance() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"versions": versions, "git_commit": commit, "python": platform.python_version(),
+    return {"versions": package_versions(), "git_commit": commit, "python": platform.python_version(),
             "host": platform.node(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def write_manifest(path: Path, stage: str, aid: str, config: dict, inputs: dict, metrics: dict,
-                   seconds: float, files: dict | None = None) -> dict:
+                   seconds: float, device: str | None = None) -> dict:
     """Mark the artifact at ``path`` complete (atomic replace of ``manifest.json``)."""
     manifest = {"stage": stage, "artifact_id": aid, "config": config, "inputs": inputs, "metrics": metrics,
-                "seconds": seconds, "files": files or {}, "format": FORMAT_VERSION, **provenance()}
+                "seconds": seconds, "device": device, "format": FORMAT_VERSION, **provenance()}
     tmp = Path(path) / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(tmp, Path(path) / "manifest.json")

@@ -1,20 +1,24 @@
-"""Checkpoints: everything needed to continue a run, written atomically.
+"""Checkpoints: one object that saves and loads the same fields, written atomically.
 
-A training run directory holds ``checkpoint.pt`` (latest: model, EMA, optimizer, step, RNG states, best
-score so far), ``best.pt`` (EMA weights with the best evaluation score) and ``metrics.jsonl``.
-Writers go through a temporary file and ``os.replace``, so a crash never leaves a half-written file.
+A training run directory holds ``checkpoint.pt`` (everything needed to continue: see ``CheckpointIO``),
+``best.pt`` (the EMA weights with the best evaluation score) and ``metrics.jsonl`` (one JSON row per log
+step, read by ``read_training_log``). Writers go through a temporary file and ``os.replace``, so a crash
+never leaves a half-written file.
+
+The data position of a run is its step and every random number of a step is drawn from
+``cmt_core.rng`` keyed by the step, so no iterator or RNG state is saved: step, weights, EMA and
+optimizer fully determine the rest of a run.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import os
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
+
+CHECKPOINT_FILE, BEST_FILE, LOG_FILE = "checkpoint.pt", "best.pt", "metrics.jsonl"
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -24,37 +28,56 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class EMA:
-    """Exponential moving average of a module's parameters (buffers are copied)."""
+class CheckpointIO:
+    """Saves and restores named objects that have ``state_dict`` / ``load_state_dict`` plus plain values.
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+    ``CheckpointIO(model=model, ema=ema.model, optimizer=opt)`` registers the stateful objects;
+    ``save(path, step=..., best=...)`` writes their state dicts and the plain values under the same names;
+    ``load(path)`` restores the objects in place and returns the plain values (``None`` without a file).
+    A checkpoint whose fields differ from the registered ones is refused with the field names.
+    """
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - self.decay)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+    def __init__(self, **stateful):
+        self.stateful = stateful
+
+    def save(self, path: Path, **values) -> None:
+        clash = set(values) & set(self.stateful)
+        if clash:
+            raise ValueError(f"checkpoint fields given twice: {sorted(clash)}")
+        atomic_save({**{k: obj.state_dict() for k, obj in self.stateful.items()}, **values}, path)
+
+    def load(self, path: Path, map_location="cpu") -> dict | None:
+        path = Path(path)
+        if not path.exists():
+            return None
+        blob = torch.load(path, map_location=map_location, weights_only=False)
+        missing = set(self.stateful) - set(blob)
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks the fields {sorted(missing)}")
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(blob[name])
+        return {k: v for k, v in blob.items() if k not in self.stateful}
 
 
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def read_training_log(path: Path, after: int = -1, up_to: float = float("inf")) -> list[dict]:
+    """Rows of a ``metrics.jsonl`` training log with ``after < step <= up_to``.
 
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def load_checkpoint(path: Path, map_location="cpu") -> dict | None:
-    """The checkpoint at ``path``, or None when there is none."""
+    ``path`` is the log file or a folder holding ``train/metrics.jsonl`` (a training stage's artifact).
+    A missing log gives ``[]``; a line still being written (not valid JSON yet) is skipped.
+    """
     path = Path(path)
-    return torch.load(path, map_location=map_location, weights_only=False) if path.exists() else None
+    if path.is_dir():
+        path = path / "train" / LOG_FILE
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if after < row.get("step", -1) <= up_to:
+            rows.append(row)
+    return rows

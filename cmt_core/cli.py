@@ -1,9 +1,13 @@
-"""The ``cmt`` command line.
+"""The ``cmt`` command line (the library path: no Prefect needed).
 
     cmt run --preset digits [--set midtrain.train.lr=1e-4 ...] [--config cfg.yaml] [--artifact-root DIR]
     cmt stage midtrain --config cfg.yaml        # one stage (e.g. under torchrun for DDP)
-    cmt config --preset toy > toy.yaml          # print a preset as YAML to edit
+    cmt config --preset toy > toy.yaml          # print a preset as YAML to edit (with its store size)
     cmt store verify PATH                       # check a trajectory store's completeness and checksums
+
+The terminal shows progress bars, this package's messages and other libraries' warnings; everything
+(dask's INFO logs included) goes to the run's log file ``<artifact_root>/logs/<time>-<command>.log``.
+``cmt-flow`` (``flows.cli``) shares the parser, the logging and the printing defined here.
 """
 
 from __future__ import annotations
@@ -11,24 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
+from pathlib import Path
 
 import yaml
 
 from cmt_core.config import load_yaml
-from cmt_core.presets import PRESETS, apply_overrides, get_preset
+from cmt_core.presets import PRESETS, resolve_config
 
 
-def config_from_args(args):
-    if args.config:
-        cfg = load_yaml(args.config)
-        if args.set:
-            cfg = type(cfg).model_validate(apply_overrides(cfg.model_dump(mode="json"), args.set))
-    else:
-        cfg = get_preset(args.preset, args.set)
-    if args.artifact_root:
-        cfg.artifact_root = args.artifact_root
-    return cfg
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with the config options every command shares."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_args(parser)
+    return parser
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +38,35 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML pipeline config (instead of --preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--artifact-root", help="where artifacts live (default: the config's artifact_root)")
+
+
+def config_from_args(args):
+    """The validated config of parsed ``add_config_args`` options (raises ``ValueError`` naming the field)."""
+    return resolve_config(args.preset, args.set, load_yaml(args.config) if args.config else None, args.artifact_root)
+
+
+class _ConsoleFilter(logging.Filter):
+    """This package's INFO messages; WARNING and above from everyone else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] == "cmt" or record.levelno >= logging.WARNING
+
+
+def setup_logging(artifact_root: Path, command: str) -> Path:
+    """Console: ``_ConsoleFilter``; the run's log file: everything at INFO. Returns the log file's path."""
+    log_dir = Path(artifact_root) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    rank = f"-rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""  # torchrun
+    log_file = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}{rank}.log"
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console, file = logging.StreamHandler(), logging.FileHandler(log_file)
+    console.addFilter(_ConsoleFilter())
+    for handler in (console, file):
+        handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [console, file]
+    root.setLevel(logging.INFO)
+    return log_file
 
 
 def print_stage(result) -> None:
@@ -54,7 +85,25 @@ def print_results(results: dict) -> None:
     """Every stage (computed or cached, metrics) and the path of the report."""
     for result in results.values():
         print_stage(result)
-    print(f"report: {results['evaluation'].path / 'report.md'}")
+    if "evaluation" in results:
+        print(f"report: {results['evaluation'].path / 'report.md'}")
+
+
+def print_config(cfg) -> None:
+    """The config as YAML, headed by the size of its trajectory store."""
+    from cmt_core.data import load_data
+    from cmt_core.trajectories.store import sizing
+
+    r = cfg.rollout
+    try:
+        shape = load_data(cfg.data).sample_shape
+    except (OSError, ValueError):  # e.g. a CIFAR-10 folder that is not on this machine
+        shape = (3, cfg.data.resolution or 32, cfg.data.resolution or 32) if cfg.data.name == "cifar10" else None
+    if shape is not None:
+        size = sizing(shape, r.solver.steps + 1, r.num_trajectories, r.store.dtype, r.store.keep_indices)
+        print(f"# trajectory store: {r.num_trajectories:,} trajectories x {size['states']} states of "
+              f"{tuple(shape)}, {size['total_bytes'] / 1e9:.3g} GB uncompressed ({r.store.dtype})")
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     store.add_argument("action", choices=["verify"])
     store.add_argument("path")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     if args.command == "store":
-        from cmt_core.trajectory_store import main_verify
+        from cmt_core.trajectories.store import main_verify
 
         return main_verify([args.path])
     try:
@@ -80,21 +128,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid configuration:\n{err}", file=sys.stderr)
         return 2
     if args.command == "config":
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        print_config(cfg)
         return 0
 
-    from cmt_core import pipeline
+    from cmt_core import stages
     from cmt_core.runtime import Runtime
 
+    log_file = setup_logging(cfg.artifact_root, args.command)
     runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
     if args.command == "stage":
-        result = pipeline.STAGE_RUNNERS[args.name](cfg, runtime)
-        if runtime.is_main:
-            print_stage(result)
-        return 0
-    results = pipeline.run_pipeline(cfg, runtime)
+        results = {args.name: stages.run_stage(cfg, args.name, runtime)}
+    else:
+        results = stages.run_pipeline(cfg, runtime)
     if runtime.is_main:
         print_results(results)
+        print(f"log: {log_file}")
     return 0
 
 

@@ -13,6 +13,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cmt_core.solvers import SOLVERS
+
+SolverName = Literal[tuple(SOLVERS)]  # the registered solvers (``cmt_core.solvers.SOLVERS``)
+
 
 class StrictModel(BaseModel):
     """Base class: unknown fields are errors, assignment is validated, configs are hashable data."""
@@ -60,7 +64,7 @@ class NetworkConfig(StrictModel):
 class SolverConfig(StrictModel):
     """A deterministic probability-flow ODE solver on a time grid (``cmt_core.solvers``)."""
 
-    name: Literal["euler", "heun", "dpm2m", "dpm3m"] = "dpm2m"
+    name: SolverName = "dpm2m"
     steps: int = Field(16, ge=1, le=4096, description="number of solver steps (the grid has steps + 1 points)")
     grid: Literal["karras", "log_uniform"] = "log_uniform"
     sigma_min: float = Field(0.002, gt=0)
@@ -121,7 +125,7 @@ class TeacherConfig(StrictModel):
 
 
 class StoreConfig(StrictModel):
-    """Layout of a trajectory store on disk (``cmt_core.trajectory_store``)."""
+    """Layout of a trajectory store on disk (``cmt_core.trajectories.store``)."""
 
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     codec: Literal["zstd", "blosc", "none"] = "zstd"
@@ -141,7 +145,7 @@ class ClusterConfig(StrictModel):
 
 
 class RolloutConfig(StrictModel):
-    """Teacher ODE trajectories from x_T = sigma_max * z (``cmt_core.rollouts``)."""
+    """Teacher ODE trajectories from x_T = sigma_max * z (``cmt_core.trajectories``)."""
 
     solver: SolverConfig = SolverConfig()
     num_trajectories: int = Field(4096, ge=1)
@@ -159,7 +163,7 @@ class MidTrainConfig(StrictModel):
     """
 
     form: Literal["cm", "mf", "flow_map"] = "cm"
-    distance: Literal["l2", "pseudo_huber", "lpips"] = "l2"
+    distance: Literal["l2", "pseudo_huber"] = "l2"
     huber_c: float = Field(0.03, ge=0.0, description="pseudo-Huber c on the per-dimension scale (the paper's c / sqrt(dim))")
     init: Literal["teacher", "random"] = "teacher"
     train: TrainConfig = TrainConfig(steps=2000, lr=2e-4)
@@ -198,7 +202,7 @@ class PostTrainConfig(StrictModel):
     init: Literal["cmt", "teacher", "random"] = "cmt"
     ect: ECTConfig = ECTConfig()
     meanflow: MeanFlowConfig = MeanFlowConfig()
-    ecd_solver: Literal["euler", "heun", "dpm2m"] = Field("heun", description="ECD: teacher step x_t -> x_r")
+    ecd_solver: SolverName = Field("heun", description="ECD: teacher step x_t -> x_r")
     train: TrainConfig = TrainConfig(steps=2000, lr=1e-4)
 
 

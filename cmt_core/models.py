@@ -1,8 +1,9 @@
 """Building the preconditioned models of each stage and saving them as self-describing files.
 
-Kinds: ``denoiser`` (teacher, one time), ``consistency`` (CM, one time, boundary form),
+Kinds: ``denoiser`` (teacher, one time), ``consistency`` (CM, one time, boundary form at ``sigma_min``),
 ``flow_map`` (two times: flow map / Mean Flow). A model file holds the kind, the network config, the
-sample shape and the weights, so ``load_model`` rebuilds it without the pipeline config.
+sample shape, ``sigma_min`` (consistency models; None otherwise) and the weights, so ``load_model`` rebuilds
+it without the pipeline config.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from cmt_core.preconditioning import ConsistencyModel, Denoiser, FlowMap
 NUM_TIMES = {"denoiser": 1, "consistency": 1, "flow_map": 2}
 
 
-def build_model(kind: str, network: NetworkConfig, sample_shape, sigma_min: float = 0.002) -> nn.Module:
+def build_model(kind: str, network: NetworkConfig, sample_shape, sigma_min: float | None = None) -> nn.Module:
+    """An untrained model of ``kind``; ``sigma_min`` (the boundary time) is required for consistency models."""
+    if kind not in NUM_TIMES:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(NUM_TIMES)}")
     raw = build_network(network, tuple(sample_shape), num_times=NUM_TIMES[kind])
     if kind == "denoiser":
         return Denoiser(raw, network.sigma_data)
     if kind == "consistency":
+        if sigma_min is None:
+            raise ValueError("a consistency model needs sigma_min (its boundary time)")
         return ConsistencyModel(raw, network.sigma_data, sigma_min)
-    if kind == "flow_map":
-        return FlowMap(raw, network.sigma_data)
-    raise ValueError(f"unknown model kind {kind!r}")
+    return FlowMap(raw, network.sigma_data)
 
 
 def init_from(model: nn.Module, source: nn.Module) -> nn.Module:
@@ -40,9 +44,9 @@ def init_from(model: nn.Module, source: nn.Module) -> nn.Module:
     return model
 
 
-def save_model(path: Path, model: nn.Module, kind: str, network: NetworkConfig, sample_shape, **extra) -> None:
+def save_model(path: Path, model: nn.Module, kind: str, network: NetworkConfig, sample_shape) -> None:
     atomic_save({"kind": kind, "network": network.model_dump(mode="json"), "sample_shape": list(sample_shape),
-                 "sigma_min": getattr(model, "sigma_min", 0.002), "state_dict": model.state_dict(), **extra}, Path(path))
+                 "sigma_min": getattr(model, "sigma_min", None), "state_dict": model.state_dict()}, Path(path))
 
 
 def load_model(path: Path, map_location="cpu") -> nn.Module:

@@ -1,13 +1,12 @@
 """EDM preconditioning: the wrappers that own all sigma algebra around a raw network.
 
-A raw network is ``F(x_in, c_noise: (B, n_times), labels) -> like x`` (``cmt_core.networks``).
+A raw network is ``F(x_in, c_noise: (B, n_times)) -> like x`` (``cmt_core.networks``).
 
 * ``Denoiser``        D(x, t)    = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t))              (teacher)
 * ``ConsistencyModel`` f(x, t)    = the same with the boundary form, so that f(x, sigma_min) = x exactly
 * ``FlowMap``          f(x, t, s) = (s / t) x + (1 - s / t) D~(x, t, s),  D~ a two-time denoiser;
-  its average velocity is u(x, s, t) = (x - f(x, t, s)) / (t - s) = (x - D~(x, t, s)) / t,
-  so f(x, t, t) = x exactly, u(x, t, t) = (x - D~(x, t, t)) / t is the PF-ODE velocity, and a
-  FlowMap initialised from a teacher's weights starts as the DDIM step of that teacher.
+  so f(x, t, t) = x exactly, and a FlowMap initialised from a teacher's weights starts as the DDIM step
+  of that teacher. Its Mean Flow reading (the average velocity u) is in ``cmt_core.objectives.meanflow``.
 
 All times are EDM sigmas, ``(B,)`` tensors (a Python float is broadcast).
 """
@@ -35,60 +34,55 @@ def c_noise(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(min=SIGMA_EMBED_MIN).log() / 4
 
 
+def edm_scalings(t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM's ``(c_skip, c_out, c_in)`` at ``t`` (already broadcast against x)."""
+    sd = sigma_data
+    return sd**2 / (t**2 + sd**2), t * sd / (t**2 + sd**2).sqrt(), 1 / (t**2 + sd**2).sqrt()
+
+
 class Denoiser(nn.Module):
-    """EDM denoiser ``D(x, t, labels) -> x_0 estimate``; ``raw`` takes one time."""
+    """EDM denoiser ``D(x, t) -> x_0 estimate``; ``raw`` takes one time."""
 
     def __init__(self, raw: nn.Module, sigma_data: float = 0.5):
         super().__init__()
         self.raw, self.sigma_data = raw, sigma_data
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         t = as_batch(t, x)
-        sd, tb = self.sigma_data, bcast(t, x)
-        c_skip = sd**2 / (tb**2 + sd**2)
-        c_out = tb * sd / (tb**2 + sd**2).sqrt()
-        c_in = 1 / (tb**2 + sd**2).sqrt()
-        return c_skip * x + c_out * self.raw(c_in * x, c_noise(t)[:, None], labels).to(x.dtype)
+        c_skip, c_out, c_in = edm_scalings(bcast(t, x), self.sigma_data)
+        return c_skip * x + c_out * self.raw(c_in * x, c_noise(t)[:, None]).to(x.dtype)
 
 
 class ConsistencyModel(nn.Module):
-    """Consistency function ``f(x, t, labels) -> x_0`` with the boundary form (f(x, sigma_min) = x)."""
+    """Consistency function ``f(x, t) -> x_0`` with the boundary form (f(x, sigma_min) = x)."""
 
     def __init__(self, raw: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002):
         super().__init__()
         self.raw, self.sigma_data, self.sigma_min = raw, sigma_data, sigma_min
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         t = as_batch(t, x)
         sd, tb = self.sigma_data, bcast(t, x)
         c_skip = sd**2 / ((tb - self.sigma_min) ** 2 + sd**2)
         c_out = (tb - self.sigma_min) * sd / (tb**2 + sd**2).sqrt()
         c_in = 1 / (tb**2 + sd**2).sqrt()
-        return c_skip * x + c_out * self.raw(c_in * x, c_noise(t)[:, None], labels).to(x.dtype)
+        return c_skip * x + c_out * self.raw(c_in * x, c_noise(t)[:, None]).to(x.dtype)
 
 
 class FlowMap(nn.Module):
-    """Two-time flow map ``f(x, t, s) -> x_s`` and Mean Flow velocity ``u(x, r, t)``; ``raw`` takes two times."""
+    """Two-time flow map ``f(x, t, s) -> x_s``; ``raw`` takes two times."""
 
     def __init__(self, raw: nn.Module, sigma_data: float = 0.5):
         super().__init__()
         self.raw, self.sigma_data = raw, sigma_data
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels=None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """D~(x, t, s): the data estimate whose DDIM step t -> s is the flow map."""
-        sd, tb = self.sigma_data, bcast(t, x)
-        c_skip = sd**2 / (tb**2 + sd**2)
-        c_out = tb * sd / (tb**2 + sd**2).sqrt()
-        c_in = 1 / (tb**2 + sd**2).sqrt()
+        c_skip, c_out, c_in = edm_scalings(bcast(t, x), self.sigma_data)
         cond = torch.stack([c_noise(t), c_noise(s)], dim=1)
-        return c_skip * x + c_out * self.raw(c_in * x, cond, labels).to(x.dtype)
+        return c_skip * x + c_out * self.raw(c_in * x, cond).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, t, s, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, s) -> torch.Tensor:
         t, s = as_batch(t, x), as_batch(s, x)
         ratio = bcast(s / t, x)
-        return ratio * x + (1 - ratio) * self.denoise(x, t, s, labels)
-
-    def average_velocity(self, x: torch.Tensor, r, t, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """u(x_t, r, t) = (x_t - x_r) / (t - r); at r = t the PF-ODE velocity."""
-        t, r = as_batch(t, x), as_batch(r, x)
-        return (x - self.denoise(x, t, r, labels)) / bcast(t, x)
+        return ratio * x + (1 - ratio) * self.denoise(x, t, s)

@@ -127,7 +127,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def get_preset(name: str, overrides: list[str] = (), artifact_root: str | Path | None = None) -> PipelineConfig:
+def resolve_config(preset: str = "digits", overrides=(), config: PipelineConfig | None = None,
+                   artifact_root: str | Path | None = None) -> PipelineConfig:
+    """``config`` (or the named ``preset``) with dotted ``overrides`` and ``artifact_root`` applied, validated.
+
+    The one way every entry point (``cmt``, ``cmt-flow``, the Prefect flows) turns its inputs into a config."""
+    if config is None:
+        return get_preset(preset, overrides, artifact_root)
+    raw = apply_overrides(config.model_dump(mode="json"), list(overrides))
+    if artifact_root is not None:
+        raw["artifact_root"] = str(artifact_root)
+    return PipelineConfig.model_validate(raw)
+
+
+def get_preset(name: str, overrides=(), artifact_root: str | Path | None = None) -> PipelineConfig:
     """The validated config of preset ``name`` with dotted ``overrides`` applied."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

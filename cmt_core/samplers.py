@@ -1,9 +1,14 @@
-"""Few-step samplers and the teacher's ODE sampler; every sampler maps x_T = sigma_max * z to data.
+"""Few-step samplers, registered by model kind, and the teacher's ODE sampler.
 
-* consistency model: x = f(x_T, T), then for each intermediate sigma s: x = f(x + s e, s)
-* flow map / Mean Flow: x_{t_{k+1}} = f(x_{t_k}, t_k, t_{k+1}) = x - (t_k - t_{k+1}) u(x, t_{k+1}, t_k) on a grid
-  ending at 0; one step is x_0 = x_T - T u(x_T, 0, T)
-* teacher: the last state of an ODE solve (``cmt_core.solvers``)
+Every sampler maps ``x_T = sigma_max * z`` (``(B, *sample_shape)``) to data with ``steps`` network calls:
+
+* ``consistency``: x = f(x_T, T), then for each intermediate sigma s: x = f(x + s e, s); 2 steps re-noise
+  to ``mid_sigma``, more steps to a Karras grid from ``mid_sigma`` down to ``sigma_min``;
+* ``flow_map`` (flow maps and Mean Flow): jumps along a Karras grid from sigma_max whose last jump ends
+  at 0 (``cmt_core.objectives.meanflow.sample``);
+* the teacher: the last state of an ODE solve (``cmt_core.solvers``).
+
+``FEW_STEP_SAMPLERS`` registers each kind once; a kind's number of network calls is its ``steps``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from cmt_core.config import SolverConfig
+from cmt_core.objectives import meanflow
 from cmt_core.solvers import solve_config
 from cmt_core.time_grids import karras_grid
 
@@ -25,34 +31,27 @@ def sample_consistency(model, x_T: torch.Tensor, sigma_max: float, mid_sigmas=()
     return x
 
 
+def _consistency(model, x_T, steps: int, sigma_max: float, sigma_min: float, mid_sigma: float, generator):
+    mids = karras_grid(steps - 2, sigma_min, mid_sigma).tolist() if steps > 2 else [mid_sigma] * (steps - 1)
+    return sample_consistency(model, x_T, sigma_max, mids[: steps - 1], generator)
+
+
+def _flow_map(model, x_T, steps: int, sigma_max: float, sigma_min: float, mid_sigma: float, generator):
+    return meanflow.sample(model, x_T, karras_grid(steps, sigma_min, sigma_max, to_zero=True))
+
+
+FEW_STEP_SAMPLERS = {"consistency": _consistency, "flow_map": _flow_map}
+
+
 @torch.no_grad()
-def sample_flow_map(model, x_T: torch.Tensor, grid) -> torch.Tensor:
-    """Flow-map jumps along the decreasing ``grid`` (first entry sigma_max, last usually 0)."""
-    x = x_T
-    for t, s in zip(grid[:-1], grid[1:]):
-        x = model(x, float(t), float(s))
-    return x
-
-
-def flow_map_grid(steps: int, sigma_max: float, sigma_min: float = 0.002, rho: float = 7.0) -> torch.Tensor:
-    """``steps`` jumps along a Karras grid from sigma_max, the last one to 0."""
-    return karras_grid(steps, sigma_min, sigma_max, rho, to_zero=True)
+def sample(kind: str, model, x_T: torch.Tensor, steps: int, sigma_max: float, sigma_min: float,
+           mid_sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``steps``-step samples ``(B, *sample_shape)`` of a model of ``kind`` (see the module docstring)."""
+    if kind not in FEW_STEP_SAMPLERS:
+        raise ValueError(f"no few-step sampler for model kind {kind!r}; expected one of {sorted(FEW_STEP_SAMPLERS)}")
+    return FEW_STEP_SAMPLERS[kind](model, x_T, steps, sigma_max, sigma_min, mid_sigma, generator)
 
 
 @torch.no_grad()
 def sample_teacher(denoiser, x_T: torch.Tensor, solver: SolverConfig) -> torch.Tensor:
     return solve_config(denoiser, x_T, solver)[:, -1]
-
-
-def sample(kind: str, model, x_T: torch.Tensor, steps: int, sigma_max: float, mid_sigma: float,
-           generator=None) -> torch.Tensor:
-    """``steps``-step sample of a ``consistency`` or ``flow_map`` model (the evaluation's entry point).
-
-    Consistency models re-noise to ``mid_sigma`` (2 steps) or to a Karras grid between it and
-    sigma_min (more steps); flow maps jump along ``flow_map_grid``."""
-    if kind == "consistency":
-        mids = karras_grid(steps - 2, 0.002, mid_sigma).tolist() if steps > 2 else [mid_sigma] * (steps - 1)
-        return sample_consistency(model, x_T, sigma_max, mids[: steps - 1], generator)
-    if kind == "flow_map":
-        return sample_flow_map(model, x_T, flow_map_grid(steps, sigma_max))
-    raise ValueError(f"no few-step sampler for model kind {kind!r}")

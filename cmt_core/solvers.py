@@ -2,13 +2,19 @@
 
 Each solver is a pure function of (denoiser, start state, grid) and returns the whole trajectory
 ``(B, N + 1, *sample_shape)``: index 0 is the start ``x_{t_0}`` (noise end), index N the end of the grid.
-``denoiser(x, t: (B,), labels) -> x_0 estimate``. The grid is decreasing, ``(N + 1,)`` shared by the batch or
+``denoiser(x, t: (B,)) -> x_0 estimate``. The grid is decreasing, ``(N + 1,)`` shared by the batch or
 ``(N + 1, B)`` per sample; a final sigma = 0 is allowed (the step then returns the denoiser's estimate, as
 EDM's Heun sampler does).
+
+``SOLVERS`` registers every solver once (name -> function and its number of denoiser calls); the
+configs' solver choices (``cmt_core.config.SolverName``) are its keys. A new solver is one function and
+one entry.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,8 +24,8 @@ from cmt_core.time_grids import make_grid
 DenoiserFn = Callable[..., torch.Tensor]
 
 
-def _d(denoiser: DenoiserFn, x: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:
-    return denoiser(x, t.to(x.dtype).expand(x.shape[0]), labels)
+def _d(denoiser: DenoiserFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return denoiser(x, t.to(x.dtype).expand(x.shape[0]))
 
 
 def _b(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -28,26 +34,26 @@ def _b(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def euler(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, labels=None) -> torch.Tensor:
+def euler(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """First-order Euler: one denoiser call per step."""
     states = [x]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        d = (x - _d(denoiser, x, t, labels)) / _b(t, x)
+        d = (x - _d(denoiser, x, t)) / _b(t, x)
         x = x + _b(t_next - t, x) * d
         states.append(x)
     return torch.stack(states, dim=1)
 
 
 @torch.no_grad()
-def heun(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, labels=None) -> torch.Tensor:
+def heun(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """EDM's second-order Heun: two calls per step, one on a final step to sigma = 0."""
     states = [x]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        d = (x - _d(denoiser, x, t, labels)) / _b(t, x)
+        d = (x - _d(denoiser, x, t)) / _b(t, x)
         x_euler = x + _b(t_next - t, x) * d
         if (t_next > 0).any():
             safe_next = t_next.clamp(min=1e-12)
-            d_next = (x_euler - _d(denoiser, x_euler, safe_next, labels)) / _b(safe_next, x)
+            d_next = (x_euler - _d(denoiser, x_euler, safe_next)) / _b(safe_next, x)
             x = torch.where(_b(t_next, x) > 0, x + _b(t_next - t, x) * (d + d_next) / 2, x_euler)
         else:
             x = x_euler
@@ -56,7 +62,7 @@ def heun(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, labels=None)
 
 
 @torch.no_grad()
-def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, labels=None, order: int = 2) -> torch.Tensor:
+def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, order: int = 2) -> torch.Tensor:
     """DPM-Solver++ multistep (order 2 or 3) in data prediction, one denoiser call per step.
 
     With lambda = -ln sigma and h = lambda_next - lambda, the exact solution of the linear part is
@@ -67,7 +73,7 @@ def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, lab
         raise ValueError(f"order must be 2 or 3, got {order}")
     states, history, steps = [x], [], []  # history: previous denoised; steps: previous h
     for t, t_next in zip(grid[:-1], grid[1:]):
-        denoised = _d(denoiser, x, t, labels)
+        denoised = _d(denoiser, x, t)
         if (t_next == 0).all():
             x = denoised
         else:
@@ -93,25 +99,44 @@ def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, lab
     return torch.stack(states, dim=1)
 
 
-def solve(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, name: str, labels=None) -> torch.Tensor:
-    """Dispatch on the solver ``name`` ('euler' | 'heun' | 'dpm2m' | 'dpm3m')."""
-    if name == "euler":
-        return euler(denoiser, x, grid, labels)
-    if name == "heun":
-        return heun(denoiser, x, grid, labels)
-    if name in ("dpm2m", "dpm3m"):
-        return dpm_solver_pp(denoiser, x, grid, labels, order=int(name[3]))
-    raise ValueError(f"unknown solver {name!r}; expected euler, heun, dpm2m or dpm3m")
+def _one_call_per_step(grid: torch.Tensor) -> int:
+    return len(grid) - 1
+
+
+def _heun_calls(grid: torch.Tensor) -> int:
+    return 2 * (len(grid) - 1) - int(grid[-1] == 0)
+
+
+@dataclass(frozen=True)
+class Solver:
+    run: Callable[[DenoiserFn, torch.Tensor, torch.Tensor], torch.Tensor]  # (denoiser, x, grid) -> states
+    function_evaluations: Callable[[torch.Tensor], int]  # grid -> denoiser calls
+
+
+SOLVERS: dict[str, Solver] = {
+    "euler": Solver(euler, _one_call_per_step),
+    "heun": Solver(heun, _heun_calls),
+    "dpm2m": Solver(functools.partial(dpm_solver_pp, order=2), _one_call_per_step),
+    "dpm3m": Solver(functools.partial(dpm_solver_pp, order=3), _one_call_per_step),
+}
+
+
+def get_solver(name: str) -> Solver:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def solve(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, name: str) -> torch.Tensor:
+    """The trajectory ``(B, N + 1, *sample_shape)`` of the registered solver ``name`` on ``grid``."""
+    return get_solver(name).run(denoiser, x, grid)
 
 
 def function_evaluations(name: str, grid: torch.Tensor) -> int:
-    """Number of denoiser calls a solver makes on ``grid``."""
-    steps = len(grid) - 1
-    if name == "heun":
-        return 2 * steps - int(grid[-1] == 0)
-    return steps
+    """Number of denoiser calls the solver ``name`` makes on ``grid``."""
+    return get_solver(name).function_evaluations(grid)
 
 
-def solve_config(denoiser: DenoiserFn, x: torch.Tensor, cfg, labels=None) -> torch.Tensor:
+def solve_config(denoiser: DenoiserFn, x: torch.Tensor, cfg) -> torch.Tensor:
     """Solve on the grid of a ``SolverConfig``; ``x`` is the start state at ``cfg.sigma_max``."""
-    return solve(denoiser, x, make_grid(cfg).to(x.device), cfg.name, labels)
+    return solve(denoiser, x, make_grid(cfg).to(x.device), cfg.name)

@@ -1,4 +1,4 @@
-"""Teachers: a denoiser ``D(x, t: (B,), labels=None) -> x_0 estimate`` (an ``nn.Module``).
+"""Teachers: a denoiser ``D(x, t: (B,)) -> x_0 estimate`` (an ``nn.Module``).
 
 Sources: the exact denoiser of a 2-D synthetic distribution; EDM pre-training here; our own model file;
 a TorchScript file computing ``D(x, sigma)``; or ``module:callable`` returning a denoiser module.
@@ -7,11 +7,13 @@ a TorchScript file computing ``D(x, sigma)``; or ``module:callable`` returning a
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from cmt_core.config import NetworkConfig, TeacherConfig
+from cmt_core.config import DataConfig, NetworkConfig, TeacherConfig
+from cmt_core.data import Data, load_data
 from cmt_core.models import build_model, load_model
 
 
@@ -22,7 +24,7 @@ class ExactDenoiser(nn.Module):
         super().__init__()
         self.distribution = distribution
 
-    def forward(self, x: torch.Tensor, t, labels=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device, dtype=torch.float64).expand(x.shape[0])
         return self.distribution.denoise(x.double(), t).to(x.dtype)
 
@@ -34,7 +36,7 @@ class ScriptedDenoiser(nn.Module):
         super().__init__()
         self.scripted = scripted
 
-    def forward(self, x, t, labels=None):
+    def forward(self, x, t):
         return self.scripted(x, torch.as_tensor(t, device=x.device, dtype=x.dtype).expand(x.shape[0]))
 
 
@@ -58,6 +60,21 @@ def load_teacher(cfg: TeacherConfig, distribution=None) -> nn.Module:
             raise TypeError(f"teacher.target {cfg.target!r} returned {type(teacher).__name__}, not an nn.Module")
         return teacher.eval()
     raise ValueError(f"teacher.source={cfg.source!r} is trained, not loaded")
+
+
+def teacher_denoiser(cfg: TeacherConfig, data: Data, weights: Path) -> nn.Module:
+    """The denoiser that solves the ODE: the pre-trained weights at ``weights`` (the teacher artifact's model
+    file) for ``pretrain``, otherwise ``load_teacher`` (the exact denoiser of ``data``, a file, a callable)."""
+    if cfg.source == "pretrain":
+        return load_model(weights)
+    return load_teacher(cfg, data.distribution)
+
+
+def rollout_denoiser(source: str, path: str | None, target: str | None, data_json: str, weights: str) -> nn.Module:
+    """``teacher_denoiser`` from plain values: the picklable ``denoiser_factory`` a rollout worker calls
+    (``functools.partial(rollout_denoiser, ...)``), so the teacher is built where it runs."""
+    cfg = TeacherConfig(source=source, path=path, target=target)
+    return teacher_denoiser(cfg, load_data(DataConfig.model_validate_json(data_json)), Path(weights))
 
 
 def new_teacher(network: NetworkConfig, sample_shape) -> nn.Module:

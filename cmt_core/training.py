@@ -5,6 +5,9 @@ module) on batches ``source.batch(step, ...)`` and resumes from ``run_dir/checkp
 Every random number of step k is a function of (seed, k, global sample), so N steps, a resume and N more
 steps give the same weights as 2N steps straight, on one process or on DDP ranks.
 
+Checkpoints (``cmt_core.checkpoint``): model, EMA, optimizer, step and best score every
+``cfg.checkpoint_every`` steps; the log rows after the checkpoint a run resumes from are dropped.
+
 Safety: a non-finite loss stops the run with ``NonFiniteLossError`` and the last good checkpoint is left
 untouched; with ``evaluate`` the EMA model is scored every ``cfg.eval_every`` steps (and at step 0) and the
 best one is kept in ``best.pt`` and returned, so a run never ends worse than its best evaluation.
@@ -24,10 +27,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from cmt_core.checkpoint import EMA, atomic_save, load_checkpoint, rng_states, set_rng_states
+from cmt_core.checkpoint import BEST_FILE, CHECKPOINT_FILE, LOG_FILE, CheckpointIO, atomic_save, read_training_log
 from cmt_core.config import TrainConfig
-from cmt_core.data.sources import BatchSource, step_generator
+from cmt_core.data.sources import BatchSource
+from cmt_core.ema import EMA
 from cmt_core.objectives.base import StepRandom
+from cmt_core.rng import Stream, generator
 from cmt_core.runtime import Runtime
 
 Evaluate = Callable[[nn.Module], dict]  # EMA model -> metrics with a "score" key (lower is better)
@@ -41,11 +46,9 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     model: nn.Module  # EMA weights: the best evaluated ones when ``evaluate`` was given, else the last
-    step: int
     best_step: int | None = None
     best_score: float | None = None
     history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -66,13 +69,6 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return kind(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def _read_history(path: Path, up_to: int) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= up_to]
-
-
 def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, run_dir: Path,
           runtime: Runtime, evaluate: Evaluate | None = None, desc: str = "train",
           progress: Progress | None = None, until: int | None = None) -> TrainResult:
@@ -84,16 +80,13 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     model.to(runtime.device).train()
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(cfg, model.parameters())
-    ckpt_path, best_path, log_path = run_dir / "checkpoint.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
+    ckpt_path, best_path, log_path = run_dir / CHECKPOINT_FILE, run_dir / BEST_FILE, run_dir / LOG_FILE
+    checkpoint = CheckpointIO(model=model, ema=ema.model, optimizer=opt)
     start, best = 0, {"step": None, "score": math.inf}
-    ckpt = load_checkpoint(ckpt_path, map_location=runtime.device)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        set_rng_states(ckpt["rng"])
-        start, best = ckpt["step"], ckpt["best"]
-    history = _read_history(log_path, start)
+    resumed = checkpoint.load(ckpt_path, map_location=runtime.device)
+    if resumed is not None:
+        start, best = resumed["step"], resumed["best"]
+    history = read_training_log(log_path, up_to=start)
     if runtime.is_main:  # drop lines written after the checkpoint we resume from
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
@@ -104,9 +97,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
 
     def save_checkpoint(step: int) -> None:
         if runtime.is_main:
-            atomic_save({"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": rng_states(), "step": step, "best": best, "config": cfg.model_dump(mode="json")},
-                        ckpt_path)
+            checkpoint.save(ckpt_path, step=step, best=best)
         runtime.barrier()
 
     def run_evaluation(step: int) -> dict:
@@ -132,7 +123,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     running = []
     stop = cfg.steps if until is None else min(until, cfg.steps)
     for step in range(start, stop):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=step_generator(cfg.seed, step, 3 + runtime.rank))))
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator(Stream.STEP_TORCH, cfg.seed, step,
+                                                                             runtime.rank))))
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         batch = {k: v.to(runtime.device, non_blocking=True)
@@ -148,8 +140,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
                     runtime.all_reduce_mean(p.grad)
         reported = runtime.all_reduce_mean(loss.detach().clone())
         if not torch.isfinite(reported):
-            last = load_checkpoint(ckpt_path)
-            where = f"{ckpt_path} (step {last['step']})" if last else "none written yet"
+            last = torch.load(ckpt_path, weights_only=False)["step"] if ckpt_path.exists() else None
+            where = f"{ckpt_path} (step {last})" if last is not None else "none written yet"
             raise NonFiniteLossError(f"{desc}: non-finite loss {reported.item()} at step {step}; "
                                      f"last good checkpoint kept: {where}. Lower train.lr or raise grad_clip.")
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
@@ -170,7 +162,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
             save_checkpoint(done)
     bar.close()
 
-    result = TrainResult(ema.model, stop, history=history, seconds=time.perf_counter() - t0)
+    result = TrainResult(ema.model, history=history)
     if evaluate is not None and best["step"] is not None:
         if best_path.exists():
             ema.model.load_state_dict(torch.load(best_path, map_location=runtime.device)["ema"])

@@ -1,4 +1,4 @@
-"""The parameters every flow takes, and how they resolve to one validated ``PipelineConfig``.
+"""The parameters every flow takes; they resolve to one validated config by ``cmt_core.presets.resolve_config``.
 
 In the Prefect UI a run's form shows, in this order:
 
@@ -8,7 +8,7 @@ In the Prefect UI a run's form shows, in this order:
 * ``config``: optional, a whole ``PipelineConfig`` as a nested form (every stage's model, its ranges and
   choices), used instead of the preset; the overrides still apply on top;
 * ``artifact_root``: where artifacts live (shared storage when workers are on several machines);
-* ``ddp_processes``: mid-training processes (``torchrun`` when > 1).
+* ``ddp_processes``: processes of each training stage that computes (``torchrun`` when > 1).
 
 The API checks every typed value against the schema when a run is created (an unknown preset, a negative
 ``steps`` inside ``config``, ``ddp_processes=0``, ... are rejected); overrides are validated by the same
@@ -17,26 +17,23 @@ pydantic models before any stage starts, and the error names the field.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field
 
-from cmt_core.config import PipelineConfig
-from cmt_core.presets import PRESETS, apply_overrides, get_preset
+from cmt_core.presets import PRESETS
 
 PresetName = Literal[tuple(PRESETS)]  # the UI renders a Literal as a dropdown
 DdpProcesses = Annotated[int, Field(ge=1, le=1024)]
 
-
-def resolve_config(preset: str = "digits", overrides: list[str] | None = None,
-                   config: PipelineConfig | None = None, artifact_root: str | None = None) -> PipelineConfig:
-    """``config`` (or the preset) with the dotted ``overrides`` and ``artifact_root`` applied, validated."""
-    overrides = list(overrides or [])
-    if config is None:
-        cfg = get_preset(preset, overrides)
-    else:
-        cfg = PipelineConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
-    if artifact_root:
-        cfg.artifact_root = Path(artifact_root)
-    return cfg
+ARGS_DOC = """
+    Args:
+        preset: Named configuration (toy: 2-D mixture; digits: 8x8 digits, the default; cifar10: the
+            paper's recipe; cifar10-tiny: the same at toy size).
+        overrides: Dotted `key=value` settings applied on top, as `cmt run --set`, e.g. `{example}`.
+        config: A whole pipeline configuration used instead of the preset (the overrides still apply).
+        artifact_root: Folder of the stage artifacts (default: the config's, `artifacts`); shared
+            storage when workers run on several machines.
+        ddp_processes: Processes of each training stage computed in this run; more than 1 runs it under
+            torchrun (DDP).
+"""

@@ -1,8 +1,9 @@
-"""The end-to-end flow ``cmt-pipeline`` and the stage wiring every flow shares (``run_stages``).
+"""The end-to-end flow ``cmt-pipeline``, and ``stage_flow``, which makes every flow of this package.
 
-A stage runs after the stages it reads (``cmt_core.pipeline.stage_inputs``); complete stages are reused
-from Prefect's cache or from disk, so a rerun starts at the first incomplete stage, and a changed stage
-config re-executes that stage and the ones that read it, nothing before it.
+A flow runs its target stages and what they need (``cmt_core.stages.stages_needed``), one task per
+stage; complete stages are reused from Prefect's cache or from disk, so a rerun starts at the first
+incomplete stage, and a changed stage config re-executes that stage and the ones that read it, nothing
+before it.
 """
 
 from __future__ import annotations
@@ -12,30 +13,19 @@ import tasks  # noqa: F401  (sets Prefect's environment defaults before prefect 
 import yaml
 from prefect import flow, get_run_logger
 
-from cmt_core.artifacts import STAGES
 from cmt_core.config import PipelineConfig
-from cmt_core.pipeline import StageResult, stage_ids, stage_inputs
-from flows.parameters import DdpProcesses, PresetName, resolve_config
-from tasks.reporting import TRAINING_STAGES, publish_evaluation, publish_stage_summary, publish_training_report
+from cmt_core.presets import resolve_config
+from cmt_core.stages import STAGES, TRAINING_STAGES, StageResult, plan, stages_needed
+from flows.parameters import ARGS_DOC, DdpProcesses, PresetName
+from tasks.reporting import publish_evaluation, publish_stage_summary, publish_training_report
 from tasks.stages import run_stage_task
-
-
-def stages_needed(cfg: PipelineConfig, targets: list[str]) -> list[str]:
-    """``targets`` and every stage they read, transitively, in pipeline order."""
-    inputs, needed, todo = stage_inputs(cfg), set(), list(targets)
-    while todo:
-        stage = todo.pop()
-        if stage not in needed:
-            needed.add(stage)
-            todo.extend(inputs[stage])
-    return [s for s in STAGES if s in needed]
 
 
 def run_stages(cfg: PipelineConfig, targets: list[str], ddp_processes: int = 1) -> dict[str, StageResult]:
     """Run ``targets`` and what they need, one task per stage, and publish the run's result artifacts."""
     logger = get_run_logger()
     logger.info("config (%s):\n%s", cfg.preset, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    ids = stage_ids(cfg)
+    ids = plan(cfg).ids
     results: dict[str, StageResult] = {}
     try:
         for stage in stages_needed(cfg, targets):
@@ -54,20 +44,17 @@ def run_stages(cfg: PipelineConfig, targets: list[str], ddp_processes: int = 1) 
     return results
 
 
-@flow(name="cmt-pipeline")
-def cmt_pipeline(preset: PresetName = "digits", overrides: tuple[str, ...] = (),
-                 config: PipelineConfig | None = None, artifact_root: str | None = None,
-                 ddp_processes: DdpProcesses = 1) -> dict[str, StageResult]:
-    """Teacher -> rollouts -> mid-training (CMT) -> post-training -> evaluation; complete stages are reused.
+def stage_flow(name: str, targets: list[str], summary: str, example: str):
+    """A flow named ``name`` that runs ``targets`` (and what they need) with the shared parameters."""
+    def run(preset: PresetName = "digits", overrides: tuple[str, ...] = (), config: PipelineConfig | None = None,
+            artifact_root: str | None = None, ddp_processes: DdpProcesses = 1) -> dict[str, StageResult]:
+        return run_stages(resolve_config(preset, overrides, config, artifact_root), targets, ddp_processes)
 
-    Args:
-        preset: Named configuration (toy: 2-D mixture; digits: 8x8 digits, the default; cifar10: the
-            paper's recipe; cifar10-tiny: the same at toy size).
-        overrides: Dotted `key=value` settings applied on top, as `cmt run --set`,
-            e.g. `midtrain.train.lr=1e-4` or `rollout.cluster.address=tcp://host:8786`.
-        config: A whole pipeline configuration used instead of the preset (the overrides still apply).
-        artifact_root: Folder of the stage artifacts (default: the config's, `artifacts`); shared
-            storage when workers run on several machines.
-        ddp_processes: Mid-training processes; more than 1 runs it under torchrun (DDP).
-    """
-    return run_stages(resolve_config(preset, overrides, config, artifact_root), list(STAGES), ddp_processes)
+    run.__name__ = run.__qualname__ = name.replace("-", "_")
+    run.__doc__ = summary + "\n" + ARGS_DOC.format(example=example)
+    return flow(name=name)(run)
+
+
+cmt_pipeline = stage_flow("cmt-pipeline", list(STAGES),
+                          "Teacher -> rollouts -> mid-training (CMT) -> post-training -> evaluation; "
+                          "complete stages are reused.", "midtrain.train.lr=1e-4")

@@ -13,14 +13,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # longer than Prefect's default wait on 2 busy cores.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from tasks.stages import (  # noqa: E402
-    STAGE_TASKS,
-    evaluation,
-    midtrain,
-    posttrain,
-    pretrain_teacher,
-    rollouts,
-    run_stage_task,
-)
+from tasks.stages import STAGE_TASKS, run_stage_task  # noqa: E402
 
-__all__ = ["STAGE_TASKS", "evaluation", "midtrain", "posttrain", "pretrain_teacher", "rollouts", "run_stage_task"]
+__all__ = ["STAGE_TASKS", "run_stage_task"]

@@ -1,4 +1,4 @@
-"""Mid-training on N DDP processes from inside a task: a ``torchrun`` subprocess of the ``cmt stage`` CLI.
+"""A training stage on N DDP processes from inside a task: a ``torchrun`` subprocess of ``cmt stage``.
 
 The subprocess writes the same artifact as the in-process runner (same config, same id). Its output goes
 to the run log (tqdm bars left out), and progress is read from the training log it appends to
@@ -7,7 +7,6 @@ to the run log (tqdm bars left out), and progress is read from the training log 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -18,44 +17,32 @@ import time
 from collections import deque
 from pathlib import Path
 
-from cmt_core.artifacts import read_manifest
+from cmt_core.checkpoint import read_training_log
 from cmt_core.config import PipelineConfig, save_yaml
-from cmt_core.pipeline import StageResult, stage_ids, stage_path
+from cmt_core.stages import StageResult, complete_result, stage_path
 
 _TQDM_BAR = re.compile(r"\d+%\|")
 POLL_SECONDS = 2.0
 
 
-def torchrun_command(config_file: Path, processes: int, stage: str = "midtrain") -> list[str]:
+def torchrun_command(config_file: Path, processes: int, stage: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
             "-m", "cmt_core.cli", "stage", stage, "--config", str(config_file)]
 
 
-def _new_rows(log: Path, after: int) -> list[dict]:
-    try:
-        lines = log.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line being written
-            continue
-        if row.get("step", -1) > after:
-            rows.append(row)
-    return rows
-
-
-def run_midtrain_ddp(cfg: PipelineConfig, processes: int, logger, progress=None) -> StageResult:
-    """Run the mid-training stage under ``torchrun --nproc-per-node processes``; return its artifact."""
-    path, total = stage_path(cfg, "midtrain"), cfg.midtrain.train.steps
+def run_stage_ddp(cfg: PipelineConfig, stage: str, processes: int, logger, progress=None) -> StageResult:
+    """Run the training ``stage`` under ``torchrun --nproc-per-node processes``; return its artifact."""
+    done = complete_result(cfg, stage)
+    if done is not None:
+        return done
+    path = stage_path(cfg, stage)
+    total = getattr(cfg, stage).train.steps  # teacher / midtrain / posttrain: the stage's TrainConfig
     tail: deque[str] = deque(maxlen=40)
     with tempfile.TemporaryDirectory(prefix="cmt-ddp-") as tmp:
         config_file = Path(tmp) / "config.yaml"
         save_yaml(cfg, config_file)
-        command = torchrun_command(config_file, processes)
-        logger.info("midtrain: %d DDP processes: %s", processes, " ".join(command))
+        command = torchrun_command(config_file, processes, stage)
+        logger.info("%s: %d DDP processes: %s", stage, processes, " ".join(command))
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -71,7 +58,7 @@ def run_midtrain_ddp(cfg: PipelineConfig, processes: int, logger, progress=None)
         reported = -1
         while True:
             finished = proc.poll() is not None
-            for row in _new_rows(path / "train" / "metrics.jsonl", reported):
+            for row in read_training_log(path, after=reported):
                 reported = row["step"]
                 if progress is not None:
                     progress(row["step"], total, row)
@@ -79,9 +66,9 @@ def run_midtrain_ddp(cfg: PipelineConfig, processes: int, logger, progress=None)
                 break
             time.sleep(POLL_SECONDS)
         reader.join(timeout=10)
-    manifest = read_manifest(path)
-    if proc.returncode != 0 or manifest is None:
-        raise RuntimeError(f"torchrun mid-training exited with code {proc.returncode} and "
-                           f"{'no' if manifest is None else 'a'} complete artifact at {path}; last output:\n"
+    result = complete_result(cfg, stage)
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"torchrun {stage} exited with code {proc.returncode} and "
+                           f"{'no' if result is None else 'a'} complete artifact at {path}; last output:\n"
                            + "\n".join(tail))
-    return StageResult("midtrain", stage_ids(cfg)["midtrain"], path, manifest, cached=False)
+    return StageResult(stage, result.artifact_id, path, result.manifest, cached=False)

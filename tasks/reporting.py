@@ -1,7 +1,8 @@
 """What a run shows in the Prefect UI: logs, a progress artifact per computing stage, result artifacts.
 
-* ``StageProgress`` is the ``progress(step, total, row)`` callback of ``cmt_core.training``: it moves a
-  progress artifact and writes one run-log line per training-log row.
+* ``StageProgress`` is the ``progress(done, total, row)`` callback of a stage (training steps, rollout
+  trajectories): it creates a progress artifact when the stage starts computing, moves it, and writes
+  run-log lines (one per training-log row).
 * ``library_logs_to`` forwards the ``cmt`` library logger into the Prefect run logger while a stage runs.
 * ``publish_*`` write the result artifacts of a flow run from what the stages left on disk: a summary table
   of every stage, a loss-curve report for each training stage computed in the run, and the evaluation's
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import tempfile
@@ -26,31 +26,35 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from cmt_core.pipeline import StageResult
-
-TRAINING_STAGES = ("teacher", "midtrain", "posttrain")
+from cmt_core.checkpoint import read_training_log
+from cmt_core.stages import StageResult
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 
 
 class StageProgress:
-    """Progress artifact of one computing stage, updated at most every ``min_interval`` seconds."""
+    """Progress artifact of one stage, created at its first report (a reused stage reports nothing) and
+    updated at most every ``min_interval`` seconds."""
 
     def __init__(self, stage: str, artifact_id: str, logger, min_interval: float = 2.0):
-        self.stage, self.logger, self.min_interval = stage, logger, min_interval
-        self.artifact = create_progress_artifact(0.0, description=f"{stage} {artifact_id}")
-        self.last_update = 0.0
+        self.stage, self.artifact_id, self.logger, self.min_interval = stage, artifact_id, logger, min_interval
+        self.artifact, self.last_update, self.last_logged = None, 0.0, 0.0
 
-    def __call__(self, step: int, total: int, row: dict) -> None:
-        values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in row.items() if k != "step")
-        self.logger.info("%s: step %d/%d %s", self.stage, step, total, values)
+    def __call__(self, done: int, total: int, row: dict) -> None:
+        if self.artifact is None:
+            self.artifact = create_progress_artifact(0.0, description=f"{self.stage} {self.artifact_id}")
         now = time.monotonic()
-        if step >= total or now - self.last_update >= self.min_interval:
+        if row or done >= total or now - self.last_logged >= 10 * self.min_interval:
+            self.last_logged = now
+            values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in row.items() if k != "step")
+            self.logger.info("%s: %d/%d %s", self.stage, done, total, values)
+        if done >= total or now - self.last_update >= self.min_interval:
             self.last_update = now
-            update_progress_artifact(self.artifact, 100.0 * min(step, total) / max(total, 1))
+            update_progress_artifact(self.artifact, 100.0 * min(done, total) / max(total, 1))
 
     def done(self) -> None:
-        update_progress_artifact(self.artifact, 100.0)
+        if self.artifact is not None:
+            update_progress_artifact(self.artifact, 100.0)
 
 
 class _ToRunLogger(logging.Handler):
@@ -94,13 +98,6 @@ def embed_images(markdown: str, folder: Path) -> str:
     return _IMAGE_LINK.sub(embed, markdown)
 
 
-def _training_log(result: StageResult) -> list[dict]:
-    log = result.path / "train" / "metrics.jsonl"
-    if not log.exists():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-
-
 def brief(metrics: dict) -> str:
     """Scalar metrics as ``k=v`` pairs (nested tables left out)."""
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -121,7 +118,7 @@ def publish_training_report(result: StageResult) -> None:
     """Loss (and evaluation) curves and final metrics of a training stage, as a markdown artifact."""
     from cmt_core.evaluation.report import markdown_table, png_data_url, save_curve_figure
 
-    rows = _training_log(result)
+    rows = read_training_log(result.path)
     lines = [f"# {result.stage}: artifact `{result.artifact_id}`", "",
              markdown_table([{"metric": k, "value": v} for k, v in result.metrics.items()]), ""]
     if rows:
@@ -135,9 +132,9 @@ def publish_training_report(result: StageResult) -> None:
 
 def publish_evaluation(result: StageResult, preset: str) -> None:
     """The evaluation's results table and its report (sample grids and loss curves embedded)."""
-    metrics_file, report_file = result.path / "metrics.json", result.path / "report.md"
-    if metrics_file.exists():
-        rows = json.loads(metrics_file.read_text()).get("rows", [])
+    report_file = result.path / "report.md"
+    rows = result.metrics.get("rows", [])
+    if rows:
         columns = list(dict.fromkeys(k for row in rows for k in row))  # the UI takes columns from row 0
         rows = [{c: row.get(c) for c in columns} for row in rows]
         create_table_artifact(rows, key=artifact_key("cmt", preset, "metrics"),

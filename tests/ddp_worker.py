@@ -16,8 +16,8 @@ from cmt_core.data.sources import SyntheticSource
 from cmt_core.models import build_model
 from cmt_core.objectives.cmt import CMTLoss
 from cmt_core.objectives.meanflow import MeanFlowLoss
-from cmt_core.pairs import TrajectoryPairs
-from cmt_core.rollouts import rollout
+from cmt_core.trajectories.pairs import TrajectoryPairs
+from cmt_core.trajectories.rollout import rollout
 from cmt_core.runtime import Runtime
 from cmt_core.teachers import ExactDenoiser
 from cmt_core.config import SolverConfig
@@ -31,7 +31,7 @@ def main(kind: str, out: str) -> None:
     torch.manual_seed(0)
     cfg = TrainConfig(steps=6, batch_size=32, lr=1e-2, ema_decay=0.9, checkpoint_every=100, log_every=2)
     if kind == "cmt":
-        model = build_model("consistency", NetworkConfig(width=32, depth=2, emb_dim=16), (2,))
+        model = build_model("consistency", NetworkConfig(width=32, depth=2, emb_dim=16), (2,), sigma_min=0.002)
         traj = rollout(ExactDenoiser(gmm), 64, (2,), SolverConfig(steps=4), progress=False)
         source, loss = TrajectoryPairs(traj.states, traj.grid), CMTLoss("cm")
     else:

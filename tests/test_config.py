@@ -56,7 +56,7 @@ def write_fake_cifar10(root, per_batch=8):
 
 
 def test_tiny_cifar10_recipe_runs_every_stage_on_cpu(tmp_path):
-    from cmt_core.pipeline import run_pipeline
+    from cmt_core.stages import run_pipeline
     from cmt_core.runtime import Runtime
 
     cfg = get_preset("cifar10-tiny", [f"data.path={write_fake_cifar10(tmp_path)}"], artifact_root=tmp_path / "art")

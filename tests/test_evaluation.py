@@ -53,7 +53,8 @@ def classifier(cache_dir):
 
 def test_frechet_distance_of_a_feature_set_with_itself_is_zero(classifier, digits):
     feats = classifier(digits.heldout)
-    assert abs(frechet_distance(feats, feats)) < 1e-6
+    scale = np.trace(np.cov(feats, rowvar=False))  # ~420: sqrtm's round-off is relative to it
+    assert abs(frechet_distance(feats, feats)) < 1e-8 * scale
 
 
 def test_frechet_distance_equals_cleanfid_on_the_same_features(classifier, digits):

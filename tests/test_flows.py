@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 
+import torch
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from pathlib import Path  # noqa: E402
@@ -25,8 +27,7 @@ from prefect.client.schemas.filters import (  # noqa: E402
 )
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-import cmt_core.pipeline as pipeline  # noqa: E402
-from cmt_core.checkpoint import load_checkpoint  # noqa: E402
+import cmt_core.stages as stages  # noqa: E402
 from cmt_core.presets import get_preset  # noqa: E402
 from flows import cmt_midtrain, cmt_pipeline  # noqa: E402
 from tasks.caching import RESULTS_ENV  # noqa: E402
@@ -52,6 +53,10 @@ def harness():
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tmp_path_factory.mktemp("artifacts")
+
+
+def checkpoint_step(path: Path) -> int:
+    return torch.load(path, weights_only=False)["step"]
 
 
 def run_pipeline(root: Path, *extra: str):
@@ -125,7 +130,7 @@ def test_deleted_artifact_is_recomputed_despite_prefects_cache(first_run, root):
 
 def test_failed_posttrain_reruns_only_posttrain_from_its_checkpoint(first_run, root, monkeypatch):
     new_posttrain = "posttrain.train.seed=1"  # a post-training artifact that is not on disk yet
-    real_train = pipeline.train
+    real_train = stages.train
 
     def killed_after_first_checkpoint(*args, **kwargs):
         if kwargs.get("desc") == "post-training":
@@ -133,23 +138,23 @@ def test_failed_posttrain_reruns_only_posttrain_from_its_checkpoint(first_run, r
             raise RuntimeError("post-training killed after its first checkpoint")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "train", killed_after_first_checkpoint)
+    monkeypatch.setattr(stages, "train", killed_after_first_checkpoint)
     failed = run_pipeline(root, new_posttrain)
     assert failed.is_failed()
     states = task_state_names(failed.state_details.flow_run_id)
     assert states == {"teacher": "Cached", "rollouts": "Cached", "midtrain": "Cached", "posttrain": "Failed"}
-    posttrain_dir = pipeline.stage_path(get_preset("toy", [*SMALL, new_posttrain], root), "posttrain")
-    assert load_checkpoint(posttrain_dir / "train" / "checkpoint.pt")["step"] == FAIL_AT
+    posttrain_dir = stages.stage_path(get_preset("toy", [*SMALL, new_posttrain], root), "posttrain")
+    assert checkpoint_step(posttrain_dir / "train" / "checkpoint.pt") == FAIL_AT
     assert not (posttrain_dir / "manifest.json").exists()
 
     resumed_from = []
 
     def recording_resume(model, objective, source, cfg, run_dir, *args, **kwargs):
         if kwargs.get("desc") == "post-training":
-            resumed_from.append(load_checkpoint(Path(run_dir) / "checkpoint.pt")["step"])
+            resumed_from.append(checkpoint_step(Path(run_dir) / "checkpoint.pt"))
         return real_train(model, objective, source, cfg, run_dir, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "train", recording_resume)
+    monkeypatch.setattr(stages, "train", recording_resume)
     results = run_pipeline(root, new_posttrain).result()
     assert computed(results) == ["posttrain", "evaluation"]
     assert resumed_from == [FAIL_AT]
@@ -169,7 +174,7 @@ def test_midtrain_flow_runs_ddp_processes_under_torchrun(first_run, root):
                          ddp_processes=2, return_state=True)
     results = state.result()
     assert list(results) == ["teacher", "rollouts", "midtrain"] and computed(results) == ["midtrain"]
-    assert (results["midtrain"].path / pipeline.MODEL_FILE).exists()
+    assert (results["midtrain"].path / stages.MODEL_FILE).exists()
     run_logs = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=run_logs)

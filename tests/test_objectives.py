@@ -9,7 +9,7 @@ from cmt_core.objectives.base import StepRandom
 from cmt_core.objectives.cmt import CMTLoss
 from cmt_core.objectives.ect import ECTLoss
 from cmt_core.objectives.meanflow import MeanFlowLoss, meanflow_target
-from cmt_core.pairs import TrajectoryPairs
+from cmt_core.trajectories.pairs import TrajectoryPairs
 from cmt_core.solvers import solve
 from cmt_core.time_grids import log_uniform_grid
 
@@ -17,7 +17,7 @@ S = 0.7  # data std
 SIGMA_MIN = 0.002
 
 
-def gaussian_denoiser(x, t, labels=None):
+def gaussian_denoiser(x, t):
     return (S**2 / (S**2 + t**2)).reshape(-1, 1) * x
 
 
@@ -27,15 +27,15 @@ def exact_map(x, t, s):
 
 
 class ExactConsistency(nn.Module):
-    def forward(self, x, t, labels=None):
+    def forward(self, x, t):
         return exact_map(x, torch.as_tensor(t, dtype=x.dtype).expand(len(x)), torch.full((len(x),), SIGMA_MIN, dtype=x.dtype))
 
 
 class ExactFlowMap(nn.Module):
-    def forward(self, x, t, s, labels=None):
+    def forward(self, x, t, s):
         return exact_map(x, t, s)
 
-    def average_velocity(self, x, r, t, labels=None):
+    def average_velocity(self, x, r, t):
         return (x - exact_map(x, t, r)) / (t - r).reshape(-1, 1)
 
 
@@ -44,7 +44,7 @@ class Constant(nn.Module):
         super().__init__()
         self.value = value
 
-    def forward(self, x, t, labels=None):
+    def forward(self, x, t):
         return self.value.expand_as(x)
 
 

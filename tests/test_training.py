@@ -43,7 +43,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
 def test_checkpoint_holds_everything_needed_to_continue(tmp_path):
     small_run(tmp_path, 10, 10)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert {"model", "ema", "optimizer", "rng", "step", "best"} <= set(ckpt)
+    assert set(ckpt) == {"model", "ema", "optimizer", "step", "best"}  # the step keys every random number
     assert ckpt["step"] == 10 and (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
 
 

@@ -41,6 +41,14 @@ class Data:
         return TensorSource({"x": self.train}, seed)
 
 
+def heldout_split(n: int, seed: int, heldout_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(train, heldout)`` of a deterministic split of ``n`` items: a permutation seeded by ``seed``
+    whose first ``round(heldout_fraction * n)`` entries are held out."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_held = int(round(heldout_fraction * n))
+    return perm[n_held:], perm[:n_held]
+
+
 def load_data(cfg: DataConfig) -> Data:
     """Load (or sample) the data named by ``cfg``; the split is deterministic in ``cfg.seed``."""
     if cfg.name in ("gaussian_mixture", "checkerboard"):
@@ -51,6 +59,5 @@ def load_data(cfg: DataConfig) -> Data:
     from cmt_core.data import images
 
     pixels = images.load_images(cfg)
-    perm = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(cfg.seed))
-    n_held = int(round(cfg.heldout_fraction * len(pixels)))
-    return Data(cfg.name, pixels[perm[n_held:]], pixels[perm[:n_held]])
+    train, held = heldout_split(len(pixels), cfg.seed, cfg.heldout_fraction)
+    return Data(cfg.name, pixels[train], pixels[held])

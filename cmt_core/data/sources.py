@@ -11,10 +11,7 @@ from typing import Protocol
 
 import torch
 
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator seeded by (seed, step, stream), identical on every rank."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7919 + stream)
+from cmt_core.rng import Stream, generator
 
 
 def rank_slice(batch_size: int, rank: int, world: int) -> slice:
@@ -35,7 +32,7 @@ class SyntheticSource:
         self.distribution, self.seed = distribution, seed
 
     def batch(self, step, batch_size, rank=0, world=1):
-        x = self.distribution.sample(batch_size, step_generator(self.seed, step))
+        x = self.distribution.sample(batch_size, generator(Stream.SYNTHETIC_DATA, self.seed, step))
         return {"x": x[rank_slice(batch_size, rank, world)]}
 
 
@@ -51,7 +48,7 @@ class TensorSource:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
-            self._perm = torch.randperm(self.size, generator=step_generator(self.seed, epoch, stream=1))
+            self._perm = torch.randperm(self.size, generator=generator(Stream.EPOCH_ORDER, self.seed, epoch))
             self._perm_epoch = epoch
         return self._perm
 

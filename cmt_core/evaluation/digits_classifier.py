@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmt_core.data import heldout_split
 from cmt_core.data.images import load_digits
 
 FEATURE_DIM = 64
@@ -27,17 +28,12 @@ ARTIFACT_VERSION = 1  # bump when the architecture or the recipe changes: old ca
 
 
 def load_digits_split(seed: int = 0, heldout_fraction: float = 0.2):
-    """Digits images ``(N, 1, 8, 8)`` in [-1, 1] with labels ``(N,)``, split exactly as ``cmt_core.data.load_data``.
-
-    Returns ``(train_x, train_y, heldout_x, heldout_y)``: the same permutation
-    (``torch.randperm(N, generator=manual_seed(seed))``), the first ``round(heldout_fraction * N)`` held out.
-    """
+    """Digits images ``(N, 1, 8, 8)`` in [-1, 1] with labels ``(N,)``, split by ``cmt_core.data.heldout_split``
+    as ``cmt_core.data.load_data`` splits them: ``(train_x, train_y, heldout_x, heldout_y)``."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     images, labels = load_digits(), torch.from_numpy(sklearn_digits().target).long()
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    n_held = int(round(heldout_fraction * len(images)))
-    train, held = perm[n_held:], perm[:n_held]
+    train, held = heldout_split(len(images), seed, heldout_fraction)
     return images[train], labels[train], images[held], labels[held]
 
 

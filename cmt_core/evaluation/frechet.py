@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from cleanfid import fid as cleanfid_fid
 
 Stats = tuple[np.ndarray, np.ndarray]
 
@@ -27,6 +26,10 @@ def feature_stats(feats: np.ndarray) -> Stats:
 
 def frechet_distance_from_stats(stats_a: Stats, stats_b: Stats) -> float:
     """``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` via ``cleanfid.fid.frechet_distance``."""
+    try:
+        from cleanfid import fid as cleanfid_fid
+    except ImportError as err:
+        raise ImportError("Frechet distances need clean-fid: pip install 'cmt[fid]'") from err
     with warnings.catch_warnings():
         # clean-fid 0.1.35 passes sqrtm(disp=False), deprecated (not yet removed) in the SciPy < 1.18 we pin.
         warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated.*", category=DeprecationWarning)

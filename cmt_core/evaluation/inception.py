@@ -27,7 +27,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cleanfid.resize import build_resizer
 
 FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
 FEATURE_DIM = 2048
@@ -97,6 +96,8 @@ class InceptionFeatures:
                 self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
         else:
             raise ValueError(f"unknown FID mode {mode!r}")
+        from cleanfid.resize import build_resizer  # the [fid] extra
+
         self._resize = build_resizer("clean") if mode == "clean" else None
 
     @torch.no_grad()

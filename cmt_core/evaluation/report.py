@@ -17,7 +17,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 SIGNIFICANT_DIGITS = 4
 MAX_GRID_IMAGES = 64
@@ -73,6 +72,8 @@ def save_sample_figure(path: Path, samples: torch.Tensor, title: str) -> None:
     samples = samples.detach().cpu().float()
     fig, ax = plt.subplots(figsize=(5, 5))
     if samples.ndim == 4:
+        from torchvision.utils import make_grid  # the [fid] extra; 2-D runs draw scatter plots without it
+
         images = samples[:MAX_GRID_IMAGES].clamp(-1, 1) * 0.5 + 0.5
         scale = max(1, math.ceil(MIN_CELL_PIXELS / images.shape[-1]))
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")

@@ -1,4 +1,4 @@
-"""Raw networks: ``net(x, c_noise, labels=None) -> tensor shaped like x``.
+"""Raw networks: ``net(x, c_noise) -> tensor shaped like x``.
 
 ``c_noise`` is ``(B, num_times)``: the conditioning of each time (``ln(sigma) / 4``); one time for a
 denoiser or consistency model, two for a flow map / Mean Flow model. The preconditioning wrappers in

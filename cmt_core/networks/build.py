@@ -9,7 +9,7 @@ from torch import nn
 from cmt_core.config import NetworkConfig
 
 
-def build_network(cfg: NetworkConfig, sample_shape: tuple[int, ...], num_times: int = 1, label_dim: int = 0) -> nn.Module:
+def build_network(cfg: NetworkConfig, sample_shape: tuple[int, ...], num_times: int = 1) -> nn.Module:
     """Raw network for samples of ``sample_shape`` (``(D,)`` or ``(C, H, W)``) conditioned on ``num_times`` times."""
     if cfg.kind == "mlp":
         from cmt_core.networks.mlp import MLP
@@ -30,5 +30,4 @@ def build_network(cfg: NetworkConfig, sample_shape: tuple[int, ...], num_times: 
         dropout=cfg.dropout,
         emb_dim=cfg.emb_dim,
         num_times=num_times,
-        label_dim=label_dim,
     )

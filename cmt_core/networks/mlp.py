@@ -21,7 +21,7 @@ class ResidualBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """``net(x: (B, D), c_noise: (B, num_times), labels=None) -> (B, D)``."""
+    """``net(x: (B, D), c_noise: (B, num_times)) -> (B, D)``."""
 
     def __init__(self, dim: int, width: int = 256, depth: int = 4, emb_dim: int = 128,
                  num_times: int = 1, dropout: float = 0.0):
@@ -32,7 +32,7 @@ class MLP(nn.Module):
         self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         emb = nn.functional.silu(self.time(c_noise))
         h = self.inp(x.flatten(1))
         for block in self.blocks:

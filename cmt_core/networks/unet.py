@@ -109,22 +109,20 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """``net(x: (B, C, H, W), c_noise: (B, num_times), labels: (B, label_dim) | None) -> (B, C, H, W)``.
+    """``net(x: (B, C, H, W), c_noise: (B, num_times)) -> (B, C, H, W)`` (unconditional).
 
-    ``H = W = img_resolution`` must be divisible by ``2 ** (len(channel_mult) - 1)``. ``labels`` are
-    one-hot (or soft) class vectors; ``None`` adds no class embedding (as an all-zero label would).
+    ``H = W = img_resolution`` must be divisible by ``2 ** (len(channel_mult) - 1)``.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, model_channels: int, channel_mult: tuple[int, ...],
                  num_blocks: int, attn_resolutions: tuple[int, ...], dropout: float, emb_dim: int,
-                 num_times: int = 1, label_dim: int = 0):
+                 num_times: int = 1):
         super().__init__()
         if img_resolution % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{len(channel_mult) - 1} "
                              f"(channel_mult={tuple(channel_mult)})")
-        self.img_resolution, self.in_channels, self.label_dim = img_resolution, in_channels, label_dim
+        self.img_resolution, self.in_channels = img_resolution, in_channels
         self.time = TimeEmbedding(emb_dim, num_times)
-        self.label = _init(nn.Linear(label_dim, emb_dim)) if label_dim > 0 else None
 
         def block(cin: int, cout: int, **kwargs) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout, **kwargs)
@@ -157,17 +155,8 @@ class UNet(nn.Module):
         self.out_norm = group_norm(cout)
         self.out = _init(nn.Conv2d(cout, in_channels, 3, padding=1), SMALL_INIT)
 
-    def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """Conditioning vector ``(B, emb_dim)`` fed to every residual block."""
-        emb = self.time(c_noise)
-        if self.label is not None and labels is not None:
-            if labels.shape != (c_noise.shape[0], self.label_dim):
-                raise ValueError(f"labels must be (B, {self.label_dim}), got {tuple(labels.shape)}")
-            emb = emb + self.label(labels.to(emb.dtype))
-        return F.silu(emb)
-
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(c_noise, labels)
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        emb = F.silu(self.time(c_noise))  # conditioning (B, emb_dim) fed to every residual block
         h = self.inp(x)
         skips = [h]
         for blk in self.enc:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from cmt_core.data.sources import rank_slice, step_generator
+from cmt_core.data.sources import rank_slice
+from cmt_core.rng import Stream, generator
 
 
 class StepRandom:
@@ -20,7 +21,7 @@ class StepRandom:
     def __init__(self, seed: int, step: int, global_batch: int, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu"):
         self.step = step
-        self.generator = step_generator(seed, step, stream=2)
+        self.generator = generator(Stream.OBJECTIVE, seed, step)
         self.rows = rank_slice(global_batch, rank, world)
         self.global_batch, self.device = global_batch, device
 
@@ -49,14 +50,10 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (squared_l2(a, b) + c**2).sqrt() - c
 
 
-def distance(kind: str, a: torch.Tensor, b: torch.Tensor, huber_c: float = 0.0, lpips=None) -> torch.Tensor:
-    """Per-sample distance named by ``kind``: 'l2' (squared), 'pseudo_huber' or 'lpips' (needs ``lpips``)."""
+def distance(kind: str, a: torch.Tensor, b: torch.Tensor, huber_c: float = 0.0) -> torch.Tensor:
+    """Per-sample distance named by ``kind``: 'l2' (squared) or 'pseudo_huber'."""
     if kind == "l2":
         return squared_l2(a, b)
     if kind == "pseudo_huber":
         return pseudo_huber(a, b, huber_c)
-    if kind == "lpips":
-        if lpips is None:
-            raise ValueError("distance='lpips' needs LPIPS weights, which are not available here")
-        return lpips(a, b).flatten()
     raise ValueError(f"unknown distance {kind!r}")

@@ -1,6 +1,11 @@
-"""Mean Flow in EDM sigma time.
+"""Mean Flow in EDM sigma time: the average velocity, its training target and its sampler, side by side.
 
-x_t = y + t e, so the conditional velocity is v = dx_t/dt = e. The average velocity over [r, t] obeys
+A ``FlowMap`` f(x, t, s) = (s / t) x + (1 - s / t) D~(x, t, s) (``cmt_core.preconditioning``) read as Mean
+Flow has the average velocity u(x_t, r, t) = (x_t - f(x_t, t, r)) / (t - r) = (x_t - D~(x_t, t, r)) / t
+(``average_velocity``); at r = t it is the PF-ODE velocity. Sampling jumps x_r = x_t - (t - r) u(x_t, r, t)
+= f(x_t, t, r) along a grid ending at 0 (``sample``); one step is x_0 = x_T - T u(x_T, 0, T).
+
+Training: x_t = y + t e, so the conditional velocity is v = dx_t/dt = e. The average velocity over [r, t] obeys
 u(x_t, r, t) = v - (t - r) d/dt u(x_t, r, t), the total derivative taken along the trajectory; it is one
 forward-mode JVP with tangents (v, 0, 1) on (x_t, r, t). Target u_tgt = sg(v - (t - r) du/dt); loss
 w * ||u - u_tgt||^2 with the adaptive weight w = sg(1 / (||u - u_tgt||^2 + 1e-3)^p).
@@ -16,7 +21,22 @@ import torch
 
 from cmt_core.config import MeanFlowConfig
 from cmt_core.objectives.base import squared_l2
-from cmt_core.preconditioning import bcast
+from cmt_core.preconditioning import as_batch, bcast
+
+
+def average_velocity(flow_map, x: torch.Tensor, r, t) -> torch.Tensor:
+    """u(x_t, r, t) = (x_t - x_r) / (t - r) of a ``FlowMap``; ``x: (B, ...)``, ``r, t``: ``(B,)`` or floats."""
+    t, r = as_batch(t, x), as_batch(r, x)
+    return (x - flow_map.denoise(x, t, r)) / bcast(t, x)
+
+
+@torch.no_grad()
+def sample(flow_map, x_T: torch.Tensor, grid) -> torch.Tensor:
+    """Jumps x_r = x_t - (t - r) u(x_t, r, t), computed as f(x_t, t, r), along the decreasing ``grid``."""
+    x = x_T
+    for t, s in zip(grid[:-1], grid[1:]):
+        x = flow_map(x, float(t), float(s))
+    return x
 
 
 class MeanFlowLoss:
@@ -37,7 +57,8 @@ class MeanFlowLoss:
         y = batch["x"]
         t, r = self.sample_times(rng)
         v = rng.randn(*y.shape[1:])
-        u, target = meanflow_target(flow_map.average_velocity, y + bcast(t, y) * v, r, t, v)
+        u_fn = lambda x, r_, t_: average_velocity(flow_map, x, r_, t_)  # noqa: E731
+        u, target = meanflow_target(u_fn, y + bcast(t, y) * v, r, t, v)
         err = squared_l2(u, target)
         return err / (err.detach() + self.eps) ** self.cfg.adaptive_p
 

@@ -4,8 +4,7 @@ Layout of the group at ``path``::
 
     states      (N, K, *sample_shape)  K = T + 1 solver states, or len(keep_indices); index 0 = noise end
     grid        (K,) float64           noise levels of the kept states (decreasing)
-    seeds       (N,) int64             seed of each trajectory's noise (``rollouts.trajectory_seed``)
-    labels      (N,) int64             class labels, only for conditional teachers
+    seeds       (N,) int64             seed of each trajectory's noise (``rollout.trajectory_seed``)
     shard_done  (num_shards,) uint8    1 once a shard's states are written (one chunk per shard)
     zarr.json   attributes: provenance (teacher id, solver, grid, seed, dtype, versions, creation time)
                 and ``complete``, written last, after every shard is marked done.
@@ -45,7 +44,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -53,17 +51,13 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from cmt_core.artifacts import package_versions
 from cmt_core.config import StoreConfig
-from cmt_core.rollouts import trajectory_seed
 
 FORMAT = "cmt-trajectory-store/1"
 BFLOAT16_BITS = "bfloat16-bits"  # states_encoding of a bfloat16 store: raw uint16 bits, view as torch.bfloat16
 _BF16_NAN_BITS = 0x7FC0
 
-PAPER_RUNS = {  # name: (sample_shape, num_trajectories, solver states)
-    "cifar10": ((3, 32, 32), 2_400_000, 17),
-    "imagenet512_latents": ((4, 64, 64), 1_280_000, 17),
-}
 
 
 class IncompleteStoreError(RuntimeError):
@@ -83,22 +77,11 @@ def sizing(sample_shape, num_states: int = 17, num_trajectories: int = 1, dtype:
     return {"states": kept, "bytes_per_trajectory": per, "total_bytes": per * num_trajectories}
 
 
-def paper_sizing(keep_indices=tuple(range(0, 17, 2))) -> dict:
-    """``sizing`` of ``PAPER_RUNS`` for every dtype, with all states and with ``keep_indices``."""
-    table = {}
-    for name, (shape, num, states) in PAPER_RUNS.items():
-        for keep_name, keep in (("all", None), ("keep", keep_indices)):
-            for dtype in ("float32", "float16", "bfloat16"):
-                table[f"{name}/{keep_name}/{dtype}"] = sizing(shape, states, num, dtype, keep)
-    return table
-
-
 # ---------------------------------------------------------------------------------------------- layout
 class TrajectoryStore:
     """An opened store. ``states`` is the zarr array in its storage dtype; ``read`` returns float32.
 
-    ``grid`` ``(K,)`` float64; ``seeds`` ``(N,)`` int64 and ``labels`` ``(N,)`` int64 (None when unconditional)
-    are read on first use.
+    ``grid`` ``(K,)`` float64; ``seeds`` ``(N,)`` int64 (None when the producer gave none) is read on first use.
     """
 
     def __init__(self, path: Path, group: zarr.Group, attrs: dict):
@@ -112,10 +95,6 @@ class TrajectoryStore:
     @cached_property
     def seeds(self) -> torch.Tensor | None:
         return torch.from_numpy(self.group["seeds"][:]) if "seeds" in self.group else None
-
-    @cached_property
-    def labels(self) -> torch.Tensor | None:
-        return torch.from_numpy(self.group["labels"][:]) if "labels" in self.group else None
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -204,24 +183,14 @@ def _compressors(cfg: StoreConfig) -> list:
     return codecs + [Crc32cCodec()]
 
 
-def package_versions() -> dict:
-    versions = {}
-    for name in ("cmt", "torch", "zarr", "numcodecs", "numpy"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 # --------------------------------------------------------------------------------------------- writing
 def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreConfig, attrs: dict | None = None,
-                 labels: torch.Tensor | None = None, seeds: torch.Tensor | None = None) -> TrajectoryStore:
+                 seeds: torch.Tensor | None = None) -> TrajectoryStore:
     """Create an empty store for ``num`` trajectories; returns it opened for writing.
 
     ``grid`` is the solver's full grid ``(T + 1,)``; the store keeps ``grid[cfg.keep_indices]``. ``attrs``
-    is the caller's provenance (teacher id, solver config, seed, ...); ``seeds`` default to the rollout
-    seeds ``trajectory_seed(attrs["seed"], k)``. The group is built in a temporary
+    is the caller's provenance (teacher id, solver config, seed, ...); ``seeds`` ``(num,)`` are the producer's
+    per-trajectory noise seeds, stored as ``seeds``. The group is built in a temporary
     sibling folder and renamed into place, so ``path`` either does not exist or is a whole empty store.
     """
     path = Path(path)
@@ -245,13 +214,8 @@ def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreCon
                        compressors=_compressors(cfg), fill_value=_BF16_NAN_BITS if bf16 else np.nan,
                        dimension_names=("trajectory", "time", *[f"d{k}" for k in range(len(sample_shape))]))
     group.create_array("grid", data=grid[keep].numpy(), compressors=[Crc32cCodec()])
-    if seeds is None and "seed" in (attrs or {}):
-        seeds = [trajectory_seed(int(attrs["seed"]), k) for k in range(num)]
     if seeds is not None:
         group.create_array("seeds", data=torch.as_tensor(seeds, dtype=torch.int64).numpy(),
-                           chunks=(min(shard_traj, num),), compressors=[Crc32cCodec()])
-    if labels is not None:
-        group.create_array("labels", data=torch.as_tensor(labels, dtype=torch.int64).numpy(),
                            chunks=(min(shard_traj, num),), compressors=[Crc32cCodec()])
     # One uint8 chunk per shard: the writer of a shard owns its marker chunk too.
     group.create_array("shard_done", shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0,
@@ -272,7 +236,7 @@ def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreCon
         "chunk_trajectories": cfg.chunk_trajectories,
         "shard_chunks": cfg.shard_chunks,
         "num_shards": num_shards,
-        "versions": package_versions(),
+        "versions": package_versions(("cmt", "torch", "zarr", "numcodecs", "numpy")),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "complete": False,
     })

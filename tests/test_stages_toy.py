@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cmt_core.pipeline import run_pipeline
+from cmt_core.stages import run_pipeline
 from cmt_core.presets import get_preset
 from cmt_core.runtime import Runtime
 

@@ -1,4 +1,4 @@
-"""Teacher rollouts on a dask cluster, written shard by shard into a trajectory store.
+"""Teacher rollouts on a dask cluster (or in this process without dask), written shard by shard into a store.
 
 ``run_rollouts(denoiser_factory, path, num, sample_shape, rollout_cfg, teacher_id)`` splits the ``num``
 trajectories into the store's shards (``chunk_trajectories * shard_chunks`` trajectories; the last one
@@ -13,14 +13,15 @@ itself, so no two writers ever share a shard (zarr 3 has no synchronizers).
   worker dies; ``complete`` is written last, with a record of every run (``rollout_runs``: shards computed,
   seconds, workers). A complete store returns at once.
 * Cluster: a ``LocalCluster`` of ``cluster.workers`` processes for the run (closed after it), or the
-  scheduler at ``cluster.address``. Each task uses one torch thread, so that one worker per core does not
+  scheduler at ``cluster.address``. Without the ``dask`` extra installed (or with ``in_process=True``) the
+  shards are solved one after another in this process, writing the same bytes. Each task uses one torch thread, so that one worker per core does not
   oversubscribe the machine; with ``cluster.gpu_resource`` tasks ask for the dask resource ``GPU=1`` and
   run on CUDA (on a multi-GPU host, start one worker per GPU, each with its own ``CUDA_VISIBLE_DEVICES``,
   e.g. with dask-cuda, and pass the scheduler's address).
 * Cost of writing: a task compresses and writes its shard after solving it, not overlapped with solving
   (about 30 ms of CPU per 4.4 MB shard with zstd here); a GPU sits idle for that time.
 
-``denoiser_factory`` is a picklable zero-argument callable returning ``denoiser(x, t: (B,), labels)``,
+``denoiser_factory`` is a picklable zero-argument callable returning ``denoiser(x, t: (B,))``,
 e.g. a module-level function or a ``functools.partial`` of one; it should load weights from disk rather
 than carry them, since it travels with every task. Each worker process builds the teacher once and
 reuses it for its later shards.
@@ -29,24 +30,23 @@ reuses it for its later shards.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import multiprocessing
 import os
+import pickle
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
-import cloudpickle
-import dask
 import torch
-from distributed import Client, LocalCluster, as_completed
-from distributed.utils import get_mp_context
 from tqdm.auto import tqdm
 
 from cmt_core.config import ClusterConfig, RolloutConfig
-from cmt_core.rollouts import rollout_batch
 from cmt_core.time_grids import make_grid
-from cmt_core.trajectory_store import create_store, mark_complete, missing_shards, open_store, write_shard
+from cmt_core.trajectories.rollout import rollout_batch, trajectory_seeds
+from cmt_core.trajectories.store import create_store, mark_complete, missing_shards, open_store, write_shard
 
 log = logging.getLogger("cmt")
 
@@ -55,7 +55,7 @@ _teacher_cache: dict = {}  # per worker process: {factory fingerprint: denoiser}
 
 
 def _teacher(denoiser_factory, device: str):
-    key = (hashlib.sha1(cloudpickle.dumps(denoiser_factory)).hexdigest(), device)
+    key = (hashlib.sha1(pickle.dumps(denoiser_factory)).hexdigest(), device)
     if key not in _teacher_cache:
         _teacher_cache.clear()
         denoiser = denoiser_factory()
@@ -65,9 +65,12 @@ def _teacher(denoiser_factory, device: str):
     return _teacher_cache[key]
 
 
-def rollout_shard(denoiser_factory, path, shard_index: int, rollout_cfg: RolloutConfig) -> int:
-    """Solve and write one whole shard (the body of a dask task); returns its number of trajectories."""
-    torch.set_num_threads(1)
+def rollout_shard(denoiser_factory, path, shard_index: int, rollout_cfg: RolloutConfig, threads: int | None = 1) -> int:
+    """Solve and write one whole shard (the body of a dask task); returns its number of trajectories.
+
+    ``threads``: torch threads of a dask worker (one per core-sized worker); None keeps the caller's."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = "cuda" if rollout_cfg.cluster.gpu_resource and torch.cuda.is_available() else "cpu"
     store = open_store(path, partial=True)
     start, stop = store.shard_range(shard_index)
@@ -109,7 +112,11 @@ class _Cluster:
     def __init__(self, cfg: ClusterConfig):
         self.cfg, self.cluster, self.config, self.environ = cfg, None, None, None
 
-    def __enter__(self) -> Client:
+    def __enter__(self):
+        import dask
+        from distributed import Client, LocalCluster
+        from distributed.utils import get_mp_context
+
         if self.cfg.address:
             self.client = Client(self.cfg.address)
         else:
@@ -146,9 +153,33 @@ class _Cluster:
             os.environ.update(self.environ)
 
 
+def dask_available() -> bool:
+    return importlib.util.find_spec("distributed") is not None
+
+
+def _solve_on_dask(denoiser_factory, path: Path, todo: list[int], cfg: RolloutConfig, advance) -> None:
+    from distributed import as_completed
+
+    resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
+    with _Cluster(cfg.cluster) as client:
+        token = uuid.uuid4().hex[:8]
+        futures = [client.submit(rollout_shard, denoiser_factory, str(path), k, cfg,
+                                 key=f"rollout-{token}-shard-{k}", retries=TASK_RETRIES, resources=resources)
+                   for k in todo]
+        try:
+            for future in as_completed(futures):
+                advance(future.result())
+        except BaseException:
+            client.cancel(futures)
+            raise
+
+
 def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg: RolloutConfig, teacher_id: str,
-                 progress: bool = True) -> Path:
-    """Fill the trajectory store at ``path`` with ``num`` teacher trajectories; resumes a partial store."""
+                 progress: Callable[[int, int], None] | None = None, in_process: bool = False) -> Path:
+    """Fill the trajectory store at ``path`` with ``num`` teacher trajectories; resumes a partial store.
+
+    ``progress(done, total)`` is called with the number of trajectories written after every shard (and once
+    at the start); ``in_process`` solves the shards here instead of on dask (the default without dask)."""
     path = Path(path)
     sample_shape = tuple(int(s) for s in sample_shape)
     provenance = _provenance(num, sample_shape, rollout_cfg, teacher_id)
@@ -158,30 +189,32 @@ def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg: Ro
             log.info("rollouts: %s is complete, nothing to do", path)
             return path
     else:
-        create_store(path, num, sample_shape, make_grid(rollout_cfg.solver), rollout_cfg.store, provenance)
+        create_store(path, num, sample_shape, make_grid(rollout_cfg.solver), rollout_cfg.store, provenance,
+                     seeds=trajectory_seeds(rollout_cfg.seed, num))
     store = open_store(path, partial=True)
     todo = missing_shards(store)
+    on_dask = not in_process and dask_available()
     t0 = time.perf_counter()
     if todo:
-        cluster = rollout_cfg.cluster
-        resources = {"GPU": 1} if cluster.gpu_resource else None
-        done_traj = len(store) - sum(store.shard_range(k)[1] - store.shard_range(k)[0] for k in todo)
-        with _Cluster(cluster) as client, tqdm(total=len(store), initial=done_traj, desc="rollouts", unit="traj",
-                                               disable=not progress, dynamic_ncols=True) as bar:
-            token = uuid.uuid4().hex[:8]
-            futures = [client.submit(rollout_shard, denoiser_factory, str(path), k, rollout_cfg,
-                                     key=f"rollout-{token}-shard-{k}", retries=TASK_RETRIES, resources=resources)
-                       for k in todo]
-            try:
-                for future in as_completed(futures):
-                    bar.update(future.result())
-            except BaseException:
-                client.cancel(futures)
-                raise
+        done = len(store) - sum(store.shard_range(k)[1] - store.shard_range(k)[0] for k in todo)
+        with tqdm(total=len(store), initial=done, desc="rollouts", unit="traj", dynamic_ncols=True) as bar:
+            def advance(trajectories: int) -> None:
+                bar.update(trajectories)
+                if progress is not None:
+                    progress(int(bar.n), len(store))
+
+            advance(0)
+            if on_dask:
+                _solve_on_dask(denoiser_factory, path, todo, rollout_cfg, advance)
+            else:
+                for k in todo:
+                    advance(rollout_shard(denoiser_factory, path, k, rollout_cfg, threads=None))
     runs = list(store.attrs.get("rollout_runs", []))
+    where = (rollout_cfg.cluster.address or f"LocalCluster({rollout_cfg.cluster.workers} workers)") if on_dask \
+        else "in process"
     runs.append({"shards_computed": len(todo), "shards_total": store.num_shards, "seconds": time.perf_counter() - t0,
-                 "cluster": rollout_cfg.cluster.address or f"LocalCluster({rollout_cfg.cluster.workers} workers)",
-                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                 "cluster": where, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     mark_complete(path, rollout_runs=runs)
     log.info("rollouts: %s complete, %d of %d shards computed in this run", path, len(todo), store.num_shards)
     return path
+

@@ -12,9 +12,9 @@ import torch
 
 from cmt_core.config import ClusterConfig, RolloutConfig, SolverConfig, StoreConfig
 from cmt_core.data.synthetic import GaussianMixture
-from cmt_core.distributed_rollouts import run_rollouts
-from cmt_core.rollouts import rollout_batch
-from cmt_core.trajectory_store import missing_shards, open_store
+from cmt_core.trajectories.dask_rollouts import run_rollouts
+from cmt_core.trajectories.rollout import rollout_batch
+from cmt_core.trajectories.store import missing_shards, open_store
 
 NUM, SHAPE, TEACHER = 60, (2,), "gmm-exact"
 CFG = RolloutConfig(solver=SolverConfig(name="dpm2m", steps=8), batch_size=8, seed=3,
@@ -30,9 +30,9 @@ def gmm_teacher():
 def slow_gmm_teacher(delay: float):
     gmm = GaussianMixture()
 
-    def denoise(x, t, labels=None):
+    def denoise(x, t):
         time.sleep(delay)
-        return gmm.denoise(x, t, labels)
+        return gmm.denoise(x, t)
     return denoise
 
 
@@ -51,8 +51,7 @@ def with_workers(n: int) -> RolloutConfig:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted store, from one worker."""
-    return open_store(run_rollouts(gmm_teacher, tmp_path_factory.mktemp("ref") / "store", NUM, SHAPE, CFG, TEACHER,
-                                   progress=False))
+    return open_store(run_rollouts(gmm_teacher, tmp_path_factory.mktemp("ref") / "store", NUM, SHAPE, CFG, TEACHER))
 
 
 def assert_same_store(path, reference):
@@ -70,13 +69,13 @@ def test_store_holds_the_solver_trajectories(reference):
 
 
 def test_one_and_two_workers_give_bit_identical_stores(tmp_path, reference):
-    path = run_rollouts(gmm_teacher, tmp_path / "store", NUM, SHAPE, with_workers(2), TEACHER, progress=False)
+    path = run_rollouts(gmm_teacher, tmp_path / "store", NUM, SHAPE, with_workers(2), TEACHER)
     assert_same_store(path, reference)
 
 
 def test_complete_store_returns_at_once(reference):
     before = reference.attrs["rollout_runs"]
-    run_rollouts(gmm_teacher, reference.path, NUM, SHAPE, CFG, TEACHER, progress=False)
+    run_rollouts(gmm_teacher, reference.path, NUM, SHAPE, CFG, TEACHER)
     assert open_store(reference.path).attrs["rollout_runs"] == before
 
 
@@ -89,10 +88,9 @@ def test_killed_rollout_resumes_missing_shards_only(tmp_path, reference):
     path = tmp_path / "store"
     script = (
         "import functools\n"
-        "from cmt_core.distributed_rollouts import run_rollouts\n"
-        "from test_distributed_rollouts import CFG, NUM, SHAPE, TEACHER, slow_gmm_teacher\n"
-        f"run_rollouts(functools.partial(slow_gmm_teacher, 0.1), {str(path)!r}, NUM, SHAPE, CFG, TEACHER,\n"
-        "             progress=False)\n"
+        "from cmt_core.trajectories.dask_rollouts import run_rollouts\n"
+        "from test_dask_rollouts import CFG, NUM, SHAPE, TEACHER, slow_gmm_teacher\n"
+        f"run_rollouts(functools.partial(slow_gmm_teacher, 0.1), {str(path)!r}, NUM, SHAPE, CFG, TEACHER)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
@@ -110,7 +108,7 @@ def test_killed_rollout_resumes_missing_shards_only(tmp_path, reference):
     assert 0 < len(missing) <= NUM_SHARDS - 2
     assert not open_store(path, partial=True).complete
 
-    run_rollouts(gmm_teacher, path, NUM, SHAPE, CFG, TEACHER, progress=False)
+    run_rollouts(gmm_teacher, path, NUM, SHAPE, CFG, TEACHER)
     runs = open_store(path).attrs["rollout_runs"]
     assert [r["shards_computed"] for r in runs] == [len(missing)]  # the killed run never finished
     assert_same_store(path, reference)
@@ -118,6 +116,6 @@ def test_killed_rollout_resumes_missing_shards_only(tmp_path, reference):
 
 def test_shard_of_a_dying_worker_is_retried(tmp_path, reference):
     factory = functools.partial(worker_killing_gmm_teacher, str(tmp_path / "died"))
-    path = run_rollouts(factory, tmp_path / "store", NUM, SHAPE, CFG, TEACHER, progress=False)
+    path = run_rollouts(factory, tmp_path / "store", NUM, SHAPE, CFG, TEACHER)
     assert (tmp_path / "died").exists()
     assert_same_store(path, reference)

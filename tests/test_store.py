@@ -4,9 +4,9 @@ import torch
 
 from cmt_core.config import SolverConfig, StoreConfig
 from cmt_core.data.synthetic import GaussianMixture
-from cmt_core.rollouts import rollout, trajectory_seed
-from cmt_core.trajectory_store import (BFLOAT16_BITS, CorruptChunkError, IncompleteStoreError, create_store,
-                                       main_verify, mark_complete, missing_shards, open_store, paper_sizing,
+from cmt_core.trajectories.rollout import rollout, trajectory_seed
+from cmt_core.trajectories.store import (BFLOAT16_BITS, CorruptChunkError, IncompleteStoreError, create_store,
+                                       main_verify, mark_complete, missing_shards, open_store, 
                                        reset_shards, sizing, verify_store, write_shard)
 
 SOLVER = SolverConfig(name="dpm2m", steps=6)
@@ -20,7 +20,8 @@ def trajectories():
 
 def write_store(path, traj, cfg, shards=None):
     store = create_store(path, NUM, (2,), traj.grid, cfg, {"teacher_id": "gmm-exact", "seed": SEED,
-                                                           "solver": SOLVER.model_dump(mode="json")})
+                                                           "solver": SOLVER.model_dump(mode="json")},
+                         seeds=traj.seeds)
     for k in range(store.num_shards) if shards is None else shards:
         start, stop = store.shard_range(k)
         write_shard(store, k, traj.states[start:stop])
@@ -104,7 +105,6 @@ def test_corrupted_chunk_is_named_by_verify_and_raises_on_read(tmp_path, traject
 
 def test_sizing_of_the_paper_runs():
     assert sizing((3, 32, 32), 17, 1)["bytes_per_trajectory"] == 17 * 3072 * 4
-    table = paper_sizing()
-    assert table["cifar10/all/float32"]["total_bytes"] == 2_400_000 * 208_896
-    assert table["cifar10/keep/bfloat16"]["bytes_per_trajectory"] == 9 * 3072 * 2
-    assert table["imagenet512_latents/all/float16"]["total_bytes"] == 1_280_000 * 17 * 16384 * 2
+    assert sizing((3, 32, 32), 17, 2_400_000)["total_bytes"] == 2_400_000 * 208_896
+    assert sizing((3, 32, 32), 17, 1, "bfloat16", range(0, 17, 2))["bytes_per_trajectory"] == 9 * 3072 * 2
+    assert sizing((4, 64, 64), 17, 1_280_000, "float16")["total_bytes"] == 1_280_000 * 17 * 16384 * 2

@@ -1,6 +1,6 @@
 """Teacher rollouts: deterministic ODE trajectories from x_T = sigma_max * z.
 
-Trajectory k starts from noise drawn with a generator seeded by (seed, k), so any split of the
+Trajectory k starts from noise drawn from the stream ``TRAJECTORY_NOISE`` keyed by (seed, k), so any split of the
 trajectories over batches, processes or machines produces the same states bit for bit (on one device
 type). ``rollout(...)`` returns states ``(N, T + 1, *sample_shape)`` ordered from noise (index 0) to the
 clean end (index T) and the grid ``(T + 1,)`` of their noise levels.
@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmt_core.config import SolverConfig
+from cmt_core.rng import Stream, seed_of
 from cmt_core.solvers import solve
 from cmt_core.time_grids import make_grid
 
@@ -26,7 +27,13 @@ class Trajectories:
 
 
 def trajectory_seed(seed: int, index: int) -> int:
-    return seed * 1_000_003 + index
+    """The seed of trajectory ``index``'s noise (stored in the trajectory store's ``seeds``)."""
+    return seed_of(Stream.TRAJECTORY_NOISE, seed, index)
+
+
+def trajectory_seeds(seed: int, num: int) -> torch.Tensor:
+    """``(num,)`` int64: ``trajectory_seed(seed, k)`` for k < num."""
+    return torch.tensor([trajectory_seed(seed, k) for k in range(num)], dtype=torch.int64)
 
 
 def initial_noise(seed: int, indices, sample_shape: tuple[int, ...], sigma_max: float) -> torch.Tensor:
@@ -47,5 +54,4 @@ def rollout(denoiser, num: int, sample_shape, solver: SolverConfig, seed: int = 
     parts = []
     for start in tqdm(range(0, num, batch_size), desc="rollouts", disable=not progress, unit="batch"):
         parts.append(rollout_batch(denoiser, seed, range(start, min(start + batch_size, num)), sample_shape, solver, device))
-    seeds = torch.tensor([trajectory_seed(seed, k) for k in range(num)], dtype=torch.int64)
-    return Trajectories(torch.cat(parts), make_grid(solver), seeds)
+    return Trajectories(torch.cat(parts), make_grid(solver), trajectory_seeds(seed, num))

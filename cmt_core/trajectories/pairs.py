@@ -1,15 +1,17 @@
-"""Streaming CMT training pairs from a trajectory store (the on-disk twin of ``pairs.TrajectoryPairs``).
+"""CMT training pairs drawn from teacher trajectories: in memory (``TrajectoryPairs``) or streamed from a
+trajectory store (``StorePairs``).
 
-``StorePairs(path, to_end, seed).batch(step, batch_size, rank, world)`` returns the same dict as
-``TrajectoryPairs``: ``x_t (B, *shape)`` the state of a trajectory at ``t = grid[i] (B,)`` and ``x_s``
-the state at ``s = grid[j]``, with j the last kept state (``to_end``) or uniform in (i, last], drawn from
-a generator seeded by (seed, step). An epoch visits every point (trajectory, i), i < last, once.
+``source.batch(step, batch_size, rank, world)`` returns this rank's slice of the step's global batch:
+``x_t (B, *shape)`` a trajectory state at noise level ``t = grid[i] (B,)`` and ``x_s (B, *shape)`` a later
+state of the same trajectory at ``s = grid[j] < t``: the clean end for the CM form (``to_end``), uniform in
+(i, last] for the MF and flow-map forms (stream ``PAIR_TARGET`` keyed by the step). An epoch visits every
+point (trajectory, i), i < last, once: every trajectory point is used, as in the reference CMT recipe.
 
-Order, built so that reads are sequential chunks while batches stay well mixed:
+``StorePairs`` reads in an order built so that reads are sequential chunks while batches stay well mixed:
 
-1. each epoch shuffles the order of the chunks (seeded by (seed, epoch));
+1. each epoch shuffles the order of the chunks (stream ``STORE_ORDER`` keyed by the epoch);
 2. consecutive runs of ``buffer_chunks`` chunks of that order form a buffer, whose points are shuffled
-   (seeded by (seed, epoch, buffer));
+   (keyed by the epoch and buffer);
 3. the epoch is the concatenation of the shuffled buffers, the stream the concatenation of epochs, and
    step k takes stream positions [k B, (k + 1) B) - a pure function of the step, so a resumed run
    continues the epoch exactly where it stopped without saving iterator state.
@@ -29,18 +31,40 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from cmt_core.data.sources import rank_slice, step_generator
-from cmt_core.pairs import later_index
-from cmt_core.trajectory_store import open_store
+from cmt_core.data.sources import TensorSource, rank_slice
+from cmt_core.rng import Stream, generator
+from cmt_core.trajectories.store import open_store
 
 
-def _generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of non-negative integers (no collisions between tuples)."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+def pair_batch(states: torch.Tensor, grid: torch.Tensor, traj: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> dict:
+    """Gather ``x_t = states[traj, i]`` and ``x_s = states[traj, j]`` with their noise levels."""
+    return {"x_t": states[traj, i], "t": grid[i].float(), "x_s": states[traj, j], "s": grid[j].float()}
+
+
+def target_index(i: torch.Tensor, last: int, seed: int, step: int, to_end: bool) -> torch.Tensor:
+    """Target index j of step ``step``: the clean end (``to_end``) or uniform in (i, last]."""
+    if to_end:
+        return torch.full_like(i, last)
+    u = torch.rand(len(i), generator=generator(Stream.PAIR_TARGET, seed, step))
+    return i + 1 + (u * (last - i)).long().clamp(max=last - i - 1)
+
+
+class TrajectoryPairs:
+    """In-memory pair source over ``states (N, T + 1, *shape)`` with noise levels ``grid (T + 1,)``."""
+
+    def __init__(self, states: torch.Tensor, grid: torch.Tensor, to_end: bool = True, seed: int = 0):
+        self.states, self.grid, self.to_end, self.seed = states, grid, to_end, seed
+        self.last = states.shape[1] - 1
+        self.points = TensorSource({"p": torch.arange(states.shape[0] * self.last)}, seed)
+
+    def batch(self, step, batch_size, rank=0, world=1):
+        p = self.points.indices(step, batch_size)
+        traj, i = p // self.last, p % self.last
+        j = target_index(i, self.last, self.seed, step, self.to_end)
+        rows = rank_slice(batch_size, rank, world)
+        return pair_batch(self.states, self.grid, traj[rows], i[rows], j[rows])
 
 
 class _Epoch:
@@ -91,7 +115,7 @@ class StorePairs:
     # -------------------------------------------------------------------------------------- order
     def _epoch(self, epoch: int) -> _Epoch:
         if epoch not in self._epochs:
-            order = torch.randperm(self.store.num_chunks, generator=_generator(self.seed, epoch)).tolist()
+            order = torch.randperm(self.store.num_chunks, generator=generator(Stream.STORE_ORDER, self.seed, epoch)).tolist()
             self._epochs[epoch] = _Epoch(order, self.chunk_sizes, self.buffer_chunks, self.last)
             if len(self._epochs) > 2:
                 self._epochs.popitem(last=False)
@@ -102,7 +126,7 @@ class StorePairs:
         if key not in self._perms:
             start = self._epoch(epoch).start
             size = start[buffer + 1] - start[buffer]
-            self._perms[key] = torch.randperm(size, generator=_generator(self.seed, epoch, buffer + 1))
+            self._perms[key] = torch.randperm(size, generator=generator(Stream.STORE_ORDER, self.seed, epoch, buffer + 1))
             if len(self._perms) > 8:
                 self._perms.popitem(last=False)
         return self._perms[key]
@@ -131,7 +155,7 @@ class StorePairs:
             ids = torch.cat([torch.arange(*self.store.chunk_range(c)) for c in chunks])
             traj.append(ids[seg.rows])
         traj, i = torch.cat(traj), torch.cat([seg.i for seg in segments])
-        j = later_index(i, self.last, step_generator(self.seed, step, stream=4), self.to_end)
+        j = target_index(i, self.last, self.seed, step, self.to_end)
         return {"traj": traj, "i": i, "j": j, "chunk": traj // self.store.chunk_trajectories}
 
     # -------------------------------------------------------------------------------------- reads
@@ -171,7 +195,7 @@ class StorePairs:
     def batch(self, step, batch_size, rank=0, world=1):
         segments = self._segments(step, batch_size)
         i = segments[0].i if len(segments) == 1 else torch.cat([seg.i for seg in segments])
-        j = later_index(i, self.last, step_generator(self.seed, step, stream=4), self.to_end)
+        j = target_index(i, self.last, self.seed, step, self.to_end)
         rows = rank_slice(batch_size, rank, world)
         x_t, x_s = [], []
         for seg in segments:

@@ -1,0 +1,78 @@
+"""The results table of a run: every model scored on the same noises, and the report.
+
+Rows: the data floor, the teacher at its NFE, the teacher-initialised few-step model before any training
+(the baseline CMT replaces), then each trained model at 1 and 2 steps; with several seed sets every figure
+is a mean with its spread beside it. Models, curves and timings come in as arguments (the stage that calls
+``results_table`` loads them from its input artifacts).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmt_core.config import SolverConfig
+from cmt_core.evaluation.report import write_report
+from cmt_core.evaluation.scoring import Scorer
+from cmt_core.solvers import function_evaluations
+from cmt_core.time_grids import make_grid
+
+
+@dataclass
+class ScoredModel:
+    label: str  # row label, e.g. "CMT (mid-trained)"
+    key: str  # short name of its sample grids, e.g. "midtrain"
+    kind: str  # "consistency" | "flow_map" (``cmt_core.samplers``)
+    model: nn.Module
+
+
+def aggregate(per_set: list[dict]) -> dict:
+    """Metrics over seed sets: the mean under the metric's name, the spread (std) under ``<name>_std``."""
+    if len(per_set) == 1:
+        return per_set[0]
+    out = {}
+    for key in per_set[0]:
+        values = torch.tensor([m[key] for m in per_set], dtype=torch.float64)
+        out[key], out[f"{key}_std"] = float(values.mean()), float(values.std())
+    return out
+
+
+def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teacher_solver: SolverConfig,
+                  baseline: ScoredModel | None, trained: list[ScoredModel], curves: dict[str, list[dict]],
+                  run_info: dict, stage_seconds: dict) -> dict:
+    """Score the teacher, the untrained ``baseline`` (1 step) and ``trained`` models (1 and 2 steps) with
+    every scorer (one per seed set), then write the report into ``out_dir``; returns ``metrics.json``.
+
+    ``curves``: training-log rows per stage; ``run_info``: what the report states first (preset, device);
+    ``stage_seconds``: the earlier stages' wall times (this call adds ``evaluation``)."""
+    t0 = time.perf_counter()
+    evaluator, data = scorers[0].evaluator, scorers[0].evaluator.data
+    rows, grids = [], {}
+
+    rows.append({"model": "data (held-out vs train)", "NFE": 0, **evaluator.floor()})
+    grids["data"] = data.heldout[: min(len(data.heldout), 64 if data.heldout.ndim > 2 else 2000)]
+
+    results = [s.teacher(teacher, teacher_solver) for s in scorers]
+    nfe = function_evaluations(teacher_solver.name, make_grid(teacher_solver))
+    rows.append({"model": f"teacher ({teacher_solver.name}, {teacher_solver.steps} steps)", "NFE": nfe,
+                 **aggregate([m for m, _ in results])})
+    grids["teacher"] = results[0][1]
+
+    if baseline is not None:
+        metrics = aggregate([s.few_step(baseline.kind, baseline.model, 1)[0] for s in scorers])
+        rows.append({"model": baseline.label, "NFE": 1, **metrics})
+
+    for entry in trained:
+        for steps in (1, 2):
+            results = [s.few_step(entry.kind, entry.model, steps) for s in scorers]
+            rows.append({"model": f"{entry.label}, {steps}-step", "NFE": steps, **aggregate([m for m, _ in results])})
+            grids[f"{entry.key}_{steps}step"] = results[0][1]
+
+    info = {**run_info, "num_samples": len(scorers[0].x_T), "seed_sets": len(scorers),
+            "primary_metric": scorers[0].primary,
+            "seconds": {**stage_seconds, "evaluation": time.perf_counter() - t0}, **evaluator.info()}
+    return write_report(out_dir, rows, grids, {k: v for k, v in curves.items() if v}, info)

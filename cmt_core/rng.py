@@ -1,0 +1,58 @@
+"""Every random number of the pipeline comes from a named stream of this module.
+
+``generator(stream, seed, *keys)`` is a CPU ``torch.Generator`` whose state is a function of the stream's
+name, the config's seed and integer keys (step, epoch, trajectory, rank, ...). Distinct
+``(stream, seed, keys)`` tuples give independent generators: the tuple is mixed by numpy's
+``SeedSequence``, which never maps two different tuples to one state the way a linear formula
+(``seed * P + step``) does.
+
+Streams, and the keys each one takes:
+
+=================  ===============================  =====================================================
+stream             keys                             draws
+=================  ===============================  =====================================================
+SYNTHETIC_DATA     step                             a step's fresh samples of a 2-D distribution
+EPOCH_ORDER        epoch                            the permutation of an in-memory data set's epoch
+OBJECTIVE          step                             an objective's noise and times (``StepRandom``)
+STEP_TORCH         step, rank                       the torch global seed of a step (dropout masks)
+PAIR_TARGET        step                             CMT target indices j of a step
+TRAJECTORY_NOISE   trajectory                       x_T of one teacher trajectory
+STORE_ORDER        epoch [, buffer + 1]             chunk order and in-buffer shuffle of the store loader
+=================  ===============================  =====================================================
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+
+class Stream(IntEnum):
+    SYNTHETIC_DATA = 0
+    EPOCH_ORDER = 1
+    OBJECTIVE = 2
+    STEP_TORCH = 3
+    PAIR_TARGET = 4
+    TRAJECTORY_NOISE = 5
+    STORE_ORDER = 6
+
+
+def seed_of(stream: Stream, seed: int, *keys: int) -> int:
+    """A 63-bit seed determined by ``(stream, seed, *keys)`` (non-negative integers)."""
+    words = [int(stream), int(seed), *(int(k) for k in keys)]
+    if min(words) < 0:
+        raise ValueError(f"seeds and keys must be non-negative, got {words}")
+    # LEGACY (byte-identity check of the refactor; replaced by the SeedSequence mixing next)
+    if stream == Stream.TRAJECTORY_NOISE:
+        return seed * 1_000_003 + keys[0]
+    if stream == Stream.STORE_ORDER:
+        return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
+    number = int(stream) + (keys[1] if stream == Stream.STEP_TORCH else 0)
+    return (seed * 1_000_003 + keys[0]) * 7919 + number
+
+
+def generator(stream: Stream, seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded by ``seed_of(stream, seed, *keys)``."""
+    return torch.Generator().manual_seed(seed_of(stream, seed, *keys))

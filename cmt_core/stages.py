@@ -1,0 +1,365 @@
+"""The stage graph, declared once: teacher -> rollouts -> mid-training -> post-training -> evaluation.
+
+Each ``Stage`` declares the config fields it ``reads`` (they decide its output, so they are its identity),
+the fields it only ``uses`` (batch sizes for speed, where files live, the dask cluster: they never change
+its output) and the stages it ``needs``. Everything else derives from that declaration:
+
+* ``plan(cfg)``: each stage's artifact id = hash(stage, its ``reads`` values, its inputs' ids, format),
+  its input ids, in dependency order; ``stage_path``; ``stages_needed`` (what a target requires);
+* a stage's body sees the config through a ``ConfigView`` restricted to ``reads + uses``: reading any
+  other field raises ``UndeclaredRead``, so an id can never miss a field its stage reads;
+* ``run_stage(cfg, name)`` is the one place that decides whether a stage is done: it returns the complete
+  artifact at ``<artifact_root>/<stage>/<id>/`` (manifest present) at once, otherwise computes it in that
+  folder (training stages resume from their checkpoints) and writes the manifest last.
+
+``run_pipeline(cfg)`` runs every stage in order; orchestrators (``tasks/``, ``flows/``, torchrun) call
+``run_stage`` one stage at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cmt_core.artifacts import artifact_dir, artifact_id, read_manifest, write_manifest
+from cmt_core.checkpoint import read_training_log
+from cmt_core.config import PipelineConfig, RolloutConfig
+from cmt_core.data import Data, load_data
+from cmt_core.evaluation.evaluator import Evaluator
+from cmt_core.evaluation.scoring import Scorer
+from cmt_core.evaluation.table import ScoredModel, results_table
+from cmt_core.models import build_model, init_from, load_model, save_model
+from cmt_core.objectives.cmt import CMTLoss
+from cmt_core.objectives.ect import ECTLoss
+from cmt_core.objectives.edm import EDMLoss
+from cmt_core.objectives.meanflow import MeanFlowLoss
+from cmt_core.runtime import Runtime
+from cmt_core.teachers import load_teacher, rollout_denoiser, teacher_denoiser
+from cmt_core.training import Progress, train
+from cmt_core.trajectories.dask_rollouts import run_rollouts
+from cmt_core.trajectories.pairs import StorePairs
+
+log = logging.getLogger("cmt")
+MODEL_FILE = "model.pt"
+STORE_DIR = "store.zarr"
+MIDTRAIN_KIND = {"cm": "consistency", "mf": "flow_map", "flow_map": "flow_map"}
+POSTTRAIN_KIND = {"ect": "consistency", "ecd": "consistency", "meanflow": "flow_map"}
+
+
+class UndeclaredRead(RuntimeError):
+    """A stage read a config field that its declaration in ``cmt_core.stages`` does not list."""
+
+
+class ConfigView:
+    """Read-only view of a config restricted to dotted paths: a listed path gives the real value, a prefix
+    of one gives a narrower view, anything else raises ``UndeclaredRead``."""
+
+    __slots__ = ("_node", "_prefix", "_allowed", "_stage")
+
+    def __init__(self, node, allowed: tuple[str, ...], stage: str, prefix: str = ""):
+        self._node, self._allowed, self._stage, self._prefix = node, allowed, stage, prefix
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        path = self._prefix + name
+        value = getattr(self._node, name)
+        if any(path == a or path.startswith(a + ".") for a in self._allowed):
+            return value
+        if any(a.startswith(path + ".") for a in self._allowed):
+            return ConfigView(value, self._allowed, self._stage, path + ".")
+        raise UndeclaredRead(f"stage {self._stage!r} reads the config field {path!r}, which its declaration in "
+                             f"cmt_core/stages.py does not list (reads or uses)")
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self._stage!r}, {self._prefix or '<root>'})"
+
+
+@dataclass
+class StageContext:
+    """What a stage body gets: its config view, its artifact folder, its inputs' folders, where it runs."""
+
+    stage: str
+    cfg: ConfigView
+    path: Path
+    inputs: dict[str, Path]
+    runtime: Runtime
+    progress: Progress | None = None
+
+    def input(self, stage: str) -> Path:
+        return self.inputs[stage]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    reads: tuple[str, ...]  # dotted config paths that decide the output: the stage's identity
+    needs: Callable[[PipelineConfig], tuple[str, ...]]  # the stages whose artifacts it reads
+    work: Callable[[StageContext], dict]  # computes the artifact in ctx.path; returns the manifest's metrics
+    uses: tuple[str, ...] = ()  # dotted config paths read that never change the output
+    trains: bool = False  # a training loop (may run on several DDP processes)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    artifact_id: str
+    path: Path
+    manifest: dict
+    cached: bool
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+
+# ------------------------------------------------------------------------------------------- stage bodies
+
+
+def _scorer(ctx: StageContext, data: Data) -> Scorer:
+    c = ctx.cfg
+    evaluator = Evaluator(data, c.eval, Path(c.artifact_root) / "features", c.data)
+    return Scorer(data, c.eval, evaluator, ctx.runtime.device, c.rollout.solver.sigma_max, c.rollout.solver.sigma_min)
+
+
+def _teacher_weights(ctx: StageContext) -> torch.nn.Module:
+    path = ctx.input("teacher") / MODEL_FILE
+    if not path.exists():
+        raise ValueError(f"teacher.source={ctx.cfg.teacher.source!r} has no network weights to initialise from; "
+                         "use init='random' or a checkpoint teacher")
+    return load_model(path)
+
+
+def _teacher(ctx: StageContext) -> dict:
+    """The teacher's network weights (``model.pt``): EDM pre-training or a loaded checkpoint.
+
+    With the exact 2-D teacher, rollouts use the closed-form denoiser and the weights pre-trained here are
+    what 'teacher initialisation' starts from. TorchScript / callable teachers have no weights of ours."""
+    c, runtime = ctx.cfg, ctx.runtime
+    if c.teacher.source in ("torchscript", "callable"):
+        return {"weights": False}
+    data = load_data(c.data)
+    if c.teacher.source == "checkpoint":
+        model = load_teacher(c.teacher)
+        if runtime.is_main:
+            save_model(ctx.path / MODEL_FILE, model, "denoiser", c.network, data.sample_shape)
+        return {"weights": True}
+    torch.manual_seed(c.teacher.train.seed)  # the initial weights, like every other random number, from a seed
+    model = build_model("denoiser", c.network, data.sample_shape)
+    loss = EDMLoss(c.teacher.p_mean, c.teacher.p_std, c.network.sigma_data)
+    result = train(model, loss, data.source(c.teacher.train.seed), c.teacher.train, ctx.path / "train", runtime,
+                   desc="teacher", progress=ctx.progress)
+    if runtime.is_main:
+        save_model(ctx.path / MODEL_FILE, result.model, "denoiser", c.network, data.sample_shape)
+    return {"weights": True, "final_loss": result.history[-1]["loss"] if result.history else None}
+
+
+def _rollouts(ctx: StageContext) -> dict:
+    """Teacher ODE trajectories in a zarr store (``store.zarr``), solved shard by shard (dask when installed)."""
+    c = ctx.cfg
+    if ctx.runtime.is_main:
+        data = load_data(c.data)
+        factory = functools.partial(rollout_denoiser, c.teacher.source, c.teacher.path and str(c.teacher.path),
+                                    c.teacher.target, c.data.model_dump_json(), str(ctx.input("teacher") / MODEL_FILE))
+        progress = None if ctx.progress is None else (lambda done, total: ctx.progress(done, total, {}))
+        r = c.rollout
+        rollout = RolloutConfig(solver=r.solver, num_trajectories=r.num_trajectories, batch_size=r.batch_size,
+                                seed=r.seed, store=r.store, cluster=r.cluster)
+        run_rollouts(factory, ctx.path / STORE_DIR, c.rollout.num_trajectories, data.sample_shape, rollout,
+                     teacher_id=ctx.input("teacher").name, progress=progress)
+    return {"num_trajectories": c.rollout.num_trajectories, "time_points": c.rollout.solver.steps + 1,
+            "store": STORE_DIR}
+
+
+def _midtrain(ctx: StageContext) -> dict:
+    """Consistency mid-training on the rollouts; keeps the best 1-step EMA model (``model.pt``)."""
+    c, runtime = ctx.cfg, ctx.runtime
+    data = load_data(c.data)
+    kind = MIDTRAIN_KIND[c.midtrain.form]
+    torch.manual_seed(c.midtrain.train.seed)
+    model = build_model(kind, c.network, data.sample_shape, c.rollout.solver.sigma_min)
+    if c.midtrain.init == "teacher":
+        init_from(model, _teacher_weights(ctx))
+    source = StorePairs(ctx.input("rollouts") / STORE_DIR, to_end=c.midtrain.form == "cm", seed=c.midtrain.train.seed)
+    loss = CMTLoss(c.midtrain.form, c.midtrain.distance, c.midtrain.huber_c)
+    scorer = _scorer(ctx, data)
+    result = train(model, loss, source, c.midtrain.train, ctx.path / "train", runtime,
+                   evaluate=scorer.training_evaluate(kind) if c.midtrain.train.eval_every else None,
+                   desc="mid-training", progress=ctx.progress)
+    if runtime.is_main:
+        save_model(ctx.path / MODEL_FILE, result.model, kind, c.network, data.sample_shape)
+    return {"best_step": result.best_step, "best_score": result.best_score, "score_name": scorer.primary}
+
+
+def _posttrain(ctx: StageContext) -> dict:
+    """ECT / ECD / Mean Flow from the chosen initialisation; keeps the best 1-step EMA model."""
+    c, runtime = ctx.cfg, ctx.runtime
+    data = load_data(c.data)
+    p, kind = c.posttrain, POSTTRAIN_KIND[c.posttrain.method]
+    smin, smax = c.rollout.solver.sigma_min, c.rollout.solver.sigma_max
+    torch.manual_seed(p.train.seed)
+    if p.init == "cmt":
+        model = load_model(ctx.input("midtrain") / MODEL_FILE).train()
+    else:
+        model = build_model(kind, c.network, data.sample_shape, smin)
+        if p.init == "teacher":
+            init_from(model, _teacher_weights(ctx))
+    if p.method == "meanflow":
+        loss = MeanFlowLoss(p.meanflow, smin, smax)
+    else:
+        teacher = None
+        if p.method == "ecd":
+            teacher = teacher_denoiser(c.teacher, data, ctx.input("teacher") / MODEL_FILE).to(runtime.device).eval()
+        loss = ECTLoss(p.ect, smin, smax, teacher, p.ecd_solver)
+    scorer = _scorer(ctx, data)
+    result = train(model, loss, data.source(p.train.seed), p.train, ctx.path / "train", runtime,
+                   evaluate=scorer.training_evaluate(kind) if p.train.eval_every else None,
+                   desc="post-training", progress=ctx.progress)
+    if runtime.is_main:
+        save_model(ctx.path / MODEL_FILE, result.model, kind, c.network, data.sample_shape)
+    return {"best_step": result.best_step, "best_score": result.best_score, "score_name": scorer.primary}
+
+
+def _evaluation(ctx: StageContext) -> dict:
+    """The results table: data floor, teacher at its NFE, CMT and post-trained models at 1 and 2 steps."""
+    c, runtime = ctx.cfg, ctx.runtime
+    if not runtime.is_main:
+        return {}
+    data = load_data(c.data)
+    smin, smax = c.rollout.solver.sigma_min, c.rollout.solver.sigma_max
+    first = _scorer(ctx, data)
+    scorers = [first] + [Scorer(data, c.eval, first.evaluator, runtime.device, smax, smin, seed_set=k)
+                         for k in range(1, c.eval.num_seed_sets)]
+    weights = ctx.input("teacher") / MODEL_FILE
+    teacher = teacher_denoiser(c.teacher, data, weights).to(runtime.device).eval()
+    solver = c.teacher.sampler.model_copy(update={"sigma_max": smax})
+    mid_kind, post_kind = MIDTRAIN_KIND[c.midtrain.form], POSTTRAIN_KIND[c.posttrain.method]
+    baseline = None
+    if weights.exists():
+        untrained = init_from(build_model(mid_kind, c.network, data.sample_shape, smin), load_model(weights))
+        baseline = ScoredModel("teacher-initialised, untrained", "baseline", mid_kind, untrained.to(runtime.device))
+    trained = [ScoredModel("CMT (mid-trained)", "midtrain", mid_kind,
+                           load_model(ctx.input("midtrain") / MODEL_FILE).to(runtime.device)),
+               ScoredModel(f"{c.posttrain.method.upper()} from {c.posttrain.init}", "posttrain", post_kind,
+                           load_model(ctx.input("posttrain") / MODEL_FILE).to(runtime.device))]
+    curves = {s: read_training_log(ctx.input(s)) for s in ("teacher", "midtrain", "posttrain")}
+    seconds = {s: (read_manifest(ctx.input(s)) or {}).get("seconds") for s in ("teacher", "rollouts", "midtrain",
+                                                                                "posttrain")}
+    return results_table(ctx.path, scorers, teacher, solver, baseline, trained, curves,
+                         {"preset": c.preset, "device": str(runtime.device)}, seconds)
+
+
+# ---------------------------------------------------------------------------------------------- the graph
+
+TEACHER = ("teacher.source", "teacher.path", "teacher.target")  # which teacher the ODE uses
+SCORING = ("eval.num_samples", "eval.seed", "eval.mid_sigma", "eval.inception_path", "eval.fid_mode")
+SIGMAS = ("rollout.solver.sigma_min", "rollout.solver.sigma_max")
+TRAINING_USES = ("eval.batch_size", "artifact_root")
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("teacher", reads=("data", "network", *TEACHER, "teacher.p_mean", "teacher.p_std", "teacher.train"),
+          needs=lambda cfg: (), work=_teacher, trains=True),
+    Stage("rollouts", reads=("data", *TEACHER, "rollout.solver", "rollout.num_trajectories", "rollout.batch_size",
+                             "rollout.seed", "rollout.store"),
+          needs=lambda cfg: ("teacher",), work=_rollouts, uses=("rollout.cluster",)),
+    Stage("midtrain", reads=("data", "network", *SIGMAS, "midtrain", *SCORING),
+          needs=lambda cfg: ("teacher", "rollouts"), work=_midtrain, uses=TRAINING_USES, trains=True),
+    Stage("posttrain", reads=("data", "network", *TEACHER, *SIGMAS, "posttrain", *SCORING),
+          needs=lambda cfg: ("teacher", "midtrain") if cfg.posttrain.init == "cmt" else ("teacher",),
+          work=_posttrain, uses=TRAINING_USES, trains=True),
+    Stage("evaluation", reads=("data", "network", *TEACHER, "teacher.sampler", *SIGMAS, "midtrain.form",
+                               "posttrain.method", "posttrain.init", "eval"),
+          needs=lambda cfg: ("teacher", "rollouts", "midtrain", "posttrain"), work=_evaluation,
+          uses=("artifact_root", "preset")),
+)}
+TRAINING_STAGES = tuple(name for name, s in STAGES.items() if s.trains)
+
+
+def _value(dumped: dict, path: str):
+    for key in path.split("."):
+        dumped = dumped[key]
+    return dumped
+
+
+def stage_config(cfg: PipelineConfig, stage: str) -> dict:
+    """The values of the fields ``stage`` reads, by dotted path (what its id hashes besides its inputs)."""
+    dumped = cfg.model_dump(mode="json")
+    return {path: _value(dumped, path) for path in STAGES[stage].reads}
+
+
+@dataclass(frozen=True)
+class Plan:
+    ids: dict[str, str]  # stage -> artifact id
+    inputs: dict[str, dict[str, str]]  # stage -> {needed stage: its artifact id}
+
+
+def plan(cfg: PipelineConfig) -> Plan:
+    """Every stage's artifact id and input ids, resolved in dependency order (``STAGES`` is ordered)."""
+    ids, inputs = {}, {}
+    for name, stage in STAGES.items():
+        inputs[name] = {n: ids[n] for n in stage.needs(cfg)}
+        ids[name] = artifact_id(name, stage_config(cfg, name), inputs[name])
+    return Plan(ids, inputs)
+
+
+def stage_path(cfg: PipelineConfig, stage: str) -> Path:
+    return artifact_dir(cfg.artifact_root, stage, plan(cfg).ids[stage])
+
+
+def stages_needed(cfg: PipelineConfig, targets) -> list[str]:
+    """``targets`` and every stage they need, transitively, in pipeline order."""
+    needed, todo = set(), list(targets)
+    while todo:
+        stage = todo.pop()
+        if stage not in needed:
+            needed.add(stage)
+            todo.extend(STAGES[stage].needs(cfg))
+    return [s for s in STAGES if s in needed]
+
+
+def complete_result(cfg: PipelineConfig, stage: str) -> StageResult | None:
+    """The complete artifact of ``stage`` (its manifest is written), or None."""
+    aid = plan(cfg).ids[stage]
+    path = artifact_dir(cfg.artifact_root, stage, aid)
+    manifest = read_manifest(path)
+    return None if manifest is None else StageResult(stage, aid, path, manifest, cached=True)
+
+
+def run_stage(cfg: PipelineConfig, stage: str, runtime: Runtime | None = None,
+              progress: Progress | None = None) -> StageResult:
+    """Return the complete artifact of ``stage``, or compute it (its inputs must be complete)."""
+    done = complete_result(cfg, stage)
+    if done is not None:
+        log.info("%s: complete artifact %s, nothing to do", stage, done.path)
+        return done
+    runtime = runtime or Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
+    resolved = plan(cfg)
+    inputs = {n: artifact_dir(cfg.artifact_root, n, aid) for n, aid in resolved.inputs[stage].items()}
+    missing = [n for n, path in inputs.items() if read_manifest(path) is None]
+    if missing:
+        raise RuntimeError(f"stage {stage!r} needs the complete artifacts of {missing}; run them first "
+                           f"(run_pipeline, or `cmt stage {missing[0]}`)")
+    declared = STAGES[stage]
+    path = artifact_dir(cfg.artifact_root, stage, resolved.ids[stage])
+    path.mkdir(parents=True, exist_ok=True)
+    view = ConfigView(cfg, declared.reads + declared.uses, stage)
+    t0 = time.perf_counter()
+    metrics = declared.work(StageContext(stage, view, path, inputs, runtime, progress))
+    runtime.barrier()
+    if runtime.is_main:
+        write_manifest(path, stage, resolved.ids[stage], stage_config(cfg, stage), resolved.inputs[stage], metrics,
+                       time.perf_counter() - t0, device=str(runtime.device))
+    runtime.barrier()
+    return StageResult(stage, resolved.ids[stage], path, read_manifest(path), cached=False)
+
+
+def run_pipeline(cfg: PipelineConfig, runtime: Runtime | None = None, targets=tuple(STAGES)) -> dict[str, StageResult]:
+    """``targets`` and the stages they need, in order; complete artifacts are reused."""
+    runtime = runtime or Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
+    return {stage: run_stage(cfg, stage, runtime) for stage in stages_needed(cfg, targets)}
