@@ -30,13 +30,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmt_core.config import ClusterConfig, RolloutConfig, SolverConfig, StoreConfig  # noqa: E402
-from cmt_core.trajectories.dask_rollouts import rollout_shard, run_rollouts  # noqa: E402
 from cmt_core.networks.mlp import MLP  # noqa: E402
-from cmt_core.trajectories.pairs import TrajectoryPairs, pair_batch  # noqa: E402
 from cmt_core.preconditioning import ConsistencyModel, Denoiser  # noqa: E402
-from cmt_core.trajectories.rollout import rollout_batch, trajectory_seeds  # noqa: E402
-from cmt_core.trajectories.pairs import StorePairs  # noqa: E402
 from cmt_core.time_grids import make_grid  # noqa: E402
+from cmt_core.trajectories.dask_rollouts import rollout_shard, run_rollouts  # noqa: E402
+from cmt_core.trajectories.pairs import (  # noqa: E402
+    StorePairs,  # noqa: E402
+    TrajectoryPairs,
+    pair_batch,
+)
+from cmt_core.trajectories.rollout import rollout_batch, trajectory_seeds  # noqa: E402
 from cmt_core.trajectories.store import create_store, mark_complete, open_store, write_shard  # noqa: E402
 
 DIM, WIDTH, DEPTH = 64, 256, 4

@@ -42,7 +42,7 @@ class DataConfig(StrictModel):
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of images kept for evaluation")
 
     @model_validator(mode="after")
-    def _path_needed(self) -> "DataConfig":
+    def _path_needed(self) -> DataConfig:
         if self.name in ("npz", "image_folder", "cifar10") and self.path is None:
             raise ValueError(f"data.path is required for data.name={self.name!r}")
         return self
@@ -73,7 +73,7 @@ class SolverConfig(StrictModel):
     to_zero: bool = Field(False, description="the last step goes to sigma = 0 (EDM's Heun: 18 steps = 35 NFE)")
 
     @model_validator(mode="after")
-    def _sigma_order(self) -> "SolverConfig":
+    def _sigma_order(self) -> SolverConfig:
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"sigma_min ({self.sigma_min}) must be < sigma_max ({self.sigma_max})")
         return self
@@ -116,7 +116,7 @@ class TeacherConfig(StrictModel):
     sampler: SolverConfig = SolverConfig(name="heun", steps=18, grid="karras", to_zero=True)
 
     @model_validator(mode="after")
-    def _source_args(self) -> "TeacherConfig":
+    def _source_args(self) -> TeacherConfig:
         if self.source in ("checkpoint", "torchscript") and self.path is None:
             raise ValueError(f"teacher.path is required for teacher.source={self.source!r}")
         if self.source == "callable" and self.target is None:
@@ -164,7 +164,8 @@ class MidTrainConfig(StrictModel):
 
     form: Literal["cm", "mf", "flow_map"] = "cm"
     distance: Literal["l2", "pseudo_huber"] = "l2"
-    huber_c: float = Field(0.03, ge=0.0, description="pseudo-Huber c on the per-dimension scale (the paper's c / sqrt(dim))")
+    huber_c: float = Field(0.03, ge=0.0,
+                           description="pseudo-Huber c on the per-dimension scale (the paper's c / sqrt(dim))")
     init: Literal["teacher", "random"] = "teacher"
     train: TrainConfig = TrainConfig(steps=2000, lr=2e-4)
 
@@ -236,7 +237,7 @@ class PipelineConfig(StrictModel):
     artifact_root: Path = Path("artifacts")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PipelineConfig":
+    def _consistent(self) -> PipelineConfig:
         if self.teacher.source == "exact" and self.data.name not in ("gaussian_mixture", "checkerboard"):
             raise ValueError(f"teacher.source='exact' needs 2-D synthetic data, not data.name={self.data.name!r}")
         if self.network.kind == "unet" and self.data.name in ("gaussian_mixture", "checkerboard"):

@@ -34,7 +34,7 @@ class Runtime:
         return self.world > 1
 
     @classmethod
-    def detect(cls, preference: str = "auto", precision: str = "auto", cpu_threads: int | None = None) -> "Runtime":
+    def detect(cls, preference: str = "auto", precision: str = "auto", cpu_threads: int | None = None) -> Runtime:
         """Choose the device, join torchrun's process group if there is one, and say what was chosen."""
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -93,7 +93,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     uses_jvp = getattr(objective, "uses_jvp", False)
     wrapped = model
     if runtime.distributed and not uses_jvp:
-        wrapped = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        devices = [runtime.device.index] if runtime.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=devices)
 
     def save_checkpoint(step: int) -> None:
         if runtime.is_main:

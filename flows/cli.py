@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
-
 from cmt_core.cli import config_from_args, config_parser, print_results, setup_logging
 
 

@@ -8,11 +8,10 @@ before it.
 
 from __future__ import annotations
 
-import tasks  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
-
 import yaml
 from prefect import flow, get_run_logger
 
+import tasks  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
 from cmt_core.config import PipelineConfig
 from cmt_core.presets import resolve_config
 from cmt_core.stages import STAGES, TRAINING_STAGES, StageResult, plan, stages_needed

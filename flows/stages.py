@@ -12,7 +12,8 @@ from flows.pipeline import stage_flow
 cmt_teacher = stage_flow("cmt-teacher", ["teacher"], "The teacher: EDM pre-training (or a loaded / exact teacher).",
                          "teacher.train.steps=8000")
 cmt_rollouts = stage_flow("cmt-rollouts", ["rollouts"],
-                          "Teacher ODE rollouts on dask: a LocalCluster, or the scheduler at `rollout.cluster.address`.",
+                          "Teacher ODE rollouts on dask: a LocalCluster, or the scheduler at "
+                          "`rollout.cluster.address`.",
                           "rollout.cluster.address=tcp://host:8786")
 cmt_midtrain = stage_flow("cmt-midtrain", ["midtrain"],
                           "Consistency mid-training (CMT) on the teacher's rollouts, optionally on several DDP "

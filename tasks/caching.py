@@ -2,30 +2,30 @@
 
 The cache key of a stage task is ``<stage>-<artifact_id>`` (``cmt_core.stages.plan``), so the same stage config
 and inputs hit the cache from any flow run, and orchestration-only parameters (DDP ranks, the dask
-scheduler, the artifact root) never miss it. The key exists only while the artifact is complete on disk
-(``cmt_core.stages.complete_result``): a deleted artifact, or another artifact root sharing the results,
-runs the task instead of returning a stale result. Prefect 3 caches only persisted results; they are
-written to ``<artifact_root>/prefect-results`` (or ``$CMT_PREFECT_RESULTS``).
+scheduler, the artifact root) never miss it. Prefect 3 caches only persisted results; they are written to
+``<artifact_root>/prefect-results`` (or ``$CMT_PREFECT_RESULTS``). The cache is a fast path only: a hit
+is checked against the disk by the same ``cmt_core.stages.complete_result`` that ``run_stage`` uses
+(``tasks.stages.run_stage_task``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cmt_core.config import PipelineConfig
-from cmt_core.stages import complete_result
+from cmt_core.stages import plan
 
 RESULTS_ENV = "CMT_PREFECT_RESULTS"
 RESULTS_DIR = "prefect-results"
 
 
-def artifact_cache_key(stage: str) -> Callable[[Any, dict], str | None]:
-    """A ``cache_key_fn`` for ``stage``'s task: its artifact id while the artifact is complete, else None."""
-    def key(_context, parameters: dict) -> str | None:
-        done = complete_result(parameters["cfg"], stage)
-        return None if done is None else f"{stage}-{done.artifact_id}"
+def artifact_cache_key(stage: str) -> Callable[[Any, dict], str]:
+    """A ``cache_key_fn`` for ``stage``'s task: ``<stage>-<artifact id>`` from the task's ``cfg`` parameter."""
+    def key(_context, parameters: dict) -> str:
+        return f"{stage}-{plan(parameters['cfg']).ids[stage]}"
 
     return key
 

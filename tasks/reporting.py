@@ -28,6 +28,7 @@ from prefect.artifacts import (
 
 from cmt_core.checkpoint import read_training_log
 from cmt_core.stages import StageResult
+
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 
 
@@ -39,9 +40,12 @@ class StageProgress:
         self.stage, self.artifact_id, self.logger, self.min_interval = stage, artifact_id, logger, min_interval
         self.artifact, self.last_update, self.last_logged = None, 0.0, 0.0
 
-    def __call__(self, done: int, total: int, row: dict) -> None:
+    def _create(self) -> None:
         if self.artifact is None:
             self.artifact = create_progress_artifact(0.0, description=f"{self.stage} {self.artifact_id}")
+
+    def __call__(self, done: int, total: int, row: dict) -> None:
+        self._create()
         now = time.monotonic()
         if row or done >= total or now - self.last_logged >= 10 * self.min_interval:
             self.last_logged = now
@@ -53,8 +57,9 @@ class StageProgress:
             update_progress_artifact(self.artifact, 100.0 * min(done, total) / max(total, 1))
 
     def done(self) -> None:
-        if self.artifact is not None:
-            update_progress_artifact(self.artifact, 100.0)
+        """The stage computed its artifact (a stage without progress reports gets a finished artifact)."""
+        self._create()
+        update_progress_artifact(self.artifact, 100.0)
 
 
 class _ToRunLogger(logging.Handler):

@@ -3,7 +3,8 @@
 Each task takes the validated ``PipelineConfig`` (never tensors: they never hash the same) and calls
 ``cmt_core.stages.run_stage``, which returns at once when the artifact is complete on disk and otherwise
 computes it (training stages resume from their checkpoints). Prefect caches the returned ``StageResult``
-under ``<stage>-<artifact_id>`` (``tasks.caching``); a cache hit comes back marked ``cached``.
+under ``<stage>-<artifact_id>`` (``tasks.caching``); a cache hit is answered from disk (marked ``cached``),
+and one whose artifact is gone (deleted, or another artifact root sharing the results) runs the task again.
 
 * Rollouts run on dask inside ``cmt_core``: a LocalCluster for the stage, or the scheduler at
   ``rollout.cluster.address``.
@@ -12,13 +13,11 @@ under ``<stage>-<artifact_id>`` (``tasks.caching``); a cache hit comes back mark
 
 from __future__ import annotations
 
-import dataclasses
-
 from prefect import get_run_logger, task
 
 from cmt_core.config import PipelineConfig
 from cmt_core.runtime import Runtime
-from cmt_core.stages import STAGES, TRAINING_STAGES, StageResult, plan, run_stage
+from cmt_core.stages import STAGES, TRAINING_STAGES, StageResult, complete_result, plan, run_stage
 from tasks.caching import artifact_cache_key, results_path
 from tasks.ddp import run_stage_ddp
 from tasks.reporting import StageProgress, brief, library_logs_to
@@ -34,7 +33,8 @@ def execute_stage(stage: str, cfg: PipelineConfig, ddp_processes: int = 1) -> St
             result = run_stage_ddp(cfg, stage, ddp_processes, logger, progress)
         else:
             result = run_stage(cfg, stage, Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads), progress)
-        progress.done()
+        if not result.cached:
+            progress.done()
         verb = "reused" if result.cached else f"done in {result.manifest.get('seconds', 0.0):.1f}s"
         logger.info("%s: %s %s %s", stage, verb, result.path, brief(result.metrics))
         return result
@@ -53,8 +53,13 @@ STAGE_TASKS = {stage: _stage_task(stage) for stage in STAGES}
 
 
 def run_stage_task(stage: str, cfg: PipelineConfig, ddp_processes: int = 1) -> StageResult:
-    """Call ``stage``'s task inside a flow (a failed task raises here); a cache hit is marked ``cached``."""
-    state = STAGE_TASKS[stage].with_options(result_storage=results_path(cfg))(
-        cfg=cfg, ddp_processes=ddp_processes, return_state=True)
-    result = state.result()
-    return dataclasses.replace(result, cached=True) if state.name == "Cached" else result
+    """Call ``stage``'s task inside a flow (a failed task raises here); a cache hit is answered from disk."""
+    stage_task = STAGE_TASKS[stage].with_options(result_storage=results_path(cfg))
+    state = stage_task(cfg=cfg, ddp_processes=ddp_processes, return_state=True)
+    if state.name != "Cached":
+        return state.result()
+    done = complete_result(cfg, stage)
+    if done is None:
+        get_run_logger().warning("%s: Prefect cache entry without a complete artifact; recomputing", stage)
+        return stage_task.with_options(refresh_cache=True)(cfg=cfg, ddp_processes=ddp_processes)
+    return done

@@ -10,18 +10,17 @@ from pathlib import Path
 
 import torch
 
-from cmt_core.config import MeanFlowConfig, NetworkConfig, TrainConfig
-from cmt_core.data.synthetic import GaussianMixture
+from cmt_core.config import MeanFlowConfig, NetworkConfig, SolverConfig, TrainConfig
 from cmt_core.data.sources import SyntheticSource
+from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.models import build_model
 from cmt_core.objectives.cmt import CMTLoss
 from cmt_core.objectives.meanflow import MeanFlowLoss
-from cmt_core.trajectories.pairs import TrajectoryPairs
-from cmt_core.trajectories.rollout import rollout
 from cmt_core.runtime import Runtime
 from cmt_core.teachers import ExactDenoiser
-from cmt_core.config import SolverConfig
 from cmt_core.training import train
+from cmt_core.trajectories.pairs import TrajectoryPairs
+from cmt_core.trajectories.rollout import rollout
 
 
 def main(kind: str, out: str) -> None:

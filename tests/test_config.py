@@ -21,7 +21,8 @@ def test_presets_validate_and_round_trip_through_yaml(name, tmp_path):
     (lambda: TrainConfig(batch_size=0), "batch_size", "greater than or equal to 1"),
     (lambda: SolverConfig(sigma_min=1.0, sigma_max=0.5), "sigma_min", "must be <"),
     (lambda: PipelineConfig.model_validate({"data": {"name": "mnist"}}), "data.name", "'gaussian_mixture'"),
-    (lambda: PipelineConfig.model_validate({"posttrain": {"train": {"lr": -1}}}), "posttrain.train.lr", "greater than 0"),
+    (lambda: PipelineConfig.model_validate({"posttrain": {"train": {"lr": -1}}}), "posttrain.train.lr",
+     "greater than 0"),
     (lambda: PipelineConfig.model_validate({"midtrain": {"epochs": 3}}), "midtrain.epochs", "Extra inputs"),
 ])
 def test_invalid_values_name_the_field_and_the_allowed_range(make, field, words):
@@ -56,8 +57,8 @@ def write_fake_cifar10(root, per_batch=8):
 
 
 def test_tiny_cifar10_recipe_runs_every_stage_on_cpu(tmp_path):
-    from cmt_core.stages import run_pipeline
     from cmt_core.runtime import Runtime
+    from cmt_core.stages import run_pipeline
 
     cfg = get_preset("cifar10-tiny", [f"data.path={write_fake_cifar10(tmp_path)}"], artifact_root=tmp_path / "art")
     big = get_preset("cifar10")

@@ -16,8 +16,17 @@ from cmt_core.config import DataConfig, EvalConfig
 from cmt_core.data import load_data
 from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.evaluation import (
-    DigitsClassifierFeatures, Evaluator, InceptionFeatures, energy_distance, feature_extractor, flow_map_error,
-    frechet_distance, load_digits_split, png_data_url, sliced_wasserstein, write_report,
+    DigitsClassifierFeatures,
+    Evaluator,
+    InceptionFeatures,
+    energy_distance,
+    feature_extractor,
+    flow_map_error,
+    frechet_distance,
+    load_digits_split,
+    png_data_url,
+    sliced_wasserstein,
+    write_report,
 )
 from cmt_core.evaluation.inception import pytorch_fid_inception_architecture, to_uint8_rgb
 

@@ -9,9 +9,9 @@ from cmt_core.objectives.base import StepRandom
 from cmt_core.objectives.cmt import CMTLoss
 from cmt_core.objectives.ect import ECTLoss
 from cmt_core.objectives.meanflow import MeanFlowLoss, meanflow_target
-from cmt_core.trajectories.pairs import TrajectoryPairs
 from cmt_core.solvers import solve
 from cmt_core.time_grids import log_uniform_grid
+from cmt_core.trajectories.pairs import TrajectoryPairs
 
 S = 0.7  # data std
 SIGMA_MIN = 0.002
@@ -28,7 +28,8 @@ def exact_map(x, t, s):
 
 class ExactConsistency(nn.Module):
     def forward(self, x, t):
-        return exact_map(x, torch.as_tensor(t, dtype=x.dtype).expand(len(x)), torch.full((len(x),), SIGMA_MIN, dtype=x.dtype))
+        t = torch.as_tensor(t, dtype=x.dtype).expand(len(x))
+        return exact_map(x, t, torch.full((len(x),), SIGMA_MIN, dtype=x.dtype))
 
 
 class ExactFlowMap(nn.Module):
@@ -89,7 +90,8 @@ def test_meanflow_loss_has_gradients_and_adaptive_weight():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("form,model", [("cm", ExactConsistency()), ("flow_map", ExactFlowMap()), ("mf", ExactFlowMap())])
+@pytest.mark.parametrize("form,model",
+                         [("cm", ExactConsistency()), ("flow_map", ExactFlowMap()), ("mf", ExactFlowMap())])
 def test_cmt_loss_of_true_flow_map_tends_to_zero_as_solver_step_shrinks(form, model):
     x_T = 80 * torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     losses = []

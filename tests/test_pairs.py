@@ -5,9 +5,8 @@ import torch
 
 from cmt_core.config import SolverConfig, StoreConfig
 from cmt_core.data.synthetic import GaussianMixture
-from cmt_core.trajectories.pairs import TrajectoryPairs
+from cmt_core.trajectories.pairs import StorePairs, TrajectoryPairs
 from cmt_core.trajectories.rollout import rollout
-from cmt_core.trajectories.pairs import StorePairs
 from cmt_core.trajectories.store import IncompleteStoreError, create_store, mark_complete, write_shard
 
 NUM, STEPS = 30, 4  # 30 trajectories of 5 states: 120 pairs per epoch in 8 chunks (the last one of 2)

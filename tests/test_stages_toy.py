@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from cmt_core.stages import run_pipeline
 from cmt_core.presets import get_preset
 from cmt_core.runtime import Runtime
+from cmt_core.stages import run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,8 @@ def test_cmt_one_step_error_is_five_times_below_teacher_initialisation(toy_run):
 def test_post_training_does_not_end_worse_than_its_initialisation(toy_run):
     _, results = toy_run
     cmt = row(results, "CMT (mid-trained), 1-step")["flow_map_error"]
-    post = next(r for r in results["evaluation"].metrics["rows"] if r["model"].endswith("from cmt, 1-step"))["flow_map_error"]
+    rows = results["evaluation"].metrics["rows"]
+    post = next(r for r in rows if r["model"].endswith("from cmt, 1-step"))["flow_map_error"]
     assert post <= cmt
 
 

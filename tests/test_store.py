@@ -5,9 +5,20 @@ import torch
 from cmt_core.config import SolverConfig, StoreConfig
 from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.trajectories.rollout import rollout, trajectory_seed
-from cmt_core.trajectories.store import (BFLOAT16_BITS, CorruptChunkError, IncompleteStoreError, create_store,
-                                       main_verify, mark_complete, missing_shards, open_store, 
-                                       reset_shards, sizing, verify_store, write_shard)
+from cmt_core.trajectories.store import (
+    BFLOAT16_BITS,
+    CorruptChunkError,
+    IncompleteStoreError,
+    create_store,
+    main_verify,
+    mark_complete,
+    missing_shards,
+    open_store,
+    reset_shards,
+    sizing,
+    verify_store,
+    write_shard,
+)
 
 SOLVER = SolverConfig(name="dpm2m", steps=6)
 NUM, SEED = 22, 5

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cmt_core.config import NetworkConfig, TrainConfig
-from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.data.sources import SyntheticSource, TensorSource
+from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.models import build_model
 from cmt_core.objectives.edm import EDMLoss
 from cmt_core.runtime import Runtime

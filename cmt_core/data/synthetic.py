@@ -28,7 +28,7 @@ class GaussianMixture:
         k = torch.randint(len(self.means), (n,), generator=generator)
         return (self.means[k] + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float()
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         mu = self.means.to(x.device, x.dtype)
         var = self.std**2 + t.to(x.dtype)[:, None] ** 2  # (B, 1)
         diff = x[:, None, :] - mu[None]  # (B, K, 2)
@@ -56,9 +56,11 @@ class Checkerboard:
         k = torch.randint(len(self.boxes), (n,), generator=generator)
         u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
         b = self.boxes[k]
-        return torch.stack([b[:, 0] + u[:, 0] * (b[:, 1] - b[:, 0]), b[:, 2] + u[:, 1] * (b[:, 3] - b[:, 2])], 1).float()
+        x = b[:, 0] + u[:, 0] * (b[:, 1] - b[:, 0])
+        y = b[:, 2] + u[:, 1] * (b[:, 3] - b[:, 2])
+        return torch.stack([x, y], 1).float()
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         normal = torch.distributions.Normal(0.0, 1.0)
         boxes = self.boxes.to(x.device, torch.float64)
         xd, td = x.double()[:, None, :], t.double().clamp(min=1e-12)[:, None, None]  # (B, 1, 2), (B, 1, 1)

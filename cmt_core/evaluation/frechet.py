@@ -8,8 +8,8 @@ reduced once and its statistics cached as ``.npz`` in a directory the caller own
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -1,7 +1,8 @@
 """Scoring models on a fixed set of starting noises, during training and in the final table.
 
 ``Scorer`` draws ``x_T = sigma_max * z`` once (seeded by ``eval.seed`` and its seed set), samples a model with
-``k`` steps (``cmt_core.samplers``) and scores the samples with the data's ``Evaluator`` (Frechet distance under its extractor's name, or 2-D distances).
+``k`` steps (``cmt_core.samplers``) and scores the samples with the data's ``Evaluator`` (Frechet distance
+under its extractor's name, or 2-D distances).
 With an exact teacher it also reports ``flow_map_error``: the mean l2 distance between the model's
 sample and the true ODE endpoint from the same noise (a fine DPM-Solver++(3M) solve of the exact ODE).
 """
@@ -20,7 +21,9 @@ EXACT_REFERENCE = SolverConfig(name="dpm3m", steps=128, grid="karras", sigma_min
 
 
 class Scorer:
-    """Scores models from ``eval_cfg.num_samples`` fixed noises at ``sigma_max``; ``sigma_min`` ends the samplers' grids."""
+    """Scores models from ``eval_cfg.num_samples`` fixed noises at ``sigma_max``.
+
+    ``sigma_min`` is the end of the few-step samplers' grids (the models' boundary time)."""
 
     def __init__(self, data, eval_cfg: EvalConfig, evaluator, device: torch.device, sigma_max: float,
                  sigma_min: float, seed_set: int = 0):

@@ -1,11 +1,13 @@
 """Easy consistency tuning (ECT) and its distillation variant (ECD).
 
-t = exp(N(p_mean, p_std^2)) (or log-uniform on [sigma_min, sigma_max]); r = t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)) clamped at 0, with
-stage = start_stage + step // stage_steps, so t - r shrinks as training goes on (a consistency model
-from mid-training starts at a later stage: its first, large-dt stages would undo the mid-training). With shared noise e:
+t = exp(N(p_mean, p_std^2)) (or log-uniform on [sigma_min, sigma_max]);
+r = t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)) clamped at 0, with stage = start_stage + step // stage_steps,
+so t - r shrinks as training goes on (a consistency model from mid-training starts at a later stage: its
+first, large-dt stages would undo the mid-training). With shared noise e:
 ECT: x_t = y + t e, x_r = y + r e;  ECD: x_r is one teacher solver step from x_t to r.
 loss = d(f(x_t, t), sg f(x_r, r)) / (t - r), the target being x_r itself where r = 0 (ECT: y; ECD: the
-teacher's step to 0, i.e. its denoised estimate); both passes use the same dropout mask. d is the squared l2 distance, or pseudo-Huber when ``huber_c > 0``.
+teacher's step to 0, i.e. its denoised estimate); both passes use the same dropout mask. d is the squared
+l2 distance, or pseudo-Huber when ``huber_c > 0``.
 """
 
 import math

@@ -14,10 +14,10 @@ itself, so no two writers ever share a shard (zarr 3 has no synchronizers).
   seconds, workers). A complete store returns at once.
 * Cluster: a ``LocalCluster`` of ``cluster.workers`` processes for the run (closed after it), or the
   scheduler at ``cluster.address``. Without the ``dask`` extra installed (or with ``in_process=True``) the
-  shards are solved one after another in this process, writing the same bytes. Each task uses one torch thread, so that one worker per core does not
-  oversubscribe the machine; with ``cluster.gpu_resource`` tasks ask for the dask resource ``GPU=1`` and
-  run on CUDA (on a multi-GPU host, start one worker per GPU, each with its own ``CUDA_VISIBLE_DEVICES``,
-  e.g. with dask-cuda, and pass the scheduler's address).
+  shards are solved one after another in this process, writing the same bytes. Each dask task uses one
+  torch thread, so that one worker per core does not oversubscribe the machine; with ``cluster.gpu_resource``
+  tasks ask for the dask resource ``GPU=1`` and run on CUDA (on a multi-GPU host, start one worker per GPU,
+  each with its own ``CUDA_VISIBLE_DEVICES``, e.g. with dask-cuda, and pass the scheduler's address).
 * Cost of writing: a task compresses and writes its shard after solving it, not overlapped with solving
   (about 30 ms of CPU per 4.4 MB shard with zstd here); a GPU sits idle for that time.
 
@@ -37,8 +37,8 @@ import os
 import pickle
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm

@@ -115,7 +115,8 @@ class StorePairs:
     # -------------------------------------------------------------------------------------- order
     def _epoch(self, epoch: int) -> _Epoch:
         if epoch not in self._epochs:
-            order = torch.randperm(self.store.num_chunks, generator=generator(Stream.STORE_ORDER, self.seed, epoch)).tolist()
+            g = generator(Stream.STORE_ORDER, self.seed, epoch)
+            order = torch.randperm(self.store.num_chunks, generator=g).tolist()
             self._epochs[epoch] = _Epoch(order, self.chunk_sizes, self.buffer_chunks, self.last)
             if len(self._epochs) > 2:
                 self._epochs.popitem(last=False)
@@ -126,7 +127,8 @@ class StorePairs:
         if key not in self._perms:
             start = self._epoch(epoch).start
             size = start[buffer + 1] - start[buffer]
-            self._perms[key] = torch.randperm(size, generator=generator(Stream.STORE_ORDER, self.seed, epoch, buffer + 1))
+            g = generator(Stream.STORE_ORDER, self.seed, epoch, buffer + 1)
+            self._perms[key] = torch.randperm(size, generator=g)
             if len(self._perms) > 8:
                 self._perms.popitem(last=False)
         return self._perms[key]

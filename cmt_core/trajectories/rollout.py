@@ -38,8 +38,9 @@ def trajectory_seeds(seed: int, num: int) -> torch.Tensor:
 
 def initial_noise(seed: int, indices, sample_shape: tuple[int, ...], sigma_max: float) -> torch.Tensor:
     """x_T for the trajectories ``indices``: ``(len(indices), *sample_shape)``, float32."""
-    return torch.stack([torch.randn(sample_shape, generator=torch.Generator().manual_seed(trajectory_seed(seed, int(k))))
-                        for k in indices]) * sigma_max
+    noises = [torch.randn(sample_shape, generator=torch.Generator().manual_seed(trajectory_seed(seed, int(k))))
+              for k in indices]
+    return torch.stack(noises) * sigma_max
 
 
 def rollout_batch(denoiser, seed: int, indices, sample_shape, solver: SolverConfig, device="cpu") -> torch.Tensor:
@@ -53,5 +54,6 @@ def rollout(denoiser, num: int, sample_shape, solver: SolverConfig, seed: int = 
     """All ``num`` trajectories in memory, solved ``batch_size`` at a time."""
     parts = []
     for start in tqdm(range(0, num, batch_size), desc="rollouts", disable=not progress, unit="batch"):
-        parts.append(rollout_batch(denoiser, seed, range(start, min(start + batch_size, num)), sample_shape, solver, device))
+        indices = range(start, min(start + batch_size, num))
+        parts.append(rollout_batch(denoiser, seed, indices, sample_shape, solver, device))
     return Trajectories(torch.cat(parts), make_grid(solver), trajectory_seeds(seed, num))

@@ -242,9 +242,9 @@ def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreCon
     })
     try:
         os.rename(tmp, path)
-    except OSError:
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise FileExistsError(f"{path} was created concurrently; open it with open_store(path, partial=True)")
+        raise FileExistsError(f"{path} was created concurrently; open it with open_store(path, partial=True)") from err
     return open_store(path, partial=True)
 
 

@@ -1,0 +1,234 @@
+"""The shape of the code: imports form a DAG pointing one way, and the stage graph derives from one declaration."""
+
+from __future__ import annotations
+
+import ast
+import typing
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from cmt_core.config import PipelineConfig
+from cmt_core.presets import PRESETS, get_preset
+from cmt_core.stages import STAGES, plan, stages_needed
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("cmt_core", "tasks", "flows")
+LAYER = {"cmt_core": 0, "tasks": 1, "flows": 2}  # orchestration -> stages -> method: imports point down
+OPTIONAL = ("prefect", "dask", "distributed", "cleanfid", "torchvision", "scipy")  # extras, never top-level in cmt_core
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+
+def imports(path: Path, modules: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """(first-party modules imported anywhere in the file, third-party top-level names imported at module level)."""
+    tree = ast.parse(path.read_text())
+    first, top_level = set(), set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                     for a in node.names]
+        for name in names:
+            if name.split(".")[0] in PACKAGES:
+                first.add(name)
+    for node in tree.body:  # module level only: what importing the module costs
+        if isinstance(node, ast.Import):
+            top_level |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            top_level.add(node.module.split(".")[0])
+    return first, top_level
+
+
+def test_imports_form_a_dag_that_points_from_orchestration_to_the_method():
+    modules = all_modules()
+    graph = {name: imports(path, modules)[0] - {name} for name, path in modules.items()}
+    for name, deps in graph.items():
+        for dep in deps:
+            assert dep in modules, f"{name} imports {dep}, which is not a module of this project"
+            assert LAYER[dep.split(".")[0]] <= LAYER[name.split(".")[0]], f"{name} imports {dep} (upwards)"
+    state: dict[str, str] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", "import cycle: " + " -> ".join(trail[trail.index(node):] + [node])
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            visit(dep, trail + [node])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_the_library_imports_no_optional_extra_at_module_level():
+    modules = all_modules()
+    for name, path in modules.items():
+        if name.startswith("cmt_core"):
+            _, top_level = imports(path, modules)
+            assert not top_level & set(OPTIONAL), f"{name} imports {sorted(top_level & set(OPTIONAL))} at module level"
+
+
+# --- the stage graph ---------------------------------------------------------------------------------------------
+
+def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf field of a pydantic model class."""
+    out = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += leaf_fields(annotation, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def get(obj, path: str):
+    for key in path.split("."):
+        obj = getattr(obj, key)
+    return obj
+
+
+# Fields whose generic change would break a cross-field rule of the base config: a valid alternative set.
+SPECIAL = {
+    "teacher.source": {"teacher.source": "checkpoint", "teacher.path": "teacher.pt"},
+    "teacher.path": {"teacher.source": "checkpoint", "teacher.path": "elsewhere.pt"},
+    "teacher.target": {"teacher.source": "callable", "teacher.target": "pkg.mod:make"},
+    "rollout.solver.sigma_min": {"rollout.solver.sigma_min": 0.004},
+    "rollout.solver.sigma_max": {"rollout.solver.sigma_max": 40.0},
+    "midtrain.form": {"midtrain.form": "flow_map", "posttrain.init": "teacher"},
+    "posttrain.method": {"posttrain.method": "meanflow", "midtrain.form": "mf"},
+    "network.kind": {"network.kind": "unet"},
+}
+
+
+def changed(value, annotation):
+    """A different value of a field's type (a list of candidates for floats, whose ranges differ)."""
+    if isinstance(value, bool):
+        return not value
+    if typing.get_origin(annotation) is typing.Literal:
+        return next(c for c in typing.get_args(annotation) if c != value)
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return [value * 0.5, value * 1.5, value + 0.1] if value else [0.1]
+    if isinstance(value, tuple) and value and isinstance(value[0], float):  # e.g. Adam's betas: same length
+        return (value[0] * 0.5, *value[1:])
+    if isinstance(value, tuple):
+        return value[:-1] if len(value) > 1 else (value + value if value else (16,))
+    if value is None:  # optional fields: a value of the non-None type
+        kind = next(a for a in typing.get_args(annotation) if a is not type(None))
+        return {int: 7, float: 0.5}.get(kind, (0, 2) if typing.get_origin(kind) is tuple else "x.pt")
+    if isinstance(value, (str, Path)):
+        return type(value)(f"{value}-other")
+    raise TypeError(f"no alternative for {value!r}")
+
+
+def field_annotation(path: str):
+    model, parts = PipelineConfig, path.split(".")
+    for key in parts[:-1]:
+        model = model.model_fields[key].annotation
+    return model.model_fields[parts[-1]].annotation
+
+
+def readers(path: str) -> set[str]:
+    return {name for name, s in STAGES.items()
+            if any(path == r or path.startswith(r + ".") for r in s.reads)}
+
+
+def dependants(cfg, stages: set[str]) -> set[str]:
+    return {name for name in STAGES if set(stages_needed(cfg, [name])) & stages}
+
+
+def special(base: PipelineConfig, path: str) -> dict | None:
+    """``SPECIAL``, plus the data fields, whose valid alternatives depend on the preset's kind of data."""
+    points = base.data.name in ("gaussian_mixture", "checkerboard")
+    if path == "network.kind" and points:
+        return {}  # 2-D data has one network kind; the image presets cover this field
+    if path in ("data.name", "data.path"):
+        if points:
+            return {"data.name": "checkerboard"} if path == "data.name" else {"data.path": "unused.npz"}
+        return {"data.name": "image_folder", "data.path": "images"}
+    return SPECIAL.get(path)
+
+
+def with_values(base: PipelineConfig, updates: dict) -> PipelineConfig:
+    raw = base.model_dump(mode="json")
+    for dotted, value in updates.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = list(value) if isinstance(value, tuple) else (str(value) if isinstance(value, Path) else value)
+    return PipelineConfig.model_validate(raw)
+
+
+def variant(base: PipelineConfig, path: str) -> PipelineConfig:
+    together = special(base, path)
+    if together:
+        return with_values(base, together)
+    candidates = changed(get(base, path), field_annotation(path))
+    for value in candidates if isinstance(candidates, list) else [candidates]:
+        try:
+            return with_values(base, {path: value})
+        except ValueError:
+            continue
+    raise AssertionError(f"no valid alternative value for {path}")
+
+
+@pytest.mark.parametrize("preset", ["toy", "digits"])
+def test_changing_a_field_changes_the_ids_of_exactly_the_stages_that_read_it_and_their_dependants(preset):
+    base = get_preset(preset)
+    ids = plan(base).ids
+    unread = []
+    for path in leaf_fields(PipelineConfig):
+        if special(base, path) == {}:
+            continue
+        other = variant(base, path)
+        together = special(base, path)
+        if together:  # several fields change together: every one of them is read
+            touched = set().union(*(readers(p) for p in together))
+        else:
+            touched = readers(path)
+        expected = dependants(base, touched) | dependants(other, touched)
+        new_ids = plan(other).ids
+        actual = {s for s in STAGES if new_ids[s] != ids[s]}
+        assert actual == expected, f"{path}: ids changed for {sorted(actual)}, declared readers give {sorted(expected)}"
+        if not touched:
+            unread.append(path)
+    # what no stage reads is orchestration: where files live, which device, the dask cluster, the label
+    assert sorted(unread) == sorted(["preset", "device", "precision", "cpu_threads", "artifact_root",
+                                     "rollout.cluster.address", "rollout.cluster.workers",
+                                     "rollout.cluster.threads_per_worker", "rollout.cluster.gpu_resource"])
+
+
+def test_a_stage_body_cannot_read_a_field_it_does_not_declare():
+    from cmt_core.stages import ConfigView, UndeclaredRead
+
+    view = ConfigView(get_preset("toy"), STAGES["teacher"].reads, "teacher")
+    assert view.teacher.train.steps == 1500 and view.data.name == "gaussian_mixture"
+    with pytest.raises(UndeclaredRead, match="teacher.sampler"):
+        view.teacher.sampler
+    with pytest.raises(UndeclaredRead, match="'midtrain'"):
+        view.midtrain
+
+
+def test_every_preset_plans_every_stage_in_dependency_order():
+    for name in PRESETS:
+        cfg = get_preset(name)
+        assert list(plan(cfg).ids) == list(STAGES)
+        order = stages_needed(cfg, ["evaluation"])
+        assert order == list(STAGES)
+        for stage, s in STAGES.items():
+            assert all(order.index(dep) < order.index(stage) for dep in s.needs(cfg))
