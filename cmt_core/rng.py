@@ -44,13 +44,7 @@ def seed_of(stream: Stream, seed: int, *keys: int) -> int:
     words = [int(stream), int(seed), *(int(k) for k in keys)]
     if min(words) < 0:
         raise ValueError(f"seeds and keys must be non-negative, got {words}")
-    # LEGACY (byte-identity check of the refactor; replaced by the SeedSequence mixing next)
-    if stream == Stream.TRAJECTORY_NOISE:
-        return seed * 1_000_003 + keys[0]
-    if stream == Stream.STORE_ORDER:
-        return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
-    number = int(stream) + (keys[1] if stream == Stream.STEP_TORCH else 0)
-    return (seed * 1_000_003 + keys[0]) * 7919 + number
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
 
 
 def generator(stream: Stream, seed: int, *keys: int) -> torch.Generator:

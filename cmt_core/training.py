@@ -32,7 +32,7 @@ from cmt_core.config import TrainConfig
 from cmt_core.data.sources import BatchSource
 from cmt_core.ema import EMA
 from cmt_core.objectives.base import StepRandom
-from cmt_core.rng import Stream, generator
+from cmt_core.rng import Stream, seed_of
 from cmt_core.runtime import Runtime
 
 Evaluate = Callable[[nn.Module], dict]  # EMA model -> metrics with a "score" key (lower is better)
@@ -124,8 +124,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     running = []
     stop = cfg.steps if until is None else min(until, cfg.steps)
     for step in range(start, stop):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator(Stream.STEP_TORCH, cfg.seed, step,
-                                                                             runtime.rank))))
+        torch.manual_seed(seed_of(Stream.STEP_TORCH, cfg.seed, step, runtime.rank))
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         batch = {k: v.to(runtime.device, non_blocking=True)

@@ -219,9 +219,9 @@ def test_a_stage_body_cannot_read_a_field_it_does_not_declare():
     view = ConfigView(get_preset("toy"), STAGES["teacher"].reads, "teacher")
     assert view.teacher.train.steps == 1500 and view.data.name == "gaussian_mixture"
     with pytest.raises(UndeclaredRead, match="teacher.sampler"):
-        view.teacher.sampler
+        _ = view.teacher.sampler
     with pytest.raises(UndeclaredRead, match="'midtrain'"):
-        view.midtrain
+        _ = view.midtrain
 
 
 def test_every_preset_plans_every_stage_in_dependency_order():
