@@ -2,8 +2,8 @@
 
 ``generator(stream, seed, *keys)`` is a CPU ``torch.Generator`` whose state is a function of the stream's
 name, the config's seed and integer keys (step, epoch, trajectory, rank, ...). Distinct
-``(stream, seed, keys)`` tuples give independent generators: the tuple is mixed by numpy's
-``SeedSequence``, which never maps two different tuples to one state the way a linear formula
+``(stream, seed, keys)`` tuples give independent generators: the tuple (with its length) is mixed by
+numpy's ``SeedSequence``, which never maps two different tuples to one state the way a linear formula
 (``seed * P + step``) does.
 
 Streams, and the keys each one takes:
@@ -41,9 +41,10 @@ class Stream(IntEnum):
 
 def seed_of(stream: Stream, seed: int, *keys: int) -> int:
     """A 63-bit seed determined by ``(stream, seed, *keys)`` (non-negative integers)."""
-    words = [int(stream), int(seed), *(int(k) for k in keys)]
+    words = [int(stream), len(keys), int(seed), *(int(k) for k in keys)]
     if min(words) < 0:
         raise ValueError(f"seeds and keys must be non-negative, got {words}")
+    # SeedSequence ignores trailing zero words: the key count keeps (5,) and (5, 0) apart
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
 
 

@@ -56,6 +56,7 @@ def write_fake_cifar10(root, per_batch=8):
     return folder
 
 
+@pytest.mark.slow
 def test_tiny_cifar10_recipe_runs_every_stage_on_cpu(tmp_path):
     from cmt_core.runtime import Runtime
     from cmt_core.stages import run_pipeline

@@ -84,6 +84,7 @@ def test_a_different_rollout_refuses_to_resume_the_store(reference):
         run_rollouts(gmm_teacher, reference.path, NUM, SHAPE, CFG.model_copy(update={"seed": 4}), TEACHER)
 
 
+@pytest.mark.slow
 def test_killed_rollout_resumes_missing_shards_only(tmp_path, reference):
     path = tmp_path / "store"
     script = (

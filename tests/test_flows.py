@@ -32,6 +32,8 @@ from cmt_core.presets import get_preset  # noqa: E402
 from flows import cmt_midtrain, cmt_pipeline  # noqa: E402
 from tasks.caching import RESULTS_ENV  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 STAGES = ["teacher", "rollouts", "midtrain", "posttrain", "evaluation"]
 FAIL_AT = 50  # post-training dies right after its first checkpoint
 SMALL = ["cpu_threads=1",  # 2 shared cores: one torch thread per process is several times faster than two

@@ -27,6 +27,8 @@ from prefect.exceptions import PrefectHTTPStatusError  # noqa: E402
 from prefect.flows import load_flow_from_entrypoint  # noqa: E402
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 POOL, DEPLOYMENT = "cmt-process", "cmt-pipeline/digits"
 TINY = ["cpu_threads=1", "teacher.train.steps=30", "rollout.num_trajectories=256", "midtrain.train.steps=30",

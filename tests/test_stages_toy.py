@@ -7,6 +7,8 @@ from cmt_core.presets import get_preset
 from cmt_core.runtime import Runtime
 from cmt_core.stages import run_pipeline
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):

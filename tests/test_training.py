@@ -95,6 +95,7 @@ def test_tensor_source_epochs_cover_every_sample_once_across_ranks():
     assert sorted(seen.tolist()) == list(range(40))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["cmt", "meanflow"])
 def test_ddp_two_gloo_ranks_match_one_process(tmp_path, kind):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
