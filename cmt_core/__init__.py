@@ -5,7 +5,10 @@ Conventions used throughout the library (see the module docstrings for details):
 * Time is the EDM noise level ``sigma`` (written ``t``, ``s`` or ``r``): data lives at ``sigma = 0``,
   a noisy sample is ``x_t = x_0 + t * eps`` and the probability-flow ODE is ``dx/dt = (x - D(x, t)) / t``.
   Mean Flow's average velocity ``u(x_t, r, t) = (x_t - x_r) / (t - r)`` is written in the same time;
-  the rectified-flow time ``tau`` of the Mean Flow paper maps to it by ``t = tau / (1 - tau)`` (see ``samplers``).
+  the rectified-flow time ``tau`` of the Mean Flow paper maps to it by ``t = tau / (1 - tau)``
+  (see ``objectives.meanflow``).
+* Every random number comes from a named stream of ``rng`` keyed by (seed, step, rank, ...).
+* The stage graph (what each stage reads, needs and computes) is declared once, in ``stages``.
 * Trajectories are ordered along the solver: index 0 is the noise end (``sigma_max``), index -1 the clean end.
 * Images are float tensors in ``[-1, 1]``, shape ``(B, C, H, W)``; vector data is ``(B, D)``.
 """

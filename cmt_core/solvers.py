@@ -33,13 +33,18 @@ def _b(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) if t.ndim else t.to(x.dtype)
 
 
+def _euler_step(denoiser: DenoiserFn, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor):
+    """``(x_next, d)``: one Euler step along the ODE's velocity ``d = (x - D(x, t)) / t``."""
+    d = (x - _d(denoiser, x, t)) / _b(t, x)
+    return x + _b(t_next - t, x) * d, d
+
+
 @torch.no_grad()
 def euler(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """First-order Euler: one denoiser call per step."""
     states = [x]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        d = (x - _d(denoiser, x, t)) / _b(t, x)
-        x = x + _b(t_next - t, x) * d
+        x, _ = _euler_step(denoiser, x, t, t_next)
         states.append(x)
     return torch.stack(states, dim=1)
 
@@ -49,8 +54,7 @@ def heun(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Ten
     """EDM's second-order Heun: two calls per step, one on a final step to sigma = 0."""
     states = [x]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        d = (x - _d(denoiser, x, t)) / _b(t, x)
-        x_euler = x + _b(t_next - t, x) * d
+        x_euler, d = _euler_step(denoiser, x, t, t_next)
         if (t_next > 0).any():
             safe_next = t_next.clamp(min=1e-12)
             d_next = (x_euler - _d(denoiser, x_euler, safe_next)) / _b(safe_next, x)

@@ -179,7 +179,7 @@ def _rollouts(ctx: StageContext) -> dict:
 
 def _midtrain(ctx: StageContext) -> dict:
     """Consistency mid-training on the rollouts; keeps the best 1-step EMA model (``model.pt``)."""
-    c, runtime = ctx.cfg, ctx.runtime
+    c = ctx.cfg
     data = load_data(c.data)
     kind = MIDTRAIN_KIND[c.midtrain.form]
     torch.manual_seed(c.midtrain.train.seed)
@@ -188,12 +188,17 @@ def _midtrain(ctx: StageContext) -> dict:
         init_from(model, _teacher_weights(ctx))
     source = StorePairs(ctx.input("rollouts") / STORE_DIR, to_end=c.midtrain.form == "cm", seed=c.midtrain.train.seed)
     loss = CMTLoss(c.midtrain.form, c.midtrain.distance, c.midtrain.huber_c)
+    return _train_few_step(ctx, data, model, kind, loss, source, c.midtrain.train, "mid-training")
+
+
+def _train_few_step(ctx: StageContext, data: Data, model, kind: str, loss, source, train_cfg, desc: str) -> dict:
+    """Train a few-step model, scored every ``train_cfg.eval_every`` steps, and save the best EMA model."""
     scorer = _scorer(ctx, data)
-    result = train(model, loss, source, c.midtrain.train, ctx.path / "train", runtime,
-                   evaluate=scorer.training_evaluate(kind) if c.midtrain.train.eval_every else None,
-                   desc="mid-training", progress=ctx.progress)
-    if runtime.is_main:
-        save_model(ctx.path / MODEL_FILE, result.model, kind, c.network, data.sample_shape)
+    result = train(model, loss, source, train_cfg, ctx.path / "train", ctx.runtime,
+                   evaluate=scorer.training_evaluate(kind) if train_cfg.eval_every else None,
+                   desc=desc, progress=ctx.progress)
+    if ctx.runtime.is_main:
+        save_model(ctx.path / MODEL_FILE, result.model, kind, ctx.cfg.network, data.sample_shape)
     return {"best_step": result.best_step, "best_score": result.best_score, "score_name": scorer.primary}
 
 
@@ -217,13 +222,7 @@ def _posttrain(ctx: StageContext) -> dict:
         if p.method == "ecd":
             teacher = teacher_denoiser(c.teacher, data, ctx.input("teacher") / MODEL_FILE).to(runtime.device).eval()
         loss = ECTLoss(p.ect, smin, smax, teacher, p.ecd_solver)
-    scorer = _scorer(ctx, data)
-    result = train(model, loss, data.source(p.train.seed), p.train, ctx.path / "train", runtime,
-                   evaluate=scorer.training_evaluate(kind) if p.train.eval_every else None,
-                   desc="post-training", progress=ctx.progress)
-    if runtime.is_main:
-        save_model(ctx.path / MODEL_FILE, result.model, kind, c.network, data.sample_shape)
-    return {"best_step": result.best_step, "best_score": result.best_score, "score_name": scorer.primary}
+    return _train_few_step(ctx, data, model, kind, loss, data.source(p.train.seed), p.train, "post-training")
 
 
 def _evaluation(ctx: StageContext) -> dict:

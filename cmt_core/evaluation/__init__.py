@@ -7,6 +7,11 @@
 * ``features``: the extractors (``inception``, ``digits_classifier``, ``pixels``) and ``feature_extractor``.
 * ``distances_2d``: sliced Wasserstein, energy distance and flow-map error for 2-D data.
 * ``report``: ``write_report`` (report.md, metrics.json, PNG figures) and ``png_data_url``.
+* ``scoring``: ``Scorer``, a model's metrics from fixed noises (during training and in the table).
+* ``table``: ``results_table``, the run's results table and report from models handed in by the stage.
+
+clean-fid and torchvision (the ``[fid]`` extra) are imported only when a Frechet distance or an image grid
+is computed.
 """
 
 from cmt_core.evaluation.digits_classifier import DigitsClassifierFeatures, load_digits_split
