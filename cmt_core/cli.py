@@ -66,6 +66,7 @@ def setup_logging(artifact_root: Path, command: str) -> Path:
     root = logging.getLogger()
     root.handlers[:] = [console, file]
     root.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API request
     return log_file
 
 
