@@ -91,19 +91,30 @@ def print_results(results: dict) -> None:
 
 
 def print_config(cfg) -> None:
-    """The config as YAML, headed by the size of its trajectory store."""
+    """The config as YAML, headed by the training budget of each stage (Mimg = steps x batch / 1e6, the
+    reference's unit) and the size of its trajectory store."""
     from cmt_core.data import load_data
     from cmt_core.trajectories.store import sizing
 
+    stages = {"mid-training": cfg.midtrain.train, "post-training": cfg.posttrain.train}
+    if cfg.teacher.source == "pretrain":
+        stages = {"teacher": cfg.teacher.train, **stages}
+    else:
+        print(f"# teacher: not trained here (teacher.source={cfg.teacher.source})")
+    mimg = {name: t.steps * t.batch_size / 1e6 for name, t in stages.items()}
+    for name, t in stages.items():
+        print(f"# {name + ':':<15}{mimg[name]:>10.4g} Mimg ({t.steps:,} steps x batch {t.batch_size})")
+    print(f"# {'mid + post:':<15}{mimg['mid-training'] + mimg['post-training']:>10.4g} Mimg")
     r = cfg.rollout
     try:
         shape = load_data(cfg.data).sample_shape
-    except (OSError, ValueError):  # e.g. a CIFAR-10 folder that is not on this machine
-        shape = (3, cfg.data.resolution or 32, cfg.data.resolution or 32) if cfg.data.name == "cifar10" else None
+    except (OSError, ValueError):  # e.g. a CIFAR-10 folder that is not on this machine: the shape it will have
+        side = cfg.data.resolution or (32 if cfg.data.name == "cifar10" else None)
+        shape = (3, side, side) if side and cfg.data.name in ("cifar10", "image_folder") else None
     if shape is not None:
         size = sizing(shape, r.solver.steps + 1, r.num_trajectories, r.store.dtype, r.store.keep_indices)
         print(f"# trajectory store: {r.num_trajectories:,} trajectories x {size['states']} states of "
-              f"{tuple(shape)}, {size['total_bytes'] / 1e9:.3g} GB uncompressed ({r.store.dtype})")
+              f"{tuple(shape)}, {size['total_bytes'] / 1e9:.4g} GB uncompressed ({r.store.dtype})")
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 

@@ -2,9 +2,12 @@
 
 * ``toy``: 2-D Gaussian mixture, exact teacher; the whole pipeline in about a minute on 2 CPU cores.
 * ``digits``: scikit-learn's 8x8 digits with a teacher pre-trained here; the embedded default.
-* ``cifar10``: the paper's CIFAR-10 recipe at GPU scale (DDPM++-size U-Net, 16-step DPM-Solver++
-  rollouts from 80 to 0.002, CMT with RAdam 2e-4 / EMA 0.999, then ECT); reads a local CIFAR-10 copy.
-* ``cifar10-tiny``: the same recipe with a tiny U-Net and a few steps, to exercise it on a CPU.
+* ``cifar10``, ``ffhq64``, ``afhq64``: the paper's recipes at GPU scale, number for number as
+  ``docs/recipes.md`` lists them with their sources (sony/cmt's scripts, NVlabs/edm for the teachers);
+  ``tests/test_recipes.py`` fails on any difference. Mid-training 300k iterations at batch 128 (38.4 Mimg) on
+  16-step third-order DPM-Solver++ rollouts, then ECT 100k iterations at batch 128 (12.8 Mimg) at one fixed
+  small dt = 1/q. They read a local copy of the data (``data.path``).
+* ``cifar10-tiny``: the ``cifar10`` recipe with a tiny U-Net and a few steps, to exercise it on a CPU.
 """
 
 from __future__ import annotations
@@ -58,49 +61,77 @@ def _digits() -> dict:
     }
 
 
-def _cifar10(tiny: bool = False) -> dict:
-    unet = {"kind": "unet", "width": 128, "channel_mult": [2, 2, 2], "depth": 4, "attention_resolutions": [16],
-            "dropout": 0.2, "emb_dim": 512, "sigma_data": 0.5}
-    cfg = {
-        "data": {"name": "cifar10", "path": "data/cifar-10-batches-py", "heldout_fraction": 0.0},
-        "network": unet,
-        "teacher": {"source": "pretrain",
-                    "train": {"steps": 390_000, "batch_size": 512, "lr": 1e-3, "optimizer": "adam",
-                              "lr_schedule": "constant", "warmup_steps": 20_000, "ema_decay": 0.9999,
-                              "checkpoint_every": 5000, "log_every": 500},
-                    "sampler": {"name": "heun", "steps": 18, "grid": "karras", "to_zero": True}},
+# The training loops of the recipes (sony/cmt's cmt_training_loop.py and ct_training_loop.py): betas
+# (0.9, 0.999), no weight decay, lr decayed linearly to 0 over the run, no warm-up, no gradient clipping.
+_REFERENCE_LOOP = {"optimizer": "radam", "betas": [0.9, 0.999], "weight_decay": 0.0, "lr_schedule": "linear",
+                   "final_lr_fraction": 0.0, "warmup_steps": 0, "grad_clip": None}
+_BOOKKEEPING = {"checkpoint_every": 5000, "log_every": 500}  # ours; no effect on the result
+
+
+def _edm_teacher(batch_size: int, lr: float, ema_decay: float, sampler_steps: int) -> dict:
+    """EDM's pre-training (NVlabs/edm train.py): 200 Mimg, Adam, lr ramped up over 10 Mimg; ``ema_decay`` is
+    its EMA half-life of 0.5 Mimg as a per-step rate, 0.5^(batch_size / 500,000). Heun on Karras' grid to
+    sigma = 0 for sampling."""
+    train = {"steps": 200_000_000 // batch_size, "batch_size": batch_size, "lr": lr, "optimizer": "adam",
+             "betas": [0.9, 0.999], "weight_decay": 0.0, "lr_schedule": "constant",
+             "warmup_steps": 10_000_000 // batch_size, "ema_decay": ema_decay, "grad_clip": None, **_BOOKKEEPING}
+    sampler = {"name": "heun", "steps": sampler_steps, "grid": "karras", "sigma_min": 0.002, "sigma_max": 80.0,
+               "rho": 7.0, "to_zero": True}
+    return {"source": "pretrain", "p_mean": -1.2, "p_std": 1.2, "train": train, "sampler": sampler}
+
+
+def _cmt_recipe(data: dict, channel_mult: list[int], teacher: dict, q: float) -> dict:
+    """CMT then ECT as sony/cmt's ``run_cmt_*.sh`` and ``run_cmt+ecm_*.sh`` run them on a DDPM++ U-Net.
+
+    The ECT stage never advances (``stage_steps`` is the reference's ``--double`` of 1M iterations), so
+    r = t (1 - (1 + k sigmoid(-b t)) / q) throughout: dt = 1/q at large t."""
+    return {
+        "data": {**data, "heldout_fraction": 0.0},
+        "network": {"kind": "unet", "width": 128, "channel_mult": channel_mult, "depth": 4,
+                    "attention_resolutions": [16], "dropout": 0.2, "emb_dim": 512, "sigma_data": 0.5},
+        "teacher": teacher,
         "rollout": {"num_trajectories": 2_400_000, "batch_size": 1024,
-                    "solver": {"name": "dpm2m", "steps": 16, "grid": "log_uniform", "sigma_min": 0.002,
-                               "sigma_max": 80.0},
+                    "solver": {"name": "dpm3m", "lower_order_final": True, "steps": 16, "grid": "log_uniform",
+                               "sigma_min": 0.002, "sigma_max": 80.0},
                     "store": {"dtype": "float16", "chunk_trajectories": 64, "shard_chunks": 64}},
-        "midtrain": {"form": "cm", "distance": "pseudo_huber", "huber_c": 0.03,
-                     "train": {"steps": 100_000, "batch_size": 128, "lr": 2e-4, "optimizer": "radam",
-                               "lr_schedule": "linear", "ema_decay": 0.999, "checkpoint_every": 5000,
-                               "log_every": 500, "eval_every": 10_000}},
+        "midtrain": {"form": "cm", "init": "teacher", "distance": "pseudo_huber", "huber_c": 0.00054,
+                     "train": {**_REFERENCE_LOOP, **_BOOKKEEPING, "steps": 300_000, "batch_size": 128, "lr": 2e-4,
+                               "ema_decay": 0.999, "eval_every": 50_000}},
         "posttrain": {"method": "ect", "init": "cmt",
-                      "ect": {"p_mean": -1.1, "p_std": 2.0, "k": 8.0, "b": 1.0, "q": 2.0, "stage_steps": 25_000,
-                              "huber_c": 0.03},
-                      "train": {"steps": 300_000, "batch_size": 128, "lr": 1e-4, "optimizer": "radam",
-                                "lr_schedule": "constant", "ema_decay": 0.9999, "checkpoint_every": 5000,
-                                "log_every": 500, "eval_every": 10_000}},
-        "eval": {"num_samples": 50_000, "batch_size": 500, "mid_sigma": 0.8},
+                      "ect": {"t_sampling": "lognormal", "p_mean": -1.1, "p_std": 2.0, "k": 8.0, "b": 1.0, "q": q,
+                              "start_stage": 0, "stage_steps": 1_000_000, "huber_c": 1e-6},
+                      "train": {**_REFERENCE_LOOP, **_BOOKKEEPING, "steps": 100_000, "batch_size": 128, "lr": 1e-4,
+                                "ema_decay": 0.9999, "eval_every": 5000}},
+        "eval": {"num_samples": 50_000, "batch_size": 500, "mid_sigma": 0.77569, "fid_mode": "legacy_tensorflow"},
     }
+
+
+def _cifar10(tiny: bool = False) -> dict:
+    cfg = _cmt_recipe({"name": "cifar10", "path": "data/cifar-10-batches-py"}, [2, 2, 2],
+                      _edm_teacher(batch_size=512, lr=1e-3, ema_decay=0.99929, sampler_steps=18), q=4096.0)
     if tiny:
         small = {"batch_size": 8, "checkpoint_every": 2, "log_every": 1}
-        cfg["network"] = {**unet, "width": 16, "channel_mult": [1, 2], "depth": 1, "attention_resolutions": [16],
-                          "emb_dim": 32}
+        cfg["network"].update(width=16, channel_mult=[1, 2], depth=1, emb_dim=32)
         cfg["data"]["heldout_fraction"] = 0.2
-        cfg["teacher"]["train"] = {**cfg["teacher"]["train"], **small, "steps": 3, "warmup_steps": 0}
+        cfg["teacher"]["train"].update(small, steps=3, warmup_steps=0)
         cfg["rollout"].update(num_trajectories=16, batch_size=8)
         cfg["rollout"]["solver"]["steps"] = 4
         cfg["rollout"]["store"] = {"dtype": "float16", "chunk_trajectories": 4, "shard_chunks": 2}
-        cfg["midtrain"]["train"] = {**cfg["midtrain"]["train"], **small, "steps": 3, "eval_every": None}
-        cfg["posttrain"]["train"] = {**cfg["posttrain"]["train"], **small, "steps": 3, "eval_every": None}
-        cfg["eval"] = {"num_samples": 16, "batch_size": 8}
+        cfg["midtrain"]["train"].update(small, steps=3, eval_every=None)
+        cfg["posttrain"]["train"].update(small, steps=3, eval_every=None)
+        cfg["eval"].update(num_samples=16, batch_size=8)
     return cfg
 
 
-PRESETS = {"toy": _toy, "digits": _digits, "cifar10": _cifar10, "cifar10-tiny": lambda: _cifar10(tiny=True)}
+def _faces64(name: str, q: float) -> dict:
+    """FFHQ-64 / AFHQv2-64: EDM's 64x64 DDPM++ (channel_mult 1, 2, 2, 2) and teacher, the CIFAR-10 recipe's
+    mid-training, ECT at dt = 1/q. ``name`` is the folder of PNGs under ``data/``."""
+    return _cmt_recipe({"name": "image_folder", "path": f"data/{name}", "resolution": 64}, [1, 2, 2, 2],
+                       _edm_teacher(batch_size=256, lr=2e-4, ema_decay=0.999645, sampler_steps=40), q=q)
+
+
+PRESETS = {"toy": _toy, "digits": _digits, "cifar10": _cifar10, "cifar10-tiny": lambda: _cifar10(tiny=True),
+           "ffhq64": lambda: _faces64("ffhq-64x64", q=512.0), "afhq64": lambda: _faces64("afhqv2-64x64", q=1024.0)}
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
