@@ -6,9 +6,10 @@ Each solver is a pure function of (denoiser, start state, grid) and returns the 
 ``(N + 1, B)`` per sample; a final sigma = 0 is allowed (the step then returns the denoiser's estimate, as
 EDM's Heun sampler does).
 
-``SOLVERS`` registers every solver once (name -> function and its number of denoiser calls); the
-configs' solver choices (``cmt_core.config.SolverName``) are its keys. A new solver is one function and
-one entry.
+``SOLVERS`` registers every solver once (name -> function, its number of denoiser calls and the keyword
+options it takes); the configs' solver choices (``cmt_core.config.SolverName``) are its keys. A new solver
+is one function and one entry. ``dpm2m`` / ``dpm3m`` are DPM-Solver++ multistep as Lu et al. 2022 define
+it; ``dpm2m_taylor`` / ``dpm3m_taylor`` use DPM-Solver's "taylor" second-order update instead.
 """
 
 from __future__ import annotations
@@ -65,39 +66,75 @@ def heun(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Ten
     return torch.stack(states, dim=1)
 
 
-@torch.no_grad()
-def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, order: int = 2) -> torch.Tensor:
-    """DPM-Solver++ multistep (order 2 or 3) in data prediction, one denoiser call per step.
+def _step_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """The order of each of ``steps`` multistep updates.
 
-    With lambda = -ln sigma and h = lambda_next - lambda, the exact solution of the linear part is
-    x_next = (t_next / t) x + (1 - e^-h) D; the multistep correction adds phi_2 D' (+ phi_3 D'') from
-    divided differences of the previous denoiser outputs (lower order at the first steps).
+    Step i (0-based) has only i previous denoiser outputs, so its order is at most i + 1; with
+    ``lower_order_final`` the last steps also come down to ..., 3, 2, 1 (order at most ``steps - i``), as in
+    DPM-Solver's sampler, which does so below 10 steps and the reference at any number (16 steps of order 3:
+    1, 2, 3 x 12, 2, 1)."""
+    return [min(order, i + 1, steps - i if lower_order_final else order) for i in range(steps)]
+
+
+def _multistep_correction(denoised: torch.Tensor, history: list[torch.Tensor], h: torch.Tensor,
+                          h_history: list[torch.Tensor], order: int, taylor: bool) -> torch.Tensor:
+    """The terms of order 2 (and 3) added to the first-order update ``(t_next / t) x - (e^-h - 1) D_i``.
+
+    ``history``: the previous denoiser outputs ``[..., D_{i-2}, D_{i-1}]``; ``h_history``: the steps that
+    ended at their successors ``[..., h_{i-2}, h_{i-1}]``; ``r_k = h_{i-1-k} / h``. Order 2:
+    ``-(e^-h - 1) / 2 * (D_i - D_{i-1}) / r_0`` (Lu et al.'s DPM-Solver++(2M)), or with ``taylor``
+    ``phi_2 (D_i - D_{i-1}) / r_0``, ``phi_2 = (e^-h - 1) / h + 1``, the exact integral of the linearly
+    extrapolated D (DPM-Solver's "taylor" solver type; less accurate on our exact teachers). Order 3:
+    ``phi_2 D1 - phi_3 D2``, ``phi_3 = phi_2 / h - 1/2``, with ``D1 ~ h D'`` and ``D2 ~ h^2 D'' / 2`` from the
+    last three outputs: DPM-Solver++'s one third-order multistep update (both types), kept as the reference
+    runs it. The Taylor expansion would weight D2 by 2 phi_3; with phi_3 each step errs by ~h^3 D'' / 12, so
+    ``dpm3m`` converges at second order once the steps are fine (with a smaller constant than ``dpm2m``).
+    """
+    phi_1 = torch.expm1(-h)
+    r0 = h_history[-1] / h
+    d1_0 = (denoised - history[-1]) / r0
+    if order == 2:
+        return (phi_1 / h + 1) * d1_0 if taylor else -0.5 * phi_1 * d1_0
+    r1 = h_history[-2] / h
+    d1_1 = (history[-1] - history[-2]) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi_2 = phi_1 / h + 1
+    return phi_2 * d1 - (phi_2 / h - 0.5) * d2
+
+
+@torch.no_grad()
+def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, order: int = 2, *,
+                  lower_order_final: bool = False, taylor: bool = False) -> torch.Tensor:
+    """DPM-Solver++ multistep of Lu et al. 2022 (order 2 or 3, data prediction), one denoiser call per step.
+
+    EDM time: alpha = 1, sigma = t, lambda = -ln t, h = ln(t / t_next). Step i goes from ``t_i`` to
+    ``t_{i+1}`` with ``D_i = D(x_i, t_i)``: the first-order update ``(t_next / t) x - (e^-h - 1) D_i`` is
+    exact for a constant D; the multistep corrections (``_multistep_correction``) extrapolate D from the
+    previous outputs. Orders per step: ``_step_orders`` (lower at the first steps, and at the last ones
+    with ``lower_order_final``). ``taylor``: DPM-Solver's "taylor" second-order update instead of the
+    standard one. A step to sigma = 0 (h = inf) is first order and lands on D_i; the corrections diverge
+    there, so per-sample grids may reach 0 only on a first-order step or all at once.
     """
     if order not in (2, 3):
         raise ValueError(f"order must be 2 or 3, got {order}")
-    states, history, steps = [x], [], []  # history: previous denoised; steps: previous h
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    orders = _step_orders(len(grid) - 1, order, lower_order_final)
+    states, history, h_history = [x], [], []  # previous denoiser outputs and steps, newest last
+    for t, t_next, step_order in zip(grid[:-1], grid[1:], orders):
         denoised = _d(denoiser, x, t)
         if (t_next == 0).all():
             x = denoised
         else:
-            if (t_next == 0).any() and history:
-                raise ValueError("DPM-Solver++ multistep needs a grid that reaches sigma = 0 for all samples at once")
             to_zero = _b(t_next, x) == 0
+            if to_zero.any() and step_order > 1:
+                raise ValueError("DPM-Solver++ multistep needs a grid that reaches sigma = 0 for all samples at "
+                                 "once or on a first-order step")
             h = _b(torch.log(t / t_next.clamp(min=1e-12)), x)
             x = _b(t_next / t, x) * x - torch.expm1(-h) * denoised
-            x = torch.where(to_zero, denoised, x)  # a single step to 0 (per-sample grids) lands on D
-            phi_2 = torch.expm1(-h) / h + 1
-            if len(history) >= 2 and order == 3:
-                r0, r1 = steps[-1] / h, steps[-2] / h
-                d1_0 = (denoised - history[-1]) / r0
-                d1_1 = (history[-1] - history[-2]) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                x = x + phi_2 * d1 - (phi_2 / h - 0.5) * d2
-            elif history:
-                x = x + phi_2 * (denoised - history[-1]) / (steps[-1] / h)
-            steps.append(h)
+            if step_order > 1:
+                x = x + _multistep_correction(denoised, history, h, h_history, step_order, taylor)
+            x = torch.where(to_zero, denoised, x)
+            h_history = (h_history + [h])[-2:]
         history = (history + [denoised])[-2:]
         states.append(x)
     return torch.stack(states, dim=1)
@@ -113,15 +150,22 @@ def _heun_calls(grid: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class Solver:
-    run: Callable[[DenoiserFn, torch.Tensor, torch.Tensor], torch.Tensor]  # (denoiser, x, grid) -> states
+    run: Callable[..., torch.Tensor]  # (denoiser, x, grid, **options) -> states (B, N + 1, *sample_shape)
     function_evaluations: Callable[[torch.Tensor], int]  # grid -> denoiser calls
+    options: frozenset[str] = frozenset()  # the keyword options ``run`` takes
 
+
+_MULTISTEP_OPTIONS = frozenset({"lower_order_final"})
 
 SOLVERS: dict[str, Solver] = {
     "euler": Solver(euler, _one_call_per_step),
     "heun": Solver(heun, _heun_calls),
-    "dpm2m": Solver(functools.partial(dpm_solver_pp, order=2), _one_call_per_step),
-    "dpm3m": Solver(functools.partial(dpm_solver_pp, order=3), _one_call_per_step),
+    "dpm2m": Solver(functools.partial(dpm_solver_pp, order=2), _one_call_per_step, _MULTISTEP_OPTIONS),
+    "dpm3m": Solver(functools.partial(dpm_solver_pp, order=3), _one_call_per_step, _MULTISTEP_OPTIONS),
+    "dpm2m_taylor": Solver(functools.partial(dpm_solver_pp, order=2, taylor=True), _one_call_per_step,
+                           _MULTISTEP_OPTIONS),
+    "dpm3m_taylor": Solver(functools.partial(dpm_solver_pp, order=3, taylor=True), _one_call_per_step,
+                           _MULTISTEP_OPTIONS),
 }
 
 
@@ -131,9 +175,15 @@ def get_solver(name: str) -> Solver:
     return SOLVERS[name]
 
 
-def solve(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, name: str) -> torch.Tensor:
-    """The trajectory ``(B, N + 1, *sample_shape)`` of the registered solver ``name`` on ``grid``."""
-    return get_solver(name).run(denoiser, x, grid)
+def solve(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, name: str, **options) -> torch.Tensor:
+    """The trajectory ``(B, N + 1, *sample_shape)`` of the registered solver ``name`` on ``grid``.
+
+    ``options``: keywords the solver declares (``Solver.options``), e.g. ``lower_order_final=True`` for
+    the multistep DPM-Solver++ variants; any other is an error rather than silently ignored."""
+    solver = get_solver(name)
+    if unknown := set(options) - solver.options:
+        raise ValueError(f"solver {name!r} takes no option {sorted(unknown)}; it takes {sorted(solver.options)}")
+    return solver.run(denoiser, x, grid, **options)
 
 
 def function_evaluations(name: str, grid: torch.Tensor) -> int:
@@ -142,5 +192,8 @@ def function_evaluations(name: str, grid: torch.Tensor) -> int:
 
 
 def solve_config(denoiser: DenoiserFn, x: torch.Tensor, cfg) -> torch.Tensor:
-    """Solve on the grid of a ``SolverConfig``; ``x`` is the start state at ``cfg.sigma_max``."""
-    return solve(denoiser, x, make_grid(cfg).to(x.device), cfg.name)
+    """Solve on the grid of a ``SolverConfig``; ``x`` is the start state at ``cfg.sigma_max``.
+
+    ``cfg.lower_order_final`` is passed only when set, so solvers without that option run with the default."""
+    options = {"lower_order_final": True} if cfg.lower_order_final else {}
+    return solve(denoiser, x, make_grid(cfg).to(x.device), cfg.name, **options)

@@ -20,7 +20,8 @@ def log_uniform_grid(steps: int, sigma_min: float = 0.002, sigma_max: float = 80
     """Uniform in log sigma (DPM-Solver's logSNR grid), ``steps`` steps; ``to_zero``: the last one ends at 0."""
     points = steps if to_zero else steps + 1
     grid = torch.exp(torch.linspace(torch.log(torch.tensor(sigma_max, dtype=torch.float64)),
-                                    torch.log(torch.tensor(sigma_min, dtype=torch.float64)), points))
+                                    torch.log(torch.tensor(sigma_min, dtype=torch.float64)), points,
+                                    dtype=torch.float64))  # linspace defaults to float32 even between float64 ends
     return torch.cat([grid, grid.new_zeros(1)]) if to_zero else grid
 
 

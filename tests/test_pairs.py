@@ -52,7 +52,7 @@ def test_batches_hold_the_stored_pairs_like_trajectory_pairs(store_path, traject
 
 def test_every_pair_of_an_epoch_appears_once_across_two_ranks(store_path, trajectories):
     pairs = StorePairs(store_path, seed=7, buffer_chunks=2)
-    key = {tuple(trajectories.states[n, i].tolist()) + (float(trajectories.grid[i]),): (n, i)
+    key = {tuple(trajectories.states[n, i].tolist()) + (float(trajectories.grid[i].float()),): (n, i)
            for n in range(NUM) for i in range(STEPS)}
     seen = Counter()
     for step in range(10):  # 10 steps of 12 pairs = one epoch

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from cmt_core.config import SolverConfig
 from cmt_core.data.synthetic import Checkerboard, GaussianMixture
-from cmt_core.solvers import function_evaluations, solve
+from cmt_core.solvers import function_evaluations, solve, solve_config
 from cmt_core.time_grids import karras_grid, log_uniform_grid
 
 
@@ -22,13 +23,59 @@ def measured_order(name: str, distribution) -> float:
     return math.log2(errors[1] / errors[2])
 
 
+def fitted_order(steps, errors) -> float:
+    """Minus the least-squares slope of log error against log steps."""
+    x, y = torch.tensor(steps, dtype=torch.float64).log(), torch.tensor(errors, dtype=torch.float64).log()
+    return float(-((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+
+
 GMM, CHECKER = GaussianMixture(8, 2.0, 0.3), Checkerboard()
+MULTISTEP = [("dpm2m", {}), ("dpm2m_taylor", {}), ("dpm3m", {}), ("dpm3m", {"lower_order_final": True})]
+MULTISTEP_IDS = ["dpm2m", "dpm2m_taylor", "dpm3m", "dpm3m-lower_order_final"]
 
 
 @pytest.mark.parametrize("distribution", [GMM, CHECKER], ids=["gmm", "checker"])
-@pytest.mark.parametrize("name,order", [("euler", 1.0), ("heun", 2.0), ("dpm2m", 2.0)])
+@pytest.mark.parametrize("name,order", [("euler", 1.0), ("heun", 2.0), ("dpm2m", 2.0), ("dpm2m_taylor", 2.0)])
 def test_solver_convergence_order_on_exact_teacher(name, order, distribution):
     assert measured_order(name, distribution) == pytest.approx(order, abs=0.3)
+
+
+@functools.lru_cache
+def mixture_start_and_reference():
+    x = 80 * torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return x, solve(GMM.denoise, x, log_uniform_grid(4096), "heun")[:, -1]  # error ~1e-6, far below the fitted ones
+
+
+def mixture_errors(name: str, steps: tuple[int, ...]) -> list[float]:
+    """Mean endpoint error of ``name`` on the mixture, 80 -> 0.002 on log-uniform grids, against a fine Heun solve."""
+    x, reference = mixture_start_and_reference()
+    return [(solve(GMM.denoise, x, log_uniform_grid(n), name)[:, -1] - reference).norm(dim=1).mean().item()
+            for n in steps]
+
+
+@pytest.mark.parametrize("name", ["dpm2m", "dpm2m_taylor"])
+def test_dpm2m_is_second_order_on_the_mixture(name):
+    steps = (64, 128, 256)
+    assert fitted_order(steps, mixture_errors(name, steps)) == pytest.approx(2.0, abs=0.2)
+
+
+def test_dpm3m_is_second_order_asymptotically_as_lu_et_al_write_it():
+    """Lu et al.'s third-order multistep update (the reference's) weights the second divided difference D2 ~ h^2 D''/2
+    by phi_3, where the Taylor expansion of the integral asks for 2 phi_3: each step errs by ~h^3 D''/12, so past the
+    coarse grids the method converges at second order (with a smaller constant than 2M). Faithfulness pins this."""
+    steps = (64, 128, 256)
+    errors = mixture_errors("dpm3m", steps)
+    assert fitted_order(steps, errors) == pytest.approx(2.0, abs=0.2)
+    assert errors[-1] < 0.5 * mixture_errors("dpm2m", steps)[-1]
+
+
+def test_standard_dpm2m_is_more_accurate_than_the_taylor_form_at_16_steps():
+    mixture = GaussianMixture()
+    x = 80 * torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    reference = solve(mixture.denoise, x, log_uniform_grid(2048), "heun")[:, -1]
+    error = {name: (solve(mixture.denoise, x, log_uniform_grid(16), name)[:, -1] - reference).norm(dim=1).mean()
+             for name in ("dpm2m", "dpm2m_taylor")}
+    assert error["dpm2m"] < 0.8 * error["dpm2m_taylor"]  # measured 2.5e-2 vs 3.5e-2
 
 
 def test_dpm3m_beats_dpm2m_at_equal_steps():
@@ -36,6 +83,91 @@ def test_dpm3m_beats_dpm2m_at_equal_steps():
     grid = karras_grid(24, 0.05, 80.0)
     err = {n: (solve(GMM.denoise, x, grid, n)[:, -1] - ref).norm(dim=1).mean() for n in ("dpm2m", "dpm3m")}
     assert err["dpm3m"] < 0.5 * err["dpm2m"]
+
+
+# --- closed form: data N(0, S^2 I), D(x, t) = S^2 / (S^2 + t^2) x, x(s) = x(t) sqrt(S^2 + s^2) / sqrt(S^2 + t^2) ---
+
+S = 0.5
+
+
+def gaussian_denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (S**2 / (S**2 + t**2))[:, None] * x
+
+
+def gaussian_flow(x_T: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The exact states ``(B, N + 1, 2)`` on ``grid`` from ``x_T`` at ``grid[0]``."""
+    return x_T[:, None] * (torch.sqrt(S**2 + grid**2) / torch.sqrt(S**2 + grid[0] ** 2))[None, :, None]
+
+
+@pytest.mark.parametrize("name,options", MULTISTEP, ids=MULTISTEP_IDS)
+def test_multistep_solvers_follow_the_closed_form_gaussian_flow(name, options):
+    x = 80 * torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grid = log_uniform_grid(16)
+    states, exact = solve(gaussian_denoiser, x, grid, name, **options), gaussian_flow(x, grid)
+    assert ((states - exact).norm(dim=2) / exact.norm(dim=2)).max() < 0.05  # measured 2.9e-2 (2M) .. 4.9e-2 (taylor)
+    steps = (64, 128, 256)
+    errors = [(solve(gaussian_denoiser, x, log_uniform_grid(n), name, **options)[:, -1]
+               - gaussian_flow(x, log_uniform_grid(n))[:, -1]).norm(dim=1).mean() for n in steps]
+    assert fitted_order(steps, errors) == pytest.approx(2.0, abs=0.2)  # dpm3m too: see the test above
+
+
+# --- the updates themselves, written from Lu et al. 2022 in Newton divided differences over lambda = -ln t ---
+
+def lu_et_al_update(x, times, denoised, taylor=False):
+    """x_{i+1} from x_i: ``times = (t_{i+1}, t_i, t_{i-1}, ...)``, ``denoised = (D_i, D_{i-1}, ...)``; the order is
+    ``len(denoised)``. ``taylor``: DPM-Solver's "taylor" second-order update."""
+    lam = [-math.log(t) for t in times]
+    h, e = lam[0] - lam[1], math.expm1(-lam[0] + lam[1])
+    x_next = times[0] / times[1] * x - e * denoised[0]
+    if len(denoised) == 1:
+        return x_next
+    slope = (denoised[0] - denoised[1]) / (lam[1] - lam[2])  # D[lambda_i, lambda_{i-1}]
+    phi_2 = e / h + 1
+    if len(denoised) == 2:
+        return x_next + (phi_2 * h * slope if taylor else -e / 2 * h * slope)
+    curvature = (slope - (denoised[1] - denoised[2]) / (lam[2] - lam[3])) / (lam[1] - lam[3])
+    return x_next + phi_2 * h * (slope + (lam[1] - lam[2]) * curvature) - (phi_2 / h - 0.5) * h**2 * curvature
+
+
+def expected_states(states, grid, orders, taylor=False):
+    """Each state recomputed from the solver's previous states with the given per-step orders."""
+    denoised = [GMM.denoise(states[:, k], grid[k].expand(len(states))) for k in range(len(grid) - 1)]
+    out = [states[:, 0]]
+    for k, order in enumerate(orders):
+        times = [float(grid[k + 1])] + [float(grid[k - j]) for j in range(order)]
+        out.append(lu_et_al_update(states[:, k], times, [denoised[k - j] for j in range(order)], taylor))
+    return torch.stack(out, dim=1)
+
+
+UNEVEN = torch.tensor([10.0, 4.0, 1.5, 0.4, 0.05], dtype=torch.float64)  # r != 1, so the ratios matter
+
+
+@pytest.mark.parametrize("name,options,grid,orders", [
+    ("dpm2m", {}, UNEVEN, [1, 2, 2, 2]),
+    ("dpm2m_taylor", {}, UNEVEN, [1, 2, 2, 2]),
+    ("dpm3m", {}, UNEVEN, [1, 2, 3, 3]),
+    ("dpm3m_taylor", {}, UNEVEN, [1, 2, 3, 3]),
+    ("dpm2m", {"lower_order_final": True}, log_uniform_grid(16), [1] + [2] * 14 + [1]),
+    ("dpm3m", {"lower_order_final": True}, log_uniform_grid(16), [1, 2] + [3] * 12 + [2, 1]),
+], ids=["dpm2m", "dpm2m_taylor", "dpm3m", "dpm3m_taylor", "dpm2m-lower_order_final", "dpm3m-lower_order_final"])
+def test_multistep_steps_are_lu_et_al_updates_of_the_stated_orders(name, options, grid, orders):
+    x = grid[0] * torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    states = solve(GMM.denoise, x, grid, name, **options)
+    torch.testing.assert_close(states, expected_states(states, grid, orders, taylor=name.endswith("taylor")),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_solve_config_honours_lower_order_final():
+    x = 80 * torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    cfg = SolverConfig(name="dpm3m", steps=16, lower_order_final=True)
+    assert torch.equal(solve_config(GMM.denoise, x, cfg), solve(GMM.denoise, x, log_uniform_grid(16), "dpm3m",
+                                                                 lower_order_final=True))
+    assert not torch.equal(solve_config(GMM.denoise, x, cfg), solve_config(GMM.denoise, x, SolverConfig(name="dpm3m")))
+
+
+def test_an_option_the_solver_does_not_take_is_an_error():
+    with pytest.raises(ValueError, match="lower_order_final"):
+        solve_config(GMM.denoise, torch.zeros(1, 2), SolverConfig(name="heun", lower_order_final=True))
 
 
 def test_trajectory_layout_and_nfe():

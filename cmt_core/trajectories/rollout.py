@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from cmt_core.config import SolverConfig
 from cmt_core.rng import Stream, seed_of
-from cmt_core.solvers import solve
+from cmt_core.solvers import solve_config
 from cmt_core.time_grids import make_grid
 
 
@@ -46,7 +46,7 @@ def initial_noise(seed: int, indices, sample_shape: tuple[int, ...], sigma_max: 
 def rollout_batch(denoiser, seed: int, indices, sample_shape, solver: SolverConfig, device="cpu") -> torch.Tensor:
     """States ``(len(indices), T + 1, *sample_shape)`` (float32, on CPU) of the given trajectories."""
     x = initial_noise(seed, indices, tuple(sample_shape), solver.sigma_max).to(device)
-    return solve(denoiser, x, make_grid(solver).to(device), solver.name).float().cpu()
+    return solve_config(denoiser, x, solver).float().cpu()
 
 
 def rollout(denoiser, num: int, sample_shape, solver: SolverConfig, seed: int = 0, batch_size: int = 512,
