@@ -71,7 +71,8 @@ class SolverConfig(StrictModel):
     sigma_max: float = Field(80.0, gt=0)
     rho: float = Field(7.0, gt=0, description="karras grid exponent")
     to_zero: bool = Field(False, description="the last step goes to sigma = 0 (EDM's Heun: 18 steps = 35 NFE)")
-    lower_order_final: bool = Field(False, description="multistep DPM-Solver++: lower orders at the last steps, as the reference's rollouts")
+    lower_order_final: bool = Field(
+        False, description="multistep DPM-Solver++: lower orders at the last steps, as the reference's rollouts")
 
     @model_validator(mode="after")
     def _sigma_order(self) -> SolverConfig:
