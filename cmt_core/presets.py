@@ -58,6 +58,9 @@ def _digits() -> dict:
     }
 
 
+CIFAR10_DIM = 3 * 32 * 32  # pseudo-Huber c is per sample: the per-dimension 0.03 times sqrt(dim)
+
+
 def _cifar10(tiny: bool = False) -> dict:
     unet = {"kind": "unet", "width": 128, "channel_mult": [2, 2, 2], "depth": 4, "attention_resolutions": [16],
             "dropout": 0.2, "emb_dim": 512, "sigma_data": 0.5}
@@ -73,13 +76,13 @@ def _cifar10(tiny: bool = False) -> dict:
                     "solver": {"name": "dpm2m", "steps": 16, "grid": "log_uniform", "sigma_min": 0.002,
                                "sigma_max": 80.0},
                     "store": {"dtype": "float16", "chunk_trajectories": 64, "shard_chunks": 64}},
-        "midtrain": {"form": "cm", "distance": "pseudo_huber", "huber_c": 0.03,
+        "midtrain": {"form": "cm", "distance": "pseudo_huber", "huber_c": 0.03 * CIFAR10_DIM**0.5,
                      "train": {"steps": 100_000, "batch_size": 128, "lr": 2e-4, "optimizer": "radam",
                                "lr_schedule": "linear", "ema_decay": 0.999, "checkpoint_every": 5000,
                                "log_every": 500, "eval_every": 10_000}},
         "posttrain": {"method": "ect", "init": "cmt",
                       "ect": {"p_mean": -1.1, "p_std": 2.0, "k": 8.0, "b": 1.0, "q": 2.0, "stage_steps": 25_000,
-                              "huber_c": 0.03},
+                              "huber_c": 0.03 * CIFAR10_DIM**0.5},
                       "train": {"steps": 300_000, "batch_size": 128, "lr": 1e-4, "optimizer": "radam",
                                 "lr_schedule": "constant", "ema_decay": 0.9999, "checkpoint_every": 5000,
                                 "log_every": 500, "eval_every": 10_000}},

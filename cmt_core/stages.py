@@ -36,6 +36,7 @@ from cmt_core.evaluation.scoring import Scorer
 from cmt_core.evaluation.table import ScoredModel, results_table
 from cmt_core.models import build_model, init_from, load_model, save_model
 from cmt_core.objectives.cmt import CMTLoss
+from cmt_core.objectives.distances import make_distance
 from cmt_core.objectives.ect import ECTLoss
 from cmt_core.objectives.edm import EDMLoss
 from cmt_core.objectives.meanflow import MeanFlowLoss
@@ -187,7 +188,8 @@ def _midtrain(ctx: StageContext) -> dict:
     if c.midtrain.init == "teacher":
         init_from(model, _teacher_weights(ctx))
     source = StorePairs(ctx.input("rollouts") / STORE_DIR, to_end=c.midtrain.form == "cm", seed=c.midtrain.train.seed)
-    loss = CMTLoss(c.midtrain.form, c.midtrain.distance, c.midtrain.huber_c)
+    m = c.midtrain
+    loss = CMTLoss(m.form, make_distance(m.distance, m.huber_c, m.lpips_backbone))
     return _train_few_step(ctx, data, model, kind, loss, source, c.midtrain.train, "mid-training")
 
 
