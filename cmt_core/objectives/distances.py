@@ -65,7 +65,10 @@ class LPIPS:
     MIN_SIDE = 16
 
     def __init__(self, backbone: str | Path):
-        import lpips  # the [fid] extra; only runs that choose LPIPS need it
+        try:
+            import lpips  # only runs that choose LPIPS need it
+        except ImportError as err:
+            raise ImportError("the LPIPS distance needs the lpips package: pip install 'cmt[fid]'") from err
 
         self.backbone = Path(backbone)
         with warnings.catch_warnings():  # the package builds torchvision's VGG with the deprecated `pretrained=`
