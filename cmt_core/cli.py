@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     from cmt_core import stages
     from cmt_core.runtime import Runtime
 
+    try:
+        stages.preflight(cfg, [args.name] if args.command == "stage" else stages.stages_needed(cfg, stages.STAGES))
+    except stages.PreflightError as err:
+        print(f"invalid configuration: {err}", file=sys.stderr)
+        return 2
     log_file = setup_logging(cfg.artifact_root, args.command)
     runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
     if args.command == "stage":

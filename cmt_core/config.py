@@ -13,9 +13,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cmt_core.objectives.distances import DISTANCES
 from cmt_core.solvers import SOLVERS
 
 SolverName = Literal[tuple(SOLVERS)]  # the registered solvers (``cmt_core.solvers.SOLVERS``)
+DistanceName = Literal[DISTANCES]  # the per-sample distances (``cmt_core.objectives.distances``)
 
 
 class StrictModel(BaseModel):
@@ -165,11 +167,30 @@ class MidTrainConfig(StrictModel):
     """
 
     form: Literal["cm", "mf", "flow_map"] = "cm"
-    distance: Literal["l2", "pseudo_huber"] = "l2"
-    huber_c: float = Field(0.03, ge=0.0,
-                           description="pseudo-Huber c on the per-dimension scale (the paper's c / sqrt(dim))")
+    distance: DistanceName = Field(
+        "squared_l2", description="per-sample d over all dimensions (cmt_core.objectives.distances): squared_l2 "
+        "||.||^2, l2_norm ||.||, pseudo_huber sqrt(||.||^2 + c^2) - c, lpips (the reference's default; cm / "
+        "flow_map forms, RGB or grey images)")
+    huber_c: float = Field(0.0, ge=0.0, description="pseudo-Huber c per sample, as ECT's -c (a per-dimension "
+                           "constant c' is c' * sqrt(dim)); required > 0 with distance='pseudo_huber'")
+    lpips_backbone: Path | None = Field(None, description="distance='lpips': local VGG16 weights, torchvision's "
+                                        "state dict (e.g. vgg16-397923af.pth); nothing is downloaded")
     init: Literal["teacher", "random"] = "teacher"
     train: TrainConfig = TrainConfig(steps=2000, lr=2e-4)
+
+    @model_validator(mode="after")
+    def _distance_args(self) -> MidTrainConfig:
+        if self.distance == "pseudo_huber" and self.huber_c == 0:
+            raise ValueError("midtrain.huber_c must be > 0 for midtrain.distance='pseudo_huber' "
+                             "(c = 0 is distance='l2_norm')")
+        if self.distance == "lpips":
+            if self.form == "mf":
+                raise ValueError("midtrain.distance='lpips' compares images: use it with midtrain.form 'cm' or "
+                                 "'flow_map', not 'mf' (velocities)")
+            if self.lpips_backbone is None:
+                raise ValueError("midtrain.lpips_backbone is required for midtrain.distance='lpips': a local "
+                                 "file with torchvision's VGG16 weights")
+        return self
 
 
 class ECTConfig(StrictModel):
@@ -186,7 +207,8 @@ class ECTConfig(StrictModel):
     q: float = Field(2.0, gt=1.0)
     stage_steps: int = Field(1000, ge=1, description="steps per dt-halving stage")
     start_stage: int = Field(0, ge=0, le=30, description="first stage; > 0 starts at a small dt (for CMT weights)")
-    huber_c: float = Field(0.0, ge=0.0, description="pseudo-Huber c on the per-dimension scale; 0: squared l2")
+    huber_c: float = Field(0.0, ge=0.0, description="per sample, ECT's -c: loss = (sqrt(||d||^2 + c^2) - c) / "
+                           "(t - r) over all dimensions (a per-dimension c' is c' * sqrt(dim)); 0: ||d|| / (t - r)")
 
 
 class MeanFlowConfig(StrictModel):
@@ -248,6 +270,10 @@ class PipelineConfig(StrictModel):
             raise ValueError("posttrain.method='meanflow' with init='cmt' needs midtrain.form 'mf' or 'flow_map'")
         if self.posttrain.method in ("ect", "ecd") and self.midtrain.form != "cm" and self.posttrain.init == "cmt":
             raise ValueError("posttrain.method='ect'/'ecd' with init='cmt' needs midtrain.form='cm'")
+        if self.midtrain.distance == "lpips" and (self.data.name in ("gaussian_mixture", "checkerboard") or (
+                self.data.name == "digits" and (self.data.resolution or 8) < 16)):
+            raise ValueError(f"midtrain.distance='lpips' needs images of at least 16 pixels a side, not "
+                             f"data.name={self.data.name!r} at data.resolution={self.data.resolution}")
         return self
 
 

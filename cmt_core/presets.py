@@ -94,16 +94,20 @@ def _cmt_recipe(data: dict, channel_mult: list[int], teacher: dict, q: float) ->
                     "solver": {"name": "dpm3m", "lower_order_final": True, "steps": 16, "grid": "log_uniform",
                                "sigma_min": 0.002, "sigma_max": 80.0},
                     "store": {"dtype": "float16", "chunk_trajectories": 64, "shard_chunks": 64}},
-        "midtrain": {"form": "cm", "init": "teacher", "distance": "pseudo_huber", "huber_c": 0.00054,
+        "midtrain": {"form": "cm", "init": "teacher", "distance": "lpips", "lpips_backbone": VGG16_WEIGHTS,
                      "train": {**_REFERENCE_LOOP, **_BOOKKEEPING, "steps": 300_000, "batch_size": 128, "lr": 2e-4,
                                "ema_decay": 0.999, "eval_every": 50_000}},
         "posttrain": {"method": "ect", "init": "cmt",
                       "ect": {"t_sampling": "lognormal", "p_mean": -1.1, "p_std": 2.0, "k": 8.0, "b": 1.0, "q": q,
-                              "start_stage": 0, "stage_steps": 1_000_000, "huber_c": 1e-6},
+                              "start_stage": 0, "stage_steps": 1_000_000, "huber_c": 0.0},
                       "train": {**_REFERENCE_LOOP, **_BOOKKEEPING, "steps": 100_000, "batch_size": 128, "lr": 1e-4,
                                 "ema_decay": 0.9999, "eval_every": 5000}},
         "eval": {"num_samples": 50_000, "batch_size": 500, "mid_sigma": 0.77569, "fid_mode": "legacy_tensorflow"},
     }
+
+
+# torchvision's ImageNet VGG16 weights, LPIPS's backbone: a local file (nothing is downloaded)
+VGG16_WEIGHTS = "weights/vgg16-397923af.pth"
 
 
 def _cifar10(tiny: bool = False) -> dict:
@@ -118,6 +122,8 @@ def _cifar10(tiny: bool = False) -> dict:
         cfg["rollout"]["solver"]["steps"] = 4
         cfg["rollout"]["store"] = {"dtype": "float16", "chunk_trajectories": 4, "shard_chunks": 2}
         cfg["midtrain"]["train"].update(small, steps=3, eval_every=None)
+        # offline stand-in for LPIPS (no VGG16 weights here): pseudo-Huber with iCT's c = 0.00054 sqrt(dim)
+        cfg["midtrain"].update(distance="pseudo_huber", huber_c=0.00054 * (3 * 32 * 32) ** 0.5, lpips_backbone=None)
         cfg["posttrain"]["train"].update(small, steps=3, eval_every=None)
         cfg["eval"].update(num_samples=16, batch_size=8)
     return cfg

@@ -36,6 +36,7 @@ from cmt_core.evaluation.scoring import Scorer
 from cmt_core.evaluation.table import ScoredModel, results_table
 from cmt_core.models import build_model, init_from, load_model, save_model
 from cmt_core.objectives.cmt import CMTLoss
+from cmt_core.objectives.distances import make_distance
 from cmt_core.objectives.ect import ECTLoss
 from cmt_core.objectives.edm import EDMLoss
 from cmt_core.objectives.meanflow import MeanFlowLoss
@@ -50,6 +51,10 @@ MODEL_FILE = "model.pt"
 STORE_DIR = "store.zarr"
 MIDTRAIN_KIND = {"cm": "consistency", "mf": "flow_map", "flow_map": "flow_map"}
 POSTTRAIN_KIND = {"ect": "consistency", "ecd": "consistency", "meanflow": "flow_map"}
+
+
+class PreflightError(ValueError):
+    """A file or folder the config names for a stage to compute does not exist (found before any stage runs)."""
 
 
 class UndeclaredRead(RuntimeError):
@@ -187,7 +192,8 @@ def _midtrain(ctx: StageContext) -> dict:
     if c.midtrain.init == "teacher":
         init_from(model, _teacher_weights(ctx))
     source = StorePairs(ctx.input("rollouts") / STORE_DIR, to_end=c.midtrain.form == "cm", seed=c.midtrain.train.seed)
-    loss = CMTLoss(c.midtrain.form, c.midtrain.distance, c.midtrain.huber_c)
+    m = c.midtrain
+    loss = CMTLoss(m.form, make_distance(m.distance, m.huber_c, m.lpips_backbone))
     return _train_few_step(ctx, data, model, kind, loss, source, c.midtrain.train, "mid-training")
 
 
@@ -322,6 +328,27 @@ def stages_needed(cfg: PipelineConfig, targets) -> list[str]:
     return [s for s in STAGES if s in needed]
 
 
+FILE_FIELDS = ("data.path", "teacher.path", "midtrain.lpips_backbone", "eval.inception_path")
+
+
+def _declares(stage: str, path: str) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in STAGES[stage].reads + STAGES[stage].uses)
+
+
+def preflight(cfg: PipelineConfig, stages) -> None:
+    """Raise ``PreflightError`` naming the field when a file or folder named by a field that one of ``stages``
+    reads does not exist; stages whose artifact is complete need nothing and are skipped."""
+    dumped = cfg.model_dump(mode="json")
+    for stage in stages:
+        if complete_result(cfg, stage) is not None:
+            continue
+        for path in FILE_FIELDS:
+            value = _value(dumped, path)
+            if value is not None and _declares(stage, path) and not Path(value).exists():
+                raise PreflightError(f"{path}={value!r} does not exist (the {stage} stage reads it); "
+                                     f"put the file there or set {path} to where it is")
+
+
 def complete_result(cfg: PipelineConfig, stage: str) -> StageResult | None:
     """The complete artifact of ``stage`` (its manifest is written), or None."""
     aid = plan(cfg).ids[stage]
@@ -337,6 +364,7 @@ def run_stage(cfg: PipelineConfig, stage: str, runtime: Runtime | None = None,
     if done is not None:
         log.info("%s: complete artifact %s, nothing to do", stage, done.path)
         return done
+    preflight(cfg, [stage])
     runtime = runtime or Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
     resolved = plan(cfg)
     inputs = {n: artifact_dir(cfg.artifact_root, n, aid) for n, aid in resolved.inputs[stage].items()}
@@ -359,6 +387,9 @@ def run_stage(cfg: PipelineConfig, stage: str, runtime: Runtime | None = None,
 
 
 def run_pipeline(cfg: PipelineConfig, runtime: Runtime | None = None, targets=tuple(STAGES)) -> dict[str, StageResult]:
-    """``targets`` and the stages they need, in order; complete artifacts are reused."""
+    """``targets`` and the stages they need, in order; complete artifacts are reused. Every file the stages
+    to compute read is checked (``preflight``) before the first one starts."""
+    needed = stages_needed(cfg, targets)
+    preflight(cfg, needed)
     runtime = runtime or Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
-    return {stage: run_stage(cfg, stage, runtime) for stage in stages_needed(cfg, targets)}
+    return {stage: run_stage(cfg, stage, runtime) for stage in needed}

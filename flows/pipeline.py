@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 import tasks  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
 from cmt_core.config import PipelineConfig
 from cmt_core.presets import resolve_config
-from cmt_core.stages import STAGES, TRAINING_STAGES, StageResult, plan, stages_needed
+from cmt_core.stages import STAGES, TRAINING_STAGES, StageResult, plan, preflight, stages_needed
 from flows.parameters import ARGS_DOC, DdpProcesses, PresetName
 from tasks.reporting import publish_evaluation, publish_stage_summary, publish_training_report
 from tasks.stages import run_stage_task
@@ -25,6 +25,7 @@ def run_stages(cfg: PipelineConfig, targets: list[str], ddp_processes: int = 1) 
     logger = get_run_logger()
     logger.info("config (%s):\n%s", cfg.preset, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     ids = plan(cfg).ids
+    preflight(cfg, stages_needed(cfg, targets))  # a missing file fails the run before any stage starts
     results: dict[str, StageResult] = {}
     try:
         for stage in stages_needed(cfg, targets):

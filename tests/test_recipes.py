@@ -15,13 +15,8 @@ ROW_HEADER = ["stage", "field", "value", "status", "reference", "source"]
 BUDGET_HEADER = ["stage", "iterations", "batch", "Mimg", "source"]
 BUDGET_STAGES = {"teacher": "teacher", "mid-training": "midtrain", "post-training": "posttrain"}
 
-# Rows whose reference value this branch cannot take yet: LPIPS, the reference's mid-training distance
-# (run_cmt.py --loss_metric default), has no implementation in cmt_core.objectives; the presets hold the
-# stand-in written in the row's status. When LPIPS lands, the presets take `lpips` and these entries go.
-PENDING = {(name, "midtrain.distance") for name in RECIPES}
-
 # What a preset sets that is not part of a recipe: where files are, batch sizes for speed, bookkeeping.
-OPERATIONAL = {"data.path", "rollout.batch_size", "rollout.store", "eval.batch_size"}
+OPERATIONAL = {"data.path", "midtrain.lpips_backbone", "rollout.batch_size", "rollout.store", "eval.batch_size"}
 BOOKKEEPING = {"checkpoint_every", "log_every"}
 
 
@@ -108,22 +103,9 @@ def test_every_number_of_the_recipe_table_equals_the_preset(name):
         except KeyError:
             wrong.append(f"{field}: not a config field")
             continue
-        if row["status"].startswith("pending"):
-            stand_in = _literal(row["status"].split(" ", 1)[1])
-            assert (name, field) in PENDING, f"{name}: {field} is marked pending in docs/recipes.md but not here"
-            assert not _same(have, want), (f"{name}: {field} now equals the reference's {want!r}: "
-                                           "drop the pending mark in docs/recipes.md and in PENDING")
-            if not _same(have, stand_in):
-                wrong.append(f"{field}: preset {have!r}, the doc's stand-in {stand_in!r}")
-        elif not _same(have, want):
+        if not _same(have, want):
             wrong.append(f"{field}: preset {have!r}, docs/recipes.md {want!r}")
     assert not wrong, f"preset {name!r} differs from docs/recipes.md:\n  " + "\n  ".join(wrong)
-
-
-def test_the_pending_rows_are_exactly_the_named_ones():
-    marked = {(name, row["field"].strip("`")) for name in RECIPES for row in _field_rows(name)
-              if row["status"].startswith("pending")}
-    assert marked == PENDING
 
 
 @pytest.mark.parametrize("name", RECIPES)

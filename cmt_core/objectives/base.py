@@ -37,23 +37,3 @@ class StepRandom:
         """A seed shared by all ranks (e.g. to give two forward passes the same dropout masks)."""
         return int(torch.randint(2**62, (1,), generator=self.generator))
 
-
-def squared_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error ``(B,)`` (the squared l2 distance divided by the dimension)."""
-    return (a - b).flatten(1).square().mean(1)
-
-
-def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """Per-sample sqrt(mse + c^2) - c: ECT's sqrt(||a - b||^2 + (c sqrt(dim))^2) - c sqrt(dim), over sqrt(dim).
-
-    c = 0 gives the root mean squared error."""
-    return (squared_l2(a, b) + c**2).sqrt() - c
-
-
-def distance(kind: str, a: torch.Tensor, b: torch.Tensor, huber_c: float = 0.0) -> torch.Tensor:
-    """Per-sample distance named by ``kind``: 'l2' (squared) or 'pseudo_huber'."""
-    if kind == "l2":
-        return squared_l2(a, b)
-    if kind == "pseudo_huber":
-        return pseudo_huber(a, b, huber_c)
-    raise ValueError(f"unknown distance {kind!r}")

@@ -6,8 +6,9 @@ so t - r shrinks as training goes on (a consistency model from mid-training star
 first, large-dt stages would undo the mid-training). With shared noise e:
 ECT: x_t = y + t e, x_r = y + r e;  ECD: x_r is one teacher solver step from x_t to r.
 loss = d(f(x_t, t), sg f(x_r, r)) / (t - r), the target being x_r itself where r = 0 (ECT: y; ECD: the
-teacher's step to 0, i.e. its denoised estimate); both passes use the same dropout mask. d is the squared
-l2 distance, or pseudo-Huber when ``huber_c > 0``.
+teacher's step to 0, i.e. its denoised estimate); both passes use the same dropout mask.
+As in the reference (locuslab/ect, ``ECMLoss``), d is per sample, over all its dimensions: the l2 norm
+||f(x_t, t) - f(x_r, r)|| when ``huber_c = 0``, else pseudo-Huber sqrt(||.||^2 + c^2) - c with c = ``huber_c``.
 """
 
 import math
@@ -15,7 +16,7 @@ import math
 import torch
 
 from cmt_core.config import ECTConfig
-from cmt_core.objectives.base import pseudo_huber, squared_l2
+from cmt_core.objectives.distances import l2_norm, make_distance
 from cmt_core.preconditioning import bcast
 from cmt_core.solvers import solve
 
@@ -27,6 +28,7 @@ class ECTLoss:
                  teacher=None, teacher_solver: str = "heun"):
         self.cfg, self.sigma_min, self.sigma_max = cfg, sigma_min, sigma_max
         self.teacher, self.teacher_solver = teacher, teacher_solver
+        self.distance = make_distance("pseudo_huber", cfg.huber_c) if cfg.huber_c > 0 else l2_norm
 
     def r_of_t(self, t: torch.Tensor, step: int) -> torch.Tensor:
         c = self.cfg
@@ -54,5 +56,4 @@ class ECTLoss:
             target = torch.where(bcast(r, y) > 0, model(x_r, r.clamp(min=self.sigma_min)), x_r)
         torch.manual_seed(dropout_seed)
         pred = model(x_t, t)
-        d = pseudo_huber(pred, target, c.huber_c) if c.huber_c > 0 else squared_l2(pred, target)
-        return d / (t - r)
+        return self.distance(pred, target) / (t - r)

@@ -2,7 +2,7 @@
 
 import torch
 
-from cmt_core.objectives.base import squared_l2
+from cmt_core.objectives.distances import mean_squared_error
 from cmt_core.preconditioning import bcast
 
 
@@ -17,4 +17,4 @@ class EDMLoss:
         t = (self.p_mean + self.p_std * rng.randn()).exp()
         noise = rng.randn(*y.shape[1:])
         weight = (t**2 + self.sigma_data**2) / (t * self.sigma_data) ** 2
-        return weight * squared_l2(denoiser(y + bcast(t, y) * noise, t), y)
+        return weight * mean_squared_error(denoiser(y + bcast(t, y) * noise, t), y)

@@ -8,7 +8,7 @@ Flow has the average velocity u(x_t, r, t) = (x_t - f(x_t, t, r)) / (t - r) = (x
 Training: x_t = y + t e, so the conditional velocity is v = dx_t/dt = e. The average velocity over [r, t] obeys
 u(x_t, r, t) = v - (t - r) d/dt u(x_t, r, t), the total derivative taken along the trajectory; it is one
 forward-mode JVP with tangents (v, 0, 1) on (x_t, r, t). Target u_tgt = sg(v - (t - r) du/dt); loss
-w * ||u - u_tgt||^2 with the adaptive weight w = sg(1 / (||u - u_tgt||^2 + 1e-3)^p).
+w * e with e = ||u - u_tgt||^2 / dim (the per-dimension mean) and the adaptive weight w = sg(1 / (e + 1e-3)^p).
 
 Times: ln t, ln r ~ N(p_mean, p_std^2), sorted so r <= t, and r = t for ``equal_fraction`` of the pairs.
 A log-normal sigma is the Mean Flow paper's logit-normal time tau = t / (1 + t) (logit tau = ln t), so
@@ -20,7 +20,7 @@ loop hands it the bare module and all-reduces its gradients.
 import torch
 
 from cmt_core.config import MeanFlowConfig
-from cmt_core.objectives.base import squared_l2
+from cmt_core.objectives.distances import mean_squared_error
 from cmt_core.preconditioning import as_batch, bcast
 
 
@@ -59,7 +59,7 @@ class MeanFlowLoss:
         v = rng.randn(*y.shape[1:])
         u_fn = lambda x, r_, t_: average_velocity(flow_map, x, r_, t_)  # noqa: E731
         u, target = meanflow_target(u_fn, y + bcast(t, y) * v, r, t, v)
-        err = squared_l2(u, target)
+        err = mean_squared_error(u, target)
         return err / (err.detach() + self.eps) ** self.cfg.adaptive_p
 
 
