@@ -16,6 +16,7 @@ from torch import nn
 from cmt_core.checkpoint import atomic_save
 from cmt_core.config import NetworkConfig
 from cmt_core.networks import build_network
+from cmt_core.networks.embedding import LaterTimeMLP
 from cmt_core.preconditioning import ConsistencyModel, Denoiser, FlowMap
 
 NUM_TIMES = {"denoiser": 1, "consistency": 1, "flow_map": 2}
@@ -39,7 +40,9 @@ def init_from(model: nn.Module, source: nn.Module) -> nn.Module:
     """Copy ``source``'s raw-network weights into ``model`` (a 1-time net into a 2-time one is allowed:
     the extra time embedding keeps its zero initialisation, so the function is unchanged)."""
     missing, unexpected = model.raw.load_state_dict(source.raw.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("time.mlps.") for k in missing):
+    later_times = {f"{name}.{key}" for name, module in model.raw.named_modules() if isinstance(module, LaterTimeMLP)
+                   for key in module.state_dict()}
+    if unexpected or set(missing) - later_times:
         raise ValueError(f"incompatible weights: missing {missing}, unexpected {unexpected}")
     return model
 

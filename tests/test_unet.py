@@ -1,4 +1,4 @@
-"""The DDPM++-style U-Net: shapes, teacher initialisation of a two-time model, gradients, size."""
+"""The DDPM++ U-Net (EDM's SongUNet layout): shapes, teacher initialisation of a two-time model, gradients, size."""
 
 import pytest
 import torch
@@ -49,7 +49,7 @@ def test_two_time_unet_initialised_from_one_time_unet_ignores_second_time():
             p.add_(0.05 * torch.randn_like(p))
     student = tiny_unet(num_times=2)
     result = student.load_state_dict(teacher.state_dict(), strict=False)
-    extra_time_mlp = [f"time.mlps.1.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")]
+    extra_time_mlp = [f"map_later.0.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")]
     assert sorted(result.missing_keys) == sorted(extra_time_mlp)
     assert result.unexpected_keys == []
 
@@ -77,10 +77,12 @@ def test_build_network_makes_a_unet_from_the_config():
     assert net(torch.randn(2, 1, 8, 8), torch.randn(2, 2)).shape == (2, 1, 8, 8)
 
 
-def test_ddpmpp_cifar10_size_has_about_56m_parameters():
+def test_ddpmpp_cifar10_size_is_songunets():
     with torch.device("meta"):  # counts parameters without allocating or initialising 56M weights
         net = UNet(32, 3, 128, (2, 2, 2), 4, (16,), 0.1, 512)
-    assert 40e6 < sum(p.numel() for p in net.parameters()) < 70e6
+    # EDM's SongUNet(img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=[2, 2, 2])
+    # with the DDPM++ settings, counted with EDM's own code; its CIFAR-10 pickles add 9 x 128 augmentation weights.
+    assert sum(p.numel() for p in net.parameters()) == 55_732_739
 
 
 def test_ddpmpp_cifar10_layout_runs_at_reduced_width():
