@@ -1,9 +1,10 @@
 """Building the preconditioned models of each stage and saving them as self-describing files.
 
-Kinds: ``denoiser`` (teacher, one time), ``consistency`` (CM, one time, boundary form at ``sigma_min``),
-``flow_map`` (two times: flow map / Mean Flow). A model file holds the kind, the network config, the
-sample shape, ``sigma_min`` (consistency models; None otherwise) and the weights, so ``load_model`` rebuilds
-it without the pipeline config.
+Kinds: ``denoiser`` (teacher, one time; EDM's or EDM's VP preconditioning), ``consistency`` (CM, one time,
+boundary form at ``sigma_min``), ``flow_map`` (two times: flow map / Mean Flow). A model file holds the kind,
+the network config, the sample shape, ``sigma_min`` (consistency models; None otherwise), the denoiser's
+``preconditioning`` (denoisers; None otherwise) and the weights, so ``load_model`` rebuilds it without the
+pipeline config. It holds nothing but plain values and tensors, and is read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ from cmt_core.checkpoint import atomic_save
 from cmt_core.config import NetworkConfig
 from cmt_core.networks import build_network
 from cmt_core.networks.embedding import LaterTimeMLP
-from cmt_core.preconditioning import ConsistencyModel, Denoiser, FlowMap
+from cmt_core.preconditioning import ConsistencyModel, FlowMap, make_denoiser
 
 NUM_TIMES = {"denoiser": 1, "consistency": 1, "flow_map": 2}
 
 
-def build_model(kind: str, network: NetworkConfig, sample_shape, sigma_min: float | None = None) -> nn.Module:
-    """An untrained model of ``kind``; ``sigma_min`` (the boundary time) is required for consistency models."""
+def build_model(kind: str, network: NetworkConfig, sample_shape, sigma_min: float | None = None,
+                preconditioning: dict | None = None) -> nn.Module:
+    """An untrained model of ``kind``; ``sigma_min`` (the boundary time) is required for consistency models;
+    ``preconditioning`` names a denoiser's wrapper (``cmt_core.preconditioning.make_denoiser``; None: EDM's)."""
     if kind not in NUM_TIMES:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(NUM_TIMES)}")
     raw = build_network(network, tuple(sample_shape), num_times=NUM_TIMES[kind])
     if kind == "denoiser":
-        return Denoiser(raw, network.sigma_data)
+        return make_denoiser(raw, network.sigma_data, preconditioning)
     if kind == "consistency":
         if sigma_min is None:
             raise ValueError("a consistency model needs sigma_min (its boundary time)")
@@ -49,12 +52,16 @@ def init_from(model: nn.Module, source: nn.Module) -> nn.Module:
 
 def save_model(path: Path, model: nn.Module, kind: str, network: NetworkConfig, sample_shape) -> None:
     atomic_save({"kind": kind, "network": network.model_dump(mode="json"), "sample_shape": list(sample_shape),
-                 "sigma_min": getattr(model, "sigma_min", None), "state_dict": model.state_dict()}, Path(path))
+                 "sigma_min": getattr(model, "sigma_min", None),
+                 "preconditioning": getattr(model, "preconditioning", None),
+                 "state_dict": model.state_dict()}, Path(path))
 
 
 def load_model(path: Path, map_location="cpu") -> nn.Module:
     """Rebuild a model written by ``save_model`` (eval mode)."""
-    blob = torch.load(path, map_location=map_location, weights_only=False)
-    model = build_model(blob["kind"], NetworkConfig(**blob["network"]), blob["sample_shape"], blob["sigma_min"])
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    # Files written before VP teachers existed have no "preconditioning": their denoisers are EDM's.
+    model = build_model(blob["kind"], NetworkConfig(**blob["network"]), blob["sample_shape"], blob["sigma_min"],
+                        blob.get("preconditioning"))
     model.load_state_dict(blob["state_dict"])
     return model.eval()

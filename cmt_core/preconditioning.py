@@ -7,6 +7,8 @@ A raw network is ``F(x_in, c_noise: (B, n_times)) -> like x`` (``cmt_core.networ
 * ``FlowMap``          f(x, t, s) = (s / t) x + (1 - s / t) D~(x, t, s),  D~ a two-time denoiser;
   so f(x, t, t) = x exactly, and a FlowMap initialised from a teacher's weights starts as the DDIM step
   of that teacher. Its Mean Flow reading (the average velocity u) is in ``cmt_core.objectives.meanflow``.
+* ``VPDenoiser``       D(x, t)    = x - t F(x / sqrt(t^2 + 1), (M - 1) u(t)): EDM's VP preconditioning, for
+  teachers trained with it (EDM's ``VPPrecond``); ``make_denoiser`` builds either denoiser from its settings.
 
 All times are EDM sigmas, ``(B,)`` tensors (a Python float is broadcast).
 """
@@ -43,6 +45,8 @@ def edm_scalings(t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torc
 class Denoiser(nn.Module):
     """EDM denoiser ``D(x, t) -> x_0 estimate``; ``raw`` takes one time."""
 
+    preconditioning = {"name": "edm"}  # what a model file records to rebuild this wrapper (``make_denoiser``)
+
     def __init__(self, raw: nn.Module, sigma_data: float = 0.5):
         super().__init__()
         self.raw, self.sigma_data = raw, sigma_data
@@ -51,6 +55,39 @@ class Denoiser(nn.Module):
         t = as_batch(t, x)
         c_skip, c_out, c_in = edm_scalings(bcast(t, x), self.sigma_data)
         return c_skip * x + c_out * self.raw(c_in * x, c_noise(t)[:, None]).to(x.dtype)
+
+
+class VPDenoiser(nn.Module):
+    """Denoiser ``D(x, t) -> x_0 estimate`` with EDM's VP preconditioning (``VPPrecond``; ``raw`` takes one time).
+
+    ``c_skip = 1, c_out = -t, c_in = 1 / sqrt(t^2 + 1)``; the raw network is conditioned on ``(M - 1) u``
+    (``M = num_steps``, the DDPM step count), where ``u`` in [0, 1] is the VP time at which the noise level
+    is ``t``: ``u = (sqrt(beta_min^2 + 2 beta_d ln(1 + t^2)) - beta_min) / beta_d``, the inverse of
+    ``t(u)^2 = exp(beta_d u^2 / 2 + beta_min u) - 1``.
+    """
+
+    def __init__(self, raw: nn.Module, beta_d: float = 19.9, beta_min: float = 0.1, num_steps: int = 1000):
+        super().__init__()
+        self.raw, self.beta_d, self.beta_min, self.num_steps = raw, beta_d, beta_min, num_steps
+        self.preconditioning = {"name": "vp", "beta_d": beta_d, "beta_min": beta_min, "num_steps": num_steps}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = as_batch(t, x)
+        u = ((self.beta_min**2 + 2 * self.beta_d * (1 + t**2).log()).sqrt() - self.beta_min) / self.beta_d
+        tb = bcast(t, x)
+        c_in = 1 / (tb**2 + 1).sqrt()
+        return x - tb * self.raw(c_in * x, ((self.num_steps - 1) * u)[:, None]).to(x.dtype)
+
+
+def make_denoiser(raw: nn.Module, sigma_data: float, preconditioning: dict | None = None) -> nn.Module:
+    """The denoiser wrapper that ``preconditioning`` (a wrapper's ``preconditioning`` dict) names; None: EDM's."""
+    settings = dict(preconditioning or Denoiser.preconditioning)
+    name = settings.pop("name")
+    if name == "edm":
+        return Denoiser(raw, sigma_data, **settings)
+    if name == "vp":
+        return VPDenoiser(raw, **settings)
+    raise ValueError(f"unknown denoiser preconditioning {name!r}; expected 'edm' or 'vp'")
 
 
 class ConsistencyModel(nn.Module):
