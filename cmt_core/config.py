@@ -107,11 +107,12 @@ class TeacherConfig(StrictModel):
     """Where the teacher denoiser D(x, sigma) comes from (``cmt_core.teachers``).
 
     ``exact``: closed-form denoiser of a 2-D synthetic distribution. ``pretrain``: EDM training here.
-    ``checkpoint``: a checkpoint of ours; ``torchscript``: a scripted ``D(x, sigma)``;
+    ``checkpoint``: a checkpoint of ours; ``edm_pickle``: an EDM network pickle, read without running its code
+    and stored once as our checkpoint; ``torchscript``: a scripted ``D(x, sigma)``;
     ``callable``: ``module:function`` returning a denoiser module.
     """
 
-    source: Literal["exact", "pretrain", "checkpoint", "torchscript", "callable"] = "pretrain"
+    source: Literal["exact", "pretrain", "checkpoint", "edm_pickle", "torchscript", "callable"] = "pretrain"
     path: Path | None = None
     target: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$", description="module:callable")
     p_mean: float = Field(-1.2, description="EDM: ln sigma ~ N(p_mean, p_std^2)")
@@ -121,7 +122,7 @@ class TeacherConfig(StrictModel):
 
     @model_validator(mode="after")
     def _source_args(self) -> TeacherConfig:
-        if self.source in ("checkpoint", "torchscript") and self.path is None:
+        if self.source in ("checkpoint", "edm_pickle", "torchscript") and self.path is None:
             raise ValueError(f"teacher.path is required for teacher.source={self.source!r}")
         if self.source == "callable" and self.target is None:
             raise ValueError("teacher.target ('module:callable') is required for teacher.source='callable'")

@@ -41,7 +41,7 @@ from cmt_core.objectives.ect import ECTLoss
 from cmt_core.objectives.edm import EDMLoss
 from cmt_core.objectives.meanflow import MeanFlowLoss
 from cmt_core.runtime import Runtime
-from cmt_core.teachers import load_teacher, rollout_denoiser, teacher_denoiser
+from cmt_core.teachers import edm_teacher, load_teacher, rollout_denoiser, teacher_denoiser
 from cmt_core.training import Progress, train
 from cmt_core.trajectories.dask_rollouts import run_rollouts
 from cmt_core.trajectories.pairs import StorePairs
@@ -142,7 +142,8 @@ def _teacher_weights(ctx: StageContext) -> torch.nn.Module:
 
 
 def _teacher(ctx: StageContext) -> dict:
-    """The teacher's network weights (``model.pt``): EDM pre-training or a loaded checkpoint.
+    """The teacher's network weights (``model.pt``): EDM pre-training, a loaded checkpoint, or an EDM network
+    pickle converted once (later stages load ``model.pt``, never the pickle).
 
     With the exact 2-D teacher, rollouts use the closed-form denoiser and the weights pre-trained here are
     what 'teacher initialisation' starts from. TorchScript / callable teachers have no weights of ours."""
@@ -155,6 +156,11 @@ def _teacher(ctx: StageContext) -> dict:
         if runtime.is_main:
             save_model(ctx.path / MODEL_FILE, model, "denoiser", c.network, data.sample_shape)
         return {"weights": True}
+    if c.teacher.source == "edm_pickle":
+        edm = edm_teacher(c.teacher, data.sample_shape)
+        if runtime.is_main:
+            save_model(ctx.path / MODEL_FILE, edm.model, "denoiser", edm.network, edm.sample_shape)
+        return {"weights": True, "edm_class": edm.precond_class}
     torch.manual_seed(c.teacher.train.seed)  # the initial weights, like every other random number, from a seed
     model = build_model("denoiser", c.network, data.sample_shape)
     loss = EDMLoss(c.teacher.p_mean, c.teacher.p_std, c.network.sigma_data)

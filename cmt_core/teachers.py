@@ -1,6 +1,7 @@
 """Teachers: a denoiser ``D(x, t: (B,)) -> x_0 estimate`` (an ``nn.Module``).
 
 Sources: the exact denoiser of a 2-D synthetic distribution; EDM pre-training here; our own model file;
+an EDM network pickle (``cmt_core.edm_pickle``; the teacher stage stores it as our model file once);
 a TorchScript file computing ``D(x, sigma)``; or ``module:callable`` returning a denoiser module.
 """
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from cmt_core.config import DataConfig, NetworkConfig, TeacherConfig
 from cmt_core.data import Data, load_data
+from cmt_core.edm_pickle import EDMNetwork, load_edm_network
 from cmt_core.models import build_model, load_model
 
 
@@ -48,6 +50,8 @@ def load_teacher(cfg: TeacherConfig, distribution=None) -> nn.Module:
         return ExactDenoiser(distribution)
     if cfg.source == "checkpoint":
         return load_model(cfg.path)
+    if cfg.source == "edm_pickle":
+        return load_edm_network(cfg.path).model
     if cfg.source == "torchscript":
         return ScriptedDenoiser(torch.jit.load(str(cfg.path), map_location="cpu")).eval()
     if cfg.source == "callable":
@@ -62,10 +66,19 @@ def load_teacher(cfg: TeacherConfig, distribution=None) -> nn.Module:
     raise ValueError(f"teacher.source={cfg.source!r} is trained, not loaded")
 
 
+def edm_teacher(cfg: TeacherConfig, sample_shape) -> EDMNetwork:
+    """The EDM network pickle at ``cfg.path`` as our denoiser, checked to denoise samples of ``sample_shape``."""
+    edm = load_edm_network(cfg.path)
+    if edm.sample_shape != tuple(sample_shape):
+        raise ValueError(f"the EDM network at {cfg.path} denoises samples of shape {edm.sample_shape}, "
+                         f"the data has shape {tuple(sample_shape)}")
+    return edm
+
+
 def teacher_denoiser(cfg: TeacherConfig, data: Data, weights: Path) -> nn.Module:
-    """The denoiser that solves the ODE: the pre-trained weights at ``weights`` (the teacher artifact's model
-    file) for ``pretrain``, otherwise ``load_teacher`` (the exact denoiser of ``data``, a file, a callable)."""
-    if cfg.source == "pretrain":
+    """The denoiser that solves the ODE: the model file at ``weights`` (the teacher artifact's) for ``pretrain``
+    and ``edm_pickle``, otherwise ``load_teacher`` (the exact denoiser of ``data``, a file, a callable)."""
+    if cfg.source in ("pretrain", "edm_pickle"):
         return load_model(weights)
     return load_teacher(cfg, data.distribution)
 

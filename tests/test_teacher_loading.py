@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from cmt_core.config import NetworkConfig, TeacherConfig
-from cmt_core.models import build_model, save_model
-from cmt_core.teachers import load_teacher
+from cmt_core.data import load_data
+from cmt_core.models import build_model, load_model, save_model
+from cmt_core.presets import get_preset
+from cmt_core.runtime import Runtime
+from cmt_core.stages import MODEL_FILE, run_stage
+from cmt_core.teachers import load_teacher, rollout_denoiser
+from tests.test_edm_pickle import install_edm_module_stand_ins, trained_looking_unet, write_edm_pickle
+from tests.test_images import fake_cifar10
 
 NET = NetworkConfig(width=16, depth=1, emb_dim=16)
 
@@ -23,6 +29,38 @@ def test_checkpoint_teacher_round_trips(tmp_path):
     loaded = load_teacher(TeacherConfig(source="checkpoint", path=tmp_path / "teacher.pt"))
     x, t = torch.randn(5, 2), torch.rand(5) + 0.1
     assert torch.equal(loaded(x, t), model(x, t))
+
+
+def test_vp_denoiser_checkpoint_keeps_its_preconditioning(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("denoiser", NET, (2,), preconditioning={"name": "vp", "beta_d": 19.9, "beta_min": 0.1,
+                                                                "num_steps": 1000}).eval()
+    save_model(tmp_path / "teacher.pt", model, "denoiser", NET, (2,))
+    loaded = load_teacher(TeacherConfig(source="checkpoint", path=tmp_path / "teacher.pt"))
+    assert loaded.preconditioning == model.preconditioning
+    x, t = torch.randn(5, 2), torch.rand(5) + 0.1
+    assert torch.equal(loaded(x, t), model(x, t))
+
+
+def test_edm_pickle_teacher_is_stored_once_as_our_model_file(tmp_path, monkeypatch):
+    write_edm_pickle(tmp_path / "edm.pkl", trained_looking_unet(), install_edm_module_stand_ins(monkeypatch),
+                     sigma_data=0.5)
+    fake_cifar10(tmp_path)
+    cfg = get_preset("cifar10-tiny", [f"data.path={tmp_path}", "data.resolution=8", "teacher.source=edm_pickle",
+                                      f"teacher.path={tmp_path / 'edm.pkl'}"], artifact_root=tmp_path / "artifacts")
+    result = run_stage(cfg, "teacher", Runtime(torch.device("cpu")))
+    assert result.metrics["edm_class"] == "EDMPrecond"
+    from_pickle = load_teacher(cfg.teacher)
+    (tmp_path / "edm.pkl").unlink()  # everything after the teacher stage reads the stored model file
+
+    weights = result.path / MODEL_FILE
+    x, sigma = torch.randn(2, *load_data(cfg.data).sample_shape), torch.tensor([0.5, 3.0])
+    with torch.no_grad():
+        expected = from_pickle(x, sigma)
+        assert torch.equal(load_model(weights)(x, sigma), expected)
+        rollout = rollout_denoiser("edm_pickle", str(cfg.teacher.path), None, cfg.data.model_dump_json(), str(weights))
+        assert torch.equal(rollout(x, sigma), expected)
+    assert run_stage(cfg, "teacher").cached
 
 
 def test_torchscript_teacher_is_called_with_x_and_sigma(tmp_path):
@@ -50,5 +88,7 @@ def test_callable_teacher_is_imported_by_name(tmp_path, monkeypatch):
 def test_missing_arguments_are_named():
     with pytest.raises(ValueError, match="teacher.path is required"):
         TeacherConfig(source="torchscript")
+    with pytest.raises(ValueError, match="teacher.path is required"):
+        TeacherConfig(source="edm_pickle")
     with pytest.raises(ValueError, match="teacher.target"):
         TeacherConfig(source="callable")
