@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from cmt_core.config import NetworkConfig
+from cmt_core.models import build_model, init_from
 from cmt_core.networks import build_network
+from cmt_core.networks.embedding import PositionalEmbedding
 from cmt_core.networks.unet import UNet
 
 TINY = dict(img_resolution=8, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
@@ -58,6 +60,27 @@ def test_two_time_unet_initialised_from_one_time_unet_ignores_second_time():
     assert expected.abs().mean() > 1e-2
     for second in (torch.randn(4, 1), torch.full((4, 1), -1.5), torch.full((4, 1), 1.0)):
         assert torch.equal(student(x, torch.cat([t, second], dim=1)), expected)
+
+
+def test_flow_map_initialised_from_a_unet_teacher_is_its_ddim_step():
+    cfg = NetworkConfig(kind="unet", width=16, depth=1, channel_mult=(1, 2), attention_resolutions=(4,), emb_dim=32)
+    torch.manual_seed(0)
+    teacher = build_model("denoiser", cfg, (1, 8, 8)).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    flow = init_from(build_model("flow_map", cfg, (1, 8, 8)), teacher).eval()
+    x, t, s = torch.randn(2, 1, 8, 8), torch.tensor([2.0, 10.0]), torch.tensor([0.5, 0.0])
+    ratio = (s / t)[:, None, None, None]
+    with torch.no_grad():
+        assert torch.allclose(flow(x, t, s), ratio * x + (1 - ratio) * teacher(x, t), atol=1e-6)
+
+
+def test_positional_features_are_sines_then_cosines_of_frequencies_one_to_one_over_max_period():
+    c = torch.tensor([0.3, -2.0, 500.0])
+    freqs = torch.tensor([1.0, 10_000 ** (-1 / 3), 10_000 ** (-2 / 3), 1e-4])
+    expected = torch.cat([torch.sin(c[:, None] * freqs), torch.cos(c[:, None] * freqs)], dim=1)
+    assert torch.allclose(PositionalEmbedding(8)(c), expected, atol=1e-4)  # float32 arguments up to 500
 
 
 def test_gradients_reach_every_parameter():

@@ -1,7 +1,8 @@
 """Raw networks: ``net(x, c_noise) -> tensor shaped like x``.
 
-``c_noise`` is ``(B, num_times)``: the conditioning of each time (``ln(sigma) / 4``); one time for a
-denoiser or consistency model, two for a flow map / Mean Flow model. The preconditioning wrappers in
+``c_noise`` is ``(B, num_times)``: the conditioning of each time (``ln(sigma) / 4``; a VP-preconditioned
+teacher's is its DDPM step index); one time for a denoiser or consistency model, two for a flow map / Mean
+Flow model. The preconditioning wrappers in
 ``cmt_core.preconditioning`` own all sigma algebra; the raw networks never see sigma.
 """
 
