@@ -16,7 +16,8 @@ from cmt_core.stages import STAGES, plan, stages_needed
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cmt_core", "tasks", "flows")
 LAYER = {"cmt_core": 0, "tasks": 1, "flows": 2}  # orchestration -> stages -> method: imports point down
-OPTIONAL = ("prefect", "dask", "distributed", "cleanfid", "torchvision", "scipy", "lpips")  # extras, never top-level in cmt_core
+# the extras' modules: never imported at module level in cmt_core
+OPTIONAL = ("prefect", "dask", "distributed", "cleanfid", "torchvision", "scipy", "lpips")
 
 
 def module_name(path: Path) -> str:
