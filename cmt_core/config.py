@@ -61,6 +61,9 @@ class NetworkConfig(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     emb_dim: int = Field(128, ge=8, le=4096, description="time-embedding width")
     sigma_data: float = Field(0.5, gt=0)
+    consistency_boundary: Literal["always", "evaluation"] = Field(
+        "always", description="consistency models: the boundary form f(x, sigma_min) = x in training too, or "
+        "only at evaluation with EDM's scalings in training (ECT, the CMT reference)")
 
 
 class SolverConfig(StrictModel):

@@ -35,7 +35,7 @@ def build_model(kind: str, network: NetworkConfig, sample_shape, sigma_min: floa
     if kind == "consistency":
         if sigma_min is None:
             raise ValueError("a consistency model needs sigma_min (its boundary time)")
-        return ConsistencyModel(raw, network.sigma_data, sigma_min)
+        return ConsistencyModel(raw, network.sigma_data, sigma_min, network.consistency_boundary)
     return FlowMap(raw, network.sigma_data)
 
 

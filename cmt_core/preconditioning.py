@@ -91,18 +91,28 @@ def make_denoiser(raw: nn.Module, sigma_data: float, preconditioning: dict | Non
 
 
 class ConsistencyModel(nn.Module):
-    """Consistency function ``f(x, t) -> x_0`` with the boundary form (f(x, sigma_min) = x)."""
+    """Consistency function ``f(x, t) -> x_0`` with the boundary form (f(x, sigma_min) = x).
 
-    def __init__(self, raw: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    ``boundary``: ``always`` uses the boundary form in training too; ``evaluation`` trains with EDM's scalings
+    (c_skip = sd^2 / (t^2 + sd^2), c_out = t sd / sqrt(t^2 + sd^2)) and switches to the boundary form in eval
+    mode, as ECT's and the CMT reference's ``ECMPrecond``: a teacher-initialised student then starts training
+    as an exact copy of the teacher."""
+
+    def __init__(self, raw: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, boundary: str = "always"):
         super().__init__()
-        self.raw, self.sigma_data, self.sigma_min = raw, sigma_data, sigma_min
+        if boundary not in ("always", "evaluation"):
+            raise ValueError(f"boundary must be 'always' or 'evaluation', got {boundary!r}")
+        self.raw, self.sigma_data, self.sigma_min, self.boundary = raw, sigma_data, sigma_min, boundary
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         t = as_batch(t, x)
         sd, tb = self.sigma_data, bcast(t, x)
-        c_skip = sd**2 / ((tb - self.sigma_min) ** 2 + sd**2)
-        c_out = (tb - self.sigma_min) * sd / (tb**2 + sd**2).sqrt()
-        c_in = 1 / (tb**2 + sd**2).sqrt()
+        if self.training and self.boundary == "evaluation":
+            c_skip, c_out, c_in = edm_scalings(tb, sd)
+        else:
+            c_skip = sd**2 / ((tb - self.sigma_min) ** 2 + sd**2)
+            c_out = (tb - self.sigma_min) * sd / (tb**2 + sd**2).sqrt()
+            c_in = 1 / (tb**2 + sd**2).sqrt()
         return c_skip * x + c_out * self.raw(c_in * x, c_noise(t)[:, None]).to(x.dtype)
 
 

@@ -29,7 +29,7 @@ import torch
 
 from cmt_core.artifacts import artifact_dir, artifact_id, read_manifest, write_manifest
 from cmt_core.checkpoint import read_training_log
-from cmt_core.config import PipelineConfig, RolloutConfig
+from cmt_core.config import NetworkConfig, PipelineConfig, RolloutConfig
 from cmt_core.data import Data, load_data
 from cmt_core.evaluation.evaluator import Evaluator
 from cmt_core.evaluation.scoring import Scorer
@@ -269,12 +269,14 @@ def _evaluation(ctx: StageContext) -> dict:
 # ---------------------------------------------------------------------------------------------- the graph
 
 TEACHER = ("teacher.source", "teacher.path", "teacher.target")  # which teacher the ODE uses
+# the teacher is a denoiser: the consistency models' boundary setting is not its concern
+DENOISER_NETWORK = tuple(f"network.{f}" for f in NetworkConfig.model_fields if f != "consistency_boundary")
 SCORING = ("eval.num_samples", "eval.seed", "eval.mid_sigma", "eval.inception_path", "eval.fid_mode")
 SIGMAS = ("rollout.solver.sigma_min", "rollout.solver.sigma_max")
 TRAINING_USES = ("eval.batch_size", "artifact_root")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("teacher", reads=("data", "network", *TEACHER, "teacher.p_mean", "teacher.p_std", "teacher.train"),
+    Stage("teacher", reads=("data", *DENOISER_NETWORK, *TEACHER, "teacher.p_mean", "teacher.p_std", "teacher.train"),
           needs=lambda cfg: (), work=_teacher, trains=True),
     Stage("rollouts", reads=("data", *TEACHER, "rollout.solver", "rollout.num_trajectories", "rollout.batch_size",
                              "rollout.seed", "rollout.store"),

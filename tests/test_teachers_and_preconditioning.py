@@ -47,3 +47,15 @@ def test_two_time_model_initialised_from_teacher_is_its_ddim_step():
     x, t, s = torch.randn(8, 2), torch.full((8,), 2.0), torch.full((8,), 0.5)
     ddim = (s / t)[:, None] * x + (1 - s / t)[:, None] * teacher(x, t)
     assert torch.allclose(flow(x, t, s), ddim, atol=1e-5)
+
+
+def test_with_the_boundary_at_evaluation_only_a_teacher_initialised_student_trains_as_the_teacher():
+    network = NetworkConfig(width=32, depth=2, consistency_boundary="evaluation")
+    torch.manual_seed(0)
+    teacher = build_model("denoiser", network, (2,))
+    student = init_from(build_model("consistency", network, (2,), sigma_min=0.002), teacher)
+    x, t = torch.randn(16, 2), torch.rand(16) * 10 + 0.01
+    assert torch.equal(student.train()(x, t), teacher(x, t))  # ECT's ECMPrecond in training: EDM's scalings
+    assert torch.equal(student.eval()(x, 0.002), x)  # the boundary form at evaluation
+    always = init_from(build_model("consistency", NetworkConfig(width=32, depth=2), (2,), sigma_min=0.002), teacher)
+    assert not torch.equal(always.train()(x, t), teacher(x, t))
