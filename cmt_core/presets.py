@@ -68,16 +68,18 @@ _REFERENCE_LOOP = {"optimizer": "radam", "betas": [0.9, 0.999], "weight_decay": 
 _BOOKKEEPING = {"checkpoint_every": 5000, "log_every": 500}  # ours; no effect on the result
 
 
-def _edm_teacher(batch_size: int, lr: float, ema_decay: float, sampler_steps: int) -> dict:
-    """EDM's pre-training (NVlabs/edm train.py): 200 Mimg, Adam, lr ramped up over 10 Mimg; ``ema_decay`` is
-    its EMA half-life of 0.5 Mimg as a per-step rate, 0.5^(batch_size / 500,000). Heun on Karras' grid to
-    sigma = 0 for sampling."""
+def _edm_teacher(released: str, batch_size: int, lr: float, ema_decay: float, sampler_steps: int) -> dict:
+    """EDM's released network ``weights/<released>`` (an EDM pickle, read without running its code), as the
+    reference transfers it; ``train`` is EDM's own pre-training of it (NVlabs/edm train.py: 200 Mimg, Adam, lr
+    ramped up over 10 Mimg; ``ema_decay`` is its EMA half-life of 0.5 Mimg as a per-step rate,
+    0.5^(batch_size / 500,000)), used with ``teacher.source=pretrain``. Heun on Karras' grid to sigma = 0."""
     train = {"steps": 200_000_000 // batch_size, "batch_size": batch_size, "lr": lr, "optimizer": "adam",
              "betas": [0.9, 0.999], "weight_decay": 0.0, "lr_schedule": "constant",
              "warmup_steps": 10_000_000 // batch_size, "ema_decay": ema_decay, "grad_clip": None, **_BOOKKEEPING}
     sampler = {"name": "heun", "steps": sampler_steps, "grid": "karras", "sigma_min": 0.002, "sigma_max": 80.0,
                "rho": 7.0, "to_zero": True}
-    return {"source": "pretrain", "p_mean": -1.2, "p_std": 1.2, "train": train, "sampler": sampler}
+    return {"source": "edm_pickle", "path": f"weights/{released}", "p_mean": -1.2, "p_std": 1.2, "train": train,
+            "sampler": sampler}
 
 
 def _cmt_recipe(data: dict, channel_mult: list[int], teacher: dict, q: float) -> dict:
@@ -112,11 +114,13 @@ VGG16_WEIGHTS = "weights/vgg16-397923af.pth"
 
 def _cifar10(tiny: bool = False) -> dict:
     cfg = _cmt_recipe({"name": "cifar10", "path": "data/cifar-10-batches-py"}, [2, 2, 2],
-                      _edm_teacher(batch_size=512, lr=1e-3, ema_decay=0.99929, sampler_steps=18), q=4096.0)
+                      _edm_teacher("edm-cifar10-32x32-uncond-vp.pkl", batch_size=512, lr=1e-3,
+                                   ema_decay=0.99929, sampler_steps=18), q=4096.0)
     if tiny:
         small = {"batch_size": 8, "checkpoint_every": 2, "log_every": 1}
         cfg["network"].update(width=16, channel_mult=[1, 2], depth=1, emb_dim=32)
         cfg["data"]["heldout_fraction"] = 0.2
+        cfg["teacher"].update(source="pretrain", path=None)  # offline: a tiny teacher pre-trained here
         cfg["teacher"]["train"].update(small, steps=3, warmup_steps=0)
         cfg["rollout"].update(num_trajectories=16, batch_size=8)
         cfg["rollout"]["solver"]["steps"] = 4
@@ -133,7 +137,8 @@ def _faces64(name: str, q: float) -> dict:
     """FFHQ-64 / AFHQv2-64: EDM's 64x64 DDPM++ (channel_mult 1, 2, 2, 2) and teacher, the CIFAR-10 recipe's
     mid-training, ECT at dt = 1/q. ``name`` is the folder of PNGs under ``data/``."""
     return _cmt_recipe({"name": "image_folder", "path": f"data/{name}", "resolution": 64}, [1, 2, 2, 2],
-                       _edm_teacher(batch_size=256, lr=2e-4, ema_decay=0.999645, sampler_steps=40), q=q)
+                       _edm_teacher(f"edm-{name}-uncond-vp.pkl", batch_size=256, lr=2e-4, ema_decay=0.999645,
+                                    sampler_steps=40), q=q)
 
 
 PRESETS = {"toy": _toy, "digits": _digits, "cifar10": _cifar10, "cifar10-tiny": lambda: _cifar10(tiny=True),

@@ -141,6 +141,11 @@ def _teacher_weights(ctx: StageContext) -> torch.nn.Module:
     return load_model(path)
 
 
+def _denoiser_network(c: ConfigView) -> NetworkConfig:
+    """The network config of the teacher's model file, from the network fields the teacher reads."""
+    return NetworkConfig(**{path.split(".")[1]: getattr(c.network, path.split(".")[1]) for path in DENOISER_NETWORK})
+
+
 def _teacher(ctx: StageContext) -> dict:
     """The teacher's network weights (``model.pt``): EDM pre-training, a loaded checkpoint, or an EDM network
     pickle converted once (later stages load ``model.pt``, never the pickle).
@@ -154,7 +159,7 @@ def _teacher(ctx: StageContext) -> dict:
     if c.teacher.source == "checkpoint":
         model = load_teacher(c.teacher)
         if runtime.is_main:
-            save_model(ctx.path / MODEL_FILE, model, "denoiser", c.network, data.sample_shape)
+            save_model(ctx.path / MODEL_FILE, model, "denoiser", _denoiser_network(c), data.sample_shape)
         return {"weights": True}
     if c.teacher.source == "edm_pickle":
         edm = edm_teacher(c.teacher, data.sample_shape)
@@ -167,7 +172,7 @@ def _teacher(ctx: StageContext) -> dict:
     result = train(model, loss, data.source(c.teacher.train.seed), c.teacher.train, ctx.path / "train", runtime,
                    desc="teacher", progress=ctx.progress)
     if runtime.is_main:
-        save_model(ctx.path / MODEL_FILE, result.model, "denoiser", c.network, data.sample_shape)
+        save_model(ctx.path / MODEL_FILE, result.model, "denoiser", _denoiser_network(c), data.sample_shape)
     return {"weights": True, "final_loss": result.history[-1]["loss"] if result.history else None}
 
 

@@ -16,7 +16,8 @@ BUDGET_HEADER = ["stage", "iterations", "batch", "Mimg", "source"]
 BUDGET_STAGES = {"teacher": "teacher", "mid-training": "midtrain", "post-training": "posttrain"}
 
 # What a preset sets that is not part of a recipe: where files are, batch sizes for speed, bookkeeping.
-OPERATIONAL = {"data.path", "midtrain.lpips_backbone", "rollout.batch_size", "rollout.store", "eval.batch_size"}
+OPERATIONAL = {"data.path", "teacher.path", "midtrain.lpips_backbone", "rollout.batch_size", "rollout.store",
+               "eval.batch_size"}
 BOOKKEEPING = {"checkpoint_every", "log_every"}
 
 
@@ -132,6 +133,11 @@ def test_the_budget_table_is_steps_times_batch(name):
 
 
 def test_cmt_config_prints_the_mimg_budget_of_each_stage(capsys):
-    assert main(["config", "--preset", "cifar10"]) == 0
+    assert main(["config", "--preset", "cifar10"]) == 0  # EDM's released teacher: not trained here
+    printed = capsys.readouterr().out
+    budget = dict(re.findall(r"^# ([a-z +-]+):\s+([\d.]+) Mimg", printed, re.MULTILINE))
+    assert budget == {"mid-training": "38.4", "post-training": "12.8", "mid + post": "51.2"}
+    assert "# teacher: not trained here (teacher.source=edm_pickle)" in printed
+    assert main(["config", "--preset", "cifar10", "--set", "teacher.source=pretrain"]) == 0
     budget = dict(re.findall(r"^# ([a-z +-]+):\s+([\d.]+) Mimg", capsys.readouterr().out, re.MULTILINE))
     assert budget == {"teacher": "200", "mid-training": "38.4", "post-training": "12.8", "mid + post": "51.2"}
