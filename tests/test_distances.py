@@ -150,7 +150,8 @@ def test_lpips_without_its_weights_file_fails_naming_the_field_before_any_stage(
         get_preset("cifar10", ["midtrain.distance=lpips", "midtrain.lpips_backbone=null"])
     data = tmp_path / "cifar"
     data.mkdir()
-    absent = get_preset("cifar10", [f"data.path={data}", f"midtrain.lpips_backbone={tmp_path / 'absent.pth'}"],
+    absent = get_preset("cifar10", [f"data.path={data}", "teacher.source=pretrain", "teacher.path=null",
+                                    f"midtrain.lpips_backbone={tmp_path / 'absent.pth'}"],
                         artifact_root=tmp_path / "artifacts")
     with pytest.raises(PreflightError, match="midtrain.lpips_backbone=.*absent.pth' does not exist"):
         preflight(absent, ["teacher", "rollouts", "midtrain"])
