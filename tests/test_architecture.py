@@ -233,3 +233,11 @@ def test_every_preset_plans_every_stage_in_dependency_order():
         assert order == list(STAGES)
         for stage, s in STAGES.items():
             assert all(order.index(dep) < order.index(stage) for dep in s.needs(cfg))
+
+
+def test_posttraining_from_the_teacher_changes_id_with_the_sigma_min_it_trains_at():
+    # it was left out of the id when posttrain.init != "cmt", so a stale artifact was reused
+    base = get_preset("toy", ["posttrain.init=teacher"])
+    other = get_preset("toy", ["posttrain.init=teacher", "rollout.solver.sigma_min=0.004"])
+    assert "midtrain" not in plan(base).inputs["posttrain"]
+    assert plan(base).ids["posttrain"] != plan(other).ids["posttrain"]
