@@ -55,7 +55,9 @@ def _digits() -> dict:
         "midtrain": {"form": "cm",
                      "train": {"steps": 4000, "lr": 5e-4, "ema_decay": 0.999, "eval_every": 1000, **train}},
         "posttrain": {"method": "ecd", "init": "cmt", "ecd_solver": "heun",
-                      "ect": {"t_sampling": "log_uniform", "start_stage": 3, "stage_steps": 1000},
+                      # pseudo-Huber with c = dim / 2: the squared loss this preset was tuned with, for its
+                      # errors (||d|| << c); ECT's c = 0 (the l2 norm) measured 11.6 / 11.9 instead of 10.8 / 11.2
+                      "ect": {"t_sampling": "log_uniform", "start_stage": 3, "stage_steps": 1000, "huber_c": 32.0},
                       "train": {"steps": 2000, "lr": 5e-5, "ema_decay": 0.999, "eval_every": 500, **train}},
         "eval": {"num_samples": 2000, "batch_size": 1000, "mid_sigma": 0.8},
     }
