@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid configuration:\n{err}", file=sys.stderr)
         return 2
     if args.command == "config":
-        print_config(cfg)
+        try:
+            print_config(cfg)
+        except BrokenPipeError:  # `cmt config ... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
     from cmt_core import stages
