@@ -50,7 +50,7 @@ class CheckpointIO:
         path = Path(path)
         if not path.exists():
             return None
-        blob = torch.load(path, map_location=map_location, weights_only=False)
+        blob = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain values only
         missing = set(self.stateful) - set(blob)
         if missing:
             raise ValueError(f"{path}: checkpoint lacks the fields {sorted(missing)}")

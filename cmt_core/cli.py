@@ -46,10 +46,22 @@ def config_from_args(args):
 
 
 class _ConsoleFilter(logging.Filter):
-    """This package's INFO messages; WARNING and above from everyone else."""
+    """This package's INFO messages; WARNING and above from everyone else except Prefect's per-run loggers,
+    whose lines (a failed task's traceback too) are in the log file and the Prefect UI."""
+
+    RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.name.split(".")[0] == "cmt" or record.levelno >= logging.WARNING
+        if record.name.split(".")[0] == "cmt":
+            return True
+        return record.levelno >= logging.WARNING and not record.name.startswith(self.RUN_LOGGERS)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Messages without tracebacks: those go to the run's log file."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None}))
 
 
 def setup_logging(artifact_root: Path, command: str) -> Path:
@@ -58,16 +70,25 @@ def setup_logging(artifact_root: Path, command: str) -> Path:
     log_dir.mkdir(parents=True, exist_ok=True)
     rank = f"-rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""  # torchrun
     log_file = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}{rank}.log"
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     console, file = logging.StreamHandler(), logging.FileHandler(log_file)
     console.addFilter(_ConsoleFilter())
-    for handler in (console, file):
-        handler.setFormatter(fmt)
+    console.setFormatter(_ConsoleFormatter(fmt))
+    file.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [console, file]
     root.setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API request
     return log_file
+
+
+def input_error(err: Exception, log_file: Path | None = None) -> int:
+    """Bad input (a missing or unusable file, found before or while a stage reads it): one line naming the
+    field on stderr, the traceback only in the run's log file; the exit code 2."""
+    if log_file is not None:
+        logging.getLogger("traceback").info("invalid input", exc_info=err)  # not shown on the console
+    print(f"invalid input: {err}" + (f" (details: {log_file})" if log_file else ""), file=sys.stderr)
+    return 2
 
 
 def print_stage(result) -> None:
@@ -152,14 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stages.preflight(cfg, [args.name] if args.command == "stage" else stages.stages_needed(cfg, stages.STAGES))
     except stages.PreflightError as err:
-        print(f"invalid configuration: {err}", file=sys.stderr)
-        return 2
+        return input_error(err)
     log_file = setup_logging(cfg.artifact_root, args.command)
     runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
-    if args.command == "stage":
-        results = {args.name: stages.run_stage(cfg, args.name, runtime)}
-    else:
-        results = stages.run_pipeline(cfg, runtime)
+    try:
+        if args.command == "stage":
+            results = {args.name: stages.run_stage(cfg, args.name, runtime)}
+        else:
+            results = stages.run_pipeline(cfg, runtime)
+    except stages.InputFileError as err:  # the stage stopped before marking anything complete
+        return input_error(err, log_file)
     if runtime.is_main:
         print_results(results)
         print(f"log: {log_file}")

@@ -81,6 +81,10 @@ class SolverConfig(StrictModel):
 
     @model_validator(mode="after")
     def _sigma_order(self) -> SolverConfig:
+        if self.lower_order_final and "lower_order_final" not in SOLVERS[self.name].options:
+            takes = sorted(n for n, s in SOLVERS.items() if "lower_order_final" in s.options)
+            raise ValueError(f"lower_order_final=true needs a multistep solver ({', '.join(takes)}), "
+                             f"not name={self.name!r}")
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"sigma_min ({self.sigma_min}) must be < sigma_max ({self.sigma_max})")
         return self

@@ -19,7 +19,9 @@ its output) and the stages it ``needs``. Everything else derives from that decla
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +57,14 @@ POSTTRAIN_KIND = {"ect": "consistency", "ecd": "consistency", "meanflow": "flow_
 
 class PreflightError(ValueError):
     """A file or folder the config names for a stage to compute does not exist (found before any stage runs)."""
+
+
+class InputFileError(ValueError):
+    """A file the config names cannot be used (found when the stage reads it); the message names the field."""
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 class UndeclaredRead(RuntimeError):
@@ -162,7 +172,11 @@ def _teacher(ctx: StageContext) -> dict:
             save_model(ctx.path / MODEL_FILE, model, "denoiser", _denoiser_network(c), data.sample_shape)
         return {"weights": True}
     if c.teacher.source == "edm_pickle":
-        edm = edm_teacher(c.teacher, data.sample_shape)
+        try:
+            edm = edm_teacher(c.teacher, data.sample_shape)
+        except (pickle.UnpicklingError, ValueError, OSError, EOFError) as err:
+            raise InputFileError(f"teacher.path={str(c.teacher.path)!r} is not a usable EDM network pickle: "
+                                 f"{_first_line(err)}") from err
         if runtime.is_main:
             save_model(ctx.path / MODEL_FILE, edm.model, "denoiser", edm.network, edm.sample_shape)
         return {"weights": True, "edm_class": edm.precond_class}
@@ -204,7 +218,12 @@ def _midtrain(ctx: StageContext) -> dict:
         init_from(model, _teacher_weights(ctx))
     source = StorePairs(ctx.input("rollouts") / STORE_DIR, to_end=c.midtrain.form == "cm", seed=c.midtrain.train.seed)
     m = c.midtrain
-    loss = CMTLoss(m.form, make_distance(m.distance, m.huber_c, m.lpips_backbone))
+    try:
+        distance = make_distance(m.distance, m.huber_c, m.lpips_backbone)
+    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise InputFileError(f"midtrain.lpips_backbone={str(m.lpips_backbone)!r} is not a usable VGG16 weights "
+                             f"file: {_first_line(err)}") from err
+    loss = CMTLoss(m.form, distance)
     return _train_few_step(ctx, data, model, kind, loss, source, c.midtrain.train, "mid-training")
 
 
@@ -360,6 +379,8 @@ def preflight(cfg: PipelineConfig, stages) -> None:
             if value is not None and _declares(stage, path) and not Path(value).exists():
                 raise PreflightError(f"{path}={value!r} does not exist (the {stage} stage reads it); "
                                      f"put the file there or set {path} to where it is")
+        if stage == "midtrain" and cfg.midtrain.distance == "lpips" and importlib.util.find_spec("lpips") is None:
+            raise PreflightError("midtrain.distance='lpips' needs the lpips package: pip install 'cmt[fid]'")
 
 
 def complete_result(cfg: PipelineConfig, stage: str) -> StageResult | None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmt_core.config import DataConfig, NetworkConfig, TeacherConfig
+from cmt_core.config import DataConfig, TeacherConfig
 from cmt_core.data import Data, load_data
 from cmt_core.edm_pickle import EDMNetwork, load_edm_network
-from cmt_core.models import build_model, load_model
+from cmt_core.models import load_model
 
 
 class ExactDenoiser(nn.Module):
@@ -43,15 +43,14 @@ class ScriptedDenoiser(nn.Module):
 
 
 def load_teacher(cfg: TeacherConfig, distribution=None) -> nn.Module:
-    """The teacher named by ``cfg`` for every source except ``pretrain`` (see ``pipeline``)."""
+    """The teacher named by ``cfg`` for the sources read as they are: ``exact``, ``checkpoint``, ``torchscript``,
+    ``callable`` (``pretrain`` is trained and ``edm_pickle`` converted by the teacher stage, ``cmt_core.stages``)."""
     if cfg.source == "exact":
         if distribution is None:
             raise ValueError("teacher.source='exact' needs a synthetic distribution with a closed-form denoiser")
         return ExactDenoiser(distribution)
     if cfg.source == "checkpoint":
         return load_model(cfg.path)
-    if cfg.source == "edm_pickle":
-        return load_edm_network(cfg.path).model
     if cfg.source == "torchscript":
         return ScriptedDenoiser(torch.jit.load(str(cfg.path), map_location="cpu")).eval()
     if cfg.source == "callable":
@@ -63,7 +62,7 @@ def load_teacher(cfg: TeacherConfig, distribution=None) -> nn.Module:
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher.target {cfg.target!r} returned {type(teacher).__name__}, not an nn.Module")
         return teacher.eval()
-    raise ValueError(f"teacher.source={cfg.source!r} is trained, not loaded")
+    raise ValueError(f"teacher.source={cfg.source!r} is not loaded as it is: the teacher stage makes its model file")
 
 
 def edm_teacher(cfg: TeacherConfig, sample_shape) -> EDMNetwork:
@@ -89,7 +88,3 @@ def rollout_denoiser(source: str, path: str | None, target: str | None, data_jso
     cfg = TeacherConfig(source=source, path=path, target=target)
     return teacher_denoiser(cfg, load_data(DataConfig.model_validate_json(data_json)), Path(weights))
 
-
-def new_teacher(network: NetworkConfig, sample_shape) -> nn.Module:
-    """An untrained EDM denoiser for pre-training."""
-    return build_model("denoiser", network, sample_shape)

@@ -86,6 +86,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     resumed = checkpoint.load(ckpt_path, map_location=runtime.device)
     if resumed is not None:
         start, best = resumed["step"], resumed["best"]
+    saved = {"step": start if resumed is not None else None}  # the last checkpoint on disk
     history = read_training_log(log_path, up_to=start)
     if runtime.is_main:  # drop lines written after the checkpoint we resume from
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -99,6 +100,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     def save_checkpoint(step: int) -> None:
         if runtime.is_main:
             checkpoint.save(ckpt_path, step=step, best=best)
+        saved["step"] = step
         runtime.barrier()
 
     def run_evaluation(step: int) -> dict:
@@ -140,8 +142,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
                     runtime.all_reduce_mean(p.grad)
         reported = runtime.all_reduce_mean(loss.detach().clone())
         if not torch.isfinite(reported):
-            last = torch.load(ckpt_path, weights_only=False)["step"] if ckpt_path.exists() else None
-            where = f"{ckpt_path} (step {last})" if last is not None else "none written yet"
+            where = f"{ckpt_path} (step {saved['step']})" if saved["step"] is not None else "none written yet"
             raise NonFiniteLossError(f"{desc}: non-finite loss {reported.item()} at step {step}; "
                                      f"last good checkpoint kept: {where}. Lower train.lr or raise grad_clip.")
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
@@ -165,6 +166,6 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     result = TrainResult(ema.model, history=history)
     if evaluate is not None and best["step"] is not None:
         if best_path.exists():
-            ema.model.load_state_dict(torch.load(best_path, map_location=runtime.device)["ema"])
+            ema.model.load_state_dict(torch.load(best_path, map_location=runtime.device, weights_only=True)["ema"])
         result.best_step, result.best_score = best["step"], best["score"]
     return result

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
-from cmt_core.cli import config_from_args, config_parser, print_results, setup_logging
+from cmt_core import stages
+from cmt_core.cli import config_from_args, config_parser, input_error, print_results, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,11 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"invalid configuration:\n{err}", file=sys.stderr)
         return 2
+    try:
+        stages.preflight(cfg, stages.stages_needed(cfg, stages.STAGES))
+    except stages.PreflightError as err:
+        return input_error(err)
     log_file = setup_logging(cfg.artifact_root, "flow")
     from flows.pipeline import cmt_pipeline
 
-    results = cmt_pipeline(preset=cfg.preset if cfg.preset != "custom" else "digits", config=cfg,
-                           ddp_processes=args.ddp_processes)
+    try:
+        results = cmt_pipeline(preset=cfg.preset if cfg.preset != "custom" else "digits", config=cfg,
+                               ddp_processes=args.ddp_processes)
+    except stages.InputFileError as err:  # the failed stage marked nothing complete
+        return input_error(err, log_file)
     print_results(results)
     print(f"log: {log_file}")
     return 0

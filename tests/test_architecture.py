@@ -111,6 +111,8 @@ SPECIAL = {
     "midtrain.form": {"midtrain.form": "flow_map", "posttrain.init": "teacher"},
     "posttrain.method": {"posttrain.method": "meanflow", "midtrain.form": "mf"},
     "network.kind": {"network.kind": "unet"},
+    # the teacher samples with Heun, which has no lower_order_final: a multistep sampler that has it
+    "teacher.sampler.lower_order_final": {"teacher.sampler.name": "dpm3m", "teacher.sampler.lower_order_final": True},
 }
 
 

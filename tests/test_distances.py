@@ -185,3 +185,10 @@ def test_lpips_needs_images_of_sixteen_pixels(tmp_path):
 def test_midtrain_defaults_to_the_squared_l2_distance():
     cfg = MidTrainConfig()
     assert cfg.distance == "squared_l2" and cfg.lpips_backbone is None
+
+
+def test_a_backbone_file_that_is_not_plain_tensors_is_refused_without_being_run(tmp_path):
+    garbage = tmp_path / "vgg16.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="is not a torch state dict of plain tensors"):
+        make_distance("lpips", lpips_backbone=garbage)

@@ -223,3 +223,28 @@ def test_tensors_and_parameters_are_rebuilt_from_weights_only_storages(tmp_path)
     assert type(loaded["w"]) is torch.Tensor and torch.equal(loaded["w"], weights["w"])
     assert torch.equal(loaded["view"], weights["view"])
 
+
+
+def test_the_cli_refuses_a_code_running_teacher_pickle_in_one_line_and_marks_nothing_complete(tmp_path, capsys):
+    import logging
+    import os
+
+    from cmt_core.cli import main
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"ema": Payload()}))
+    handlers = logging.getLogger().handlers[:]  # main() installs its console and log-file handlers
+    try:
+        code = main(["stage", "teacher", "--preset", "digits", "--set", "teacher.source=edm_pickle",
+                     "--set", f"teacher.path={evil}", "--artifact-root", str(tmp_path / "art")])
+    finally:
+        logging.getLogger().handlers[:] = handlers
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("invalid input: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("invalid input: teacher.path=") and "refused global posix.system" in errors[0]
+    assert not (tmp_path / "ran").exists() and not list((tmp_path / "art").rglob("manifest.json"))

@@ -58,7 +58,7 @@ def root(tmp_path_factory):
 
 
 def checkpoint_step(path: Path) -> int:
-    return torch.load(path, weights_only=False)["step"]
+    return torch.load(path, weights_only=True)["step"]
 
 
 def run_pipeline(root: Path, *extra: str):

@@ -194,3 +194,13 @@ def test_per_sample_grid_matches_shared_grid():
 def test_unknown_solver_is_named():
     with pytest.raises(ValueError, match="rk4"):
         solve(GaussianMixture().denoise, torch.zeros(1, 2), log_uniform_grid(2), "rk4")
+
+
+def test_lower_order_final_on_a_solver_without_it_is_refused_naming_the_field():
+    from pydantic import ValidationError
+
+    from cmt_core.config import SolverConfig
+
+    with pytest.raises(ValidationError, match="lower_order_final=true needs a multistep solver"):
+        SolverConfig(name="heun", lower_order_final=True)
+    assert SolverConfig(name="dpm3m", lower_order_final=True).lower_order_final

@@ -11,7 +11,7 @@ from cmt_core.models import build_model, load_model, save_model
 from cmt_core.presets import get_preset
 from cmt_core.runtime import Runtime
 from cmt_core.stages import MODEL_FILE, run_stage
-from cmt_core.teachers import load_teacher, rollout_denoiser
+from cmt_core.teachers import edm_teacher, load_teacher, rollout_denoiser
 from tests.test_edm_pickle import install_edm_module_stand_ins, trained_looking_unet, write_edm_pickle
 from tests.test_images import fake_cifar10
 
@@ -50,7 +50,7 @@ def test_edm_pickle_teacher_is_stored_once_as_our_model_file(tmp_path, monkeypat
                                       f"teacher.path={tmp_path / 'edm.pkl'}"], artifact_root=tmp_path / "artifacts")
     result = run_stage(cfg, "teacher", Runtime(torch.device("cpu")))
     assert result.metrics["edm_class"] == "EDMPrecond"
-    from_pickle = load_teacher(cfg.teacher)
+    from_pickle = edm_teacher(cfg.teacher, load_data(cfg.data).sample_shape).model
     (tmp_path / "edm.pkl").unlink()  # everything after the teacher stage reads the stored model file
 
     weights = result.path / MODEL_FILE

@@ -42,7 +42,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
 
 def test_checkpoint_holds_everything_needed_to_continue(tmp_path):
     small_run(tmp_path, 10, 10)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert set(ckpt) == {"model", "ema", "optimizer", "step", "best"}  # the step keys every random number
     assert ckpt["step"] == 10 and (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
 
@@ -57,7 +57,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
 
     with pytest.raises(NonFiniteLossError, match=r"step 12.*checkpoint.pt \(step 10\)"):
         train(model, exploding, SyntheticSource(GaussianMixture()), cfg, tmp_path, Runtime(torch.device("cpu")))
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 10
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 10
 
 
 def test_best_checkpoint_is_returned(tmp_path):

@@ -16,6 +16,7 @@ keep the scale they were tuned on.
 from __future__ import annotations
 
 import functools
+import pickle
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +80,10 @@ class LPIPS:
 
     def _trunk_state(self, wanted: dict) -> dict:
         """The file's ``features.<i>.*`` tensors under the package's names ``slice<k>.<i>.*``."""
-        saved = torch.load(self.backbone, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(self.backbone, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # not a state dict of plain tensors: never loaded any other way
+            raise ValueError(f"{self.backbone} is not a torch state dict of plain tensors") from err
         state = {}
         for name in wanted:
             source = "features." + name.split(".", 1)[1]
