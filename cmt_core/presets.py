@@ -95,7 +95,7 @@ def _cmt_recipe(data: dict, channel_mult: list[int], teacher: dict, q: float) ->
                     "attention_resolutions": [16], "dropout": 0.2, "emb_dim": 512, "sigma_data": 0.5},
         "teacher": teacher,
         "rollout": {"num_trajectories": 2_400_000, "batch_size": 1024,
-                    "solver": {"name": "dpm3m", "lower_order_final": True, "steps": 16, "grid": "log_uniform",
+                    "solver": {"name": "dpm3m_lu", "lower_order_final": True, "steps": 16, "grid": "log_uniform",
                                "sigma_min": 0.002, "sigma_max": 80.0},
                     "store": {"dtype": "float16", "chunk_trajectories": 64, "shard_chunks": 64}},
         "midtrain": {"form": "cm", "init": "teacher", "distance": "lpips", "lpips_backbone": VGG16_WEIGHTS,

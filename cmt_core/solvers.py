@@ -8,8 +8,11 @@ EDM's Heun sampler does).
 
 ``SOLVERS`` registers every solver once (name -> function, its number of denoiser calls and the keyword
 options it takes); the configs' solver choices (``cmt_core.config.SolverName``) are its keys. A new solver
-is one function and one entry. ``dpm2m`` / ``dpm3m`` are DPM-Solver++ multistep as Lu et al. 2022 define
-it; ``dpm2m_taylor`` / ``dpm3m_taylor`` use DPM-Solver's "taylor" second-order update instead.
+is one function and one entry. ``dpm2m`` / ``dpm3m`` are DPM-Solver++ multistep of orders 2 and 3 (Lu et al.
+2022, data prediction; the third-order step weights the second divided difference as the Taylor expansion
+does). ``dpm2m_taylor`` uses DPM-Solver's "taylor" second-order update instead; ``dpm3m_lu`` is the third-order
+multistep update exactly as DPM-Solver's released code (and the reference, sony/cmt) computes it, which
+carries half that weight and so converges at second order (see ``_multistep_correction``).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def _step_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
 
 
 def _multistep_correction(denoised: torch.Tensor, history: list[torch.Tensor], h: torch.Tensor,
-                          h_history: list[torch.Tensor], order: int, taylor: bool) -> torch.Tensor:
+                          h_history: list[torch.Tensor], order: int, taylor: bool, lu_code: bool) -> torch.Tensor:
     """The terms of order 2 (and 3) added to the first-order update ``(t_next / t) x - (e^-h - 1) D_i``.
 
     ``history``: the previous denoiser outputs ``[..., D_{i-2}, D_{i-1}]``; ``h_history``: the steps that
@@ -85,10 +88,11 @@ def _multistep_correction(denoised: torch.Tensor, history: list[torch.Tensor], h
     ``-(e^-h - 1) / 2 * (D_i - D_{i-1}) / r_0`` (Lu et al.'s DPM-Solver++(2M)), or with ``taylor``
     ``phi_2 (D_i - D_{i-1}) / r_0``, ``phi_2 = (e^-h - 1) / h + 1``, the exact integral of the linearly
     extrapolated D (DPM-Solver's "taylor" solver type; less accurate on our exact teachers). Order 3:
-    ``phi_2 D1 - phi_3 D2``, ``phi_3 = phi_2 / h - 1/2``, with ``D1 ~ h D'`` and ``D2 ~ h^2 D'' / 2`` from the
-    last three outputs: DPM-Solver++'s one third-order multistep update (both types), kept as the reference
-    runs it. The Taylor expansion would weight D2 by 2 phi_3; with phi_3 each step errs by ~h^3 D'' / 12, so
-    ``dpm3m`` converges at second order once the steps are fine (with a smaller constant than ``dpm2m``).
+    ``phi_2 D1 - 2 phi_3 D2``, ``phi_3 = phi_2 / h - 1/2``, with ``D1 ~ h D'`` and ``D2 ~ h^2 D'' / 2`` from the
+    last three outputs: the exact integral of the quadratically extrapolated D, so each step errs by O(h^4)
+    and the solver converges at third order. ``lu_code``: ``phi_2 D1 - phi_3 D2``, DPM-Solver's released
+    multistep update (its singlestep third-order update has the factor 2), which the reference runs; each step
+    then errs by ~h^3 D'' / 12 and the solver converges at second order once the steps are fine.
     """
     phi_1 = torch.expm1(-h)
     r0 = h_history[-1] / h
@@ -100,12 +104,12 @@ def _multistep_correction(denoised: torch.Tensor, history: list[torch.Tensor], h
     d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
     d2 = (d1_0 - d1_1) / (r0 + r1)
     phi_2 = phi_1 / h + 1
-    return phi_2 * d1 - (phi_2 / h - 0.5) * d2
+    return phi_2 * d1 - (1 if lu_code else 2) * (phi_2 / h - 0.5) * d2
 
 
 @torch.no_grad()
 def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, order: int = 2, *,
-                  lower_order_final: bool = False, taylor: bool = False) -> torch.Tensor:
+                  lower_order_final: bool = False, taylor: bool = False, lu_code: bool = False) -> torch.Tensor:
     """DPM-Solver++ multistep of Lu et al. 2022 (order 2 or 3, data prediction), one denoiser call per step.
 
     EDM time: alpha = 1, sigma = t, lambda = -ln t, h = ln(t / t_next). Step i goes from ``t_i`` to
@@ -113,7 +117,8 @@ def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, ord
     exact for a constant D; the multistep corrections (``_multistep_correction``) extrapolate D from the
     previous outputs. Orders per step: ``_step_orders`` (lower at the first steps, and at the last ones
     with ``lower_order_final``). ``taylor``: DPM-Solver's "taylor" second-order update instead of the
-    standard one. A step to sigma = 0 (h = inf) is first order and lands on D_i; the corrections diverge
+    standard one; ``lu_code``: the third-order update as DPM-Solver's code writes it (half the D2 weight).
+    A step to sigma = 0 (h = inf) is first order and lands on D_i; the corrections diverge
     there, so per-sample grids may reach 0 only on a first-order step or all at once.
     """
     if order not in (2, 3):
@@ -132,7 +137,7 @@ def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, ord
             h = _b(torch.log(t / t_next.clamp(min=1e-12)), x)
             x = _b(t_next / t, x) * x - torch.expm1(-h) * denoised
             if step_order > 1:
-                x = x + _multistep_correction(denoised, history, h, h_history, step_order, taylor)
+                x = x + _multistep_correction(denoised, history, h, h_history, step_order, taylor, lu_code)
             x = torch.where(to_zero, denoised, x)
             h_history = (h_history + [h])[-2:]
         history = (history + [denoised])[-2:]
@@ -164,8 +169,8 @@ SOLVERS: dict[str, Solver] = {
     "dpm3m": Solver(functools.partial(dpm_solver_pp, order=3), _one_call_per_step, _MULTISTEP_OPTIONS),
     "dpm2m_taylor": Solver(functools.partial(dpm_solver_pp, order=2, taylor=True), _one_call_per_step,
                            _MULTISTEP_OPTIONS),
-    "dpm3m_taylor": Solver(functools.partial(dpm_solver_pp, order=3, taylor=True), _one_call_per_step,
-                           _MULTISTEP_OPTIONS),
+    "dpm3m_lu": Solver(functools.partial(dpm_solver_pp, order=3, lu_code=True), _one_call_per_step,
+                       _MULTISTEP_OPTIONS),
 }
 
 

@@ -30,8 +30,9 @@ def fitted_order(steps, errors) -> float:
 
 
 GMM, CHECKER = GaussianMixture(8, 2.0, 0.3), Checkerboard()
-MULTISTEP = [("dpm2m", {}), ("dpm2m_taylor", {}), ("dpm3m", {}), ("dpm3m", {"lower_order_final": True})]
-MULTISTEP_IDS = ["dpm2m", "dpm2m_taylor", "dpm3m", "dpm3m-lower_order_final"]
+MULTISTEP = [("dpm2m", {}), ("dpm2m_taylor", {}), ("dpm3m", {}), ("dpm3m", {"lower_order_final": True}),
+             ("dpm3m_lu", {"lower_order_final": True})]
+MULTISTEP_IDS = ["dpm2m", "dpm2m_taylor", "dpm3m", "dpm3m-lower_order_final", "dpm3m_lu-lower_order_final"]
 
 
 @pytest.mark.parametrize("distribution", [GMM, CHECKER], ids=["gmm", "checker"])
@@ -59,13 +60,19 @@ def test_dpm2m_is_second_order_on_the_mixture(name):
     assert fitted_order(steps, mixture_errors(name, steps)) == pytest.approx(2.0, abs=0.2)
 
 
-def test_dpm3m_is_second_order_asymptotically_as_lu_et_al_write_it():
-    """Lu et al.'s third-order multistep update (the reference's) weights the second divided difference D2 ~ h^2 D''/2
-    by phi_3, where the Taylor expansion of the integral asks for 2 phi_3: each step errs by ~h^3 D''/12, so past the
-    coarse grids the method converges at second order (with a smaller constant than 2M). Faithfulness pins this."""
+def test_dpm3m_is_third_order_on_the_mixture():
     steps = (64, 128, 256)
-    errors = mixture_errors("dpm3m", steps)
-    assert fitted_order(steps, errors) == pytest.approx(2.0, abs=0.2)
+    assert fitted_order(steps, mixture_errors("dpm3m", steps)) == pytest.approx(3.0, abs=0.2)  # measured 3.03
+
+
+def test_dpm3m_lu_is_second_order_asymptotically_as_lu_et_al_code_writes_it():
+    """DPM-Solver's released third-order multistep update (the reference's) weights the second divided difference
+    D2 ~ h^2 D''/2 by phi_3, where the Taylor expansion of the integral asks for 2 phi_3: each step errs by
+    ~h^3 D''/12, so past the coarse grids it converges at second order, with a smaller constant than 2M (and, at the
+    recipes' 16 steps, a smaller error than the third-order update: 7.8e-3 vs 2.7e-2 on this mixture)."""
+    steps = (64, 128, 256)
+    errors = mixture_errors("dpm3m_lu", steps)
+    assert fitted_order(steps, errors) == pytest.approx(2.0, abs=0.2)  # measured 1.87
     assert errors[-1] < 0.5 * mixture_errors("dpm2m", steps)[-1]
 
 
@@ -78,11 +85,9 @@ def test_standard_dpm2m_is_more_accurate_than_the_taylor_form_at_16_steps():
     assert error["dpm2m"] < 0.8 * error["dpm2m_taylor"]  # measured 2.5e-2 vs 3.5e-2
 
 
-def test_dpm3m_beats_dpm2m_at_equal_steps():
-    x, ref = start_and_reference(GMM)
-    grid = karras_grid(24, 0.05, 80.0)
-    err = {n: (solve(GMM.denoise, x, grid, n)[:, -1] - ref).norm(dim=1).mean() for n in ("dpm2m", "dpm3m")}
-    assert err["dpm3m"] < 0.5 * err["dpm2m"]
+def test_dpm3m_beats_dpm2m_once_the_steps_are_fine():
+    errors = {name: mixture_errors(name, (128,))[0] for name in ("dpm2m", "dpm3m")}
+    assert errors["dpm3m"] < 0.1 * errors["dpm2m"]  # measured 4.4e-5 vs 6.0e-4
 
 
 # --- closed form: data N(0, S^2 I), D(x, t) = S^2 / (S^2 + t^2) x, x(s) = x(t) sqrt(S^2 + s^2) / sqrt(S^2 + t^2) ---
@@ -108,14 +113,18 @@ def test_multistep_solvers_follow_the_closed_form_gaussian_flow(name, options):
     steps = (64, 128, 256)
     errors = [(solve(gaussian_denoiser, x, log_uniform_grid(n), name, **options)[:, -1]
                - gaussian_flow(x, log_uniform_grid(n))[:, -1]).norm(dim=1).mean() for n in steps]
-    assert fitted_order(steps, errors) == pytest.approx(2.0, abs=0.2)  # dpm3m too: see the test above
+    if name == "dpm3m":
+        assert fitted_order(steps, errors) > 2.8  # measured 4.2-4.3 here: at least third order
+    else:
+        assert fitted_order(steps, errors) == pytest.approx(2.0, abs=0.2)  # measured 1.99-2.06
 
 
 # --- the updates themselves, written from Lu et al. 2022 in Newton divided differences over lambda = -ln t ---
 
-def lu_et_al_update(x, times, denoised, taylor=False):
+def lu_et_al_update(x, times, denoised, taylor=False, lu_code=False):
     """x_{i+1} from x_i: ``times = (t_{i+1}, t_i, t_{i-1}, ...)``, ``denoised = (D_i, D_{i-1}, ...)``; the order is
-    ``len(denoised)``. ``taylor``: DPM-Solver's "taylor" second-order update."""
+    ``len(denoised)``. ``taylor``: DPM-Solver's "taylor" second-order update; ``lu_code``: its code's third-order
+    weight phi_3 on ``h^2 D[.,.,.]`` where the integral of the quadratic in lambda asks for 2 phi_3."""
     lam = [-math.log(t) for t in times]
     h, e = lam[0] - lam[1], math.expm1(-lam[0] + lam[1])
     x_next = times[0] / times[1] * x - e * denoised[0]
@@ -126,16 +135,18 @@ def lu_et_al_update(x, times, denoised, taylor=False):
     if len(denoised) == 2:
         return x_next + (phi_2 * h * slope if taylor else -e / 2 * h * slope)
     curvature = (slope - (denoised[1] - denoised[2]) / (lam[2] - lam[3])) / (lam[1] - lam[3])
-    return x_next + phi_2 * h * (slope + (lam[1] - lam[2]) * curvature) - (phi_2 / h - 0.5) * h**2 * curvature
+    phi_3 = phi_2 / h - 0.5
+    return x_next + phi_2 * h * (slope + (lam[1] - lam[2]) * curvature) - (1 if lu_code else 2) * phi_3 * h**2 * curvature
 
 
-def expected_states(states, grid, orders, taylor=False):
+def expected_states(states, grid, orders, taylor=False, lu_code=False):
     """Each state recomputed from the solver's previous states with the given per-step orders."""
     denoised = [GMM.denoise(states[:, k], grid[k].expand(len(states))) for k in range(len(grid) - 1)]
     out = [states[:, 0]]
     for k, order in enumerate(orders):
         times = [float(grid[k + 1])] + [float(grid[k - j]) for j in range(order)]
-        out.append(lu_et_al_update(states[:, k], times, [denoised[k - j] for j in range(order)], taylor))
+        out.append(lu_et_al_update(states[:, k], times, [denoised[k - j] for j in range(order)], taylor,
+                                   lu_code))
     return torch.stack(out, dim=1)
 
 
@@ -146,15 +157,17 @@ UNEVEN = torch.tensor([10.0, 4.0, 1.5, 0.4, 0.05], dtype=torch.float64)  # r != 
     ("dpm2m", {}, UNEVEN, [1, 2, 2, 2]),
     ("dpm2m_taylor", {}, UNEVEN, [1, 2, 2, 2]),
     ("dpm3m", {}, UNEVEN, [1, 2, 3, 3]),
-    ("dpm3m_taylor", {}, UNEVEN, [1, 2, 3, 3]),
+    ("dpm3m_lu", {}, UNEVEN, [1, 2, 3, 3]),
     ("dpm2m", {"lower_order_final": True}, log_uniform_grid(16), [1] + [2] * 14 + [1]),
     ("dpm3m", {"lower_order_final": True}, log_uniform_grid(16), [1, 2] + [3] * 12 + [2, 1]),
-], ids=["dpm2m", "dpm2m_taylor", "dpm3m", "dpm3m_taylor", "dpm2m-lower_order_final", "dpm3m-lower_order_final"])
+    ("dpm3m_lu", {"lower_order_final": True}, log_uniform_grid(16), [1, 2] + [3] * 12 + [2, 1]),
+], ids=["dpm2m", "dpm2m_taylor", "dpm3m", "dpm3m_lu", "dpm2m-lower_order_final", "dpm3m-lower_order_final",
+        "dpm3m_lu-lower_order_final"])
 def test_multistep_steps_are_lu_et_al_updates_of_the_stated_orders(name, options, grid, orders):
     x = grid[0] * torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     states = solve(GMM.denoise, x, grid, name, **options)
-    torch.testing.assert_close(states, expected_states(states, grid, orders, taylor=name.endswith("taylor")),
-                               rtol=1e-10, atol=1e-10)
+    expected = expected_states(states, grid, orders, taylor=name.endswith("taylor"), lu_code=name.endswith("_lu"))
+    torch.testing.assert_close(states, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_solve_config_honours_lower_order_final():
