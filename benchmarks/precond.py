@@ -25,8 +25,8 @@ from cmt_core.stages import run_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "precond.json"
 SETTINGS = ("always", "evaluation")
-ROWS = {"mid_1step": "CMT (mid-trained), 1-step", "mid_2step": "CMT (mid-trained), 2-step",
-        "post_1step": "from cmt, 1-step", "post_2step": "from cmt, 2-step"}
+ROWS = {"mid_1step": "midtrain_1step", "mid_2step": "midtrain_2step", "post_1step": "posttrain_1step",
+        "post_2step": "posttrain_2step"}
 
 
 def summary(values: list[float]) -> dict:
@@ -52,9 +52,8 @@ def main() -> None:
                              artifact_root=args.artifact_root)
             evaluation = run_pipeline(cfg)["evaluation"].metrics
             metric = evaluation["info"]["primary_metric"]
-            for key, label in ROWS.items():
-                row = next(r for r in evaluation["rows"] if r["model"].endswith(label))
-                per_row[key].append(row[metric])
+            for key, row_key in ROWS.items():
+                per_row[key].append(evaluation["by_key"][row_key][metric])
             print(setting, seed, {k: round(v[-1], 3) for k, v in per_row.items()}, flush=True)
         results[setting] = {key: summary(values) for key, values in per_row.items()}
         seconds[setting] = time.perf_counter() - t0

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 from cmt_core.objectives.distances import DISTANCES
 from cmt_core.solvers import SOLVERS
@@ -106,7 +106,11 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm (None: no clipping)")
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
-    eval_every: int | None = Field(None, ge=1, description="evaluate the EMA model every N steps (keeps the best)")
+    eval_every: int | None = Field(None, ge=1, description="evaluate the EMA model every N steps at 1 and 2 steps "
+                                   "(keeps the best, see keep); None: keep the last")
+    keep: Literal["one_step", "two_step", "both"] = Field(
+        "both", description="the evaluated EMA model kept: best 1-step score, best 2-step score, or 'both': the lowest "
+        "sum of the two scores relative to step 0 among those no worse than step 0 on either")
     seed: int = Field(0, ge=0)
 
 
@@ -245,7 +249,11 @@ class EvalConfig(StrictModel):
     num_samples: int = Field(2000, ge=2)
     batch_size: int = Field(500, ge=1)
     seed: int = Field(12345, ge=0)
-    mid_sigma: float = Field(0.8, gt=0, description="2-step sampling: re-noise to this sigma")
+    mid_sigma: float = Field(0.8, gt=0, description="2-step sampling: the intermediate sigma, when "
+                             "mid_sigma_search is empty")
+    mid_sigma_search: tuple[PositiveFloat, ...] = Field(
+        (0.2, 0.3, 0.45, 0.7, 1.0, 1.5), description="2-step sampling: candidate intermediate sigmas; each model "
+        "uses the one with the best 2-step score on noises of its own (not those it is reported on); empty: mid_sigma")
     num_seed_sets: int = Field(1, ge=1, le=16)
     inception_path: Path | None = Field(None, description="local inception-2015-12-05.pt (FID); None: offline")
     fid_mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = "clean"

@@ -4,8 +4,9 @@ Every sampler maps ``x_T = sigma_max * z`` (``(B, *sample_shape)``) to data with
 
 * ``consistency``: x = f(x_T, T), then for each intermediate sigma s: x = f(x + s e, s); 2 steps re-noise
   to ``mid_sigma``, more steps to a Karras grid from ``mid_sigma`` down to ``sigma_min``;
-* ``flow_map`` (flow maps and Mean Flow): jumps along a Karras grid from sigma_max whose last jump ends
-  at 0 (``cmt_core.objectives.meanflow.sample``);
+* ``flow_map`` (flow maps and Mean Flow): jumps sigma_max -> 0 in one step; with more steps sigma_max ->
+  ``mid_sigma`` -> down a Karras grid from ``mid_sigma`` to sigma_min whose last point is replaced by 0
+  (``cmt_core.objectives.meanflow.sample``); 2 steps: sigma_max -> mid_sigma -> 0;
 * the teacher: the last state of an ODE solve (``cmt_core.solvers``).
 
 ``FEW_STEP_SAMPLERS`` registers each kind once; a kind's number of network calls is its ``steps``.
@@ -37,7 +38,9 @@ def _consistency(model, x_T, steps: int, sigma_max: float, sigma_min: float, mid
 
 
 def _flow_map(model, x_T, steps: int, sigma_max: float, sigma_min: float, mid_sigma: float, generator):
-    return meanflow.sample(model, x_T, karras_grid(steps, sigma_min, sigma_max, to_zero=True))
+    grid = karras_grid(steps - 1, sigma_min, mid_sigma) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    grid[-1] = 0.0  # the Karras grid's last point, sigma_min, becomes the jump to the data
+    return meanflow.sample(model, x_T, torch.cat([torch.tensor([float(sigma_max)], dtype=grid.dtype), grid]))
 
 
 FEW_STEP_SAMPLERS = {"consistency": _consistency, "flow_map": _flow_map}

@@ -208,7 +208,7 @@ def _rollouts(ctx: StageContext) -> dict:
 
 
 def _midtrain(ctx: StageContext) -> dict:
-    """Consistency mid-training on the rollouts; keeps the best 1-step EMA model (``model.pt``)."""
+    """Consistency mid-training on the rollouts; keeps the EMA model ``train.keep`` selects (``model.pt``)."""
     c = ctx.cfg
     data = load_data(c.data)
     kind = MIDTRAIN_KIND[c.midtrain.form]
@@ -228,18 +228,23 @@ def _midtrain(ctx: StageContext) -> dict:
 
 
 def _train_few_step(ctx: StageContext, data: Data, model, kind: str, loss, source, train_cfg, desc: str) -> dict:
-    """Train a few-step model, scored every ``train_cfg.eval_every`` steps, and save the best EMA model."""
+    """Train a few-step model, scored at 1 and 2 steps every ``train_cfg.eval_every`` steps, and save the EMA
+    model ``train_cfg.keep`` selects; the manifest records its scores and its 2-step sigma (``mid_sigma``)."""
     scorer = _scorer(ctx, data)
     result = train(model, loss, source, train_cfg, ctx.path / "train", ctx.runtime,
                    evaluate=scorer.training_evaluate(kind) if train_cfg.eval_every else None,
                    desc=desc, progress=ctx.progress)
     if ctx.runtime.is_main:
         save_model(ctx.path / MODEL_FILE, result.model, kind, ctx.cfg.network, data.sample_shape)
-    return {"best_step": result.best_step, "best_score": result.best_score, "score_name": scorer.primary}
+    kept = result.best_metrics
+    mid_sigma = kept["mid_sigma"] if "mid_sigma" in kept else scorer.mid_sigma_for(kind, result.model)
+    return {"best_step": result.best_step, "keep": train_cfg.keep if train_cfg.eval_every else "last",
+            "score_names": [scorer.primary, scorer.primary_2step], "score_1step": kept.get("score_1step"),
+            "score_2step": kept.get("score_2step"), "mid_sigma": mid_sigma}
 
 
 def _posttrain(ctx: StageContext) -> dict:
-    """ECT / ECD / Mean Flow from the chosen initialisation; keeps the best 1-step EMA model."""
+    """ECT / ECD / Mean Flow from the chosen initialisation; keeps the EMA model ``train.keep`` selects."""
     c, runtime = ctx.cfg, ctx.runtime
     data = load_data(c.data)
     p, kind = c.posttrain, POSTTRAIN_KIND[c.posttrain.method]
@@ -279,10 +284,14 @@ def _evaluation(ctx: StageContext) -> dict:
     if weights.exists():
         untrained = init_from(build_model(mid_kind, c.network, data.sample_shape, smin), load_model(weights))
         baseline = ScoredModel("teacher-initialised, untrained", "baseline", mid_kind, untrained.to(runtime.device))
-    trained = [ScoredModel("CMT (mid-trained)", "midtrain", mid_kind,
-                           load_model(ctx.input("midtrain") / MODEL_FILE).to(runtime.device)),
+    def kept(stage: str) -> tuple[torch.nn.Module, float]:
+        """A training stage's model and its 2-step sigma (chosen by the stage, ``_train_few_step``)."""
+        model = load_model(ctx.input(stage) / MODEL_FILE).to(runtime.device)
+        return model, read_manifest(ctx.input(stage))["metrics"]["mid_sigma"]
+
+    trained = [ScoredModel("CMT (mid-trained)", "midtrain", mid_kind, *kept("midtrain")),
                ScoredModel(f"{c.posttrain.method.upper()} from {c.posttrain.init}", "posttrain", post_kind,
-                           load_model(ctx.input("posttrain") / MODEL_FILE).to(runtime.device))]
+                           *kept("posttrain"))]
     curves = {s: read_training_log(ctx.input(s)) for s in ("teacher", "midtrain", "posttrain")}
     seconds = {s: (read_manifest(ctx.input(s)) or {}).get("seconds") for s in ("teacher", "rollouts", "midtrain",
                                                                                 "posttrain")}
@@ -295,7 +304,8 @@ def _evaluation(ctx: StageContext) -> dict:
 TEACHER = ("teacher.source", "teacher.path", "teacher.target")  # which teacher the ODE uses
 # the teacher is a denoiser: the consistency models' boundary setting is not its concern
 DENOISER_NETWORK = tuple(f"network.{f}" for f in NetworkConfig.model_fields if f != "consistency_boundary")
-SCORING = ("eval.num_samples", "eval.seed", "eval.mid_sigma", "eval.inception_path", "eval.fid_mode")
+SCORING = ("eval.num_samples", "eval.seed", "eval.mid_sigma", "eval.mid_sigma_search", "eval.inception_path",
+           "eval.fid_mode")
 SIGMAS = ("rollout.solver.sigma_min", "rollout.solver.sigma_max")
 TRAINING_USES = ("eval.batch_size", "artifact_root")
 

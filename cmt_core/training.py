@@ -9,8 +9,9 @@ Checkpoints (``cmt_core.checkpoint``): model, EMA, optimizer, step and best scor
 ``cfg.checkpoint_every`` steps; the log rows after the checkpoint a run resumes from are dropped.
 
 Safety: a non-finite loss stops the run with ``NonFiniteLossError`` and the last good checkpoint is left
-untouched; with ``evaluate`` the EMA model is scored every ``cfg.eval_every`` steps (and at step 0) and the
-best one is kept in ``best.pt`` and returned, so a run never ends worse than its best evaluation.
+untouched; with ``evaluate`` the EMA model is scored at 1 and 2 steps every ``cfg.eval_every`` steps (and at
+step 0), and the one ``cfg.keep`` selects (``selection_score``) is kept in ``best.pt`` and returned, so a run
+never ends worse than its best evaluation (with ``keep="both"``: never worse than its start on either).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from cmt_core.objectives.base import StepRandom
 from cmt_core.rng import Stream, seed_of
 from cmt_core.runtime import Runtime
 
-Evaluate = Callable[[nn.Module], dict]  # EMA model -> metrics with a "score" key (lower is better)
+# EMA model -> metrics with "score_1step" and "score_2step" keys (lower is better), see ``selection_score``
+Evaluate = Callable[[nn.Module], dict]
 Progress = Callable[[int, int, dict], None]  # (step, total, latest metrics) for dashboards
 
 
@@ -47,7 +49,8 @@ class NonFiniteLossError(RuntimeError):
 class TrainResult:
     model: nn.Module  # EMA weights: the best evaluated ones when ``evaluate`` was given, else the last
     best_step: int | None = None
-    best_score: float | None = None
+    best_score: float | None = None  # its ``selection_score``
+    best_metrics: dict = field(default_factory=dict)  # its evaluation
     history: list[dict] = field(default_factory=list)
 
 
@@ -62,6 +65,24 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_schedule == "cosine":
         return cfg.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
     return cfg.lr
+
+
+def selection_score(keep: str, metrics: dict, start: dict) -> float:
+    """How good an evaluation is for ``keep`` (lower is better; inf: never kept), ``start`` the step-0 one.
+
+    ``one_step`` / ``two_step``: that score. ``both``: ``score_1step / start_1step + score_2step / start_2step``
+    when neither score is worse than at step 0, else inf (step 0 itself scores 2, so it is kept when no later
+    evaluation beats the start on both)."""
+    keys = ("score_1step", "score_2step")
+    if keep == "one_step":
+        return float(metrics["score_1step"])
+    if keep == "two_step":
+        return float(metrics["score_2step"])
+    if keep != "both":
+        raise ValueError(f"keep must be one_step, two_step or both, got {keep!r}")
+    if any(metrics[k] > start[k] for k in keys):
+        return math.inf
+    return float(sum(metrics[k] / max(start[k], 1e-12) for k in keys))
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -82,7 +103,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     opt = make_optimizer(cfg, model.parameters())
     ckpt_path, best_path, log_path = run_dir / CHECKPOINT_FILE, run_dir / BEST_FILE, run_dir / LOG_FILE
     checkpoint = CheckpointIO(model=model, ema=ema.model, optimizer=opt)
-    start, best = 0, {"step": None, "score": math.inf}
+    start, best = 0, {"step": None, "score": math.inf, "start": None}
     resumed = checkpoint.load(ckpt_path, map_location=runtime.device)
     if resumed is not None:
         start, best = resumed["step"], resumed["best"]
@@ -104,12 +125,15 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
         runtime.barrier()
 
     def run_evaluation(step: int) -> dict:
-        metrics = evaluate(ema.model)
-        if metrics["score"] < best["score"]:
-            best.update(step=step, score=float(metrics["score"]))
+        metrics = {k: float(v) for k, v in evaluate(ema.model).items()}
+        if best["start"] is None:
+            best["start"] = {k: metrics[k] for k in ("score_1step", "score_2step")}
+        score = selection_score(cfg.keep, metrics, best["start"])
+        if score < best["score"]:
+            best.update(step=step, score=score)
             if runtime.is_main:
                 atomic_save({"ema": ema.model.state_dict(), "step": step, "metrics": metrics}, best_path)
-        return {f"eval_{k}": float(v) for k, v in metrics.items()}
+        return {f"eval_{k}": v for k, v in metrics.items()}
 
     def log(row: dict) -> None:
         history.append(row)
@@ -166,6 +190,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     result = TrainResult(ema.model, history=history)
     if evaluate is not None and best["step"] is not None:
         if best_path.exists():
-            ema.model.load_state_dict(torch.load(best_path, map_location=runtime.device, weights_only=True)["ema"])
+            kept = torch.load(best_path, map_location=runtime.device, weights_only=True)
+            ema.model.load_state_dict(kept["ema"])
+            result.best_metrics = kept["metrics"]
         result.best_step, result.best_score = best["step"], best["score"]
     return result

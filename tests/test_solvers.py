@@ -135,8 +135,8 @@ def lu_et_al_update(x, times, denoised, taylor=False, lu_code=False):
     if len(denoised) == 2:
         return x_next + (phi_2 * h * slope if taylor else -e / 2 * h * slope)
     curvature = (slope - (denoised[1] - denoised[2]) / (lam[2] - lam[3])) / (lam[1] - lam[3])
-    phi_3 = phi_2 / h - 0.5
-    return x_next + phi_2 * h * (slope + (lam[1] - lam[2]) * curvature) - (1 if lu_code else 2) * phi_3 * h**2 * curvature
+    phi_3 = (1 if lu_code else 2) * (phi_2 / h - 0.5)
+    return x_next + phi_2 * h * (slope + (lam[1] - lam[2]) * curvature) - phi_3 * h**2 * curvature
 
 
 def expected_states(states, grid, orders, taylor=False, lu_code=False):

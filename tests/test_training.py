@@ -13,7 +13,7 @@ from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.models import build_model
 from cmt_core.objectives.edm import EDMLoss
 from cmt_core.runtime import Runtime
-from cmt_core.training import NonFiniteLossError, learning_rate, train
+from cmt_core.training import NonFiniteLossError, learning_rate, selection_score, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,21 +60,53 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 10
 
 
-def test_best_checkpoint_is_returned(tmp_path):
+# (1-step, 2-step) scores at steps 0, 10, 20, 30: step 10 has the best 1-step score but a worse 2-step one than
+# the start; step 30 is no worse than the start on both and has the lowest relative sum (0.9 + 0.6)
+SCORES = [(5.0, 5.0), (1.0, 6.0), (4.0, 4.0), (4.5, 3.0)]
+
+
+@pytest.mark.parametrize("keep,step,score", [("one_step", 10, 1.0), ("two_step", 30, 3.0), ("both", 30, 1.5)])
+def test_the_kept_checkpoint_is_the_one_keep_selects(tmp_path, keep, step, score):
     model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16), (2,))
-    cfg = TrainConfig(steps=30, batch_size=8, log_every=10, eval_every=10)
-    scores = iter([5.0, 1.0, 3.0, 4.0])  # step 0, 10, 20, 30
+    cfg = TrainConfig(steps=30, batch_size=8, log_every=10, eval_every=10, keep=keep)
+    scores = iter(SCORES)
     snapshots = {}
 
     def evaluate(ema):
         snapshots[len(snapshots) * 10] = {k: v.clone() for k, v in ema.state_dict().items()}
-        return {"score": next(scores)}
+        one, two = next(scores)
+        return {"score_1step": one, "score_2step": two}
 
     result = train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, Runtime(torch.device("cpu")),
                    evaluate=evaluate)
-    assert result.best_step == 10 and result.best_score == 1.0
+    assert result.best_step == step and result.best_score == pytest.approx(score)
+    assert result.best_metrics == {"score_1step": SCORES[step // 10][0], "score_2step": SCORES[step // 10][1]}
     for k, v in result.model.state_dict().items():
-        assert torch.equal(v, snapshots[10][k])
+        assert torch.equal(v, snapshots[step][k])
+
+
+def test_keep_both_keeps_the_start_when_nothing_beats_it_on_both():
+    start = {"score_1step": 5.0, "score_2step": 5.0}
+    assert selection_score("both", start, start) == 2.0
+    assert selection_score("both", {"score_1step": 1.0, "score_2step": 5.01}, start) == math.inf
+    assert selection_score("both", {"score_1step": 2.5, "score_2step": 5.0}, start) == 1.5
+
+
+def test_the_selection_survives_a_resume(tmp_path):
+    """The step-0 scores that ``keep="both"`` compares against are checkpointed with the run."""
+    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16), (2,))
+    cfg = TrainConfig(steps=30, batch_size=8, log_every=10, eval_every=10, checkpoint_every=10, keep="both")
+    scores = iter(SCORES)
+
+    def evaluate(ema):
+        one, two = next(scores)
+        return {"score_1step": one, "score_2step": two}
+
+    runtime = Runtime(torch.device("cpu"))
+    train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, runtime, evaluate=evaluate, until=20)
+    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16), (2,))
+    result = train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, runtime, evaluate=evaluate)
+    assert result.best_step == 30 and result.best_score == pytest.approx(1.5)
 
 
 def test_bf16_autocast_path_runs_on_cpu(tmp_path):

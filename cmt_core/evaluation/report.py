@@ -92,9 +92,11 @@ def save_sample_figure(path: Path, samples: torch.Tensor, title: str) -> None:
 
 
 def save_curve_figure(path: Path, rows: list[dict], title: str) -> None:
-    """Training log rows (``step``, ``loss``, optional ``eval_*``) -> loss vs step and, if any, metrics vs step."""
-    # eval_score repeats the metric that selects checkpoints under another name
-    eval_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval_") and k != "eval_score"))
+    """Training log rows (``step``, ``loss``, optional ``eval_<metric>_1step`` / ``eval_<metric>_2step``) -> loss
+    vs step and, if any, the 1-step and 2-step metrics vs step."""
+    # eval_score_* repeat the metric that selects checkpoints under another name
+    eval_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval_")
+                                   and k.endswith(("_1step", "_2step")) and not k.startswith("eval_score_")))
     fig, axes = plt.subplots(1, 2 if eval_keys else 1, figsize=(10 if eval_keys else 5, 4), squeeze=False)
     loss_rows = [r for r in rows if r.get("loss") is not None]
     ax = axes[0, 0]
@@ -119,13 +121,14 @@ def save_curve_figure(path: Path, rows: list[dict], title: str) -> None:
 
 
 def write_report(out_dir: str | Path, rows: list[dict], grids: dict[str, torch.Tensor],
-                 curves: dict[str, list[dict]], info: dict) -> dict:
+                 curves: dict[str, list[dict]], info: dict, keys: list[str] | None = None) -> dict:
     """Write ``report.md``, ``metrics.json`` and the figures into ``out_dir``; return what ``metrics.json`` holds.
 
     ``rows``: the results table, one dict per model (the data floor included), e.g.
     ``{"model": "teacher (Heun, 35 NFE)", "NFE": 35, "FD-digits": 1.23}``. ``grids``: samples per model,
     ``(N, C, H, W)`` in [-1, 1] or ``(N, 2)``. ``curves``: per stage, the JSONL rows of its training log.
-    ``info``: device, number of samples, extractor, seconds per stage, ... (shown as a list).
+    ``info``: device, number of samples, extractor, seconds per stage, ... (shown as a list). ``keys``: a short
+    name per row (e.g. ``midtrain_2step``); ``metrics.json`` then also maps each name to its row (``by_key``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +141,8 @@ def write_report(out_dir: str | Path, rows: list[dict], grids: dict[str, torch.T
         save_curve_figure(out / figures["curves"][stage], log_rows, stage)
 
     metrics = {"rows": [_json_safe(r) for r in rows], "info": _json_safe(info), "figures": figures}
+    if keys is not None:
+        metrics["by_key"] = dict(zip(keys, metrics["rows"], strict=True))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     lines = ["# Evaluation report", "", "## Results", "", markdown_table(metrics["rows"]), "", "## Run", ""]

@@ -5,6 +5,10 @@
 under its extractor's name, or 2-D distances).
 With an exact teacher it also reports ``flow_map_error``: the mean l2 distance between the model's
 sample and the true ODE endpoint from the same noise (a fine DPM-Solver++(3M) solve of the exact ODE).
+
+2-step sampling re-noises to an intermediate sigma. ``mid_sigma_for`` chooses it per model among
+``eval.mid_sigma_search`` by the 2-step score on noises of their own (seed set ``SEARCH_SEED_SET``, which no
+results table uses), so the figure a model is reported with is not the one its sigma was picked on.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from cmt_core.solvers import solve_config
 from cmt_core.teachers import ExactDenoiser
 
 EXACT_REFERENCE = SolverConfig(name="dpm3m", steps=128, grid="karras", sigma_min=0.002)
+SEARCH_SEED_SET = 16  # the tables use seed sets 0 .. eval.num_seed_sets - 1 <= 15
 
 
 class Scorer:
@@ -28,8 +33,9 @@ class Scorer:
     def __init__(self, data, eval_cfg: EvalConfig, evaluator, device: torch.device, sigma_max: float,
                  sigma_min: float, seed_set: int = 0):
         self.cfg, self.evaluator, self.device = eval_cfg, evaluator, device
-        self.sigma_max, self.sigma_min = sigma_max, sigma_min
+        self.data, self.sigma_max, self.sigma_min = data, sigma_max, sigma_min
         self.seed = eval_cfg.seed + 1000 * seed_set
+        self._search: Scorer | None = None
         n = eval_cfg.num_samples
         g = torch.Generator().manual_seed(self.seed)
         self.x_T = torch.randn(n, *data.sample_shape, generator=g) * self.sigma_max
@@ -40,8 +46,15 @@ class Scorer:
 
     @property
     def primary(self) -> str:
-        """The metric that selects checkpoints (lower is better)."""
+        """The 1-step metric that selects checkpoints (lower is better): with an exact teacher the error against
+        the ODE endpoint, else the evaluator's distance to the data."""
         return "flow_map_error" if self.exact is not None else self.evaluator.metric_name
+
+    @property
+    def primary_2step(self) -> str:
+        """The 2-step one: always the distance to the data, since multistep consistency sampling draws fresh
+        noise and does not aim at the ODE endpoint of its starting noise."""
+        return self.evaluator.metric_name
 
     def _batched(self, fn) -> torch.Tensor:
         bs = self.cfg.batch_size
@@ -54,13 +67,14 @@ class Scorer:
         return out
 
     @torch.no_grad()
-    def few_step(self, kind: str, model, steps: int) -> tuple[dict, torch.Tensor]:
-        """Metrics and samples of a ``consistency`` / ``flow_map`` model with ``steps`` network calls."""
+    def few_step(self, kind: str, model, steps: int, mid_sigma: float | None = None) -> tuple[dict, torch.Tensor]:
+        """Metrics and samples of a ``consistency`` / ``flow_map`` model with ``steps`` network calls,
+        re-noising to ``mid_sigma`` (default ``eval.mid_sigma``) when ``steps > 1``."""
         was_training = model.training
         model.eval()
         g = torch.Generator().manual_seed(self.seed + 1)
-        samples = self._batched(lambda x: sample(kind, model, x, steps, self.sigma_max, self.sigma_min,
-                                                 self.cfg.mid_sigma, g))
+        mid = self.cfg.mid_sigma if mid_sigma is None else mid_sigma
+        samples = self._batched(lambda x: sample(kind, model, x, steps, self.sigma_max, self.sigma_min, mid, g))
         model.train(was_training)
         return self.metrics(samples), samples
 
@@ -69,9 +83,25 @@ class Scorer:
         samples = self._batched(lambda x: sample_teacher(denoiser, x, solver))
         return self.metrics(samples), samples
 
+    def mid_sigma_for(self, kind: str, model) -> float:
+        """The 2-step intermediate sigma of ``model``: ``eval.mid_sigma`` without candidates, else the candidate
+        of ``eval.mid_sigma_search`` with the lowest 2-step score (``primary_2step``) on the search noises."""
+        if not self.cfg.mid_sigma_search:
+            return self.cfg.mid_sigma
+        if self._search is None:
+            self._search = Scorer(self.data, self.cfg, self.evaluator, self.device, self.sigma_max, self.sigma_min,
+                                  seed_set=SEARCH_SEED_SET)
+        scores = {s: self._search.few_step(kind, model, 2, s)[0][self.primary_2step] for s in self.cfg.mid_sigma_search}
+        return min(scores, key=scores.get)
+
     def training_evaluate(self, kind: str):
-        """The ``evaluate`` hook of ``cmt_core.training.train``: 1-step metrics with a ``score``."""
+        """The ``evaluate`` hook of ``cmt_core.training.train``: the 1-step and 2-step metrics (``<name>_1step``,
+        ``<name>_2step``), ``primary`` and ``primary_2step`` again as ``score_1step`` and ``score_2step``, and the
+        2-step sigma ``mid_sigma`` (``mid_sigma_for``)."""
         def evaluate(model) -> dict:
-            metrics, _ = self.few_step(kind, model, 1)
-            return {"score": metrics[self.primary], **metrics}
+            mid = self.mid_sigma_for(kind, model)
+            one, _ = self.few_step(kind, model, 1)
+            two, _ = self.few_step(kind, model, 2, mid)
+            return {"score_1step": one[self.primary], "score_2step": two[self.primary_2step], "mid_sigma": mid,
+                    **{f"{k}_1step": v for k, v in one.items()}, **{f"{k}_2step": v for k, v in two.items()}}
         return evaluate

@@ -1,9 +1,10 @@
 """The results table of a run: every model scored on the same noises, and the report.
 
 Rows: the data floor, the teacher at its NFE, the teacher-initialised few-step model before any training
-(the baseline CMT replaces), then each trained model at 1 and 2 steps; with several seed sets every figure
-is a mean with its spread beside it. Models, curves and timings come in as arguments (the stage that calls
-``results_table`` loads them from its input artifacts).
+(the baseline CMT replaces), then each trained model at 1 and 2 steps (2 steps at its own intermediate
+sigma, named in the row); with several seed sets every figure is a mean with its spread beside it.
+Models, curves and timings come in as arguments (the stage that calls ``results_table`` loads them from its
+input artifacts).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ScoredModel:
     key: str  # short name of its sample grids, e.g. "midtrain"
     kind: str  # "consistency" | "flow_map" (``cmt_core.samplers``)
     model: nn.Module
+    mid_sigma: float | None = None  # its 2-step intermediate sigma (None: ``eval.mid_sigma``)
 
 
 def aggregate(per_set: list[dict]) -> dict:
@@ -45,34 +47,42 @@ def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teac
                   baseline: ScoredModel | None, trained: list[ScoredModel], curves: dict[str, list[dict]],
                   run_info: dict, stage_seconds: dict) -> dict:
     """Score the teacher, the untrained ``baseline`` (1 step) and ``trained`` models (1 and 2 steps) with
-    every scorer (one per seed set), then write the report into ``out_dir``; returns ``metrics.json``.
+    every scorer (one per seed set), then write the report into ``out_dir``; returns ``metrics.json``, whose
+    ``by_key`` names the rows ``data``, ``teacher``, the baseline's key and ``<key>_1step`` / ``<key>_2step``.
 
     ``curves``: training-log rows per stage; ``run_info``: what the report states first (preset, device);
     ``stage_seconds``: the earlier stages' wall times (this call adds ``evaluation``)."""
     t0 = time.perf_counter()
     evaluator, data = scorers[0].evaluator, scorers[0].evaluator.data
-    rows, grids = [], {}
+    rows, keys, grids = [], [], {}
 
     rows.append({"model": "data (held-out vs train)", "NFE": 0, **evaluator.floor()})
+    keys.append("data")
     grids["data"] = data.heldout[: min(len(data.heldout), 64 if data.heldout.ndim > 2 else 2000)]
 
     results = [s.teacher(teacher, teacher_solver) for s in scorers]
     nfe = function_evaluations(teacher_solver.name, make_grid(teacher_solver))
     rows.append({"model": f"teacher ({teacher_solver.name}, {teacher_solver.steps} steps)", "NFE": nfe,
                  **aggregate([m for m, _ in results])})
+    keys.append("teacher")
     grids["teacher"] = results[0][1]
 
     if baseline is not None:
         metrics = aggregate([s.few_step(baseline.kind, baseline.model, 1)[0] for s in scorers])
         rows.append({"model": baseline.label, "NFE": 1, **metrics})
+        keys.append(baseline.key)
 
+    mid_sigmas = {}
     for entry in trained:
+        mid_sigmas[entry.key] = scorers[0].cfg.mid_sigma if entry.mid_sigma is None else entry.mid_sigma
         for steps in (1, 2):
-            results = [s.few_step(entry.kind, entry.model, steps) for s in scorers]
-            rows.append({"model": f"{entry.label}, {steps}-step", "NFE": steps, **aggregate([m for m, _ in results])})
+            results = [s.few_step(entry.kind, entry.model, steps, mid_sigmas[entry.key]) for s in scorers]
+            label = f"{entry.label}, {steps}-step" + (f" (sigma {mid_sigmas[entry.key]:.3g})" if steps == 2 else "")
+            rows.append({"model": label, "NFE": steps, **aggregate([m for m, _ in results])})
+            keys.append(f"{entry.key}_{steps}step")
             grids[f"{entry.key}_{steps}step"] = results[0][1]
 
     info = {**run_info, "num_samples": len(scorers[0].x_T), "seed_sets": len(scorers),
-            "primary_metric": scorers[0].primary,
+            "primary_metric": scorers[0].primary, "data_metric": evaluator.metric_name, "2-step sigma": mid_sigmas,
             "seconds": {**stage_seconds, "evaluation": time.perf_counter() - t0}, **evaluator.info()}
-    return write_report(out_dir, rows, grids, {k: v for k, v in curves.items() if v}, info)
+    return write_report(out_dir, rows, grids, {k: v for k, v in curves.items() if v}, info, keys)
