@@ -29,6 +29,7 @@ from cmt_core.evaluation import (
     write_report,
 )
 from cmt_core.evaluation.inception import pytorch_fid_inception_architecture, to_uint8_rgb
+from cmt_core.evaluation.scoring import Scorer
 
 # The stand-in Inception is scripted and saved with torch.jit, as clean-fid's real weights are.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
@@ -249,6 +250,34 @@ def test_2d_evaluator_scores_against_heldout_and_floor_is_two_fresh_samples(tmp_
     assert set(floor) == set(good) == {"sliced_wasserstein", "energy_distance"}
     for key in floor:
         assert good[key] < 3 * floor[key] and bad[key] > 5 * good[key]
+
+
+class SharpOnlyAt(nn.Module):
+    """A consistency model that lands on the data from ``good_sigma`` only: from any other sigma it returns its
+    input scaled down (a blurred sample); from sigma_max it returns its input scaled to the data's size."""
+
+    def __init__(self, data, good_sigma: float):
+        super().__init__()
+        self.data, self.good_sigma = data, good_sigma
+
+    def forward(self, x, t):
+        t = float(torch.as_tensor(t).flatten()[0])
+        if abs(t - self.good_sigma) < 1e-6:
+            return self.data.distribution.sample(len(x), torch.Generator().manual_seed(len(self.data.train)))
+        return x / 80.0 if t > 10 else 0.3 * x
+
+
+def test_the_2step_sigma_is_searched_on_noises_of_its_own(tmp_path):
+    data = load_data(DataConfig(name="gaussian_mixture"))
+    cfg = EvalConfig(num_samples=500, mid_sigma_search=(0.3, 0.45, 0.7))
+    scorer = Scorer(data, cfg, Evaluator(data, cfg, tmp_path), torch.device("cpu"), 80.0, 0.002)
+    assert scorer.mid_sigma_for("consistency", SharpOnlyAt(data, 0.45)) == 0.45
+    assert not torch.equal(scorer._search.x_T, scorer.x_T) and scorer._search.seed != scorer.seed
+    assert Scorer(data, cfg.model_copy(update={"mid_sigma_search": ()}), scorer.evaluator, torch.device("cpu"), 80.0,
+                  0.002).mid_sigma_for("consistency", SharpOnlyAt(data, 0.45)) == cfg.mid_sigma
+    metrics = scorer.training_evaluate("consistency")(SharpOnlyAt(data, 0.45))
+    assert metrics["mid_sigma"] == 0.45 and metrics["score_2step"] == metrics["sliced_wasserstein_2step"]
+    assert metrics["score_1step"] == metrics["flow_map_error_1step"]  # the exact teacher's 1-step primary
 
 
 # --- report ---------------------------------------------------------------------------------------------------------
