@@ -111,6 +111,8 @@ class TrainConfig(StrictModel):
     keep: Literal["one_step", "two_step", "both"] = Field(
         "both", description="the evaluated EMA model kept: best 1-step score, best 2-step score, or 'both': the lowest "
         "sum of the two scores relative to step 0 among those no worse than step 0 on either")
+    keep_tolerance: float = Field(0.05, ge=0.0, le=1.0, description="keep='both': 'no worse than step 0' allows this "
+                                  "relative excess, the evaluation's own noise (FD of 2,000 samples: about 5%)")
     seed: int = Field(0, ge=0)
 
 

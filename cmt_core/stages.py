@@ -31,7 +31,7 @@ import torch
 
 from cmt_core.artifacts import artifact_dir, artifact_id, read_manifest, write_manifest
 from cmt_core.checkpoint import read_training_log
-from cmt_core.config import NetworkConfig, PipelineConfig, RolloutConfig
+from cmt_core.config import NetworkConfig, PipelineConfig, RolloutConfig, TrainConfig
 from cmt_core.data import Data, load_data
 from cmt_core.evaluation.evaluator import Evaluator
 from cmt_core.evaluation.scoring import Scorer
@@ -307,10 +307,13 @@ DENOISER_NETWORK = tuple(f"network.{f}" for f in NetworkConfig.model_fields if f
 SCORING = ("eval.num_samples", "eval.seed", "eval.mid_sigma", "eval.mid_sigma_search", "eval.inception_path",
            "eval.fid_mode")
 SIGMAS = ("rollout.solver.sigma_min", "rollout.solver.sigma_max")
+# the teacher trains without evaluations: the fields that only steer them are not its concern
+EVALUATION_ONLY = ("eval_every", "keep", "keep_tolerance")
+TEACHER_TRAINING = tuple(f"teacher.train.{f}" for f in TrainConfig.model_fields if f not in EVALUATION_ONLY)
 TRAINING_USES = ("eval.batch_size", "artifact_root")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("teacher", reads=("data", *DENOISER_NETWORK, *TEACHER, "teacher.p_mean", "teacher.p_std", "teacher.train"),
+    Stage("teacher", reads=("data", *DENOISER_NETWORK, *TEACHER, "teacher.p_mean", "teacher.p_std", *TEACHER_TRAINING),
           needs=lambda cfg: (), work=_teacher, trains=True),
     Stage("rollouts", reads=("data", *TEACHER, "rollout.solver", "rollout.num_trajectories", "rollout.batch_size",
                              "rollout.seed", "rollout.store"),

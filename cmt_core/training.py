@@ -67,12 +67,12 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr
 
 
-def selection_score(keep: str, metrics: dict, start: dict) -> float:
+def selection_score(keep: str, metrics: dict, start: dict, tolerance: float = 0.0) -> float:
     """How good an evaluation is for ``keep`` (lower is better; inf: never kept), ``start`` the step-0 one.
 
     ``one_step`` / ``two_step``: that score. ``both``: ``score_1step / start_1step + score_2step / start_2step``
-    when neither score is worse than at step 0, else inf (step 0 itself scores 2, so it is kept when no later
-    evaluation beats the start on both)."""
+    when neither score exceeds its step-0 value by more than the relative ``tolerance`` (the evaluation's noise),
+    else inf; step 0 itself scores 2, so it is kept when no later evaluation beats it."""
     keys = ("score_1step", "score_2step")
     if keep == "one_step":
         return float(metrics["score_1step"])
@@ -80,7 +80,7 @@ def selection_score(keep: str, metrics: dict, start: dict) -> float:
         return float(metrics["score_2step"])
     if keep != "both":
         raise ValueError(f"keep must be one_step, two_step or both, got {keep!r}")
-    if any(metrics[k] > start[k] for k in keys):
+    if any(metrics[k] > start[k] * (1 + tolerance) for k in keys):
         return math.inf
     return float(sum(metrics[k] / max(start[k], 1e-12) for k in keys))
 
@@ -128,7 +128,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
         metrics = {k: float(v) for k, v in evaluate(ema.model).items()}
         if best["start"] is None:
             best["start"] = {k: metrics[k] for k in ("score_1step", "score_2step")}
-        score = selection_score(cfg.keep, metrics, best["start"])
+        score = selection_score(cfg.keep, metrics, best["start"], cfg.keep_tolerance)
         if score < best["score"]:
             best.update(step=step, score=score)
             if runtime.is_main:

@@ -210,10 +210,12 @@ def test_changing_a_field_changes_the_ids_of_exactly_the_stages_that_read_it_and
         assert actual == expected, f"{path}: ids changed for {sorted(actual)}, declared readers give {sorted(expected)}"
         if not touched:
             unread.append(path)
-    # what no stage reads is orchestration: where files live, which device, the dask cluster, the label
+    # what no stage reads is orchestration (where files live, which device, the dask cluster, the label) and
+    # what steers evaluations during training, which the teacher's training does not run
     assert sorted(unread) == sorted(["preset", "device", "precision", "cpu_threads", "artifact_root",
                                      "rollout.cluster.address", "rollout.cluster.workers",
-                                     "rollout.cluster.threads_per_worker", "rollout.cluster.gpu_resource"])
+                                     "rollout.cluster.threads_per_worker", "rollout.cluster.gpu_resource",
+                                     "teacher.train.eval_every", "teacher.train.keep", "teacher.train.keep_tolerance"])
 
 
 def test_a_stage_body_cannot_read_a_field_it_does_not_declare():
