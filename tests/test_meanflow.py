@@ -1,4 +1,5 @@
-"""Mean Flow and the flow map: py-meanflow's loss in its own time, the JVP target, the flow map's clean end."""
+"""Mean Flow and the flow map: py-meanflow's loss in its own time, the JVP target, the flow map's clean end,
+the Mean Flow presets."""
 
 import math
 
@@ -9,6 +10,8 @@ from torch import nn
 from cmt_core.config import MeanFlowConfig, NetworkConfig
 from cmt_core.models import build_model, load_model, save_model
 from cmt_core.objectives.meanflow import MeanFlowLoss, average_velocity, meanflow_target, tau_velocity
+from cmt_core.presets import get_preset
+from cmt_core.stages import plan
 
 
 class Draws:
@@ -144,3 +147,26 @@ def test_a_flow_map_jumps_to_zero_as_to_its_clean_end(tmp_path):
     save_model(tmp_path / "m.pt", model, "flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,))
     loaded = load_model(tmp_path / "m.pt")
     assert loaded.sigma_min == 0.002 and torch.equal(loaded(x, t, 0.0), model.eval()(x, t, 0.0))
+
+
+@pytest.mark.parametrize("name,base", [("digits-meanflow", "digits"), ("toy-meanflow", "toy")])
+def test_meanflow_presets_reuse_the_teacher_and_rollouts_and_post_train_with_mean_flow(name, base):
+    cfg, ref = get_preset(name), get_preset(base)
+    ids, ref_ids = plan(cfg).ids, plan(ref).ids
+    assert ids["teacher"] == ref_ids["teacher"] and ids["rollouts"] == ref_ids["rollouts"]
+    assert cfg.midtrain.form == "flow_map" and cfg.midtrain.init == "teacher"
+    assert cfg.posttrain.method == "meanflow" and cfg.posttrain.init == "cmt"
+    assert cfg.posttrain.meanflow.time == "tau"
+
+
+@pytest.mark.slow
+def test_toy_meanflow_pipeline(tmp_path):
+    from cmt_core.runtime import Runtime
+    from cmt_core.stages import run_pipeline
+
+    results = run_pipeline(get_preset("toy-meanflow", artifact_root=tmp_path), Runtime(torch.device("cpu")))
+    rows = {r["model"]: r for r in results["evaluation"].metrics["rows"]}
+    baseline = rows["teacher-initialised, untrained"]["flow_map_error"]
+    cmt = rows["CMT (mid-trained), 1-step"]["flow_map_error"]
+    post = rows["MEANFLOW from cmt, 1-step"]["flow_map_error"]
+    assert cmt * 20 <= baseline and post <= cmt
