@@ -226,12 +226,20 @@ class ECTConfig(StrictModel):
 
 
 class MeanFlowConfig(StrictModel):
-    """Mean Flow: u_tgt = v - (t - r) du/dt, adaptive weight (loss + eps)^-p."""
+    """Mean Flow: u_tgt = v - (t - r) du/dt, adaptive weight (loss + norm_eps)^-p (``cmt_core.objectives.meanflow``).
+
+    ``time=tau`` is py-meanflow's loss in its time tau = sigma / (1 + sigma), converted at the edges; ``sigma``
+    writes it in sigma time (per-dimension mean), where the errors at large sigma fall below ``norm_eps`` and
+    those samples are barely trained."""
 
     p_mean: float = -0.4
     p_std: float = Field(1.0, gt=0)
     equal_fraction: float = Field(0.75, ge=0.0, le=1.0, description="fraction of pairs with r = t (paper: 25% r != t)")
     adaptive_p: float = Field(1.0, ge=0.0, le=2.0)
+    norm_eps: float = Field(1e-3, gt=0.0, description="adaptive weight (loss + norm_eps)^-p")
+    time: Literal["sigma", "tau"] = Field(
+        "tau", description="the time the loss is written in: sigma (EDM, per-dimension mean) or tau = sigma / "
+        "(1 + sigma) in [0, 1), py-meanflow's convention (sum over dimensions), converted at the edges")
 
 
 class PostTrainConfig(StrictModel):

@@ -2,9 +2,9 @@
 
 Kinds: ``denoiser`` (teacher, one time; EDM's or EDM's VP preconditioning), ``consistency`` (CM, one time,
 boundary form at ``sigma_min``), ``flow_map`` (two times: flow map / Mean Flow). A model file holds the kind,
-the network config, the sample shape, ``sigma_min`` (consistency models; None otherwise), the denoiser's
-``preconditioning`` (denoisers; None otherwise) and the weights, so ``load_model`` rebuilds it without the
-pipeline config. It holds nothing but plain values and tensors, and is read with ``weights_only=True``.
+the network config, the sample shape, ``sigma_min`` (consistency models and flow maps; None otherwise), the
+denoiser's ``preconditioning`` (denoisers; None otherwise) and the weights, so ``load_model`` rebuilds it without
+the pipeline config. It holds nothing but plain values and tensors, and is read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ NUM_TIMES = {"denoiser": 1, "consistency": 1, "flow_map": 2}
 
 def build_model(kind: str, network: NetworkConfig, sample_shape, sigma_min: float | None = None,
                 preconditioning: dict | None = None) -> nn.Module:
-    """An untrained model of ``kind``; ``sigma_min`` (the boundary time) is required for consistency models;
+    """An untrained model of ``kind``; ``sigma_min`` (the boundary time) is required for consistency models and
+    is a flow map's clean end (``FlowMap``: jumps below it are conditioned on it; None: no floor);
     ``preconditioning`` names a denoiser's wrapper (``cmt_core.preconditioning.make_denoiser``; None: EDM's)."""
     if kind not in NUM_TIMES:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(NUM_TIMES)}")
@@ -36,7 +37,7 @@ def build_model(kind: str, network: NetworkConfig, sample_shape, sigma_min: floa
         if sigma_min is None:
             raise ValueError("a consistency model needs sigma_min (its boundary time)")
         return ConsistencyModel(raw, network.sigma_data, sigma_min, network.consistency_boundary)
-    return FlowMap(raw, network.sigma_data)
+    return FlowMap(raw, network.sigma_data, sigma_min)
 
 
 def init_from(model: nn.Module, source: nn.Module) -> nn.Module:

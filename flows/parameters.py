@@ -28,7 +28,8 @@ DdpProcesses = Annotated[int, Field(ge=1, le=1024)]
 
 ARGS_DOC = """
     Args:
-        preset: Named configuration (toy: 2-D mixture; digits: 8x8 digits, the default; cifar10, ffhq64,
+        preset: Named configuration (toy: 2-D mixture; digits: 8x8 digits, the default; toy-meanflow,
+            digits-meanflow: the same with flow-map mid-training and Mean Flow post-training; cifar10, ffhq64,
             afhq64: the paper's recipes, see docs/recipes.md; cifar10-tiny: the CIFAR-10 recipe at toy size).
         overrides: Dotted `key=value` settings applied on top, as `cmt run --set`, e.g. `{example}`.
         config: A whole pipeline configuration used instead of the preset (the overrides still apply).

@@ -8,11 +8,28 @@ Flow has the average velocity u(x_t, r, t) = (x_t - f(x_t, t, r)) / (t - r) = (x
 Training: x_t = y + t e, so the conditional velocity is v = dx_t/dt = e. The average velocity over [r, t] obeys
 u(x_t, r, t) = v - (t - r) d/dt u(x_t, r, t), the total derivative taken along the trajectory; it is one
 forward-mode JVP with tangents (v, 0, 1) on (x_t, r, t). Target u_tgt = sg(v - (t - r) du/dt); loss
-w * e with e = ||u - u_tgt||^2 / dim (the per-dimension mean) and the adaptive weight w = sg(1 / (e + 1e-3)^p).
+err / sg(err + norm_eps)^p (the adaptive weight), where err depends on ``MeanFlowConfig.time``:
 
-Times: ln t, ln r ~ N(p_mean, p_std^2), sorted so r <= t, and r = t for ``equal_fraction`` of the pairs.
-A log-normal sigma is the Mean Flow paper's logit-normal time tau = t / (1 + t) (logit tau = ln t), so
-its (-0.4, 1.0) recipe carries over unchanged; its "25% of pairs with r != t" is ``equal_fraction=0.75``.
+* ``sigma``: err = ||u - u_tgt||^2 / dim, the per-dimension mean in sigma time.
+* ``tau``: py-meanflow's loss (``meanflow/models/meanflow.py``) in its own time tau = t / (1 + t) in [0, 1),
+  noise at tau = 1, converted at the edges: z = (1 - tau) x_t = (1 - tau) y + tau e, velocity V = e - y,
+  U(z, tau_r, tau_t) = (1 + t) (u(x_t, r, t) - z) (``tau_velocity``), one JVP with tangents (V, 0, 1),
+  err = ||U - sg(V - (tau_t - tau_r) dU/dtau_t)||^2 summed over dimensions. Written in sigma time this is
+  (1 + t)^4 / (1 + r)^2 * dim times the ``sigma`` err, but its gradient is (1 + t)^3 / (1 + r) * dim times the
+  ``sigma`` gradient (the stop-gradient target holds u itself in tau time): the two are different objectives
+  with the same fixed point. Checked against py-meanflow's ``forward_with_loss`` on identical draws (float64):
+  loss 6e-14, gradients 3e-13 relative.
+
+Why ``tau``: the ``sigma`` err of a sample at large t is tiny (the velocity error is the jump's error divided
+by t - r; a flow map mid-trained on digits: 2e-5 at t = 80, 7e-4 at t = 10, 0.2 at t = 1), below
+norm_eps = 1e-3, so the adaptive weight stops normalising it and those samples train err / norm_eps times
+less (0.02 at t = 80, 0.4 at t = 10). The ``tau`` err is 20 or more at every t, so every sample is normalised.
+
+Times: ln t, ln r ~ N(p_mean, p_std^2), sorted so r <= t, and r = t for ``equal_fraction`` of the pairs;
+py-meanflow's ``tr_sampler=v0``. A log-normal sigma is the logit-normal tau (logit tau = ln t; same draws give
+the same times to 2e-16), so the Mean Flow paper's (-0.4, 1.0) carries over unchanged; py-meanflow's
+``ratio`` (pairs with r != t) is 1 - ``equal_fraction``. Deviation: times are clamped to [sigma_min, sigma_max]
+(tau in [0.002, 0.988]); the reference's tau runs over (0, 1).
 ``torch.func.jvp`` cannot run through a DDP wrapper: this objective sets ``uses_jvp`` and the training
 loop hands it the bare module and all-reduces its gradients.
 """
@@ -20,7 +37,7 @@ loop hands it the bare module and all-reduces its gradients.
 import torch
 
 from cmt_core.config import MeanFlowConfig
-from cmt_core.objectives.distances import mean_squared_error
+from cmt_core.objectives.distances import mean_squared_error, squared_l2
 from cmt_core.preconditioning import as_batch, bcast
 
 
@@ -28,6 +45,15 @@ def average_velocity(flow_map, x: torch.Tensor, r, t) -> torch.Tensor:
     """u(x_t, r, t) = (x_t - x_r) / (t - r) of a ``FlowMap``; ``x: (B, ...)``, ``r, t``: ``(B,)`` or floats."""
     t, r = as_batch(t, x), as_batch(r, x)
     return (x - flow_map.denoise(x, t, r)) / bcast(t, x)
+
+
+def tau_velocity(flow_map, z: torch.Tensor, tau_r, tau_t) -> torch.Tensor:
+    """The average velocity in the reference's time tau = t / (1 + t) in [0, 1), where z = (1 - tau) x_t:
+    U(z, tau_r, tau_t) = (z - z_r) / (tau_t - tau_r) = (1 + t) (u(x_t, r, t) - z), the same function of the
+    ``FlowMap`` as ``average_velocity`` written in the other time (sigma-time arguments go in and out)."""
+    tau_t, tau_r = as_batch(tau_t, z), as_batch(tau_r, z)
+    scale = bcast(1 / (1 - tau_t), z)  # 1 + t
+    return scale * (average_velocity(flow_map, scale * z, tau_r / (1 - tau_r), tau_t / (1 - tau_t)) - z)
 
 
 @torch.no_grad()
@@ -42,8 +68,8 @@ def sample(flow_map, x_T: torch.Tensor, grid) -> torch.Tensor:
 class MeanFlowLoss:
     uses_jvp = True
 
-    def __init__(self, cfg: MeanFlowConfig, sigma_min: float = 0.002, sigma_max: float = 80.0, eps: float = 1e-3):
-        self.cfg, self.sigma_min, self.sigma_max, self.eps = cfg, sigma_min, sigma_max, eps
+    def __init__(self, cfg: MeanFlowConfig, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        self.cfg, self.sigma_min, self.sigma_max, self.eps = cfg, sigma_min, sigma_max, cfg.norm_eps
 
     def sample_times(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
@@ -56,10 +82,16 @@ class MeanFlowLoss:
     def __call__(self, flow_map, batch, rng) -> torch.Tensor:
         y = batch["x"]
         t, r = self.sample_times(rng)
-        v = rng.randn(*y.shape[1:])
-        u_fn = lambda x, r_, t_: average_velocity(flow_map, x, r_, t_)  # noqa: E731
-        u, target = meanflow_target(u_fn, y + bcast(t, y) * v, r, t, v)
-        err = mean_squared_error(u, target)
+        e = rng.randn(*y.shape[1:])
+        if self.cfg.time == "tau":
+            tau_t, tau_r = t / (1 + t), r / (1 + r)
+            z = (1 - bcast(tau_t, y)) * y + bcast(tau_t, y) * e
+            u, target = meanflow_target(lambda z_, r_, t_: tau_velocity(flow_map, z_, r_, t_), z, tau_r, tau_t, e - y)
+            err = squared_l2(u, target)
+        else:
+            u_fn = lambda x, r_, t_: average_velocity(flow_map, x, r_, t_)  # noqa: E731
+            u, target = meanflow_target(u_fn, y + bcast(t, y) * e, r, t, e)
+            err = mean_squared_error(u, target)
         return err / (err.detach() + self.eps) ** self.cfg.adaptive_p
 
 

@@ -1,0 +1,172 @@
+"""Mean Flow and the flow map: py-meanflow's loss in its own time, the JVP target, the flow map's clean end,
+the Mean Flow presets."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cmt_core.config import MeanFlowConfig, NetworkConfig
+from cmt_core.models import build_model, load_model, save_model
+from cmt_core.objectives.meanflow import MeanFlowLoss, average_velocity, meanflow_target, tau_velocity
+from cmt_core.presets import get_preset
+from cmt_core.stages import plan
+
+
+class Draws:
+    """Hands an objective fixed random numbers in the order it asks: the two normals of the times (ln t and ln r
+    with p_mean = 0, p_std = 1), the uniform of r = t, then the noise e."""
+
+    def __init__(self, *seq):
+        self.seq = list(seq)
+
+    def randn(self, *tail):
+        return self.seq.pop(0)
+
+    def rand(self, *tail):
+        return self.seq.pop(0)
+
+
+class Shrink(nn.Module):
+    """A flow map whose two-time denoiser is D~(x, t, s) = a x: u(x_t, r, t) = (1 - a) x_t / t; in tau time
+    U(z, tau_r, tau_t) = k(tau_t) z with k(tau) = (1 - a - tau) / (tau (1 - tau))."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
+
+    def denoise(self, x, t, s):
+        return self.a * x
+
+
+def test_tau_loss_is_py_meanflows_loss_on_a_hand_computed_case():
+    a, p, eps = 0.3, 0.75, 1e-3
+    y = torch.tensor([[0.5, -1.0, 0.25]], dtype=torch.float64)
+    e = torch.tensor([[1.0, 0.5, -2.0]], dtype=torch.float64)
+    ln_t, ln_r = math.log(3.0), math.log(0.5)  # t = 3, r = 0.5: tau_t = 3/4, tau_r = 1/3
+    cfg = MeanFlowConfig(time="tau", adaptive_p=p, norm_eps=eps, equal_fraction=0.0, p_mean=0.0)
+    draws = Draws(torch.tensor([ln_t]), torch.tensor([ln_r]), torch.tensor([0.5]), e)
+    loss = MeanFlowLoss(cfg)(Shrink(a), {"x": y}, draws)
+
+    # py-meanflow, by hand: z = (1 - tau) y + tau e, V = e - y, target V - (tau_t - tau_r) dU/dtau_t along z(tau)
+    tau_t, tau_r = 0.75, 1 / 3
+    k = (1 - a - tau_t) / (tau_t * (1 - tau_t))
+    dk = (-(tau_t * (1 - tau_t)) - (1 - a - tau_t) * (1 - 2 * tau_t)) / (tau_t * (1 - tau_t)) ** 2
+    z, V = (1 - tau_t) * y + tau_t * e, e - y
+    target = V - (tau_t - tau_r) * (dk * z + k * V)
+    raw = ((k * z - target) ** 2).sum()
+    assert loss.item() == pytest.approx((raw / (raw + eps) ** p).item(), rel=1e-6)
+
+
+def test_sigma_loss_is_the_per_dimension_velocity_error():
+    a = 0.3
+    y = torch.tensor([[0.5, -1.0, 0.25]], dtype=torch.float64)
+    e = torch.tensor([[1.0, 0.5, -2.0]], dtype=torch.float64)
+    cfg = MeanFlowConfig(time="sigma", adaptive_p=0.0, equal_fraction=0.0, p_mean=0.0)
+    draws = Draws(torch.tensor([math.log(3.0)]), torch.tensor([math.log(0.5)]), torch.tensor([0.5]), e)
+    loss = MeanFlowLoss(cfg)(Shrink(a), {"x": y}, draws)
+    t, r = 3.0, 0.5  # u = (1 - a) x_t / t, du/dt along x_t = y + t e is (1 - a) (e t - x_t) / t^2 = -(1 - a) y / t^2
+    x_t = y + t * e
+    target = e - (t - r) * (-(1 - a) * y / t**2)
+    assert loss.item() == pytest.approx((((1 - a) * x_t / t - target) ** 2).mean().item(), rel=1e-6)
+
+
+def test_the_two_times_give_the_same_fixed_point_with_gradients_in_a_known_ratio():
+    # tau err = (1 + t)^4 / (1 + r)^2 * dim * sigma err, but the gradient ratio is (1 + t)^3 / (1 + r) * dim
+    torch.manual_seed(0)
+    model = build_model("flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,)).double()
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.1 * torch.randn_like(q))
+    y, e = torch.randn(1, 4, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64)
+    ln_t, ln_r, t, r = torch.tensor([1.0]), torch.tensor([-1.0]), math.e, math.exp(-1.0)
+    losses, grads = {}, {}
+    for time in ("sigma", "tau"):
+        cfg = MeanFlowConfig(time=time, adaptive_p=0.0, equal_fraction=0.0, p_mean=0.0)
+        losses[time] = MeanFlowLoss(cfg)(model, {"x": y}, Draws(ln_t, ln_r, torch.tensor([0.5]), e)).sum()
+        grads[time] = torch.cat([g.flatten() for g in torch.autograd.grad(losses[time], list(model.parameters()))])
+    assert losses["tau"].item() == pytest.approx(losses["sigma"].item() * 4 * (1 + t) ** 4 / (1 + r) ** 2, rel=1e-4)
+    assert torch.allclose(grads["tau"], grads["sigma"] * 4 * (1 + t) ** 3 / (1 + r), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("time", ["sigma", "tau"])
+def test_the_jvp_target_holds_the_finite_difference_derivative_along_the_path(time):
+    torch.manual_seed(1)
+    model = build_model("flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,), sigma_min=0.002).double()
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.1 * torch.randn_like(q))
+    y, e = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    t = torch.tensor([0.05, 0.3, 1.0, 2.0, 5.0, 10.0, 30.0, 80.0], dtype=torch.float64)
+    r = t * torch.linspace(0.0, 0.9, 8, dtype=torch.float64)
+    if time == "sigma":
+        fn, s_t, s_r, path, v = (lambda x, r_, t_: average_velocity(model, x, r_, t_)), t, r, \
+            (lambda s: y + s[:, None] * e), e
+    else:
+        fn, s_t, s_r, v = (lambda z, r_, t_: tau_velocity(model, z, r_, t_)), t / (1 + t), r / (1 + r), e - y
+        path = lambda s: (1 - s[:, None]) * y + s[:, None] * e  # noqa: E731
+    u, target = meanflow_target(fn, path(s_t), s_r, s_t, v)
+    jvp = (v - target) / (s_t - s_r)[:, None]
+    h = 1e-3 * s_t * (1 - s_t if time == "tau" else 1)
+    fd = (fn(path(s_t + h), s_r, s_t + h) - fn(path(s_t - h), s_r, s_t - h)) / (2 * h[:, None])
+    # times reach the network as float32 (``as_batch``): the difference quotient carries about 1e-7 / 1e-3
+    assert torch.allclose(jvp, fd, rtol=2e-3, atol=2e-3 * float(fd.abs().max()))
+
+
+def test_tau_velocity_is_the_average_velocity_of_the_flow_map_in_tau_time():
+    torch.manual_seed(2)
+    model = build_model("flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,), sigma_min=0.002).double()
+    x_t = torch.randn(5, 4, dtype=torch.float64) * 3
+    t = torch.tensor([0.1, 0.5, 2.0, 10.0, 80.0], dtype=torch.float64)
+    r = t / 3
+    tau_t, tau_r = t / (1 + t), r / (1 + r)
+    z_t, z_r = x_t / (1 + t)[:, None], model(x_t, t, r) / (1 + r)[:, None]  # z = (1 - tau) x
+    expected = (z_t - z_r) / (tau_t - tau_r)[:, None]
+    assert torch.allclose(tau_velocity(model, z_t, tau_r, tau_t), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_log_normal_sigma_is_the_logit_normal_tau():
+    n = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    cfg = MeanFlowConfig(p_mean=-0.4, p_std=1.0, equal_fraction=0.0)
+    t, r = MeanFlowLoss(cfg).sample_times(Draws(n, n.flip(0), torch.rand(1000)))
+    tau = torch.sigmoid(-0.4 + 1.0 * n)
+    assert torch.allclose(torch.maximum(t / (1 + t), r / (1 + r)), torch.maximum(tau, tau.flip(0)), atol=1e-6)
+
+
+def test_a_flow_map_jumps_to_zero_as_to_its_clean_end(tmp_path):
+    torch.manual_seed(4)
+    model = build_model("flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,), sigma_min=0.002)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.1 * torch.randn_like(q))  # the second time's embedding starts at zero: make it matter
+    x, t = torch.randn(6, 4) * 80, torch.full((6,), 80.0)
+    assert torch.equal(model.denoise(x, t, torch.zeros(6)), model.denoise(x, t, torch.full((6,), 0.002)))
+    assert not torch.equal(model.denoise(x, t, torch.zeros(6)), model.denoise(x, t, torch.full((6,), 0.01)))
+    assert torch.equal(model(x, t, 0.0), model.denoise(x, t, torch.zeros(6)))
+    save_model(tmp_path / "m.pt", model, "flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,))
+    loaded = load_model(tmp_path / "m.pt")
+    assert loaded.sigma_min == 0.002 and torch.equal(loaded(x, t, 0.0), model.eval()(x, t, 0.0))
+
+
+@pytest.mark.parametrize("name,base", [("digits-meanflow", "digits"), ("toy-meanflow", "toy")])
+def test_meanflow_presets_reuse_the_teacher_and_rollouts_and_post_train_with_mean_flow(name, base):
+    cfg, ref = get_preset(name), get_preset(base)
+    ids, ref_ids = plan(cfg).ids, plan(ref).ids
+    assert ids["teacher"] == ref_ids["teacher"] and ids["rollouts"] == ref_ids["rollouts"]
+    assert cfg.midtrain.form == "flow_map" and cfg.midtrain.init == "teacher"
+    assert cfg.posttrain.method == "meanflow" and cfg.posttrain.init == "cmt"
+    assert cfg.posttrain.meanflow.time == "tau"
+
+
+@pytest.mark.slow
+def test_toy_meanflow_pipeline(tmp_path):
+    from cmt_core.runtime import Runtime
+    from cmt_core.stages import run_pipeline
+
+    results = run_pipeline(get_preset("toy-meanflow", artifact_root=tmp_path), Runtime(torch.device("cpu")))
+    rows = {r["model"]: r for r in results["evaluation"].metrics["rows"]}
+    baseline = rows["teacher-initialised, untrained"]["flow_map_error"]
+    cmt = rows["CMT (mid-trained), 1-step"]["flow_map_error"]
+    post = rows["MEANFLOW from cmt, 1-step"]["flow_map_error"]
+    assert cmt * 20 <= baseline and post <= cmt
