@@ -124,7 +124,7 @@ class FlowMap(nn.Module):
     to s = 0 asks the network for the jump it was trained on, to the trajectories' end: mid-training pairs and
     Mean Flow's times never go below ``sigma_min``, and ln(s) / 4 embeds 0 as ``SIGMA_EMBED_MIN``, an input the
     second time's embedding never saw (measured on digits, flow-map CMT, 1 step: FD 18.0 to s = 0 unclamped,
-    14.8 clamped). None (files written before this existed): embed s as it is."""
+    14.9 clamped). None (files written before this existed): embed s as it is."""
 
     def __init__(self, raw: nn.Module, sigma_data: float = 0.5, sigma_min: float | None = None):
         super().__init__()
