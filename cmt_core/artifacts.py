@@ -17,7 +17,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 PACKAGES = ("torch", "zarr", "dask", "numcodecs", "prefect", "pydantic", "clean-fid", "numpy")
 
 
