@@ -78,13 +78,17 @@ def run_preset(name: str, seeds: list[int], root: Path, overrides: list[str]) ->
     return out
 
 
+def _number(v: float) -> str:
+    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3f}"
+
+
 def markdown(presets: dict) -> str:
     """One row per preset: the teacher and the four few-step figures as mean +- std over the seeds."""
     lines = ["| preset | metric | seeds | teacher (NFE) | CMT 1-step | CMT 2-step | post-trained 1-step | "
              "post-trained 2-step | minutes (all stages) |", "|" + " --- |" * 9]
     for name, p in presets.items():
-        cells = [f"{p[k]['mean']:.3g} ± {p[k]['std']:.2g}" for k in ROWS]
-        teacher = f"{p['teacher']['mean']:.3g} ± {p['teacher']['std']:.2g} ({p['teacher']['nfe']})"
+        cells = [f"{_number(p[k]['mean'])} ± {_number(p[k]['std'])}" for k in ROWS]
+        teacher = f"{_number(p['teacher']['mean'])} ± {_number(p['teacher']['std'])} ({p['teacher']['nfe']} NFE)"
         minutes = sum(p["seconds"].values()) / 60
         lines.append(f"| `{name}` | {p['metric_name']} | {len(p['seeds'])} | {teacher} | " + " | ".join(cells)
                      + f" | {minutes:.1f} |")
