@@ -97,7 +97,9 @@ def markdown(presets: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    from cmt_core.presets import PRESETS as KNOWN
+
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=sorted(KNOWN))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--artifact-root", type=Path, default=ROOT / "artifacts" / "bench-presets")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")

@@ -82,6 +82,19 @@ def setup_logging(artifact_root: Path, command: str) -> Path:
     return log_file
 
 
+def config_error(err: ValueError) -> int:
+    """An invalid configuration: one line on stderr naming each bad field, its problem and the value given;
+    the exit code 2. ``err`` is pydantic's ``ValidationError`` (a ``ValueError``) or a plain ``ValueError``."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in err.errors()]
+    else:
+        problems = [str(err).replace("\n", " ")]
+    print("invalid configuration: " + "; ".join(problems), file=sys.stderr)
+    return 2
+
+
 def input_error(err: Exception, log_file: Path | None = None) -> int:
     """Bad input (a missing or unusable file, found before or while a stage reads it): one line naming the
     field on stderr, the traceback only in the run's log file; the exit code 2."""
@@ -158,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except ValueError as err:  # pydantic's ValidationError is a ValueError: name the bad fields
-        print(f"invalid configuration:\n{err}", file=sys.stderr)
-        return 2
+        return config_error(err)
     if args.command == "config":
         try:
             print_config(cfg)

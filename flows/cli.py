@@ -10,7 +10,7 @@ import sys
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
 from cmt_core import stages
-from cmt_core.cli import config_from_args, config_parser, input_error, print_results, setup_logging
+from cmt_core.cli import config_error, config_from_args, config_parser, input_error, print_results, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,8 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except ValueError as err:
-        print(f"invalid configuration:\n{err}", file=sys.stderr)
-        return 2
+        return config_error(err)
     try:
         stages.preflight(cfg, stages.stages_needed(cfg, stages.STAGES))
     except stages.PreflightError as err:

@@ -32,6 +32,18 @@ def test_invalid_values_name_the_field_and_the_allowed_range(make, field, words)
     assert field in text and words in text
 
 
+def test_the_command_line_names_each_bad_field_on_one_line(tmp_path, capsys):
+    from cmt_core.cli import main
+
+    code = main(["run", "--preset", "toy", "--set", f"artifact_root={tmp_path / 'art'}",
+                 "--set", "midtrain.train.keep=best", "--set", "eval.mid_sigma_search=[0.5,-1]"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("invalid configuration: ") and "midtrain.train.keep" in err and "(got 'best')" in err
+    assert "eval.mid_sigma_search.1: Input should be greater than 0 (got -1)" in err
+    assert not (tmp_path / "art").exists()  # nothing started, nothing marked complete
+
+
 def test_cross_field_rules_explain_themselves():
     with pytest.raises(ValidationError, match="teacher.source='exact' needs 2-D"):
         get_preset("digits", ["teacher.source=exact"])

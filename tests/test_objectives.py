@@ -94,15 +94,6 @@ def test_ect_loss_is_the_per_sample_norm_or_pseudo_huber_over_t_minus_r(huber_c,
     assert torch.allclose(loss, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
 
 
-def test_cmt_mf_form_is_the_distance_between_velocities():
-    x_t, x_s = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 1.0]])
-    t, s = torch.tensor([2.0]), torch.tensor([1.5])
-    model = lambda x, t_, s_: x * 0.25  # f(x_t, t, s) = (0.5, 0.25): u = (x_t - f) / (t - s) = (3, 1.5)
-    batch = {"x_t": x_t, "t": t, "x_s": x_s, "s": s}  # target velocity (x_t - x_s) / (t - s) = (2, 0)
-    assert CMTLoss("mf", mf_time="sigma")(model, batch, None).item() == pytest.approx(1 + 1.5**2)
-    assert CMTLoss("mf", l2_norm, "sigma")(model, batch, None).item() == pytest.approx((1 + 1.5**2) ** 0.5)
-
-
 def test_cmt_mf_form_in_tau_time_is_the_papers_velocity_distance():
     # tau = t / (1 + t), z = (1 - tau) x: tau_t = 2/3, z_t = (2/3, 1/3); tau_s = 3/5, z_s = (0.4, 0.4);
     # target U = (z_t - z_s) / (tau_t - tau_s) = (4, -1); the model's z_s = (1 - tau_s) f = (0.2, 0.1), so

@@ -12,10 +12,10 @@ of the same solver trajectory at ``s < t``. With a per-sample distance d (``cmt_
   d((1 + t) f(x_t, t, s) / (t - s), (1 + t) x_s / (t - s)), which is how it is computed (through the
   module's forward, so a DDP wrapper sees the call); with the squared l2 distance it is
   (1 + t)^2 / (t - s)^2 ||f(x_t, t, s) - x_s||^2.
-  ``mf_time="sigma"`` is the same form written in sigma time, d(u, (x_t - x_s) / (t - s)), i.e.
-  ||f - x_s||^2 / (t - s)^2: it weights the 1-step jump 80 -> 0.002 about 1 / 6400 and a jump 0.003 -> 0.002
-  about 10^6, so long jumps barely train (digits, 4,000 steps, 1 / 2 steps: 59.8 / 12.9 FD-digits in sigma
-  time, 17.1 / 11.1 in tau time, 14.9 / 11.5 for ``flow_map``; 2 steps jump 80 -> 0.8 -> 0).
+  Written in sigma time instead, d(u, (x_t - x_s) / (t - s)), i.e. ||f - x_s||^2 / (t - s)^2, it weights
+  the 1-step jump 80 -> 0.002 about 1 / 6400 and a jump 0.003 -> 0.002 about 10^6, so long jumps barely train
+  (digits, 4,000 steps, 1 / 2 steps: 59.8 / 12.9 FD-digits in sigma time, 17.1 / 11.1 in tau time,
+  14.9 / 11.5 for ``flow_map``; 2 steps jump 80 -> 0.8 -> 0).
 
 The reference (sony/cmt) trains the ``cm`` form with LPIPS by default, or the squared l2 distance / l2 norm,
 unweighted: every trajectory point counts the same.
@@ -28,15 +28,12 @@ from cmt_core.preconditioning import bcast
 
 
 class CMTLoss:
-    """``loss(model, {"x_t", "t", "x_s", "s"}, rng) -> (B,)``; ``distance``: two ``(B, ...)`` batches -> ``(B,)``;
-    ``mf_time``: the time the ``mf`` form is written in (module docstring)."""
+    """``loss(model, {"x_t", "t", "x_s", "s"}, rng) -> (B,)``; ``distance``: two ``(B, ...)`` batches -> ``(B,)``."""
 
-    def __init__(self, form: str = "cm", distance: Distance = squared_l2, mf_time: str = "tau"):
+    def __init__(self, form: str = "cm", distance: Distance = squared_l2):
         if form not in ("cm", "flow_map", "mf"):
             raise ValueError(f"unknown CMT form {form!r}")
-        if mf_time not in ("sigma", "tau"):
-            raise ValueError(f"mf_time must be 'sigma' or 'tau', got {mf_time!r}")
-        self.form, self.distance, self.mf_time = form, distance, mf_time
+        self.form, self.distance = form, distance
 
     def __call__(self, model, batch, rng) -> torch.Tensor:
         x_t, t, x_s, s = batch["x_t"], batch["t"], batch["x_s"], batch["s"]
@@ -44,5 +41,5 @@ class CMTLoss:
             return self.distance(model(x_t, t), x_s)
         if self.form == "flow_map":
             return self.distance(model(x_t, t, s), x_s)
-        scale = bcast((1 + t) / (t - s) if self.mf_time == "tau" else 1 / (t - s), x_t)
+        scale = bcast((1 + t) / (t - s), x_t)
         return self.distance(model(x_t, t, s) * scale, x_s * scale)

@@ -69,7 +69,7 @@ class MeanFlowLoss:
     uses_jvp = True
 
     def __init__(self, cfg: MeanFlowConfig, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        self.cfg, self.sigma_min, self.sigma_max, self.eps = cfg, sigma_min, sigma_max, cfg.norm_eps
+        self.cfg, self.sigma_min, self.sigma_max = cfg, sigma_min, sigma_max
 
     def sample_times(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
@@ -92,7 +92,7 @@ class MeanFlowLoss:
             u_fn = lambda x, r_, t_: average_velocity(flow_map, x, r_, t_)  # noqa: E731
             u, target = meanflow_target(u_fn, y + bcast(t, y) * e, r, t, e)
             err = mean_squared_error(u, target)
-        return err / (err.detach() + self.eps) ** self.cfg.adaptive_p
+        return err / (err.detach() + self.cfg.norm_eps) ** self.cfg.adaptive_p
 
 
 def meanflow_target(u_fn, x_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
