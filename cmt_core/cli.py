@@ -4,6 +4,7 @@
     cmt stage midtrain --config cfg.yaml        # one stage (e.g. under torchrun for DDP)
     cmt config --preset toy > toy.yaml          # print a preset as YAML to edit (with its store size)
     cmt store verify PATH                       # check a trajectory store's completeness and checksums
+    cmt compare --preset toy --seeds 3          # CMT vs teacher vs random initialisation (cmt_core.comparison)
 
 The terminal shows progress bars, this package's messages and other libraries' warnings; everything
 (dask's INFO logs included) goes to the run's log file ``<artifact_root>/logs/<time>-<command>.log``.
@@ -152,6 +153,23 @@ def print_config(cfg) -> None:
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+def _compare(args) -> int:
+    from cmt_core.comparison import CompareConfig, arm_config, run_comparison
+
+    try:
+        cc = CompareConfig(preset=args.preset, methods=args.methods, inits=args.inits, seeds=args.seeds,
+                           posttrain_steps=args.posttrain_steps, eval_every=args.eval_every, overrides=args.set,
+                           workers=args.workers, artifact_root=args.artifact_root, out_dir=args.out)
+        for method in cc.methods:  # every arm's config is valid before any arm runs
+            arm_config(cc, method, "teacher", 0)
+    except ValueError as err:
+        return config_error(err)
+    log_file = setup_logging(cc.artifact_root, "compare")
+    run_comparison(cc)
+    print(f"results: {cc.out_dir / f'init_comparison_{cc.preset}.md'}\nlog: {log_file}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmt", description="Consistency mid-training pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,8 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     store = sub.add_parser("store", help="trajectory store tools")
     store.add_argument("action", choices=["verify"])
     store.add_argument("path")
+    compare = sub.add_parser("compare", help="post-train from CMT, teacher and random weights and compare")
+    compare.add_argument("--preset", default="toy", choices=sorted(PRESETS))
+    compare.add_argument("--methods", nargs="+", default=["ect", "meanflow"])
+    compare.add_argument("--inits", nargs="+", default=["cmt", "teacher", "random"])
+    compare.add_argument("--seeds", type=int, default=3)
+    compare.add_argument("--posttrain-steps", type=int, help="post-training steps of every arm (default: preset's)")
+    compare.add_argument("--eval-every", type=int, help="evaluation cadence of every arm (default: preset's)")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every arm")
+    compare.add_argument("--workers", type=int, default=1, help="processes running independent arms at once")
+    compare.add_argument("--artifact-root", default="artifacts")
+    compare.add_argument("--out", default="benchmarks/results", help="folder of the tables, plots and JSON")
     args = parser.parse_args(argv)
 
+    if args.command == "compare":
+        return _compare(args)
     if args.command == "store":
         from cmt_core.trajectories.store import main_verify
 

@@ -6,7 +6,8 @@ Every random number of step k is a function of (seed, k, global sample), so N st
 steps give the same weights as 2N steps straight, on one process or on DDP ranks.
 
 Checkpoints (``cmt_core.checkpoint``): model, EMA, optimizer, step and best score every
-``cfg.checkpoint_every`` steps; the log rows after the checkpoint a run resumes from are dropped.
+``cfg.checkpoint_every`` steps; the log rows after the checkpoint a run resumes from are dropped. A row's
+``seconds`` is the wall time since this call began, ``eval_seconds`` the part of it spent evaluating.
 
 Safety: a non-finite loss stops the run with ``NonFiniteLossError`` and the last good checkpoint is left
 untouched; with ``evaluate`` the EMA model is scored at 1 and 2 steps every ``cfg.eval_every`` steps (and at
@@ -125,7 +126,9 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
         runtime.barrier()
 
     def run_evaluation(step: int) -> dict:
+        started = time.perf_counter()
         metrics = {k: float(v) for k, v in evaluate(ema.model).items()}
+        spent["eval"] += time.perf_counter() - started
         if best["start"] is None:
             best["start"] = {k: metrics[k] for k in ("score_1step", "score_2step")}
         score = selection_score(cfg.keep, metrics, best["start"], cfg.keep_tolerance)
@@ -143,7 +146,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
         if progress is not None:
             progress(row["step"], cfg.steps, row)
 
-    t0 = time.perf_counter()
+    t0, spent = time.perf_counter(), {"eval": 0.0}
     if evaluate is not None and start == 0 and cfg.steps > 0:
         log({"step": 0, **run_evaluation(0)})
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not runtime.is_main, dynamic_ncols=True)
@@ -180,6 +183,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
             running = []
             if evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 row.update(run_evaluation(done))
+            if evaluate is not None:
+                row["eval_seconds"] = spent["eval"]
             log(row)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
         bar.update(1)

@@ -188,3 +188,40 @@ def test_invalid_override_fails_before_any_stage(harness, tmp_path):
                          return_state=True)
     assert state.is_failed() and "midtrain.train.steps" in state.message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_flow_shares_teacher_and_rollouts_and_writes_the_results(harness, root, tmp_path):
+    """``cmt-compare`` on toy at tiny size: every arm trained, the teacher and rollouts computed once per seed and
+    shared by both methods, the results contract written and published; a rerun computes nothing."""
+    from cmt_core.comparison import CompareConfig, arm_config
+    from flows import cmt_compare
+
+    out = tmp_path / "results"
+    cc = CompareConfig(preset="toy", seeds=2, overrides=tuple(SMALL), workers=1, artifact_root=root, out_dir=out)
+    state = cmt_compare(comparison=cc, return_state=True)
+    summary = state.result()
+    published = [a for a in artifacts_of(state.state_details.flow_run_id) if a.type == "markdown"]
+    assert any("Initialisation comparison" in a.data and "data:image/png;base64," in a.data for a in published)
+    data = json.loads((out / "init_comparison_toy.json").read_text())
+    assert data == json.loads(json.dumps(summary))
+    assert {"metric_name", "seeds", "teacher", "mid_trained", "methods"} <= set(data)
+    for method in ("ect", "meanflow"):
+        entry = data["methods"][method]
+        assert set(entry["inits"]) == {"cmt", "diffusion", "random"}
+        assert "cost_ratio_cmt_vs_diffusion" in entry
+        for arm in entry["inits"].values():
+            assert [p["iter"] for p in arm["curve"]] == [0, 50, 100]
+            assert {"metric_1step", "metric_2step", "metric_1step_std", "metric_2step_std"} <= set(arm["curve"][0])
+            assert set(arm) >= {"iters_to_diffusion_final_2step", "cost_to_quality"}
+        diffusion = entry["inits"]["diffusion"]
+        assert diffusion["iters_to_diffusion_final_2step"] is not None  # it reaches its own final metric
+    for seed in range(2):
+        ids = {stages.plan(arm_config(cc, method, init, seed)).ids[s] for method in ("ect", "meanflow")
+               for init in ("cmt", "teacher", "random") for s in ("teacher", "rollouts")}
+        assert len(ids) == 2  # one teacher and one rollouts artifact per seed, for all six arms
+    assert {p.name for p in out.iterdir()} >= {"init_comparison_toy.md", "init_comparison_toy_ect.png",
+                                               "init_comparison_toy_meanflow.png", "init_comparison_toy_cost.png"}
+    manifests = {p: p.stat().st_mtime_ns for p in Path(root).rglob("manifest.json")}
+    again = cmt_compare(comparison=cc)
+    assert {p: p.stat().st_mtime_ns for p in Path(root).rglob("manifest.json")} == manifests  # nothing recomputed
+    assert again["methods"]["ect"]["inits"] == summary["methods"]["ect"]["inits"]

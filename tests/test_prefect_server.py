@@ -167,12 +167,14 @@ def test_invalid_parameters_are_rejected_when_the_run_is_created(prefect_server,
     assert f"Validation failed for field '{field}'" in rejected.value.response.text
 
 
-def test_prefect_yaml_deploys_every_flow_on_digits_with_an_inactive_nightly_schedule():
+def test_prefect_yaml_deploys_every_flow_with_an_inactive_nightly_schedule():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     flows = {load_flow_from_entrypoint(str(ROOT / d["entrypoint"])).name: d for d in spec["deployments"]}
-    assert sorted(flows) == ["cmt-evaluation", "cmt-midtrain", "cmt-pipeline", "cmt-posttrain", "cmt-rollouts",
-                             "cmt-teacher"]
-    assert all(d["parameters"] == {"preset": "digits"} and d["work_pool"]["name"] == POOL for d in flows.values())
+    assert sorted(flows) == ["cmt-compare", "cmt-evaluation", "cmt-midtrain", "cmt-pipeline", "cmt-posttrain",
+                             "cmt-rollouts", "cmt-teacher"]
+    assert all(d["work_pool"]["name"] == POOL for d in flows.values())
+    assert all(d["parameters"] == {"preset": "digits"} for name, d in flows.items() if name != "cmt-compare")
+    assert flows["cmt-compare"]["parameters"] == {"comparison": {"preset": "toy", "seeds": 3}}
     schedules = {name: d["schedules"] for name, d in flows.items() if d["schedules"]}
     assert list(schedules) == ["cmt-evaluation"]
     assert [s["active"] for s in schedules["cmt-evaluation"]] == [False]

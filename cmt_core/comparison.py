@@ -1,0 +1,380 @@
+"""The paper's comparison, run by the product: post-training from CMT, teacher (diffusion) and random weights.
+
+For one preset, every *arm* (method x initialisation x seed) is the preset's pipeline with ``posttrain.init`` and
+the seeds set; everything else is equal: the same post-training budget (steps, batch, lr schedule), the same
+evaluation cadence and noises, the same seeds. Methods:
+
+* ``ect``: the preset's consistency tuning (ECT or ECD, as the preset sets ``posttrain.method``) after ``cm``-form
+  mid-training;
+* ``meanflow``: the ``<preset>-meanflow`` preset: flow-map mid-training, then Mean Flow.
+
+Both methods' arms of a seed read the same teacher and rollouts artifacts (their stage ids are equal), so those
+are computed once and shared through the artifact cache; reruns reuse every complete arm. Teacher- and
+random-initialised arms of consistency tuning start ECT's dt schedule at its first stage (``baseline_overrides``:
+the largest gap, as ECT trains from a diffusion model), where a preset starts CMT weights at a later one.
+
+Results (``summarise``): per method and initialisation, the post-training curve (1-step and 2-step data metric,
+seed mean and std at every evaluation), how many iterations each path needs to reach the diffusion-initialised
+path's final 2-step metric, and its total cost to get there in wall seconds and network evaluations: rollouts +
+mid-training + post-training for the CMT path, post-training alone for the others; the teacher's pre-training is
+reported apart. Network evaluations count forward passes per training sample (``TRAINING_NFE``; a JVP counts as
+two, backward passes are not counted) and the rollout solver's calls per trajectory. Wall seconds are the rollout
+stage's and the training loops' own (their evaluations left out), measured on uninterrupted runs.
+
+``run_comparison(cc)`` runs the arms (``cc.workers`` processes for independent arms) and writes
+``init_comparison_<preset>.json`` / ``.md`` / ``_<method>.png`` / ``_cost.png`` into ``cc.out_dir``; its
+``seconds`` are this run's wall time (complete artifacts are reused, not recomputed) and the sum of every stage's
+own time over the distinct artifacts (what the whole comparison costs from scratch on one process).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import math
+import multiprocessing
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from cmt_core.checkpoint import read_training_log
+from cmt_core.config import PipelineConfig, StrictModel
+from cmt_core.presets import PRESETS, get_preset
+from cmt_core.solvers import function_evaluations
+from cmt_core.stages import StageResult, run_pipeline
+from cmt_core.time_grids import make_grid
+
+log = logging.getLogger("cmt")
+Method = Literal["ect", "meanflow"]
+Init = Literal["cmt", "teacher", "random"]
+INITS: tuple[str, ...] = ("cmt", "teacher", "random")
+INIT_NAMES = {"cmt": "cmt", "teacher": "diffusion", "random": "random"}  # the results' names of the inits
+SEED_FIELDS = ("teacher.train.seed", "rollout.seed", "midtrain.train.seed", "posttrain.train.seed")
+# forward network evaluations per training sample and step (a JVP: 2; ECD adds its teacher step's calls)
+TRAINING_NFE = {"midtrain": 1, "ect": 2, "ecd": 2, "meanflow": 2, "teacher": 1}
+
+
+class CompareConfig(StrictModel):
+    """What ``run_comparison`` runs; every arm is ``preset`` (or ``<preset>-meanflow``) with ``overrides``."""
+
+    preset: str = Field("toy", description="the consistency preset; method 'meanflow' uses '<preset>-meanflow'")
+    methods: tuple[Method, ...] = Field(("ect", "meanflow"), min_length=1)
+    inits: tuple[Init, ...] = Field(INITS, min_length=1, description="must include 'cmt' and 'teacher'")
+    seeds: int = Field(3, ge=1, le=64, description="seeds 0 .. seeds-1 (every training seed of an arm)")
+    posttrain_steps: int | None = Field(None, ge=1, description="post-training steps of every arm (None: preset's)")
+    eval_every: int | None = Field(None, ge=1, description="evaluation cadence of every arm (None: the preset's)")
+    overrides: tuple[str, ...] = Field((), description="dotted key=value applied to every arm")
+    baseline_overrides: tuple[str, ...] = Field(
+        ("posttrain.ect.start_stage=0",), description="applied to the teacher- and random-initialised arms")
+    workers: int = Field(1, ge=1, le=64, description="processes running independent arms at once")
+    artifact_root: Path = Path("artifacts")
+    out_dir: Path = Path("benchmarks/results")
+
+    @field_validator("preset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of {sorted(PRESETS)}")
+        return v
+
+    @field_validator("inits")
+    @classmethod
+    def _needs_references(cls, v: tuple) -> tuple:
+        if "cmt" not in v or "teacher" not in v:
+            raise ValueError("inits must include 'cmt' and 'teacher' (costs are measured against the diffusion init)")
+        return v
+
+    def method_preset(self, method: str) -> str:
+        name = self.preset if method == "ect" else f"{self.preset}-meanflow"
+        if name not in PRESETS:
+            raise ValueError(f"methods: 'meanflow' needs a preset named {name!r}; use methods=['ect'] with "
+                             f"preset={self.preset!r}")
+        return name
+
+
+def arm_config(cc: CompareConfig, method: str, init: str, seed: int) -> PipelineConfig:
+    """The pipeline config of one arm (validated; a bad override names its field)."""
+    sets = [*cc.overrides, f"posttrain.init={init}", *(f"{f}={seed}" for f in SEED_FIELDS)]
+    if init != "cmt":
+        sets += list(cc.baseline_overrides)
+    if cc.posttrain_steps is not None:
+        sets.append(f"posttrain.train.steps={cc.posttrain_steps}")
+    if cc.eval_every is not None:  # the loop evaluates on logging steps: log at least as often
+        log_every = get_preset(cc.method_preset(method), sets).posttrain.train.log_every
+        sets += [f"posttrain.train.eval_every={cc.eval_every}",
+                 f"posttrain.train.log_every={math.gcd(log_every, cc.eval_every)}"]
+    return get_preset(cc.method_preset(method), sets, artifact_root=cc.artifact_root)
+
+
+def _run_job(cfg_json: str, targets: tuple[str, ...]) -> dict[str, StageResult]:
+    return run_pipeline(PipelineConfig.model_validate_json(cfg_json), targets=targets)
+
+
+def run_jobs(jobs: list[tuple[PipelineConfig, tuple[str, ...]]], workers: int,
+             report: Callable[[str], None] = log.info) -> list[dict[str, StageResult]]:
+    """Run pipeline jobs (config, target stages), ``workers`` at a time; their results in order."""
+    def describe(cfg: PipelineConfig, targets) -> str:
+        return f"{cfg.preset} init={cfg.posttrain.init} seed={cfg.posttrain.train.seed} -> {targets[-1]}"
+
+    if workers == 1 or len(jobs) == 1:
+        out = []
+        for cfg, targets in jobs:
+            out.append(run_pipeline(cfg, targets=targets))
+            report(f"done: {describe(cfg, targets)}")
+        return out
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+        futures = [pool.submit(_run_job, cfg.model_dump_json(), targets) for cfg, targets in jobs]
+        for future, (cfg, targets) in zip(futures, jobs):
+            future.result()
+            report(f"done: {describe(cfg, targets)}")
+        return [f.result() for f in futures]
+
+
+def run_comparison(cc: CompareConfig, report: Callable[[str], None] = log.info) -> dict:
+    """Run every arm (shared stages first: teacher and rollouts per seed, then mid-training with the CMT arm and
+    its evaluation per method and seed, then the other arms), then ``summarise`` and ``write_results``."""
+    started = time.perf_counter()
+    seeds = list(range(cc.seeds))
+    arms = {(m, i, s): arm_config(cc, m, i, s) for m in cc.methods for i in cc.inits for s in seeds}
+    first = cc.methods[0]
+    report(f"comparison {cc.preset}: {len(arms)} arms ({', '.join(cc.methods)} x {', '.join(cc.inits)} x "
+           f"{cc.seeds} seeds), {cc.workers} worker(s)")
+    run_jobs([(arms[first, "cmt", s], ("rollouts",)) for s in seeds], cc.workers, report)
+    run_jobs([(arms[m, "cmt", s], ("evaluation",)) for m in cc.methods for s in seeds], cc.workers, report)
+    others = [(m, i, s) for m in cc.methods for i in cc.inits if i != "cmt" for s in seeds]
+    run_jobs([(arms[key], ("posttrain",)) for key in others], cc.workers, report)
+    results = {key: run_pipeline(cfg, targets=("posttrain",) if key[1] != "cmt" else ("evaluation",))
+               for key, cfg in arms.items()}  # every artifact is complete now: read back, nothing computed
+    summary = summarise(cc, results)
+    unique = {(r.stage, r.artifact_id): r.manifest.get("seconds") or 0.0
+              for arm in results.values() for r in arm.values()}
+    summary["seconds"] = {"this_run": time.perf_counter() - started, "every_stage_once": sum(unique.values()),
+                          "teacher_pretraining": sum(v for (stage, _), v in unique.items() if stage == "teacher")}
+    write_results(summary, cc.out_dir)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def training_seconds(row: dict) -> float:
+    """Wall seconds a training-log row's run has spent training (its evaluations left out)."""
+    return row.get("seconds", 0.0) - row.get("eval_seconds", 0.0)
+
+
+def _curve(posttrain: StageResult, metric: str) -> dict[int, dict]:
+    """Post-training evaluations: iteration -> {1-step, 2-step metric, training wall seconds until then}."""
+    rows = [r for r in read_training_log(posttrain.path) if f"eval_{metric}_2step" in r]
+    return {r["step"]: {"metric_1step": r[f"eval_{metric}_1step"], "metric_2step": r[f"eval_{metric}_2step"],
+                        "seconds": training_seconds(r)} for r in rows}
+
+
+def training_nfe(cfg: PipelineConfig, stage: str) -> int:
+    """Forward network evaluations per training sample and step of ``stage`` (``TRAINING_NFE``)."""
+    if stage != "posttrain":
+        return TRAINING_NFE[stage]
+    method = cfg.posttrain.method
+    if method != "ecd":
+        return TRAINING_NFE[method]
+    return TRAINING_NFE["ecd"] + function_evaluations(cfg.posttrain.ecd_solver, make_grid(cfg.rollout.solver)[:2])
+
+
+def upfront_cost(cfg: PipelineConfig, results: dict[str, StageResult]) -> dict:
+    """What the CMT path spends before post-training: rollouts and mid-training (wall seconds, network evals)."""
+    r, m = cfg.rollout, cfg.midtrain.train
+    rollout_nfe = r.num_trajectories * function_evaluations(r.solver.name, make_grid(r.solver))
+    midtrain_rows = read_training_log(results["midtrain"].path)
+    return {"wall_s": results["rollouts"].manifest["seconds"] + training_seconds(midtrain_rows[-1]),
+            "nfe": rollout_nfe + m.steps * m.batch_size * training_nfe(cfg, "midtrain")}
+
+
+def summarise(cc: CompareConfig, results: dict[tuple, dict[str, StageResult]]) -> dict:
+    """The results contract of ``init_comparison_<preset>.json`` (module docstring) from the arms' artifacts."""
+    seeds = list(range(cc.seeds))
+    evaluation = results[cc.methods[0], "cmt", 0]["evaluation"].metrics
+    metric = evaluation["info"]["data_metric"]
+    out = {"preset": cc.preset, "metric_name": metric, "seeds": seeds, "methods": {}}
+    for method in cc.methods:
+        evals = [results[method, "cmt", s]["evaluation"].metrics["by_key"] for s in seeds]
+        cfg0 = arm_config(cc, method, "cmt", 0)
+        teacher_stage = [results[method, "cmt", s]["teacher"].manifest for s in seeds]
+        t_train = cfg0.teacher.train
+        entry = {
+            "preset": cc.method_preset(method), "posttrain_method": cfg0.posttrain.method,
+            "budget": {"posttrain_steps": cfg0.posttrain.train.steps, "batch_size": cfg0.posttrain.train.batch_size,
+                       "eval_every": cfg0.posttrain.train.eval_every, "midtrain_steps": cfg0.midtrain.train.steps,
+                       "rollout_trajectories": cfg0.rollout.num_trajectories},
+            "teacher": {"nfe": evals[0]["teacher"]["NFE"],
+                        "metric": _mean_std([e["teacher"][metric] for e in evals])[0],
+                        "metric_std": _mean_std([e["teacher"][metric] for e in evals])[1],
+                        "pretraining": {"wall_s": statistics.fmean(m["seconds"] for m in teacher_stage),
+                                        "nfe": t_train.steps * t_train.batch_size * TRAINING_NFE["teacher"]
+                                        if cfg0.teacher.source == "pretrain" else 0}},
+            "mid_trained": {f"metric_{k}": _mean_std([e[f"midtrain_{k}"][metric] for e in evals])[0]
+                            for k in ("1step", "2step")},
+            "inits": {}}
+        upfront = [upfront_cost(arm_config(cc, method, "cmt", s), results[method, "cmt", s]) for s in seeds]
+        curves = {}
+        for init in cc.inits:
+            per_seed = [_curve(results[method, init, s]["posttrain"], metric) for s in seeds]
+            iters = sorted(set.intersection(*(set(c) for c in per_seed)))
+            points = []
+            for it in iters:
+                point = {"iter": it}
+                for k in ("metric_1step", "metric_2step", "seconds"):
+                    point[k], point[f"{k}_std"] = _mean_std([c[it][k] for c in per_seed])
+                points.append(point)
+            curves[init] = points
+        target = curves["teacher"][-1]["metric_2step"]  # the diffusion-initialised path's final 2-step metric
+        per_sample = training_nfe(cfg0, "posttrain") * cfg0.posttrain.train.batch_size
+        for init in cc.inits:
+            reached = next((p for p in curves[init] if p["metric_2step"] <= target), None)
+            cost = None
+            if reached is not None:
+                cost = {"wall_s": reached["seconds"], "nfe": reached["iter"] * per_sample}
+                if init == "cmt":
+                    cost = {k: cost[k] + statistics.fmean(u[k] for u in upfront) for k in cost}
+            entry["inits"][INIT_NAMES[init]] = {
+                "curve": [{("wall_s" if k == "seconds" else k): v for k, v in p.items() if k != "seconds_std"}
+                          for p in curves[init]],
+                "iters_to_diffusion_final_2step": None if reached is None else reached["iter"],
+                "cost_to_quality": cost}
+        entry["upfront_cost_cmt"] = {k: statistics.fmean(u[k] for u in upfront) for k in ("wall_s", "nfe")}
+        cmt_cost, diffusion_cost = (entry["inits"][n]["cost_to_quality"] for n in ("cmt", "diffusion"))
+        entry["cost_ratio_cmt_vs_diffusion"] = None if cmt_cost is None else {
+            k: cmt_cost[k] / max(diffusion_cost[k], 1e-12) for k in ("wall_s", "nfe")}
+        entry["cmt_beats_others"] = beats_beyond_spread(entry["inits"])
+        out["methods"][method] = entry
+    first = out["methods"][cc.methods[0]]
+    out["teacher"] = {"nfe": first["teacher"]["nfe"], "metric": first["teacher"]["metric"]}
+    out["mid_trained"] = first["mid_trained"]
+    return out
+
+
+def beats_beyond_spread(inits: dict) -> dict:
+    """Per other init and step count: whether the CMT curve's mean + std is below the other's mean - std at every
+    shared evaluation (lower is better), and at how many of them it is."""
+    cmt = {p["iter"]: p for p in inits["cmt"]["curve"]}
+    out = {}
+    for name, entry in inits.items():
+        if name == "cmt":
+            continue
+        for k in ("metric_1step", "metric_2step"):
+            wins = [cmt[p["iter"]][k] + cmt[p["iter"]][f"{k}_std"] < p[k] - p[f"{k}_std"]
+                    for p in entry["curve"] if p["iter"] in cmt]
+            out[f"{name}_{k.split('_')[1]}"] = {"all": all(wins), "points": sum(wins), "of": len(wins)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def _fmt(v: float | None, spread: float | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    text = f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return text + (f" ± {spread:.2g}" if spread is not None else "")
+
+
+def markdown(summary: dict) -> str:
+    """The comparison's tables: final metrics, cost to the diffusion path's final 2-step, and the targets."""
+    metric = summary["metric_name"]
+    sec = summary.get("seconds", {})
+    lines = [f"# Initialisation comparison: `{summary['preset']}` ({len(summary['seeds'])} seeds, {metric})", ""]
+    if sec:
+        lines += [f"Every stage of every arm once: {sec['every_stage_once'] / 60:.1f} min on one process (teacher "
+                  f"pre-training {sec['teacher_pretraining'] / 60:.1f} min of it); this run: "
+                  f"{sec['this_run'] / 60:.1f} min (complete artifacts reused).", ""]
+    for method, entry in summary["methods"].items():
+        b = entry["budget"]
+        lines += [f"## {method} (`{entry['preset']}`, post-training {entry['posttrain_method']})", "",
+                  f"Budget: {b['posttrain_steps']} post-training steps at batch {b['batch_size']}, evaluated every "
+                  f"{b['eval_every']}; CMT: {b['rollout_trajectories']} rollouts, {b['midtrain_steps']} mid-training "
+                  f"steps. Teacher: {_fmt(entry['teacher']['metric'], entry['teacher']['metric_std'])} at "
+                  f"{entry['teacher']['nfe']} NFE (pre-training {entry['teacher']['pretraining']['wall_s']:.0f} s, "
+                  f"not counted below). Mid-trained: 1-step {_fmt(entry['mid_trained']['metric_1step'])}, 2-step "
+                  f"{_fmt(entry['mid_trained']['metric_2step'])}.", "",
+                  "| init | start 1-step | start 2-step | final 1-step | final 2-step | iterations to diffusion's "
+                  "final 2-step | cost: wall s | cost: network evals |", "|" + " --- |" * 8]
+        for name, arm in entry["inits"].items():
+            first, last, cost = arm["curve"][0], arm["curve"][-1], arm["cost_to_quality"] or {}
+            lines.append(f"| {name} | {_fmt(first['metric_1step'], first['metric_1step_std'])} | "
+                         f"{_fmt(first['metric_2step'], first['metric_2step_std'])} | "
+                         f"{_fmt(last['metric_1step'], last['metric_1step_std'])} | "
+                         f"{_fmt(last['metric_2step'], last['metric_2step_std'])} | "
+                         f"{_fmt(arm['iters_to_diffusion_final_2step'])} | {_fmt(cost.get('wall_s'))} | "
+                         f"{_fmt(cost.get('nfe'))} |")
+        ratio = entry["cost_ratio_cmt_vs_diffusion"]
+        wins = ", ".join(f"{k}: {v['points']}/{v['of']}" for k, v in entry["cmt_beats_others"].items())
+        lines += ["", "CMT path cost / diffusion path cost: "
+                  + ("never reached" if ratio is None else
+                     f"{ratio['wall_s']:.2f} (wall), {ratio['nfe']:.2f} (network evaluations)")
+                  + f". Evaluations where CMT beats the other init beyond the seed spread: {wins}.", "",
+                  f"![{method} curves](init_comparison_{summary['preset']}_{method}.png)", ""]
+    lines.append(f"![cost to quality](init_comparison_{summary['preset']}_cost.png)")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, out_dir: Path) -> list[Path]:
+    """Metric vs post-training iterations (1-step, 2-step; mean and std band per init) for each method, and the
+    2-step metric against each path's total cost in wall seconds."""
+    from cmt_core.evaluation.report import plt
+
+    paths, colours = [], {"cmt": "tab:blue", "diffusion": "tab:orange", "random": "tab:grey"}
+    preset, metric = summary["preset"], summary["metric_name"]
+    for method, entry in summary["methods"].items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, k in zip(axes, ("metric_1step", "metric_2step")):
+            for name, arm in entry["inits"].items():
+                xs = [p["iter"] for p in arm["curve"]]
+                ys, sd = [p[k] for p in arm["curve"]], [p[f"{k}_std"] for p in arm["curve"]]
+                ax.plot(xs, ys, marker="o", ms=3, color=colours[name], label=f"{name} init")
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                                color=colours[name], alpha=0.2)
+            ax.axhline(entry["teacher"]["metric"], color="k", ls="--", lw=1,
+                       label=f"teacher ({entry['teacher']['nfe']} NFE)")
+            ax.set(xlabel="post-training iterations", ylabel=metric, yscale="log",
+                   title=f"{preset} {method}: {k.split('_')[1].replace('step', '-step')}")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"init_comparison_{preset}_{method}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    fig, axes = plt.subplots(1, len(summary["methods"]), figsize=(5 * len(summary["methods"]), 3.6), squeeze=False)
+    for ax, (method, entry) in zip(axes[0], summary["methods"].items()):
+        for name, arm in entry["inits"].items():
+            offset = entry["upfront_cost_cmt"]["wall_s"] if name == "cmt" else 0.0
+            ax.plot([offset + p["wall_s"] for p in arm["curve"]], [p["metric_2step"] for p in arm["curve"]], marker="o",
+                    ms=3, color=colours[name], label=f"{name} path")
+        final = entry["inits"]["diffusion"]["curve"][-1]["metric_2step"]
+        ax.axhline(final, color="tab:orange", ls=":", lw=1, label="diffusion path's final")
+        ax.set(xlabel="total wall seconds (rollouts + mid-training + post-training)", ylabel=f"2-step {metric}",
+               yscale="log", title=f"{preset} {method}: cost to quality")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / f"init_comparison_{preset}_cost.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [*paths, path]
+
+
+def write_results(summary: dict, out_dir: Path) -> Path:
+    """``init_comparison_<preset>.json`` and ``.md`` and the plots into ``out_dir``; returns the markdown file."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(summary, out_dir)
+    (out_dir / f"init_comparison_{summary['preset']}.json").write_text(json.dumps(summary, indent=2))
+    md = out_dir / f"init_comparison_{summary['preset']}.md"
+    md.write_text(markdown(summary))
+    return md
