@@ -13,7 +13,7 @@ Measures (``cmt_core.gradient_bias``) the gradient bias || grad L_oracle - grad 
 The models are the ``toy`` preset's seed-0 artifacts (teacher weights for the diffusion init, the mid-trained
 weights for CMT), computed first when missing. Written::
 
-    {"bias_at_init": {init: squared bias}, "bias_at_init_norm": {...},
+    {"bias_at_init": {init: squared bias}, "bias_at_init_norm": {...}, "oracle_gradient_norm": {...},
      "slope_vs_dt": {solver: {"fitted", "order", "fitted_squared", "h", "bias"}},
      "slope_vs_anchor": {init: {"fitted", "predicted", "delta_u", "bias"}},
      "slope_vs_eps": {"fitted", "predicted", "eps", "bias"}, "samples", "seconds"}
@@ -64,10 +64,13 @@ def measure(models: dict, samples: int, report=print) -> dict:
 
     setup = gb.make_setup(GaussianMixture(8, 2.0, 0.1), samples=samples)
     out = {"samples": samples, "bias_at_init": {}, "bias_at_init_norm": {}, "slope_vs_dt": {}, "slope_vs_anchor": {}}
+    out["oracle_gradient_norm"] = {}
     for name, model in models.items():
-        b = gb.bias(gb.oracle_gradient(model, setup), gb.cd_adjacent_gradient(model, setup))
+        g = gb.oracle_gradient(model, setup)
+        b = gb.bias(g, gb.cd_adjacent_gradient(model, setup))
         out["bias_at_init"][name], out["bias_at_init_norm"][name] = b * b, b
-        report(f"bias at init ({name}): {b * b:.4g}")
+        out["oracle_gradient_norm"][name] = float(g.norm())
+        report(f"bias at init ({name}): {b * b:.4g} (oracle gradient norm {g.norm():.4g})")
     model = models["cmt"]
     g_oracle = gb.oracle_gradient(model, setup)
     for solver, order in ORDERS.items():

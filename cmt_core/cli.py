@@ -159,7 +159,8 @@ def _compare(args) -> int:
     try:
         cc = CompareConfig(preset=args.preset, methods=args.methods, inits=args.inits, seeds=args.seeds,
                            posttrain_steps=args.posttrain_steps, eval_every=args.eval_every, overrides=args.set,
-                           workers=args.workers, artifact_root=args.artifact_root, out_dir=args.out)
+                           workers=args.workers, artifact_root=args.artifact_root, out_dir=args.out,
+                           **({} if args.baseline_set is None else {"baseline_overrides": args.baseline_set}))
         for method in cc.methods:  # every arm's config is valid before any arm runs
             arm_config(cc, method, "teacher", 0)
     except ValueError as err:
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--posttrain-steps", type=int, help="post-training steps of every arm (default: preset's)")
     compare.add_argument("--eval-every", type=int, help="evaluation cadence of every arm (default: preset's)")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every arm")
+    compare.add_argument("--baseline-set", action="append", metavar="KEY=VALUE",
+                         help="override for the teacher- and random-initialised arms only, repeatable (default: "
+                         "posttrain.ect.start_stage=0, ECT's schedule from its first stage)")
     compare.add_argument("--workers", type=int, default=1, help="processes running independent arms at once")
     compare.add_argument("--artifact-root", default="artifacts")
     compare.add_argument("--out", default="benchmarks/results", help="folder of the tables, plots and JSON")

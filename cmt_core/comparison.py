@@ -16,8 +16,9 @@ the largest gap, as ECT trains from a diffusion model), where a preset starts CM
 Results (``summarise``): per method and initialisation, the post-training curve (1-step and 2-step data metric,
 seed mean and std at every evaluation), how many iterations each path needs to reach the diffusion-initialised
 path's final 2-step metric, and its total cost to get there in wall seconds and network evaluations: rollouts +
-mid-training + post-training for the CMT path, post-training alone for the others; the teacher's pre-training is
-reported apart. Network evaluations count forward passes per training sample (``TRAINING_NFE``; a JVP counts as
+mid-training + post-training for the CMT path (whose mid-training checkpoints are evaluated too, so it may get
+there before post-training starts), post-training alone for the others; the teacher's pre-training is reported
+apart. Network evaluations count forward passes per training sample (``TRAINING_NFE``; a JVP counts as
 two, backward passes are not counted) and the rollout solver's calls per trajectory. Wall seconds are the rollout
 stage's and the training loops' own (their evaluations left out), measured on uninterrupted runs.
 
@@ -172,11 +173,23 @@ def training_seconds(row: dict) -> float:
     return row.get("seconds", 0.0) - row.get("eval_seconds", 0.0)
 
 
-def _curve(posttrain: StageResult, metric: str) -> dict[int, dict]:
-    """Post-training evaluations: iteration -> {1-step, 2-step metric, training wall seconds until then}."""
-    rows = [r for r in read_training_log(posttrain.path) if f"eval_{metric}_2step" in r]
+def _curve(stage: StageResult, metric: str) -> dict[int, dict]:
+    """A training stage's evaluations: iteration -> {1-step, 2-step metric, training wall seconds until then}."""
+    rows = [r for r in read_training_log(stage.path) if f"eval_{metric}_2step" in r]
     return {r["step"]: {"metric_1step": r[f"eval_{metric}_1step"], "metric_2step": r[f"eval_{metric}_2step"],
                         "seconds": training_seconds(r)} for r in rows}
+
+
+def _mean_curve(per_seed: list[dict[int, dict]]) -> list[dict]:
+    """Seed means and stds at the iterations every seed evaluated (``wall_s``: the mean training seconds)."""
+    points = []
+    for it in sorted(set.intersection(*(set(c) for c in per_seed))):
+        point = {"iter": it}
+        for k in ("metric_1step", "metric_2step"):
+            point[k], point[f"{k}_std"] = _mean_std([c[it][k] for c in per_seed])
+        point["wall_s"] = statistics.fmean(c[it]["seconds"] for c in per_seed)
+        points.append(point)
+    return points
 
 
 def training_nfe(cfg: PipelineConfig, stage: str) -> int:
@@ -189,17 +202,32 @@ def training_nfe(cfg: PipelineConfig, stage: str) -> int:
     return TRAINING_NFE["ecd"] + function_evaluations(cfg.posttrain.ecd_solver, make_grid(cfg.rollout.solver)[:2])
 
 
-def upfront_cost(cfg: PipelineConfig, results: dict[str, StageResult]) -> dict:
-    """What the CMT path spends before post-training: rollouts and mid-training (wall seconds, network evals)."""
-    r, m = cfg.rollout, cfg.midtrain.train
-    rollout_nfe = r.num_trajectories * function_evaluations(r.solver.name, make_grid(r.solver))
-    midtrain_rows = read_training_log(results["midtrain"].path)
-    return {"wall_s": results["rollouts"].manifest["seconds"] + training_seconds(midtrain_rows[-1]),
-            "nfe": rollout_nfe + m.steps * m.batch_size * training_nfe(cfg, "midtrain")}
+def rollout_cost(cfg: PipelineConfig, results: dict[str, StageResult]) -> dict:
+    """The rollouts stage's wall seconds and the teacher calls it made (solver calls x trajectories)."""
+    r = cfg.rollout
+    return {"wall_s": results["rollouts"].manifest["seconds"],
+            "nfe": r.num_trajectories * function_evaluations(r.solver.name, make_grid(r.solver))}
+
+
+def cmt_path(cfg: PipelineConfig, mid: list[dict], post: list[dict], rollouts: dict) -> list[dict]:
+    """The CMT path's evaluations in order, each with its total cost so far: rollouts, then mid-training's
+    evaluations (a mid-trained checkpoint is already a few-step model), then post-training's after all of it."""
+    m = cfg.midtrain.train
+    per_mid, per_post = m.batch_size * training_nfe(cfg, "midtrain"), \
+        cfg.posttrain.train.batch_size * training_nfe(cfg, "posttrain")
+    path = [{"stage": "midtrain", **p, "wall_s": rollouts["wall_s"] + p["wall_s"],
+             "nfe": rollouts["nfe"] + p["iter"] * per_mid} for p in mid]
+    upfront = {"wall_s": path[-1]["wall_s"], "nfe": rollouts["nfe"] + m.steps * per_mid}
+    return path + [{"stage": "posttrain", **p, "wall_s": upfront["wall_s"] + p["wall_s"],
+                    "nfe": upfront["nfe"] + p["iter"] * per_post} for p in post]
 
 
 def summarise(cc: CompareConfig, results: dict[tuple, dict[str, StageResult]]) -> dict:
-    """The results contract of ``init_comparison_<preset>.json`` (module docstring) from the arms' artifacts."""
+    """The results contract of ``init_comparison_<preset>.json`` (module docstring) from the arms' artifacts.
+
+    ``cost_to_quality`` of the CMT path is that of its first evaluation, mid-training's included, at or below
+    the diffusion path's final 2-step metric (``reached_in`` says which stage); ``cost_with_full_midtrain`` and
+    ``cost_ratio_full_midtrain`` count the whole configured mid-training whatever the checkpoint."""
     seeds = list(range(cc.seeds))
     evaluation = results[cc.methods[0], "cmt", 0]["evaluation"].metrics
     metric = evaluation["info"]["data_metric"]
@@ -223,36 +251,34 @@ def summarise(cc: CompareConfig, results: dict[tuple, dict[str, StageResult]]) -
             "mid_trained": {f"metric_{k}": _mean_std([e[f"midtrain_{k}"][metric] for e in evals])[0]
                             for k in ("1step", "2step")},
             "inits": {}}
-        upfront = [upfront_cost(arm_config(cc, method, "cmt", s), results[method, "cmt", s]) for s in seeds]
-        curves = {}
-        for init in cc.inits:
-            per_seed = [_curve(results[method, init, s]["posttrain"], metric) for s in seeds]
-            iters = sorted(set.intersection(*(set(c) for c in per_seed)))
-            points = []
-            for it in iters:
-                point = {"iter": it}
-                for k in ("metric_1step", "metric_2step", "seconds"):
-                    point[k], point[f"{k}_std"] = _mean_std([c[it][k] for c in per_seed])
-                points.append(point)
-            curves[init] = points
+        curves = {init: _mean_curve([_curve(results[method, init, s]["posttrain"], metric) for s in seeds])
+                  for init in cc.inits}
+        rollouts = {k: statistics.fmean(rollout_cost(cfg0, results[method, "cmt", s])[k] for s in seeds)
+                    for k in ("wall_s", "nfe")}
+        mid = _mean_curve([_curve(results[method, "cmt", s]["midtrain"], metric) for s in seeds])
+        path = cmt_path(cfg0, mid, curves["cmt"], rollouts)
         target = curves["teacher"][-1]["metric_2step"]  # the diffusion-initialised path's final 2-step metric
-        per_sample = training_nfe(cfg0, "posttrain") * cfg0.posttrain.train.batch_size
+        per_post = training_nfe(cfg0, "posttrain") * cfg0.posttrain.train.batch_size
         for init in cc.inits:
-            reached = next((p for p in curves[init] if p["metric_2step"] <= target), None)
-            cost = None
-            if reached is not None:
-                cost = {"wall_s": reached["seconds"], "nfe": reached["iter"] * per_sample}
-                if init == "cmt":
-                    cost = {k: cost[k] + statistics.fmean(u[k] for u in upfront) for k in cost}
-            entry["inits"][INIT_NAMES[init]] = {
-                "curve": [{("wall_s" if k == "seconds" else k): v for k, v in p.items() if k != "seconds_std"}
-                          for p in curves[init]],
-                "iters_to_diffusion_final_2step": None if reached is None else reached["iter"],
-                "cost_to_quality": cost}
-        entry["upfront_cost_cmt"] = {k: statistics.fmean(u[k] for u in upfront) for k in ("wall_s", "nfe")}
-        cmt_cost, diffusion_cost = (entry["inits"][n]["cost_to_quality"] for n in ("cmt", "diffusion"))
-        entry["cost_ratio_cmt_vs_diffusion"] = None if cmt_cost is None else {
-            k: cmt_cost[k] / max(diffusion_cost[k], 1e-12) for k in ("wall_s", "nfe")}
+            points = path if init == "cmt" else [{"stage": "posttrain", **p, "nfe": p["iter"] * per_post}
+                                                 for p in curves[init]]
+            reached = next((p for p in points if p["metric_2step"] <= target), None)
+            arm = {"curve": curves[init],
+                   "iters_to_diffusion_final_2step": None if reached is None else (
+                       reached["iter"] if reached["stage"] == "posttrain" else 0),
+                   "cost_to_quality": None if reached is None else {k: reached[k] for k in ("wall_s", "nfe")}}
+            if init == "cmt":
+                arm["path"] = path
+                arm["reached_in"] = None if reached is None else f"{reached['stage']} iteration {reached['iter']}"
+                full = next((p for p in path if p["stage"] == "posttrain" and p["metric_2step"] <= target), None)
+                arm["cost_with_full_midtrain"] = None if full is None else {k: full[k] for k in ("wall_s", "nfe")}
+            entry["inits"][INIT_NAMES[init]] = arm
+        entry["upfront_cost_cmt"] = {k: path[len(mid)][k] for k in ("wall_s", "nfe")}  # at post-training's start
+        cmt, diffusion = entry["inits"]["cmt"], entry["inits"]["diffusion"]
+        for key, cost in (("cost_ratio_cmt_vs_diffusion", cmt["cost_to_quality"]),
+                          ("cost_ratio_full_midtrain", cmt["cost_with_full_midtrain"])):
+            entry[key] = None if cost is None else {k: cost[k] / max(diffusion["cost_to_quality"][k], 1e-12)
+                                                    for k in ("wall_s", "nfe")}
         entry["cmt_beats_others"] = beats_beyond_spread(entry["inits"])
         out["methods"][method] = entry
     first = out["methods"][cc.methods[0]]
@@ -314,11 +340,14 @@ def markdown(summary: dict) -> str:
                          f"{_fmt(last['metric_2step'], last['metric_2step_std'])} | "
                          f"{_fmt(arm['iters_to_diffusion_final_2step'])} | {_fmt(cost.get('wall_s'))} | "
                          f"{_fmt(cost.get('nfe'))} |")
-        ratio = entry["cost_ratio_cmt_vs_diffusion"]
+        ratio, full = entry["cost_ratio_cmt_vs_diffusion"], entry["cost_ratio_full_midtrain"]
         wins = ", ".join(f"{k}: {v['points']}/{v['of']}" for k, v in entry["cmt_beats_others"].items())
-        lines += ["", "CMT path cost / diffusion path cost: "
+        lines += ["", "CMT path cost / diffusion path cost to the diffusion path's final 2-step metric: "
                   + ("never reached" if ratio is None else
-                     f"{ratio['wall_s']:.2f} (wall), {ratio['nfe']:.2f} (network evaluations)")
+                     f"{ratio['wall_s']:.2f} (wall), {ratio['nfe']:.2f} (network evaluations), reached in "
+                     f"{entry['inits']['cmt']['reached_in']}")
+                  + ("" if full is None else
+                     f"; with the whole mid-training {full['wall_s']:.2f} / {full['nfe']:.2f}")
                   + f". Evaluations where CMT beats the other init beyond the seed spread: {wins}.", "",
                   f"![{method} curves](init_comparison_{summary['preset']}_{method}.png)", ""]
     lines.append(f"![cost to quality](init_comparison_{summary['preset']}_cost.png)")
@@ -354,9 +383,9 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(summary["methods"]), figsize=(5 * len(summary["methods"]), 3.6), squeeze=False)
     for ax, (method, entry) in zip(axes[0], summary["methods"].items()):
         for name, arm in entry["inits"].items():
-            offset = entry["upfront_cost_cmt"]["wall_s"] if name == "cmt" else 0.0
-            ax.plot([offset + p["wall_s"] for p in arm["curve"]], [p["metric_2step"] for p in arm["curve"]], marker="o",
-                    ms=3, color=colours[name], label=f"{name} path")
+            points = arm.get("path", arm["curve"])  # the CMT path: rollouts, mid-training, then post-training
+            ax.plot([p["wall_s"] for p in points], [p["metric_2step"] for p in points], marker="o", ms=3,
+                    color=colours[name], label=f"{name} path")
         final = entry["inits"]["diffusion"]["curve"][-1]["metric_2step"]
         ax.axhline(final, color="tab:orange", ls=":", lw=1, label="diffusion path's final")
         ax.set(xlabel="total wall seconds (rollouts + mid-training + post-training)", ylabel=f"2-step {metric}",
