@@ -35,12 +35,14 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field, field_validator
 
 from cmt_core.checkpoint import read_training_log
@@ -116,9 +118,16 @@ def _run_job(cfg_json: str, targets: tuple[str, ...]) -> dict[str, StageResult]:
     return run_pipeline(PipelineConfig.model_validate_json(cfg_json), targets=targets)
 
 
+def _pin_gpu(slots, gpus: int) -> None:
+    """Pool initializer: worker k sees only GPU k mod ``gpus`` (none: nothing to pin)."""
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get() % gpus)
+
+
 def run_jobs(jobs: list[tuple[PipelineConfig, tuple[str, ...]]], workers: int,
              report: Callable[[str], None] = log.info) -> list[dict[str, StageResult]]:
-    """Run pipeline jobs (config, target stages), ``workers`` at a time; their results in order."""
+    """Run pipeline jobs (config, target stages), ``workers`` at a time; their results in order. With several
+    GPUs, each worker process uses one of them (``CUDA_VISIBLE_DEVICES``)."""
     def describe(cfg: PipelineConfig, targets) -> str:
         return f"{cfg.preset} init={cfg.posttrain.init} seed={cfg.posttrain.train.seed} -> {targets[-1]}"
 
@@ -128,8 +137,12 @@ def run_jobs(jobs: list[tuple[PipelineConfig, tuple[str, ...]]], workers: int,
             out.append(run_pipeline(cfg, targets=targets))
             report(f"done: {describe(cfg, targets)}")
         return out
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+    ctx, workers = multiprocessing.get_context("spawn"), min(workers, len(jobs))
+    slots = ctx.Queue()
+    for k in range(workers):
+        slots.put(k)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu,
+                                                initargs=(slots, torch.cuda.device_count())) as pool:
         futures = [pool.submit(_run_job, cfg.model_dump_json(), targets) for cfg, targets in jobs]
         for future, (cfg, targets) in zip(futures, jobs):
             future.result()
