@@ -35,7 +35,6 @@ OUT = ROOT / "benchmarks" / "results" / "presets.json"
 PRESETS = ("toy", "digits", "digits-meanflow")
 ROWS = {"mid_1step": "midtrain_1step", "mid_2step": "midtrain_2step", "post_1step": "posttrain_1step",
         "post_2step": "posttrain_2step"}
-SEED_FIELDS = ("teacher.train.seed", "rollout.seed", "midtrain.train.seed", "posttrain.train.seed")
 STAGES = ("teacher", "rollouts", "midtrain", "posttrain", "evaluation")
 
 
@@ -45,6 +44,7 @@ def summary(values: list[float]) -> dict:
 
 
 def run_preset(name: str, seeds: list[int], root: Path, overrides: list[str]) -> dict:
+    from cmt_core.comparison import SEED_FIELDS
     from cmt_core.presets import get_preset
     from cmt_core.stages import run_pipeline
 

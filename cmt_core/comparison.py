@@ -65,7 +65,8 @@ TRAINING_NFE = {"midtrain": 1, "ect": 2, "ecd": 2, "meanflow": 2, "teacher": 1}
 class CompareConfig(StrictModel):
     """What ``run_comparison`` runs; every arm is ``preset`` (or ``<preset>-meanflow``) with ``overrides``."""
 
-    preset: str = Field("toy", description="the consistency preset; method 'meanflow' uses '<preset>-meanflow'")
+    preset: Literal[tuple(PRESETS)] = Field(
+        "toy", description="the consistency preset; method 'meanflow' uses '<preset>-meanflow'")
     methods: tuple[Method, ...] = Field(("ect", "meanflow"), min_length=1)
     inits: tuple[Init, ...] = Field(INITS, min_length=1, description="must include 'cmt' and 'teacher'")
     seeds: int = Field(3, ge=1, le=64, description="seeds 0 .. seeds-1 (every training seed of an arm)")
@@ -77,13 +78,6 @@ class CompareConfig(StrictModel):
     workers: int = Field(1, ge=1, le=64, description="processes running independent arms at once")
     artifact_root: Path = Path("artifacts")
     out_dir: Path = Path("benchmarks/results")
-
-    @field_validator("preset")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in PRESETS:
-            raise ValueError(f"unknown preset {v!r}; choose one of {sorted(PRESETS)}")
-        return v
 
     @field_validator("inits")
     @classmethod
