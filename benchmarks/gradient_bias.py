@@ -95,30 +95,28 @@ def measure(models: dict, samples: int, report=print) -> dict:
 
 
 def plot(out: dict, path: Path) -> None:
+    """Three log-log panels: CMT bias vs h per solver, CD bias vs delta_u per init, CMT bias vs eps."""
     from cmt_core.evaluation.report import plt
 
+    e, dt = out["slope_vs_eps"], out["slope_vs_dt"]
+    panels = [  # (lines: label -> (x, y), x label, y label, title)
+        ({f"{k}: slope {v['fitted']:.2f} (order {v['order']})": (v["h"], v["bias"]) for k, v in dt.items()},
+         "rollout step size h (log sigma)", "||grad L_oracle - grad L_CMT||", "CMT: bias vs solver step"),
+        ({f"{k} init: slope {v['fitted']:.2f}": (v["delta_u"], v["bias"]) for k, v in out["slope_vs_anchor"].items()},
+         "anchor gap delta_u = u - sigma_min", "||grad L_oracle - grad L_CD||",
+         "consistency distillation: bias vs anchor (predicted slope 1)"),
+        ({f"CMT ({e['solver']}): slope {e['fitted']:.2f}": (e["eps"], e["bias"])},
+         "teacher perturbation eps", "||grad L_oracle - grad L_CMT||", "bias vs teacher error (predicted slope 1)"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    for solver, s in out["slope_vs_dt"].items():
-        ax.loglog(s["h"], s["bias"], marker="o", label=f"{solver}: slope {s['fitted']:.2f} (order {s['order']})")
-    ax.set(xlabel="rollout step size h (log sigma)", ylabel="||grad L_oracle - grad L_CMT||",
-           title="CMT: bias vs solver step")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    for name, s in out["slope_vs_anchor"].items():
-        ax.loglog(s["delta_u"], s["bias"], marker="o", label=f"{name} init: slope {s['fitted']:.2f}")
-    ax.set(xlabel="anchor gap delta_u = u - sigma_min", ylabel="||grad L_oracle - grad L_CD||",
-           title="consistency distillation: bias vs anchor (predicted slope 1)")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    e = out["slope_vs_eps"]
-    ax.loglog(e["eps"], e["bias"], marker="o", label=f"CMT ({e['solver']}): slope {e['fitted']:.2f}")
+    for ax, (lines, xlabel, ylabel, title) in zip(axes, panels):
+        for label, (xs, ys) in lines.items():
+            ax.loglog(xs, ys, marker="o", label=label)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
     inits = out["bias_at_init"]
-    ax.set(xlabel="teacher perturbation eps", ylabel="||grad L_oracle - grad L_CMT||",
-           title="bias vs teacher error (predicted slope 1)")
-    ax.legend(fontsize=8)
-    ax.text(0.02, 0.02, "post-training CD bias^2 at init: " + ", ".join(f"{k} {v:.3g}" for k, v in inits.items()),
-            transform=ax.transAxes, fontsize=8)
+    axes[2].text(0.02, 0.02, "post-training CD bias^2 at init: " + ", ".join(f"{k} {v:.3g}" for k, v in inits.items()),
+                 transform=axes[2].transAxes, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
