@@ -122,12 +122,14 @@ class TeacherConfig(StrictModel):
     ``exact``: closed-form denoiser of a 2-D synthetic distribution. ``pretrain``: EDM training here.
     ``checkpoint``: a checkpoint of ours; ``edm_pickle``: an EDM network pickle, read without running its code
     and stored once as our checkpoint; ``torchscript``: a scripted ``D(x, sigma)``;
-    ``callable``: ``module:function`` returning a denoiser module.
+    ``callable``: ``module:function`` returning a denoiser module, imported and run only with ``allow_code``.
     """
 
     source: Literal["exact", "pretrain", "checkpoint", "edm_pickle", "torchscript", "callable"] = "pretrain"
     path: Path | None = None
     target: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$", description="module:callable")
+    allow_code: bool = Field(False, description="source='callable' imports and runs teacher.target with this "
+                             "process's rights: only with allow_code=true, for code you trust")
     p_mean: float = Field(-1.2, description="EDM: ln sigma ~ N(p_mean, p_std^2)")
     p_std: float = Field(1.2, gt=0)
     train: TrainConfig = TrainConfig(steps=4000, lr=1e-3, optimizer="adam", ema_decay=0.999)
@@ -139,6 +141,9 @@ class TeacherConfig(StrictModel):
             raise ValueError(f"teacher.path is required for teacher.source={self.source!r}")
         if self.source == "callable" and self.target is None:
             raise ValueError("teacher.target ('module:callable') is required for teacher.source='callable'")
+        if self.source == "callable" and not self.allow_code:
+            raise ValueError(f"teacher.source='callable' imports and runs teacher.target={self.target!r} with this "
+                             "process's rights; set teacher.allow_code=true to allow it, for code you trust")
         return self
 
 

@@ -85,6 +85,6 @@ def teacher_denoiser(cfg: TeacherConfig, data: Data, weights: Path) -> nn.Module
 def rollout_denoiser(source: str, path: str | None, target: str | None, data_json: str, weights: str) -> nn.Module:
     """``teacher_denoiser`` from plain values: the picklable ``denoiser_factory`` a rollout worker calls
     (``functools.partial(rollout_denoiser, ...)``), so the teacher is built where it runs."""
-    cfg = TeacherConfig(source=source, path=path, target=target)
+    cfg = TeacherConfig(source=source, path=path, target=target, allow_code=source == "callable")  # allowed upstream
     return teacher_denoiser(cfg, load_data(DataConfig.model_validate_json(data_json)), Path(weights))
 

@@ -155,3 +155,18 @@ def test_load_data_splits_npz_images(tmp_path):
     data = load_data(DataConfig(name="npz", path=tmp_path / "d.npz", heldout_fraction=0.2))
     assert data.train.shape == (8, 3, 8, 8) and data.heldout.shape == (2, 3, 8, 8)
     assert data.sample_shape == (3, 8, 8)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_cifar10_batch_is_read_without_running_its_code(tmp_path, capsys):
+    fake_cifar10(tmp_path)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(pickle.dumps({b"data": _RunsCode()}))
+    with pytest.raises(ValueError, match=r"data.path: .*data_batch_3 is not a CIFAR-10 batch: refused global "
+                                         r"builtins.print"):
+        load_images(DataConfig(name="cifar10", path=tmp_path))
+    assert "code ran" not in capsys.readouterr().out

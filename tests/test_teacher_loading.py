@@ -79,10 +79,15 @@ def test_callable_teacher_is_imported_by_name(tmp_path, monkeypatch):
         "from tests.test_teacher_loading import reference_denoiser\n"
         "def build():\n    return reference_denoiser()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    teacher = load_teacher(TeacherConfig(source="callable", target="my_teachers:build"))
+    teacher = load_teacher(TeacherConfig(source="callable", target="my_teachers:build", allow_code=True))
     x, t = torch.randn(4, 2), torch.rand(4) + 0.1
     assert torch.equal(teacher(x, t), reference_denoiser()(x, t))
     sys.modules.pop("my_teachers", None)
+
+
+def test_callable_teacher_is_refused_without_allow_code():
+    with pytest.raises(ValueError, match=r"imports and runs teacher.target='os:system'.*teacher.allow_code=true"):
+        TeacherConfig(source="callable", target="os:system")
 
 
 def test_missing_arguments_are_named():

@@ -20,6 +20,11 @@ from torch.nn import functional as F
 
 from cmt_core.config import DataConfig
 
+try:
+    from numpy._core.multiarray import _reconstruct  # numpy 2
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{k}" for k in range(1, 6))
@@ -101,6 +106,24 @@ def load_image_folder(folder: Path, resolution: int | None) -> torch.Tensor:
     return torch.cat(out)
 
 
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global its format does not need; nothing of it was run."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 python batch (a dict of bytes, lists and numpy arrays) without running code: the only
+    globals it resolves are numpy's array reconstruction, ``ndarray`` and ``dtype``; any other is refused by name."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise ForbiddenGlobal(f"refused global {module}.{name}: a CIFAR-10 batch does not need it "
+                                  "(nothing of the file was run)")
+        return getattr(np, name) if module == "numpy" else _reconstruct
+
+
 def load_cifar10(path: Path) -> torch.Tensor:
     """The 50,000 CIFAR-10 training images ``(N, 3, 32, 32)``; ``path`` is the batches folder or its parent."""
     is_batches_folder = path.name == CIFAR10_FOLDER or (path / CIFAR10_TRAIN_BATCHES[0]).exists()
@@ -112,7 +135,10 @@ def load_cifar10(path: Path) -> torch.Tensor:
             raise FileNotFoundError(f"CIFAR-10 training batch {file} not found (data.path must be the "
                                     f"{CIFAR10_FOLDER} folder of the python release, or its parent)")
         with file.open("rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+            try:
+                batch = CifarUnpickler(fh, encoding="bytes").load()
+            except ForbiddenGlobal as err:
+                raise ValueError(f"data.path: {file} is not a CIFAR-10 batch: {err}") from None
         rows = batch[b"data"] if b"data" in batch else batch["data"]
         batches.append(np.asarray(rows, dtype=np.uint8).reshape(-1, 3, 32, 32))  # rows are R, G, B planes
     return to_model_range(np.concatenate(batches), 255.0)
