@@ -89,7 +89,9 @@ def config_error(err: ValueError) -> int:
     from pydantic import ValidationError
 
     if isinstance(err, ValidationError):
-        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in err.errors()]
+        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                    + ("" if isinstance(e["input"], dict) else f" (got {e['input']!r})")  # a section: its rule says
+                    for e in err.errors()]
     else:
         problems = [str(err).replace("\n", " ")]
     print("invalid configuration: " + "; ".join(problems), file=sys.stderr)
