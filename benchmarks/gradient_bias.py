@@ -86,7 +86,7 @@ def measure(models: dict, samples: int, report=print) -> dict:
     report(f"CMT bias vs eps: slope {out['slope_vs_eps']['fitted']:.3f} (predicted 1)")
     deltas = [u - setup.sigma_min for u in ANCHORS]
     for name, m in models.items():
-        g = gb.oracle_gradient_above(m, setup, ANCHOR_MIN_TIME)
+        g = gb.oracle_gradient(m, setup, min_time=ANCHOR_MIN_TIME)
         biases = [gb.bias(g, gb.cd_gradient(m, setup, u, STEPS[-1], min_time=ANCHOR_MIN_TIME)) for u in ANCHORS]
         out["slope_vs_anchor"][name] = {"fitted": gb.fitted_slope(deltas, biases), "predicted": 1,
                                         "delta_u": deltas, "bias": biases}

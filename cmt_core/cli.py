@@ -167,8 +167,15 @@ def _compare(args) -> int:
             arm_config(cc, method, "teacher", 0)
     except ValueError as err:
         return config_error(err)
+    from cmt_core import stages
+
     log_file = setup_logging(cc.artifact_root, "compare")
-    run_comparison(cc)
+    try:
+        run_comparison(cc)
+    except stages.PreflightError as err:  # checked for every arm before any runs
+        return input_error(err)
+    except stages.InputFileError as err:  # the failed stage marked nothing complete
+        return input_error(err, log_file)
     print(f"results: {cc.out_dir / f'init_comparison_{cc.preset}.md'}\nlog: {log_file}")
     return 0
 

@@ -49,7 +49,7 @@ from cmt_core.checkpoint import read_training_log
 from cmt_core.config import PipelineConfig, StrictModel
 from cmt_core.presets import PRESETS, get_preset
 from cmt_core.solvers import function_evaluations
-from cmt_core.stages import StageResult, run_pipeline
+from cmt_core.stages import StageResult, preflight, run_pipeline, stages_needed
 from cmt_core.time_grids import make_grid
 
 log = logging.getLogger("cmt")
@@ -144,6 +144,11 @@ def run_jobs(jobs: list[tuple[PipelineConfig, tuple[str, ...]]], workers: int,
         return [f.result() for f in futures]
 
 
+def target(cfg: PipelineConfig) -> str:
+    """The last stage an arm needs: the CMT arm's evaluation (teacher and mid-trained figures), else post-training."""
+    return "evaluation" if cfg.posttrain.init == "cmt" else "posttrain"
+
+
 def run_comparison(cc: CompareConfig, report: Callable[[str], None] = log.info) -> dict:
     """Run every arm (shared stages first: teacher and rollouts per seed, then mid-training with the CMT arm and
     its evaluation per method and seed, then the other arms), then ``summarise`` and ``write_results``."""
@@ -151,14 +156,16 @@ def run_comparison(cc: CompareConfig, report: Callable[[str], None] = log.info) 
     seeds = list(range(cc.seeds))
     arms = {(m, i, s): arm_config(cc, m, i, s) for m in cc.methods for i in cc.inits for s in seeds}
     first = cc.methods[0]
+    for cfg in arms.values():  # a missing file fails the comparison before any arm starts
+        preflight(cfg, stages_needed(cfg, (target(cfg),)))
     report(f"comparison {cc.preset}: {len(arms)} arms ({', '.join(cc.methods)} x {', '.join(cc.inits)} x "
            f"{cc.seeds} seeds), {cc.workers} worker(s)")
     run_jobs([(arms[first, "cmt", s], ("rollouts",)) for s in seeds], cc.workers, report)
-    run_jobs([(arms[m, "cmt", s], ("evaluation",)) for m in cc.methods for s in seeds], cc.workers, report)
-    others = [(m, i, s) for m in cc.methods for i in cc.inits if i != "cmt" for s in seeds]
-    run_jobs([(arms[key], ("posttrain",)) for key in others], cc.workers, report)
-    results = {key: run_pipeline(cfg, targets=("posttrain",) if key[1] != "cmt" else ("evaluation",))
-               for key, cfg in arms.items()}  # every artifact is complete now: read back, nothing computed
+    order = [key for key in arms if key[1] == "cmt"] + [key for key in arms if key[1] != "cmt"]
+    results = {}
+    for phase in (order[:len(cc.methods) * cc.seeds], order[len(cc.methods) * cc.seeds:]):
+        done = run_jobs([(arms[key], (target(arms[key]),)) for key in phase], cc.workers, report)
+        results.update(zip(phase, done))
     summary = summarise(cc, results)
     unique = {(r.stage, r.artifact_id): r.manifest.get("seconds") or 0.0
               for arm in results.values() for r in arm.values()}
@@ -250,8 +257,7 @@ def summarise(cc: CompareConfig, results: dict[tuple, dict[str, StageResult]]) -
                        "eval_every": cfg0.posttrain.train.eval_every, "midtrain_steps": cfg0.midtrain.train.steps,
                        "rollout_trajectories": cfg0.rollout.num_trajectories},
             "teacher": {"nfe": evals[0]["teacher"]["NFE"],
-                        "metric": _mean_std([e["teacher"][metric] for e in evals])[0],
-                        "metric_std": _mean_std([e["teacher"][metric] for e in evals])[1],
+                        **dict(zip(("metric", "metric_std"), _mean_std([e["teacher"][metric] for e in evals]))),
                         "pretraining": {"wall_s": statistics.fmean(m["seconds"] for m in teacher_stage),
                                         "nfe": t_train.steps * t_train.batch_size * TRAINING_NFE["teacher"]
                                         if cfg0.teacher.source == "pretrain" else 0}},

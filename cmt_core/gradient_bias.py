@@ -96,9 +96,11 @@ def _grad(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
 
-def oracle_gradient(model: nn.Module, setup: Setup) -> torch.Tensor:
-    end = setup.end[:, None].expand_as(setup.states)
-    return _grad(model, _loss(model, setup.states, setup.times, end))
+def oracle_gradient(model: nn.Module, setup: Setup, min_time: float = 0.0) -> torch.Tensor:
+    """The oracle loss's gradient over the times above ``min_time`` (all by default; a CD anchor leaves fewer)."""
+    keep = setup.times > min_time
+    states = setup.states[:, keep]
+    return _grad(model, _loss(model, states, setup.times[keep], setup.end[:, None].expand_as(states)))
 
 
 def cmt_gradient(model: nn.Module, setup: Setup, solver: str, steps: int, eps: float = 0.0) -> torch.Tensor:
@@ -142,13 +144,6 @@ def cd_adjacent_gradient(model: nn.Module, setup: Setup) -> torch.Tensor:
         with torch.no_grad():
             targets.append(model(x_next, torch.full((len(x_next),), float(grid[i + 1]), dtype=x_next.dtype)))
     return _grad(model, _loss(model, setup.states, setup.times, torch.stack(targets, dim=1)))
-
-
-def oracle_gradient_above(model: nn.Module, setup: Setup, min_time: float) -> torch.Tensor:
-    """``oracle_gradient`` over the times above ``min_time`` (those a CD anchor leaves)."""
-    keep = setup.times > min_time
-    states = setup.states[:, keep]
-    return _grad(model, _loss(model, states, setup.times[keep], setup.end[:, None].expand_as(states)))
 
 
 def bias(g_oracle: torch.Tensor, g: torch.Tensor) -> float:

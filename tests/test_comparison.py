@@ -57,3 +57,17 @@ def test_beating_beyond_the_spread_needs_separated_one_std_intervals_at_every_po
     result = beats_beyond_spread(inits)
     assert result["random_1step"] == {"all": True, "points": 3, "of": 3}
     assert result["diffusion_2step"] == {"all": False, "points": 2, "of": 3}  # 1.1 < 1.05 fails at the last point
+
+
+def test_cmt_compare_refuses_bad_input_in_one_line_before_any_arm_runs(tmp_path, capsys):
+    from cmt_core.cli import main
+
+    out = ["--artifact-root", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert main(["compare", "--preset", "toy", "--set", "posttrain.train.lr=-1", *out]) == 2
+    assert main(["compare", "--preset", "toy", "--baseline-set", "posttrain.ect.q=1", *out]) == 2
+    assert main(["compare", "--preset", "cifar10", "--methods", "ect", "--seeds", "1", *out]) == 2  # no data
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "invalid configuration: posttrain.train.lr: Input should be greater than 0 (got -1)"
+    assert err[1].startswith("invalid configuration: posttrain.ect.q: Input should be greater than 1")
+    assert err[2].startswith("invalid input: data.path='data/cifar-10-batches-py' does not exist")
+    assert len(err) == 3 and not list(tmp_path.rglob("manifest.json"))

@@ -40,7 +40,7 @@ def test_cmt_bias_grows_linearly_with_the_teachers_error(setup, model):
 
 
 def test_distillation_bias_grows_with_the_anchor_gap(setup, model):
-    g = gb.oracle_gradient_above(model, setup, 0.5)
+    g = gb.oracle_gradient(model, setup, min_time=0.5)
     anchors = [0.004, 0.01, 0.03, 0.1]
     biases = [gb.bias(g, gb.cd_gradient(model, setup, u, 128, min_time=0.5)) for u in anchors]
     assert abs(gb.fitted_slope([u - setup.sigma_min for u in anchors], biases) - 1) < 0.3
