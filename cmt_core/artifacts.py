@@ -4,20 +4,39 @@
 same inputs always map to the same folder. A stage works inside that folder (checkpoints make it
 resumable) and writes ``manifest.json`` last, atomically: a folder without a manifest is incomplete and
 is never read as a result. The disk is the source of truth; orchestrators only add caching on top.
+
+Durability: every file is published by ``publish`` (a temporary file with a unique name in the same folder,
+fsynced, then ``os.replace`` and an fsync of the folder), so a crash or a full disk leaves either the old
+file or the new one, never a torn one. The manifest records every file of the artifact with its size, and
+its sha256 outside the trajectory store (whose chunks carry their own checksums, ``cmt store verify``);
+``verify_files`` checks them before an artifact is reused. ``artifact_lock`` makes one process the writer
+of an artifact folder: a second run with the same parameters waits for it, then reuses the result.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from filelock import FileLock
+
+log = logging.getLogger("cmt")
+
 FORMAT_VERSION = 3
+MANIFEST = "manifest.json"
+UNHASHED = ("store.zarr",)  # folders whose files are recorded by size only: they carry their own checksums
+LOCK_SUFFIX = ".lock"
 PACKAGES = ("torch", "zarr", "dask", "numcodecs", "prefect", "pydantic", "clean-fid", "numpy")
 
 
@@ -35,9 +54,102 @@ def artifact_dir(root: Path, stage: str, aid: str) -> Path:
 def read_manifest(path: Path) -> dict | None:
     """The manifest of a complete artifact, or None when the artifact is absent or incomplete."""
     try:
-        return json.loads((Path(path) / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads((Path(path) / MANIFEST).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` atomically and durably: ``write(tmp)`` fills a temporary file with a unique name in the
+    same folder, which is fsynced, renamed over ``path`` and the folder fsynced. On any error (a full disk
+    too) the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def publish_text(path: Path, text: str) -> None:
+    publish(path, lambda tmp: tmp.write_text(text))
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # keyed by size and mtime: one hash per version
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hash(path: Path) -> str:
+    stat = Path(path).stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def file_records(folder: Path) -> dict[str, dict]:
+    """``{relative path: {"bytes", "sha256"}}`` of every file under ``folder`` but the manifest, lock files and
+    temporary files; files under ``UNHASHED`` folders get no sha256."""
+    folder, records = Path(folder), {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == MANIFEST or path.name.startswith(".") or path.name.endswith((".tmp", LOCK_SUFFIX)):
+            continue
+        records[rel] = {"bytes": path.stat().st_size}
+        if rel.split("/")[0] not in UNHASHED:
+            records[rel]["sha256"] = file_hash(path)
+    return records
+
+
+def verify_files(folder: Path, manifest: dict) -> str | None:
+    """None when every file the manifest records is there with its size and sha256, else what is wrong (the
+    first problem, naming the file). Manifests without a file list (older formats) pass."""
+    for rel, record in manifest.get("files", {}).items():
+        path = Path(folder) / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            return f"{path} has {size} bytes, the manifest recorded {record['bytes']}"
+        if "sha256" in record and file_hash(path) != record["sha256"]:
+            return f"{path} does not match its sha256 in the manifest (the file was changed or damaged)"
+    return None
+
+
+@contextlib.contextmanager
+def artifact_lock(path: Path, poll_message: str | None = None):
+    """Hold the lock of the artifact folder ``path`` (the file ``<path>.lock`` beside it, ``filelock``'s
+    OS-level lock: released when the process dies, also by SIGKILL). Logs ``poll_message`` once when
+    another process holds it, then waits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + LOCK_SUFFIX)
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        log.info("%s", poll_message or f"{path}: another process is writing it; waiting")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def package_versions(names=PACKAGES) -> dict[str, str]:
@@ -63,10 +175,10 @@ def provenance() -> dict:
 
 def write_manifest(path: Path, stage: str, aid: str, config: dict, inputs: dict, metrics: dict,
                    seconds: float, device: str | None = None) -> dict:
-    """Mark the artifact at ``path`` complete (atomic replace of ``manifest.json``)."""
+    """Mark the artifact at ``path`` complete: the manifest, with the record of every file (``file_records``),
+    published last (``publish``)."""
     manifest = {"stage": stage, "artifact_id": aid, "config": config, "inputs": inputs, "metrics": metrics,
-                "seconds": seconds, "device": device, "format": FORMAT_VERSION, **provenance()}
-    tmp = Path(path) / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, Path(path) / "manifest.json")
+                "seconds": seconds, "device": device, "format": FORMAT_VERSION, "files": file_records(path),
+                **provenance()}
+    publish_text(Path(path) / MANIFEST, json.dumps(manifest, indent=2, default=str))
     return manifest

@@ -1,9 +1,10 @@
 """Checkpoints: one object that saves and loads the same fields, written atomically.
 
-A training run directory holds ``checkpoint.pt`` (everything needed to continue: see ``CheckpointIO``),
-``best.pt`` (the EMA weights with the best evaluation score) and ``metrics.jsonl`` (one JSON row per log
-step, read by ``read_training_log``). Writers go through a temporary file and ``os.replace``, so a crash
-never leaves a half-written file.
+A training run directory holds ``checkpoint.pt`` (everything needed to continue: see ``CheckpointIO``) and
+``checkpoint.prev.pt`` (the one before it), ``best.pt`` (the EMA weights with the best evaluation score) and
+``metrics.jsonl`` (one JSON row per log step, read by ``read_training_log``). Writers go through
+``cmt_core.artifacts.publish`` (unique temporary file, fsync, rename), so a crash never leaves a half-written
+file; a file damaged later is detected on load, named, and the previous checkpoint is used instead.
 
 The data position of a run is its step and every random number of a step is drawn from
 ``cmt_core.rng`` keyed by the step, so no iterator or RNG state is saved: step, weights, EMA and
@@ -13,28 +14,62 @@ optimizer fully determine the rest of a run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
+from cmt_core.artifacts import publish
+
+log = logging.getLogger("cmt")
 CHECKPOINT_FILE, BEST_FILE, LOG_FILE = "checkpoint.pt", "best.pt", "metrics.jsonl"
 
 
+class CheckpointError(RuntimeError):
+    """A model or checkpoint file that cannot be read; the message names the file."""
+
+
+def _save(obj, tmp: Path) -> None:
+    # through a file object: torch names the archive inside after a path it is given, and the temporary
+    # names are unique, so identical objects would not give identical files
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` through ``publish``: the file at ``path`` is the old one or the complete new one;
+    identical objects give byte-identical files."""
+    publish(Path(path), lambda tmp: _save(obj, tmp))
+
+
+def load_file(path: Path, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` (tensors and plain values only: nothing in the file runs);
+    a damaged or foreign file raises ``CheckpointError`` naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises RuntimeError, pickle's UnpicklingError, EOFError, ... for bad files
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {first})") from err
+
+
+def previous(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 class CheckpointIO:
     """Saves and restores named objects that have ``state_dict`` / ``load_state_dict`` plus plain values.
 
     ``CheckpointIO(model=model, ema=ema.model, optimizer=opt)`` registers the stateful objects;
-    ``save(path, step=..., best=...)`` writes their state dicts and the plain values under the same names;
-    ``load(path)`` restores the objects in place and returns the plain values (``None`` without a file).
-    A checkpoint whose fields differ from the registered ones is refused with the field names.
+    ``save(path, step=..., best=...)`` writes their state dicts and the plain values under the same names,
+    keeping the checkpoint it replaces as ``previous(path)``; ``load(path)`` restores the objects in place
+    and returns the plain values (``None`` without a file). A file that cannot be read or lacks a registered
+    field is named in a warning and the previous checkpoint is loaded instead; when neither is usable the
+    bad files are renamed ``*.corrupt`` (kept for inspection) and the run starts over (``None``).
     """
 
     def __init__(self, **stateful):
@@ -44,19 +79,49 @@ class CheckpointIO:
         clash = set(values) & set(self.stateful)
         if clash:
             raise ValueError(f"checkpoint fields given twice: {sorted(clash)}")
-        atomic_save({**{k: obj.state_dict() for k, obj in self.stateful.items()}, **values}, path)
-
-    def load(self, path: Path, map_location="cpu") -> dict | None:
+        blob = {**{k: obj.state_dict() for k, obj in self.stateful.items()}, **values}
         path = Path(path)
-        if not path.exists():
-            return None
-        blob = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain values only
+
+        def write(tmp: Path) -> None:
+            _save(blob, tmp)
+            if path.exists():  # the current one becomes the previous one only once the new one is written
+                os.replace(path, previous(path))
+
+        publish(path, write)
+
+    def _restore(self, path: Path, map_location) -> dict:
+        blob = load_file(path, map_location)
         missing = set(self.stateful) - set(blob)
         if missing:
-            raise ValueError(f"{path}: checkpoint lacks the fields {sorted(missing)}")
-        for name, obj in self.stateful.items():
-            obj.load_state_dict(blob[name])
+            raise CheckpointError(f"{path} lacks the checkpoint fields {sorted(missing)}")
+        try:
+            for name, obj in self.stateful.items():
+                obj.load_state_dict(blob[name])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path} does not fit this run's model or optimizer: {err}") from err
         return {k: v for k, v in blob.items() if k not in self.stateful}
+
+    def load(self, path: Path, map_location="cpu") -> dict | None:
+        bad = []
+        for candidate in (Path(path), previous(path)):
+            if not candidate.exists():
+                continue
+            try:
+                values = self._restore(candidate, map_location)
+            except CheckpointError as err:
+                log.warning("%s; trying the previous checkpoint", err)
+                bad.append(candidate)
+                continue
+            if bad:
+                log.warning("resuming from %s (step %s) instead of the damaged %s", candidate, values.get("step"),
+                            bad[0])
+            return values
+        for candidate in bad:
+            os.replace(candidate, candidate.with_name(candidate.name + ".corrupt"))
+        if bad:
+            log.warning("no usable checkpoint (%s renamed *.corrupt): starting from step 0",
+                        ", ".join(map(str, bad)))
+        return None
 
 
 def read_training_log(path: Path, after: int = -1, up_to: float = float("inf")) -> list[dict]:

@@ -3,11 +3,15 @@
     cmt run --preset digits [--set midtrain.train.lr=1e-4 ...] [--config cfg.yaml] [--artifact-root DIR]
     cmt stage midtrain --config cfg.yaml        # one stage (e.g. under torchrun for DDP)
     cmt config --preset toy > toy.yaml          # print a preset as YAML to edit (with its store size)
-    cmt store verify PATH                       # check a trajectory store's completeness and checksums
+    cmt store verify PATH [--repair]            # check a trajectory store; --repair recomputes bad shards
     cmt compare --preset toy --seeds 3          # CMT vs teacher vs random initialisation (cmt_core.comparison)
 
 The terminal shows progress bars, this package's messages and other libraries' warnings; everything
 (dask's INFO logs included) goes to the run's log file ``<artifact_root>/logs/<time>-<command>.log``.
+
+Exit codes: 0 done; 2 bad input (a config value, a file, the device: one line naming the field, the value
+and what is allowed, nothing written); 1 a failure while a stage computed (one line naming the stage, its
+folder, the cause and the next step; the traceback in the log file, and on the terminal with ``--debug``).
 ``cmt-flow`` (``flows.cli``) shares the parser, the logging and the printing defined here.
 """
 
@@ -19,6 +23,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -39,6 +44,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML pipeline config (instead of --preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--artifact-root", help="where artifacts live (default: the config's artifact_root)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too")
 
 
 def config_from_args(args):
@@ -83,9 +89,9 @@ def setup_logging(artifact_root: Path, command: str) -> Path:
     return log_file
 
 
-def config_error(err: ValueError) -> int:
-    """An invalid configuration: one line on stderr naming each bad field, its problem and the value given;
-    the exit code 2. ``err`` is pydantic's ``ValidationError`` (a ``ValueError``) or a plain ``ValueError``."""
+def config_message(err: ValueError) -> str:
+    """An invalid configuration as one line naming each bad field, its problem and the value given. ``err``
+    is pydantic's ``ValidationError`` (a ``ValueError``) or a plain ``ValueError``."""
     from pydantic import ValidationError
 
     if isinstance(err, ValidationError):
@@ -94,7 +100,12 @@ def config_error(err: ValueError) -> int:
                     for e in err.errors()]
     else:
         problems = [str(err).replace("\n", " ")]
-    print("invalid configuration: " + "; ".join(problems), file=sys.stderr)
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def config_error(err: ValueError) -> int:
+    """``config_message`` on stderr; the exit code 2."""
+    print(config_message(err), file=sys.stderr)
     return 2
 
 
@@ -105,6 +116,17 @@ def input_error(err: Exception, log_file: Path | None = None) -> int:
         logging.getLogger("traceback").info("invalid input", exc_info=err)  # not shown on the console
     print(f"invalid input: {err}" + (f" (details: {log_file})" if log_file else ""), file=sys.stderr)
     return 2
+
+
+def runtime_error(err: Exception, log_file: Path, debug: bool = False) -> int:
+    """A failure while a stage computed: one line on stderr (``StageError`` names the stage, its folder, the
+    cause and the next step), the traceback in the run's log file (and on stderr with ``debug``); exit code 1."""
+    logging.getLogger("traceback").info("run failed", exc_info=err)  # not shown on the console
+    if debug:
+        traceback.print_exception(err)
+    print(f"failed: {str(err).splitlines()[0] if str(err) else type(err).__name__} (details: {log_file})",
+          file=sys.stderr)
+    return 1
 
 
 def print_stage(result) -> None:
@@ -180,6 +202,26 @@ def _compare(args) -> int:
     return 0
 
 
+def _store(args) -> int:
+    """``cmt store verify PATH [--repair]``: the store's report; exit code 0 when it is sound (after a repair)."""
+    from cmt_core.trajectories.store import verify_store
+
+    report = verify_store(args.path)
+    print(report.summary())
+    if report.ok or not args.repair:
+        return 0 if report.ok else 1
+    from cmt_core.stages import StageError, repair_store
+
+    try:
+        shards = repair_store(Path(args.path))
+    except (ValueError, StageError) as err:
+        print(f"cannot repair: {err}", file=sys.stderr)
+        return 1
+    report = verify_store(args.path)
+    print(f"recomputed {len(shards)} shards {shards[:20]}\n{report.summary()}")
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmt", description="Consistency mid-training pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     store = sub.add_parser("store", help="trajectory store tools")
     store.add_argument("action", choices=["verify"])
     store.add_argument("path")
+    store.add_argument("--repair", action="store_true", help="recompute bad or missing shards from their seeds "
+                       "(the store of a rollouts artifact), then verify again")
     compare = sub.add_parser("compare", help="post-train from CMT, teacher and random weights and compare")
     compare.add_argument("--preset", default="toy", choices=sorted(PRESETS))
     compare.add_argument("--methods", nargs="+", default=["ect", "meanflow"])
@@ -209,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         return _compare(args)
     if args.command == "store":
-        from cmt_core.trajectories.store import main_verify
-
-        return main_verify([args.path])
+        return _store(args)
     try:
         cfg = config_from_args(args)
     except ValueError as err:  # pydantic's ValidationError is a ValueError: name the bad fields
@@ -239,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             results = stages.run_pipeline(cfg, runtime)
     except stages.InputFileError as err:  # the stage stopped before marking anything complete
         return input_error(err, log_file)
+    except Exception as err:  # a stage failed (StageError) or its inputs are not complete
+        return runtime_error(err, log_file, args.debug)
     if runtime.is_main:
         print_results(results)
         print(f"log: {log_file}")

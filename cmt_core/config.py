@@ -8,7 +8,7 @@ names the field and the allowed range. A ``PipelineConfig`` round-trips through 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
@@ -16,14 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validato
 from cmt_core.objectives.distances import DISTANCES
 from cmt_core.solvers import SOLVERS
 
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 SolverName = Literal[tuple(SOLVERS)]  # the registered solvers (``cmt_core.solvers.SOLVERS``)
 DistanceName = Literal[DISTANCES]  # the per-sample distances (``cmt_core.objectives.distances``)
 
 
 class StrictModel(BaseModel):
-    """Base class: unknown fields are errors, assignment is validated, configs are hashable data."""
+    """Base class: unknown fields are errors, assignment is validated, ``nan`` / ``inf`` are refused in every
+    float field, configs are hashable data."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class DataConfig(StrictModel):
@@ -97,7 +99,7 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(128, ge=1, description="global batch size (split over DDP ranks)")
     lr: float = Field(2e-4, gt=0, le=1.0)
     optimizer: Literal["adam", "radam"] = "radam"
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam's moment decays, each in [0, 1)")
     weight_decay: float = Field(0.0, ge=0.0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     warmup_steps: int = Field(0, ge=0)
@@ -176,6 +178,14 @@ class RolloutConfig(StrictModel):
     seed: int = Field(0, ge=0, description="trajectory k uses noise seeded by (seed, k)")
     store: StoreConfig = StoreConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _kept_states(self) -> RolloutConfig:
+        keep, points = self.store.keep_indices, self.solver.steps + 1
+        if keep is not None and (list(keep) != sorted(set(keep)) or len(keep) < 2 or keep[0] < 0 or keep[-1] >= points):
+            raise ValueError(f"store.keep_indices must be at least 2 increasing indices into the solver's {points} "
+                             f"grid points (0 .. {points - 1}), got {list(keep)}")
+        return self
 
 
 class MidTrainConfig(StrictModel):
@@ -297,6 +307,12 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"teacher.source='exact' needs 2-D synthetic data, not data.name={self.data.name!r}")
         if self.network.kind == "unet" and self.data.name in ("gaussian_mixture", "checkerboard"):
             raise ValueError("network.kind='unet' needs image data; use 'mlp' for 2-D data")
+        if self.teacher.source in ("torchscript", "callable"):
+            for field, init in (("midtrain.init", self.midtrain.init), ("posttrain.init", self.posttrain.init)):
+                if init == "teacher":
+                    raise ValueError(f"{field}='teacher' needs the teacher's network weights, and "
+                                     f"teacher.source={self.teacher.source!r} has none of ours; use init='random' or "
+                                     "a checkpoint / edm_pickle / pretrain teacher")
         if self.posttrain.method == "meanflow" and self.midtrain.form == "cm" and self.posttrain.init == "cmt":
             raise ValueError("posttrain.method='meanflow' with init='cmt' needs midtrain.form 'mf' or 'flow_map'")
         if self.posttrain.method in ("ect", "ecd") and self.midtrain.form != "cm" and self.posttrain.init == "cmt":
@@ -313,6 +329,23 @@ def save_yaml(cfg: PipelineConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: the problem and where it is."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(err, 'problem', None) or type(err).__name__}{where}"
+
+
 def load_yaml(path: str | Path) -> PipelineConfig:
-    """Read and validate a pipeline config written by ``save_yaml`` (or by hand)."""
-    return PipelineConfig.model_validate(yaml.safe_load(Path(path).read_text()))
+    """Read and validate a pipeline config written by ``save_yaml`` (or by hand). A file that is missing, is
+    not YAML or not a mapping raises ``ValueError`` naming it; bad fields raise pydantic's ``ValidationError``."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"--config {str(path)!r} cannot be read: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {str(path)!r} is not valid YAML: {yaml_problem(err)}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {str(path)!r} must hold a mapping of config sections, got "
+                         f"{type(raw).__name__}")
+    return PipelineConfig.model_validate(raw)

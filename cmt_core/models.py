@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from cmt_core.checkpoint import atomic_save
+from cmt_core.checkpoint import atomic_save, load_file
 from cmt_core.config import NetworkConfig
 from cmt_core.networks import build_network
 from cmt_core.networks.embedding import LaterTimeMLP
@@ -59,8 +58,8 @@ def save_model(path: Path, model: nn.Module, kind: str, network: NetworkConfig, 
 
 
 def load_model(path: Path, map_location="cpu") -> nn.Module:
-    """Rebuild a model written by ``save_model`` (eval mode)."""
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    """Rebuild a model written by ``save_model`` (eval mode); an unreadable file raises ``CheckpointError``."""
+    blob = load_file(path, map_location)
     # Files written before VP teachers existed have no "preconditioning": their denoisers are EDM's.
     model = build_model(blob["kind"], NetworkConfig(**blob["network"]), blob["sample_shape"], blob["sigma_min"],
                         blob.get("preconditioning"))

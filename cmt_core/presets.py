@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from cmt_core.config import PipelineConfig
+from cmt_core.config import PipelineConfig, yaml_problem
 
 
 def _toy() -> dict:
@@ -189,7 +189,13 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not of the form key.path=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ValueError(f"override {text!r}: {key.strip()!r} is not a dotted key path such as midtrain.train.lr")
+    try:
+        return keys, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({yaml_problem(err)})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -197,8 +203,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
-        for k in keys[:-1]:
+        for depth, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is a value, not a section")
         node[keys[-1]] = value
     return raw
 

@@ -18,6 +18,18 @@ import torch.distributed as dist
 log = logging.getLogger("cmt")
 
 
+def uses_cuda(preference: str) -> bool:
+    """Whether the device ``preference`` ('auto' | 'cpu' | 'cuda') runs on CUDA on this machine."""
+    return preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+
+
+def effective_precision(preference: str, precision: str) -> str:
+    """The precision a run with these settings trains in: 'auto' is bf16 on CUDA and fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    return "bf16" if uses_cuda(preference) else "fp32"
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -40,7 +52,7 @@ class Runtime:
             torch.set_num_threads(cpu_threads)
         if preference == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was requested but torch.cuda.is_available() is False")
-        use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+        use_cuda = uses_cuda(preference)
         world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -48,8 +60,7 @@ class Runtime:
             torch.cuda.set_device(device)
         if world > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        if precision == "auto":
-            precision = "bf16" if use_cuda else "fp32"
+        precision = effective_precision(preference, precision)
         rt = cls(device, rank, world, precision)
         if rt.is_main:
             name = torch.cuda.get_device_name(device) if use_cuda else "CPU"

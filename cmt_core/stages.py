@@ -14,13 +14,21 @@ its output) and the stages it ``needs``. Everything else derives from that decla
 
 ``run_pipeline(cfg)`` runs every stage in order; orchestrators (``tasks/``, ``flows/``, torchrun) call
 ``run_stage`` one stage at a time.
+
+Reliability: a complete artifact is reused only when every file its manifest records is intact
+(``cmt_core.artifacts.verify_files``), otherwise it is recomputed in place; one process at a time computes an
+artifact (``artifact_lock``: an identical run waits, then reuses it); ``preflight`` checks the whole config
+(files, probes of the teacher, the device, the artifact root) before anything runs or is written; a failure
+while a stage computes is raised as ``StageError`` naming the stage, its folder and the next step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
+import os
 import pickle
 import time
 from collections.abc import Callable
@@ -29,7 +37,15 @@ from pathlib import Path
 
 import torch
 
-from cmt_core.artifacts import artifact_dir, artifact_id, read_manifest, write_manifest
+from cmt_core.artifacts import (
+    MANIFEST,
+    artifact_dir,
+    artifact_id,
+    artifact_lock,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 from cmt_core.checkpoint import read_training_log
 from cmt_core.config import NetworkConfig, PipelineConfig, RolloutConfig, TrainConfig
 from cmt_core.data import Data, load_data
@@ -42,11 +58,12 @@ from cmt_core.objectives.distances import make_distance
 from cmt_core.objectives.ect import ECTLoss
 from cmt_core.objectives.edm import EDMLoss
 from cmt_core.objectives.meanflow import MeanFlowLoss
-from cmt_core.runtime import Runtime
+from cmt_core.runtime import Runtime, effective_precision, uses_cuda
 from cmt_core.teachers import edm_teacher, load_teacher, rollout_denoiser, teacher_denoiser
 from cmt_core.training import Progress, train
 from cmt_core.trajectories.dask_rollouts import run_rollouts
 from cmt_core.trajectories.pairs import StorePairs
+from cmt_core.trajectories.store import open_store, reset_shards, verify_store
 
 log = logging.getLogger("cmt")
 MODEL_FILE = "model.pt"
@@ -61,6 +78,11 @@ class PreflightError(ValueError):
 
 class InputFileError(ValueError):
     """A file the config names cannot be used (found when the stage reads it); the message names the field."""
+
+
+class StageError(RuntimeError):
+    """A stage failed while computing: the message names the stage, its artifact folder, the cause and the
+    next step; nothing was marked complete and a rerun resumes from the stage's checkpoints."""
 
 
 def _first_line(err: Exception) -> str:
@@ -190,21 +212,84 @@ def _teacher(ctx: StageContext) -> dict:
     return {"weights": True, "final_loss": result.history[-1]["loss"] if result.history else None}
 
 
+def _solve_rollouts(c, store: Path, teacher: Path, progress=None) -> None:
+    """Fill (or finish) the store at ``store`` with the trajectories ``c`` (a config or a ``ConfigView``)
+    describes, solved by the teacher whose artifact folder is ``teacher``."""
+    data = load_data(c.data)
+    factory = functools.partial(rollout_denoiser, c.teacher.source, c.teacher.path and str(c.teacher.path),
+                                c.teacher.target, c.data.model_dump_json(), str(teacher / MODEL_FILE))
+    r = c.rollout
+    rollout = RolloutConfig(solver=r.solver, num_trajectories=r.num_trajectories, batch_size=r.batch_size,
+                            seed=r.seed, store=r.store, cluster=r.cluster)
+    run_rollouts(factory, store, r.num_trajectories, data.sample_shape, rollout, teacher_id=teacher.name,
+                 progress=progress)
+
+
+def _forget_bad_shards(store: Path) -> list[int]:
+    """Reset the shards of a store marked complete that fail ``verify_store`` (damaged or missing chunks), so
+    that the rollouts recompute them from their seeds; returns them. A store still being written is left alone."""
+    if not (store / "zarr.json").exists() or not open_store(store, partial=True).complete:
+        return []
+    report = verify_store(store)
+    bad = sorted(set(report.bad_shards) | set(report.missing_shards))
+    if bad:
+        log.warning("rollouts: %s has %d bad or missing shards %s; recomputing them", store, len(bad), bad[:10])
+        reset_shards(store, bad)
+    return bad
+
+
 def _rollouts(ctx: StageContext) -> dict:
-    """Teacher ODE trajectories in a zarr store (``store.zarr``), solved shard by shard (dask when installed)."""
+    """Teacher ODE trajectories in a zarr store (``store.zarr``), solved shard by shard (dask when installed).
+    A store that was complete but fails verification (the stage is recomputed) has its bad shards recomputed."""
     c = ctx.cfg
     if ctx.runtime.is_main:
-        data = load_data(c.data)
-        factory = functools.partial(rollout_denoiser, c.teacher.source, c.teacher.path and str(c.teacher.path),
-                                    c.teacher.target, c.data.model_dump_json(), str(ctx.input("teacher") / MODEL_FILE))
         progress = None if ctx.progress is None else (lambda done, total: ctx.progress(done, total, {}))
-        r = c.rollout
-        rollout = RolloutConfig(solver=r.solver, num_trajectories=r.num_trajectories, batch_size=r.batch_size,
-                                seed=r.seed, store=r.store, cluster=r.cluster)
-        run_rollouts(factory, ctx.path / STORE_DIR, c.rollout.num_trajectories, data.sample_shape, rollout,
-                     teacher_id=ctx.input("teacher").name, progress=progress)
+        _forget_bad_shards(ctx.path / STORE_DIR)
+        _solve_rollouts(c, ctx.path / STORE_DIR, ctx.input("teacher"), progress)
     return {"num_trajectories": c.rollout.num_trajectories, "time_points": c.rollout.solver.steps + 1,
             "store": STORE_DIR}
+
+
+def _config_of(values: dict) -> PipelineConfig:
+    """A pipeline config holding the dotted ``values`` of a manifest's ``config`` (the rest: defaults)."""
+    nested: dict = {}
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    if nested.get("teacher", {}).get("source") == "callable":  # it ran before, under allow_code
+        nested["teacher"]["allow_code"] = True
+    return PipelineConfig.model_validate(nested)
+
+
+def repair_store(store: Path) -> list[int]:
+    """Recompute the bad or missing shards of the store of a rollouts artifact (``<root>/rollouts/<id>/store.zarr``)
+    from their seeds, under the artifact's lock, and publish the artifact again; returns the shards recomputed.
+
+    The teacher and the rollout settings come from the artifact's manifest and its teacher artifact, so the
+    recomputed shards equal the lost ones."""
+    store = Path(store)
+    folder = store.parent
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("stage") != "rollouts":
+        raise ValueError(f"{store} is not the store of a complete rollouts artifact (no rollouts manifest in "
+                         f"{folder}): --repair recomputes shards from that manifest; rerun the rollouts stage instead")
+    teacher = folder.parent.parent / "teacher" / manifest["inputs"]["teacher"]
+    if read_manifest(teacher) is None:
+        raise ValueError(f"{store}: its teacher artifact {teacher} is not complete; rerun the teacher stage first")
+    c = _config_of(manifest["config"])
+    with artifact_lock(folder, f"rollouts: another process is writing {folder}; waiting"):
+        (folder / MANIFEST).unlink(missing_ok=True)  # incomplete while it is repaired
+        bad = _forget_bad_shards(store)
+        _solve_rollouts(c, store, teacher)
+        report = verify_store(store)
+        if not report.ok:
+            raise StageError(f"rollouts: {store} still fails verification after the repair: {report.summary()}")
+        write_manifest(folder, "rollouts", manifest["artifact_id"], manifest["config"], manifest["inputs"],
+                       manifest["metrics"], manifest["seconds"], manifest.get("device"))
+    return bad
 
 
 def _midtrain(ctx: StageContext) -> dict:
@@ -311,16 +396,18 @@ SIGMAS = ("rollout.solver.sigma_min", "rollout.solver.sigma_max")
 EVALUATION_ONLY = ("eval_every", "keep", "keep_tolerance")
 TEACHER_TRAINING = tuple(f"teacher.train.{f}" for f in TrainConfig.model_fields if f not in EVALUATION_ONLY)
 TRAINING_USES = ("eval.batch_size", "artifact_root")
+PRECISION = ("precision",)  # bf16 autocast changes what a training stage computes (ids hold the effective one)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("teacher", reads=("data", *DENOISER_NETWORK, *TEACHER, "teacher.p_mean", "teacher.p_std", *TEACHER_TRAINING),
+    Stage("teacher", reads=("data", *DENOISER_NETWORK, *TEACHER, "teacher.p_mean", "teacher.p_std", *TEACHER_TRAINING,
+                            *PRECISION),
           needs=lambda cfg: (), work=_teacher, trains=True),
     Stage("rollouts", reads=("data", *TEACHER, "rollout.solver", "rollout.num_trajectories", "rollout.batch_size",
                              "rollout.seed", "rollout.store"),
           needs=lambda cfg: ("teacher",), work=_rollouts, uses=("rollout.cluster",)),
-    Stage("midtrain", reads=("data", "network", *SIGMAS, "midtrain", *SCORING),
+    Stage("midtrain", reads=("data", "network", *SIGMAS, "midtrain", *SCORING, *PRECISION),
           needs=lambda cfg: ("teacher", "rollouts"), work=_midtrain, uses=TRAINING_USES, trains=True),
-    Stage("posttrain", reads=("data", "network", *TEACHER, *SIGMAS, "posttrain", *SCORING),
+    Stage("posttrain", reads=("data", "network", *TEACHER, *SIGMAS, "posttrain", *SCORING, *PRECISION),
           needs=lambda cfg: ("teacher", "midtrain") if cfg.posttrain.init == "cmt" else ("teacher",),
           work=_posttrain, uses=TRAINING_USES, trains=True),
     Stage("evaluation", reads=("data", "network", *TEACHER, "teacher.sampler", *SIGMAS, "midtrain.form",
@@ -338,9 +425,15 @@ def _value(dumped: dict, path: str):
 
 
 def stage_config(cfg: PipelineConfig, stage: str) -> dict:
-    """The values of the fields ``stage`` reads, by dotted path (what its id hashes besides its inputs)."""
+    """The values of the fields ``stage`` reads, by dotted path (what its id hashes besides its inputs);
+    ``precision`` as the run will train in it ('auto' resolved on this machine, ``effective_precision``), and
+    left out of a teacher read from outside (``LOADED_TEACHERS``: its file is the same in any precision)."""
     dumped = cfg.model_dump(mode="json")
-    return {path: _value(dumped, path) for path in STAGES[stage].reads}
+    dumped["precision"] = effective_precision(cfg.device, cfg.precision)
+    values = {path: _value(dumped, path) for path in STAGES[stage].reads}
+    if stage == "teacher" and cfg.teacher.source in LOADED_TEACHERS:
+        del values["precision"]
+    return values
 
 
 @dataclass(frozen=True)
@@ -373,40 +466,107 @@ def stages_needed(cfg: PipelineConfig, targets) -> list[str]:
     return [s for s in STAGES if s in needed]
 
 
-FILE_FIELDS = ("data.path", "teacher.path", "midtrain.lpips_backbone", "eval.inception_path")
+# file fields -> the kind of path each must be ("file", "dir", or per data.name)
+FILE_FIELDS = {"data.path": None, "teacher.path": "file", "midtrain.lpips_backbone": "file",
+               "eval.inception_path": "file"}
+DATA_PATH_KIND = {"npz": "file", "image_folder": "dir", "cifar10": "dir"}
+LOADED_TEACHERS = ("checkpoint", "edm_pickle", "torchscript", "callable")  # read or run from outside
 
 
 def _declares(stage: str, path: str) -> bool:
     return any(path == r or path.startswith(r + ".") for r in STAGES[stage].reads + STAGES[stage].uses)
 
 
+def _check_root(root: Path) -> None:
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise PreflightError(f"artifact_root={str(root)!r} is a file, not a folder; set artifact_root to a folder")
+    existing = next(p for p in (root, *root.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PreflightError(f"artifact_root={str(root)!r} cannot be created or written ({existing} is not a "
+                             f"writable folder); set artifact_root to a folder you can write")
+
+
+def _probe_teacher(cfg: PipelineConfig, data: Data) -> None:
+    """Load the teacher the config names and ask it to denoise two zero samples at sigma = 1: it must answer
+    a finite tensor of the samples' shape."""
+    t = cfg.teacher
+    field, value = ("teacher.target", t.target) if t.source == "callable" else ("teacher.path", str(t.path))
+    x = torch.zeros(2, *data.sample_shape)
+    try:
+        net = edm_teacher(t, data.sample_shape).model if t.source == "edm_pickle" else load_teacher(t)
+        with torch.no_grad():
+            out = net(x, torch.ones(2))
+    except Exception as err:  # any failure to load or run it is bad input, reported on one line
+        raise PreflightError(f"{field}={value!r} cannot be used as the teacher (teacher.source={t.source!r}): "
+                             f"{type(err).__name__}: {_first_line(err)}") from err
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape) or not torch.isfinite(out).all():
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise PreflightError(f"{field}={value!r} is not a denoiser D(x, sigma) of this data: for x of shape "
+                             f"{tuple(x.shape)} it answered {got}" + ("" if not isinstance(out, torch.Tensor) or
+                                                                      torch.isfinite(out).all() else " (non-finite)"))
+
+
 def preflight(cfg: PipelineConfig, stages) -> None:
-    """Raise ``PreflightError`` naming the field when a file or folder named by a field that one of ``stages``
-    reads does not exist; stages whose artifact is complete need nothing and are skipped."""
+    """Check, before anything runs or is written, everything the stages to compute need from outside the
+    config: the artifact root is a writable folder, the device exists, every file or folder a field names
+    exists and has the right kind, the data reads, and a teacher read from a file or code loads and answers a
+    probe with the right shape. Raises ``PreflightError`` naming the field, the value and what is allowed;
+    stages whose artifact is complete need nothing and are skipped."""
+    _check_root(cfg.artifact_root)
+    todo = [stage for stage in stages if complete_result(cfg, stage) is None]
+    if not todo:
+        return
+    if cfg.device == "cuda" and not uses_cuda("auto"):
+        raise PreflightError("device='cuda' but this machine has no usable CUDA device (torch.cuda.is_available() "
+                             "is False); set device=auto or device=cpu")
     dumped = cfg.model_dump(mode="json")
-    for stage in stages:
-        if complete_result(cfg, stage) is not None:
-            continue
-        for path in FILE_FIELDS:
+    for stage in todo:
+        for path, kind in FILE_FIELDS.items():
             value = _value(dumped, path)
-            if value is not None and _declares(stage, path) and not Path(value).exists():
+            if value is None or not _declares(stage, path):
+                continue
+            kind = kind or DATA_PATH_KIND.get(cfg.data.name, "file")
+            if not Path(value).exists():
                 raise PreflightError(f"{path}={value!r} does not exist (the {stage} stage reads it); "
-                                     f"put the file there or set {path} to where it is")
+                                     f"put the {kind} there or set {path} to where it is")
+            if (kind == "dir") != Path(value).is_dir():
+                raise PreflightError(f"{path}={value!r} is a {'folder' if Path(value).is_dir() else 'file'}, "
+                                     f"the {stage} stage needs a {'folder' if kind == 'dir' else 'file'} there")
         if stage == "midtrain" and cfg.midtrain.distance == "lpips" and importlib.util.find_spec("lpips") is None:
             raise PreflightError("midtrain.distance='lpips' needs the lpips package: pip install 'cmt[fid]'")
+    try:
+        data = load_data(cfg.data)
+    except Exception as err:  # an unreadable data file or folder
+        raise PreflightError(f"data.path={str(cfg.data.path)!r} cannot be read as data.name={cfg.data.name!r}: "
+                             f"{type(err).__name__}: {_first_line(err)}") from err
+    if cfg.teacher.source in LOADED_TEACHERS and any(_declares(s, "teacher.source") for s in todo):
+        _probe_teacher(cfg, data)
 
 
 def complete_result(cfg: PipelineConfig, stage: str) -> StageResult | None:
-    """The complete artifact of ``stage`` (its manifest is written), or None."""
+    """The complete artifact of ``stage`` (its manifest is written and every file it records is intact), or
+    None; an artifact that fails verification is named in a warning and will be recomputed."""
     aid = plan(cfg).ids[stage]
     path = artifact_dir(cfg.artifact_root, stage, aid)
     manifest = read_manifest(path)
-    return None if manifest is None else StageResult(stage, aid, path, manifest, cached=True)
+    if manifest is None:
+        return None
+    problem = verify_files(path, manifest)
+    if problem is not None:
+        log.warning("%s: the complete artifact %s fails verification (%s); it will be recomputed", stage, path,
+                    problem)
+        return None
+    return StageResult(stage, aid, path, manifest, cached=True)
 
 
 def run_stage(cfg: PipelineConfig, stage: str, runtime: Runtime | None = None,
               progress: Progress | None = None) -> StageResult:
-    """Return the complete artifact of ``stage``, or compute it (its inputs must be complete)."""
+    """Return the complete artifact of ``stage``, or compute it (its inputs must be complete).
+
+    The main process holds the artifact's lock while it computes: a second run of the same stage waits, then
+    finds the artifact complete and reuses it. A failure while computing raises ``StageError``
+    (``InputFileError`` for an input file found unusable) and marks nothing complete."""
     done = complete_result(cfg, stage)
     if done is not None:
         log.info("%s: complete artifact %s, nothing to do", stage, done.path)
@@ -421,15 +581,32 @@ def run_stage(cfg: PipelineConfig, stage: str, runtime: Runtime | None = None,
                            f"(run_pipeline, or `cmt stage {missing[0]}`)")
     declared = STAGES[stage]
     path = artifact_dir(cfg.artifact_root, stage, resolved.ids[stage])
-    path.mkdir(parents=True, exist_ok=True)
-    view = ConfigView(cfg, declared.reads + declared.uses, stage)
-    t0 = time.perf_counter()
-    metrics = declared.work(StageContext(stage, view, path, inputs, runtime, progress))
-    runtime.barrier()
-    if runtime.is_main:
-        write_manifest(path, stage, resolved.ids[stage], stage_config(cfg, stage), resolved.inputs[stage], metrics,
-                       time.perf_counter() - t0, device=str(runtime.device))
-    runtime.barrier()
+    waiting = f"{stage}: another run is computing {path}; waiting for it, then reusing its result"
+    with artifact_lock(path, waiting) if runtime.is_main else contextlib.nullcontext():
+        runtime.barrier()
+        done = complete_result(cfg, stage)
+        if done is not None:
+            log.info("%s: computed by another run meanwhile, reusing %s", stage, done.path)
+            return done
+        if runtime.is_main:
+            (path / MANIFEST).unlink(missing_ok=True)  # a manifest that failed verification: recompute
+            path.mkdir(parents=True, exist_ok=True)
+        runtime.barrier()
+        view = ConfigView(cfg, declared.reads + declared.uses, stage)
+        t0 = time.perf_counter()
+        try:
+            metrics = declared.work(StageContext(stage, view, path, inputs, runtime, progress))
+        except (InputFileError, StageError):
+            raise
+        except Exception as err:
+            raise StageError(f"the {stage} stage failed in {path}: {type(err).__name__}: {_first_line(err)}. "
+                             f"Nothing was marked complete; remove the cause and rerun: the stage resumes from "
+                             f"its last checkpoint") from err
+        runtime.barrier()
+        if runtime.is_main:
+            write_manifest(path, stage, resolved.ids[stage], stage_config(cfg, stage), resolved.inputs[stage],
+                           metrics, time.perf_counter() - t0, device=str(runtime.device))
+        runtime.barrier()
     return StageResult(stage, resolved.ids[stage], path, read_manifest(path), cached=False)
 
 

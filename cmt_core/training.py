@@ -29,7 +29,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from cmt_core.checkpoint import BEST_FILE, CHECKPOINT_FILE, LOG_FILE, CheckpointIO, atomic_save, read_training_log
+from cmt_core.checkpoint import (
+    BEST_FILE,
+    CHECKPOINT_FILE,
+    LOG_FILE,
+    CheckpointIO,
+    atomic_save,
+    load_file,
+    read_training_log,
+)
 from cmt_core.config import TrainConfig
 from cmt_core.data.sources import BatchSource
 from cmt_core.ema import EMA
@@ -195,7 +203,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     result = TrainResult(ema.model, history=history)
     if evaluate is not None and best["step"] is not None:
         if best_path.exists():
-            kept = torch.load(best_path, map_location=runtime.device, weights_only=True)
+            kept = load_file(best_path, map_location=runtime.device)
             ema.model.load_state_dict(kept["ema"])
             result.best_metrics = kept["metrics"]
         result.best_step, result.best_score = best["step"], best["score"]

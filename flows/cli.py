@@ -10,7 +10,16 @@ import sys
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
 from cmt_core import stages
-from cmt_core.cli import config_error, config_from_args, config_parser, input_error, print_results, setup_logging
+from cmt_core.cli import (
+    config_error,
+    config_from_args,
+    config_parser,
+    input_error,
+    print_results,
+    runtime_error,
+    setup_logging,
+)
+from flows.parameters import trust_paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         stages.preflight(cfg, stages.stages_needed(cfg, stages.STAGES))
     except stages.PreflightError as err:
         return input_error(err)
+    trust_paths(cfg)  # typed in the user's own shell: the flow may use them (flows.parameters.confine)
     log_file = setup_logging(cfg.artifact_root, "flow")
     from flows.pipeline import cmt_pipeline
 
@@ -33,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                                ddp_processes=args.ddp_processes)
     except stages.InputFileError as err:  # the failed stage marked nothing complete
         return input_error(err, log_file)
+    except Exception as err:  # a stage failed (StageError: stage, folder, cause, next step)
+        return runtime_error(err, log_file, args.debug)
     print_results(results)
     print(f"log: {log_file}")
     return 0

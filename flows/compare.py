@@ -12,7 +12,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
-from cmt_core.comparison import CompareConfig, run_comparison
+from cmt_core.cli import config_message
+from cmt_core.comparison import CompareConfig, arm_config, run_comparison
+from flows.parameters import confine, confine_config
 from tasks.reporting import artifact_key, embed_images
 
 DEFAULT = CompareConfig()
@@ -31,6 +33,12 @@ def cmt_compare(comparison: CompareConfig = DEFAULT) -> dict:
     from prefect.artifacts import create_markdown_artifact
 
     logger = get_run_logger()
+    try:
+        confine("comparison.out_dir", comparison.out_dir)
+        for method in comparison.methods:  # every arm valid and confined before any runs
+            confine_config(arm_config(comparison, method, "teacher", 0))
+    except ValueError as err:
+        raise ValueError(config_message(err)) from None
     summary = run_comparison(comparison, report=logger.info)
     md = comparison.out_dir / f"init_comparison_{comparison.preset}.md"
     create_markdown_artifact(embed_images(md.read_text(), comparison.out_dir),

@@ -13,15 +13,28 @@ In the Prefect UI a run's form shows, in this order:
 The API checks every typed value against the schema when a run is created (an unknown preset, a negative
 ``steps`` inside ``config``, ``ddp_processes=0``, ... are rejected); overrides are validated by the same
 pydantic models before any stage starts, and the error names the field.
+
+Paths from parameters are confined (``flow_config``): ``artifact_root``, ``data.path``, ``teacher.path``,
+``midtrain.lpips_backbone``, ``eval.inception_path`` (and a comparison's ``out_dir``) must resolve, symlinks and
+``..`` followed, inside one of the allowed roots: the folders in ``CMT_ALLOWED_ROOTS`` (separated by ``:``) on
+the machine that runs the flow, by default its working directory. Anyone who can create a flow run chooses
+these values; the roots are the folders they may read and write.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field
 
-from cmt_core.presets import PRESETS
+from cmt_core.cli import config_message
+from cmt_core.config import PipelineConfig
+from cmt_core.presets import PRESETS, resolve_config
+
+ALLOWED_ROOTS_ENV = "CMT_ALLOWED_ROOTS"
+PATH_FIELDS = ("artifact_root", "data.path", "teacher.path", "midtrain.lpips_backbone", "eval.inception_path")
 
 PresetName = Literal[tuple(PRESETS)]  # the UI renders a Literal as a dropdown
 DdpProcesses = Annotated[int, Field(ge=1, le=1024)]
@@ -38,3 +51,53 @@ ARGS_DOC = """
         ddp_processes: Processes of each training stage computed in this run; more than 1 runs it under
             torchrun (DDP).
 """
+
+
+def allowed_roots() -> list[Path]:
+    """The folders flow parameters may name (``CMT_ALLOWED_ROOTS``, default: the working directory), resolved."""
+    roots = [r for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep) if r]
+    return [Path(r).resolve() for r in roots or [os.getcwd()]]
+
+
+def confine(field: str, value: str | Path) -> None:
+    """Refuse a path parameter that does not resolve inside an allowed root (``..`` and symlinks followed)."""
+    resolved, roots = Path(value).resolve(), allowed_roots()
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        raise ValueError(f"{field}={str(value)!r} resolves to {resolved}, outside the allowed roots "
+                         f"{[str(r) for r in roots]}; use a path inside them or extend {ALLOWED_ROOTS_ENV} "
+                         f"on the machine that runs the flow")
+
+
+def path_values(cfg: PipelineConfig) -> dict[str, str]:
+    """The path fields of ``cfg`` that are set, by dotted name."""
+    values = {}
+    for field in PATH_FIELDS:
+        value = cfg
+        for key in field.split("."):
+            value = getattr(value, key)
+        if value is not None:
+            values[field] = str(value)
+    return values
+
+
+def confine_config(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` when every path field it holds is inside an allowed root (``confine``), else ``ValueError``."""
+    for field, value in path_values(cfg).items():
+        confine(field, value)
+    return cfg
+
+
+def trust_paths(cfg: PipelineConfig) -> None:
+    """Add the path fields of ``cfg`` to this process's allowed roots (``cmt-flow``: paths typed in one's own
+    shell need no permission; flows started from the UI or the API run in workers without it)."""
+    extra = [Path(value).resolve() for value in path_values(cfg).values()]
+    os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join(str(r) for r in [*allowed_roots(), *extra])
+
+
+def flow_config(preset: str, overrides, config: PipelineConfig | None, artifact_root: str | None) -> PipelineConfig:
+    """The validated, confined config of a flow's parameters; a bad value raises ``ValueError`` with the same
+    one-line message the command line prints (``cmt_core.cli.config_message``)."""
+    try:
+        return confine_config(resolve_config(preset, overrides, config, artifact_root))
+    except ValueError as err:
+        raise ValueError(config_message(err)) from None

@@ -13,9 +13,8 @@ from prefect import flow, get_run_logger
 
 import tasks  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
 from cmt_core.config import PipelineConfig
-from cmt_core.presets import resolve_config
 from cmt_core.stages import STAGES, TRAINING_STAGES, StageResult, plan, preflight, stages_needed
-from flows.parameters import ARGS_DOC, DdpProcesses, PresetName
+from flows.parameters import ARGS_DOC, DdpProcesses, PresetName, flow_config
 from tasks.reporting import publish_evaluation, publish_stage_summary, publish_training_report
 from tasks.stages import run_stage_task
 
@@ -48,7 +47,7 @@ def stage_flow(name: str, targets: list[str], summary: str, example: str):
     """A flow named ``name`` that runs ``targets`` (and what they need) with the shared parameters."""
     def run(preset: PresetName = "digits", overrides: tuple[str, ...] = (), config: PipelineConfig | None = None,
             artifact_root: str | None = None, ddp_processes: DdpProcesses = 1) -> dict[str, StageResult]:
-        return run_stages(resolve_config(preset, overrides, config, artifact_root), targets, ddp_processes)
+        return run_stages(flow_config(preset, overrides, config, artifact_root), targets, ddp_processes)
 
     run.__name__ = run.__qualname__ = name.replace("-", "_")
     run.__doc__ = summary + "\n" + ARGS_DOC.format(example=example)

@@ -105,7 +105,9 @@ def get(obj, path: str):
 SPECIAL = {
     "teacher.source": {"teacher.source": "checkpoint", "teacher.path": "teacher.pt"},
     "teacher.path": {"teacher.source": "checkpoint", "teacher.path": "elsewhere.pt"},
-    "teacher.target": {"teacher.source": "callable", "teacher.target": "pkg.mod:make", "teacher.allow_code": True},
+    "teacher.target": {"teacher.source": "callable", "teacher.target": "pkg.mod:make", "teacher.allow_code": True,
+                       "midtrain.init": "random"},  # a callable teacher has no weights to initialise from
+    "precision": {"precision": "bf16"},  # 'fp32' is what 'auto' is on CPU: the same precision
     "rollout.solver.sigma_min": {"rollout.solver.sigma_min": 0.004},
     "rollout.solver.sigma_max": {"rollout.solver.sigma_max": 40.0},
     "midtrain.form": {"midtrain.form": "flow_map", "posttrain.init": "teacher"},
@@ -213,7 +215,7 @@ def test_changing_a_field_changes_the_ids_of_exactly_the_stages_that_read_it_and
     # what no stage reads is orchestration (where files live, which device, the dask cluster, the label), what
     # steers evaluations during training, which the teacher's training does not run, and the permission to run
     # a callable teacher's code (checked when the config is made)
-    assert sorted(unread) == sorted(["preset", "device", "precision", "cpu_threads", "artifact_root",
+    assert sorted(unread) == sorted(["preset", "device", "cpu_threads", "artifact_root",
                                      "rollout.cluster.address", "rollout.cluster.workers",
                                      "rollout.cluster.threads_per_worker", "rollout.cluster.gpu_resource",
                                      "teacher.train.eval_every", "teacher.train.keep", "teacher.train.keep_tolerance",

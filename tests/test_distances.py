@@ -158,7 +158,8 @@ def test_lpips_without_its_weights_file_fails_naming_the_field_before_any_stage(
     assert not (tmp_path / "artifacts").exists()  # nothing written
     present = absent.model_copy(update={"midtrain": absent.midtrain.model_copy(
         update={"lpips_backbone": write_empty(tmp_path)})})
-    preflight(present, ["teacher", "rollouts", "midtrain"])
+    with pytest.raises(PreflightError, match="data.path=.*cannot be read"):  # past the file checks: the data
+        preflight(present, ["teacher", "rollouts", "midtrain"])
 
 
 @pytest.mark.parametrize("overrides,words", [

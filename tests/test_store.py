@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from cmt_core.cli import main as cli_main
 from cmt_core.config import SolverConfig, StoreConfig
 from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.trajectories.rollout import rollout, trajectory_seed
@@ -10,7 +11,6 @@ from cmt_core.trajectories.store import (
     CorruptChunkError,
     IncompleteStoreError,
     create_store,
-    main_verify,
     mark_complete,
     missing_shards,
     open_store,
@@ -93,7 +93,7 @@ def test_incomplete_store_is_never_read_as_complete(tmp_path, trajectories):
 
 def test_corrupted_chunk_is_named_by_verify_and_raises_on_read(tmp_path, trajectories, capsys):
     path = write_store(tmp_path / "s", trajectories, StoreConfig(chunk_trajectories=3, shard_chunks=2))
-    assert main_verify([str(path)]) == 0
+    assert cli_main(["store", "verify", str(path)]) == 0
     shard_file = path / "states" / "c" / "1" / "0" / "0"  # shard 1 = chunks 2 and 3; chunk 2 comes first
     data = bytearray(shard_file.read_bytes())
     data[8:16] = bytes(b ^ 0xFF for b in data[8:16])
@@ -101,7 +101,7 @@ def test_corrupted_chunk_is_named_by_verify_and_raises_on_read(tmp_path, traject
 
     report = verify_store(path)
     assert not report.ok and [b["chunk"] for b in report.bad_chunks] == [2] and report.bad_shards == [1]
-    assert main_verify([str(path)]) == 1
+    assert cli_main(["store", "verify", str(path)]) == 1
     assert "bad chunk 2 (shard 1)" in capsys.readouterr().out
     store = open_store(path)
     with pytest.raises(CorruptChunkError, match="chunk 2"):

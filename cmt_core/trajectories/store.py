@@ -36,7 +36,6 @@ ImageNet-512 latents, keep 0, 2, ..., 16      9         755.0 GB     377.5 GB   
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -341,8 +340,8 @@ class VerifyReport:
         for bad in self.bad_chunks[:20]:
             lines.append(f"  bad chunk {bad['chunk']} (shard {bad['shard']}): {bad['error']}")
         if self.bad_chunks:
-            lines.append(f"  bad shards: {self.bad_shards}; reset_shards(path, shards) and rerun the rollouts "
-                         f"to rewrite them")
+            lines.append(f"  bad shards: {self.bad_shards}; `cmt store verify --repair {self.path}` recomputes "
+                         f"them from their seeds")
         return "\n".join(lines)
 
 
@@ -368,16 +367,3 @@ def verify_store(path) -> VerifyReport:
             report.bad_chunks.append({"chunk": chunk, "shard": shard,
                                       "error": "non-finite values (chunk absent or bad data)"})
     return report
-
-
-def main_verify(argv=None) -> int:
-    """``cmt store verify PATH [PATH ...]``: print a report per store; exit code 0 when all are sound."""
-    parser = argparse.ArgumentParser(prog="cmt store verify", description=verify_store.__doc__)
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    args = parser.parse_args(argv)
-    ok = True
-    for path in args.paths:
-        report = verify_store(path)
-        print(report.summary())
-        ok &= report.ok
-    return 0 if ok else 1
