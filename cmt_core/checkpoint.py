@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -50,7 +52,14 @@ def load_file(path: Path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as err:  # torch raises RuntimeError, pickle's UnpicklingError, EOFError, ... for bad files
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))  # weights_only refused an object
+        if found is None:  # not a pickle of tensors at all
+            raise CheckpointError(f"{path} is unreadable (not a torch.save file of tensors and plain values)") \
+                from err
+        raise CheckpointError(f"{path} holds the global {found.group(1)}; refused: loading it would run code "
+                              "from the file") from err
+    except Exception as err:  # torch raises RuntimeError, EOFError, ... for damaged or foreign files
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {first})") from err
 

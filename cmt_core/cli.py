@@ -198,6 +198,8 @@ def _compare(args) -> int:
         return input_error(err)
     except stages.InputFileError as err:  # the failed stage marked nothing complete
         return input_error(err, log_file)
+    except Exception as err:  # an arm's stage failed (StageError): the finished arms stay cached
+        return runtime_error(err, log_file, args.debug)
     print(f"results: {cc.out_dir / f'init_comparison_{cc.preset}.md'}\nlog: {log_file}")
     return 0
 
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--workers", type=int, default=1, help="processes running independent arms at once")
     compare.add_argument("--artifact-root", default="artifacts")
     compare.add_argument("--out", default="benchmarks/results", help="folder of the tables, plots and JSON")
+    compare.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too")
     args = parser.parse_args(argv)
 
     if args.command == "compare":

@@ -591,6 +591,8 @@ def run_stage(cfg: PipelineConfig, stage: str, runtime: Runtime | None = None,
         if runtime.is_main:
             (path / MANIFEST).unlink(missing_ok=True)  # a manifest that failed verification: recompute
             path.mkdir(parents=True, exist_ok=True)
+            for stale in path.rglob(".*.tmp"):  # left by a killed writer (``publish``); we hold the lock
+                stale.unlink()
         runtime.barrier()
         view = ConfigView(cfg, declared.reads + declared.uses, stage)
         t0 = time.perf_counter()

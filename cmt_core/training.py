@@ -18,6 +18,7 @@ never ends worse than its best evaluation (with ``keep="both"``: never worse tha
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from cmt_core.objectives.base import StepRandom
 from cmt_core.rng import Stream, seed_of
 from cmt_core.runtime import Runtime
 
+logger = logging.getLogger("cmt")
 # EMA model -> metrics with "score_1step" and "score_2step" keys (lower is better), see ``selection_score``
 Evaluate = Callable[[nn.Module], dict]
 Progress = Callable[[int, int, dict], None]  # (step, total, latest metrics) for dashboards
@@ -116,6 +118,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     resumed = checkpoint.load(ckpt_path, map_location=runtime.device)
     if resumed is not None:
         start, best = resumed["step"], resumed["best"]
+        logger.info("%s: resuming from step %d of %d (%s)", desc, start, cfg.steps, run_dir)
     saved = {"step": start if resumed is not None else None}  # the last checkpoint on disk
     history = read_training_log(log_path, up_to=start)
     if runtime.is_main:  # drop lines written after the checkpoint we resume from

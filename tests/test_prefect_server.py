@@ -6,12 +6,15 @@ and one completed toy run serve this module and ``test_prefect_ui.py`` (which im
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,13 +73,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(home: Path, timeout: float = 120) -> PrefectServer:
+def _basic(auth: str | None) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+
+
+def start_server(home: Path, timeout: float = 120, auth: str | None = None) -> PrefectServer:
+    """``prefect server start`` on a free loopback port; ``auth`` ('user:secret') turns on API authentication."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
                PREFECT_UI_API_URL=f"{url}/api")  # the UI's API address when not on port 4200
+    if auth:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth
     log = (home / "server.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -86,7 +96,8 @@ def start_server(home: Path, timeout: float = 120) -> PrefectServer:
         if process.poll() is not None:
             raise RuntimeError(f"prefect server exited:\n{(home / 'server.log').read_text()}")
         try:
-            with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
+            health = urllib.request.Request(f"{url}/api/health", headers=_basic(auth))
+            with urllib.request.urlopen(health, timeout=2) as response:
                 if response.status == 200:
                     return PrefectServer(url, home, process)
         except OSError:
@@ -178,3 +189,27 @@ def test_prefect_yaml_deploys_every_flow_with_an_inactive_nightly_schedule():
     schedules = {name: d["schedules"] for name, d in flows.items() if d["schedules"]}
     assert list(schedules) == ["cmt-evaluation"]
     assert [s["active"] for s in schedules["cmt-evaluation"]] == [False]
+
+
+def test_server_with_api_authentication_refuses_requests_without_the_secret(tmp_path):
+    """The README's multi-machine setup: the server started with PREFECT_SERVER_API_AUTH_STRING answers only
+    clients that send it (PREFECT_API_AUTH_STRING for Prefect's own clients and workers)."""
+    server = start_server(tmp_path, auth="cmt:s3cret")
+    try:
+        def flows(headers: dict) -> int:
+            request = urllib.request.Request(f"{server.api}/flows/filter", data=json.dumps({}).encode(),
+                                             method="POST", headers={"Content-Type": "application/json", **headers})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        assert flows({}) == 401
+        assert flows(_basic("cmt:wrong")) == 401
+        assert flows(_basic("cmt:s3cret")) == 200
+        listed = subprocess.run([sys.executable, "-m", "prefect", "flow", "ls"], capture_output=True, text=True,
+                                timeout=120, env={**server.env, "PREFECT_API_AUTH_STRING": "cmt:s3cret"})
+        assert listed.returncode == 0, listed.stderr
+    finally:
+        stop_server(server.process)
