@@ -13,11 +13,13 @@ optimizer fully determine the rest of a run.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -33,10 +35,13 @@ class CheckpointError(RuntimeError):
 
 
 def _save(obj, tmp: Path) -> None:
-    # through a file object: torch names the archive inside after a path it is given, and the temporary
-    # names are unique, so identical objects would not give identical files
+    # serialised in memory, then written: torch names the archive inside after a path it is given (the
+    # temporary names are unique: identical objects would not give identical files), and its zip writer
+    # reports a full disk as an opaque position mismatch, where a plain write raises ENOSPC / EFBIG
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -70,6 +75,21 @@ def previous(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
+def _interned(value):
+    """A loaded checkpoint with its dict keys interned, as the literals of the code that made them are: pickle
+    memoises by object, so a resumed run's checkpoints are then byte-identical to an uninterrupted run's."""
+    if isinstance(value, dict):
+        return type(value)((sys.intern(k) if isinstance(k, str) else k, _interned(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_interned(v) for v in value]
+    return value
+
+
+def _set_aside(paths) -> None:
+    for path in paths:
+        os.replace(path, path.with_name(path.name + ".corrupt"))
+
+
 class CheckpointIO:
     """Saves and restores named objects that have ``state_dict`` / ``load_state_dict`` plus plain values.
 
@@ -99,7 +119,7 @@ class CheckpointIO:
         publish(path, write)
 
     def _restore(self, path: Path, map_location) -> dict:
-        blob = load_file(path, map_location)
+        blob = _interned(load_file(path, map_location))
         missing = set(self.stateful) - set(blob)
         if missing:
             raise CheckpointError(f"{path} lacks the checkpoint fields {sorted(missing)}")
@@ -122,11 +142,11 @@ class CheckpointIO:
                 bad.append(candidate)
                 continue
             if bad:
-                log.warning("resuming from %s (step %s) instead of the damaged %s", candidate, values.get("step"),
-                            bad[0])
+                log.warning("resuming from %s (step %s) instead of the damaged %s (kept as %s.corrupt)", candidate,
+                            values.get("step"), bad[0], bad[0].name)
+                _set_aside(bad)  # the damaged file must not become the 'previous' one at the next save
             return values
-        for candidate in bad:
-            os.replace(candidate, candidate.with_name(candidate.name + ".corrupt"))
+        _set_aside(bad)
         if bad:
             log.warning("no usable checkpoint (%s renamed *.corrupt): starting from step 0",
                         ", ".join(map(str, bad)))

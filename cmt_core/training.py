@@ -163,45 +163,47 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not runtime.is_main, dynamic_ncols=True)
     running = []
     stop = cfg.steps if until is None else min(until, cfg.steps)
-    for step in range(start, stop):
-        torch.manual_seed(seed_of(Stream.STEP_TORCH, cfg.seed, step, runtime.rank))
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        batch = {k: v.to(runtime.device, non_blocking=True)
-                 for k, v in source.batch(step, cfg.batch_size, runtime.rank, runtime.world).items()}
-        rng = StepRandom(cfg.seed, step, cfg.batch_size, runtime.rank, runtime.world, runtime.device)
-        with runtime.autocast():
-            loss = objective(wrapped, batch, rng).float().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if runtime.distributed and uses_jvp:
-            for p in model.parameters():
-                if p.grad is not None:
-                    runtime.all_reduce_mean(p.grad)
-        reported = runtime.all_reduce_mean(loss.detach().clone())
-        if not torch.isfinite(reported):
-            where = f"{ckpt_path} (step {saved['step']})" if saved["step"] is not None else "none written yet"
-            raise NonFiniteLossError(f"{desc}: non-finite loss {reported.item()} at step {step}; "
-                                     f"last good checkpoint kept: {where}. Lower train.lr or raise grad_clip.")
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        opt.step()
-        ema.update(model)
-        running.append(reported.item())
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            row = {"step": done, "loss": sum(running) / len(running), "lr": opt.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm), "seconds": time.perf_counter() - t0}
-            running = []
-            if evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                row.update(run_evaluation(done))
-            if evaluate is not None:
-                row["eval_seconds"] = spent["eval"]
-            log(row)
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-        bar.update(1)
-        if done % cfg.checkpoint_every == 0 or done == stop:
-            save_checkpoint(done)
-    bar.close()
+    try:  # the bar is closed before a failure is reported
+        for step in range(start, stop):
+            torch.manual_seed(seed_of(Stream.STEP_TORCH, cfg.seed, step, runtime.rank))
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            batch = {k: v.to(runtime.device, non_blocking=True)
+                     for k, v in source.batch(step, cfg.batch_size, runtime.rank, runtime.world).items()}
+            rng = StepRandom(cfg.seed, step, cfg.batch_size, runtime.rank, runtime.world, runtime.device)
+            with runtime.autocast():
+                loss = objective(wrapped, batch, rng).float().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if runtime.distributed and uses_jvp:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        runtime.all_reduce_mean(p.grad)
+            reported = runtime.all_reduce_mean(loss.detach().clone())
+            if not torch.isfinite(reported):
+                where = f"{ckpt_path} (step {saved['step']})" if saved["step"] is not None else "none written yet"
+                raise NonFiniteLossError(f"{desc}: non-finite loss {reported.item()} at step {step}; "
+                                         f"last good checkpoint kept: {where}. Lower train.lr or raise grad_clip.")
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            opt.step()
+            ema.update(model)
+            running.append(reported.item())
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                row = {"step": done, "loss": sum(running) / len(running), "lr": opt.param_groups[0]["lr"],
+                       "grad_norm": float(grad_norm), "seconds": time.perf_counter() - t0}
+                running = []
+                if evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    row.update(run_evaluation(done))
+                if evaluate is not None:
+                    row["eval_seconds"] = spent["eval"]
+                log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4g}")
+            bar.update(1)
+            if done % cfg.checkpoint_every == 0 or done == stop:
+                save_checkpoint(done)
+    finally:
+        bar.close()
 
     result = TrainResult(ema.model, history=history)
     if evaluate is not None and best["step"] is not None:

@@ -34,7 +34,8 @@ SMALL = ["teacher.train.steps=200", "teacher.train.checkpoint_every=40", "teache
          "posttrain.train.steps=160", "posttrain.train.checkpoint_every=40", "posttrain.train.log_every=20",
          "posttrain.train.eval_every=80", "eval.num_samples=400", "cpu_threads=1"]
 # values that are wall-clock times or provenance, not results
-TIMING_KEYS = {"seconds", "eval_seconds", "written_at", "completed", "finished", "rollout_runs", "host", "files"}
+TIMING_KEYS = {"seconds", "eval_seconds", "written_at", "created", "completed", "finished", "rollout_runs", "host",
+               "files"}
 
 
 def command(root: Path, *extra: str) -> list[str]:
@@ -58,11 +59,11 @@ def _without_timings(value):
 
 def contents(root: Path) -> dict[str, object]:
     """Every result file under ``root``: bytes, or for JSON the values without timings (reports and plots,
-    which print timings, and the run logs are left out)."""
+    which print timings, the run logs and damaged checkpoints set aside as ``*.corrupt`` are left out)."""
     out = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel.startswith("logs/") or path.suffix in (".lock", ".md", ".png"):
+        if rel.startswith("logs/") or path.suffix in (".lock", ".md", ".png", ".corrupt"):
             continue
         if path.suffix == ".json":
             out[rel] = _without_timings(json.loads(path.read_text()))
@@ -161,6 +162,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(reference, tmp_path
     assert done.returncode == 0, done.stderr
     logs = "".join(p.read_text() for p in (root / "logs").glob("*.log"))
     assert f"{checkpoint} is unreadable" in logs and "instead of the damaged" in logs
+    assert (checkpoint.parent / "checkpoint.pt.corrupt").exists()
     assert stage_lines(done.stdout)["midtrain"] == "computed"
     assert_same(root, reference[1])
 
