@@ -2,6 +2,7 @@
 
     cmt run --preset digits [--set midtrain.train.lr=1e-4 ...] [--config cfg.yaml] [--artifact-root DIR]
     cmt stage midtrain --config cfg.yaml        # one stage (e.g. under torchrun for DDP)
+    cmt launch midtrain --config cfg.yaml       # this node's torchrun agent for a stage (the config's launch)
     cmt config --preset toy > toy.yaml          # print a preset as YAML to edit (with its store size)
     cmt store verify PATH [--repair]            # check a trajectory store; --repair recomputes bad shards
     cmt compare --preset toy --seeds 3          # CMT vs teacher vs random initialisation (cmt_core.comparison)
@@ -204,6 +205,28 @@ def _compare(args) -> int:
     return 0
 
 
+def _launch(cfg, stage: str) -> int:
+    """``cmt launch STAGE``: this node's ``torchrun`` agent of ``cmt stage STAGE`` with the config written to a
+    file beside the run logs; the same command on every node forms the job. Exit code: torchrun's."""
+    import subprocess
+
+    from cmt_core import stages
+    from cmt_core.config import save_yaml
+    from cmt_core.runtime import torchrun_command
+
+    try:
+        stages.preflight(cfg, [stage])
+    except stages.PreflightError as err:
+        return input_error(err)
+    folder = Path(cfg.artifact_root) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    config_file = folder / f"launch-{stage}-{cfg.launch.rdzv_id}-{os.getpid()}.yaml"
+    save_yaml(cfg, config_file)
+    command = torchrun_command(cfg.launch, stage, config_file)
+    print(" ".join(command), flush=True)
+    return subprocess.run(command).returncode
+
+
 def _store(args) -> int:
     """``cmt store verify PATH [--repair]``: the store's report; exit code 0 when it is sound (after a repair)."""
     from cmt_core.trajectories.store import verify_store
@@ -230,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(sub.add_parser("run", help="run the whole pipeline"))
     add_config_args(stage := sub.add_parser("stage", help="run one stage"))
     stage.add_argument("name", choices=["teacher", "rollouts", "midtrain", "posttrain", "evaluation"])
+    add_config_args(launch := sub.add_parser("launch", help="run a training stage under this node's torchrun agent "
+                                             "(launch.nodes, procs_per_node, rdzv_endpoint, rdzv_id)"))
+    launch.add_argument("name", choices=["teacher", "midtrain", "posttrain"])
     add_config_args(sub.add_parser("config", help="print the resolved config as YAML"))
     store = sub.add_parser("store", help="trajectory store tools")
     store.add_argument("action", choices=["verify"])
@@ -271,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     from cmt_core import stages
     from cmt_core.runtime import Runtime
 
+    if args.command == "launch":
+        return _launch(cfg, args.name)
     try:
         stages.preflight(cfg, [args.name] if args.command == "stage" else stages.stages_needed(cfg, stages.STAGES))
     except stages.PreflightError as err:

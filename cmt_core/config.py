@@ -284,6 +284,27 @@ class EvalConfig(StrictModel):
     fid_mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = "clean"
 
 
+class LaunchConfig(StrictModel):
+    """How training stages run on several processes and machines: ``torchrun`` agents, one per node, meeting at a
+    c10d rendezvous (``cmt_core.runtime.torchrun_command``). Never part of an artifact id: every random number of
+    a step is drawn for the global batch, so any layout computes the same update."""
+
+    nodes: int = Field(1, ge=1, le=4096, description="machines; > 1 needs rdzv_endpoint")
+    procs_per_node: int = Field(1, ge=1, le=1024, description="training processes per machine (one per GPU)")
+    rdzv_endpoint: str | None = Field(None, pattern=r"^[\w.\-]+:\d{1,5}$", description="host:port of the c10d "
+                                      "rendezvous, reachable from every node (e.g. the first node's address)")
+    rdzv_id: str = Field("cmt", pattern=r"^[\w.\-]+$", description="names one job's rendezvous: agents with the "
+                         "same id and endpoint form a job")
+    max_restarts: int = Field(0, ge=0, le=100, description="torchrun restarts of a failed worker group")
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> LaunchConfig:
+        if self.nodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"launch.rdzv_endpoint (host:port reachable from every node) is required for "
+                             f"launch.nodes={self.nodes}")
+        return self
+
+
 class PipelineConfig(StrictModel):
     """The whole pipeline: teacher -> rollouts -> mid-training -> post-training -> evaluation."""
 
@@ -295,6 +316,7 @@ class PipelineConfig(StrictModel):
     midtrain: MidTrainConfig = MidTrainConfig()
     posttrain: PostTrainConfig = PostTrainConfig()
     eval: EvalConfig = EvalConfig()
+    launch: LaunchConfig = LaunchConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     cpu_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads per process (None: torch's "

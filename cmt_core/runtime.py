@@ -10,12 +10,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("cmt")
+
+
+def torchrun_command(launch, stage: str, config_file: Path) -> list[str]:
+    """The ``torchrun`` command of this node's agent for ``cmt stage <stage> --config <config_file>``.
+
+    ``launch`` is a ``LaunchConfig``: one node runs ``--standalone``; several meet at the c10d rendezvous
+    ``launch.rdzv_endpoint`` under ``launch.rdzv_id`` (run the same command on every node: the ranks are
+    assigned at the rendezvous)."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch.procs_per_node}"]
+    if launch.nodes == 1:
+        command.append("--standalone")
+    else:
+        command += [f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+                    f"--rdzv-id={launch.rdzv_id}"]
+    command.append(f"--max-restarts={launch.max_restarts}")
+    return [*command, "-m", "cmt_core.cli", "stage", stage, "--config", str(config_file)]
 
 
 def uses_cuda(preference: str) -> bool:

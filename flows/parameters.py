@@ -8,7 +8,8 @@ In the Prefect UI a run's form shows, in this order:
 * ``config``: optional, a whole ``PipelineConfig`` as a nested form (every stage's model, its ranges and
   choices), used instead of the preset; the overrides still apply on top;
 * ``artifact_root``: where artifacts live (shared storage when workers are on several machines);
-* ``ddp_processes``: processes of each training stage that computes (``torchrun`` when > 1).
+* ``ddp_processes``: processes per node of each training stage that computes (``torchrun`` when > 1); it sets
+  ``launch.procs_per_node``, and the config's ``launch`` section holds the rest (nodes, rendezvous).
 
 The API checks every typed value against the schema when a run is created (an unknown preset, a negative
 ``steps`` inside ``config``, ``ddp_processes=0``, ... are rejected); overrides are validated by the same
@@ -48,8 +49,9 @@ ARGS_DOC = """
         config: A whole pipeline configuration used instead of the preset (the overrides still apply).
         artifact_root: Folder of the stage artifacts (default: the config's, `artifacts`); shared
             storage when workers run on several machines.
-        ddp_processes: Processes of each training stage computed in this run; more than 1 runs it under
-            torchrun (DDP).
+        ddp_processes: Processes per node of each training stage computed in this run; more than 1 runs it
+            under torchrun (DDP). Sets launch.procs_per_node; launch.nodes > 1 (in config or overrides) makes
+            this run's node one of several meeting at launch.rdzv_endpoint.
 """
 
 
@@ -94,9 +96,13 @@ def trust_paths(cfg: PipelineConfig) -> None:
     os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join(str(r) for r in [*allowed_roots(), *extra])
 
 
-def flow_config(preset: str, overrides, config: PipelineConfig | None, artifact_root: str | None) -> PipelineConfig:
-    """The validated, confined config of a flow's parameters; a bad value raises ``ValueError`` with the same
-    one-line message the command line prints (``cmt_core.cli.config_message``)."""
+def flow_config(preset: str, overrides, config: PipelineConfig | None, artifact_root: str | None,
+                ddp_processes: int = 1) -> PipelineConfig:
+    """The validated, confined config of a flow's parameters (``ddp_processes > 1`` sets
+    ``launch.procs_per_node``); a bad value raises ``ValueError`` with the same one-line message the command
+    line prints (``cmt_core.cli.config_message``)."""
+    if ddp_processes > 1:
+        overrides = [*overrides, f"launch.procs_per_node={ddp_processes}"]
     try:
         return confine_config(resolve_config(preset, overrides, config, artifact_root))
     except ValueError as err:

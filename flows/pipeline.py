@@ -19,7 +19,7 @@ from tasks.reporting import publish_evaluation, publish_stage_summary, publish_t
 from tasks.stages import run_stage_task
 
 
-def run_stages(cfg: PipelineConfig, targets: list[str], ddp_processes: int = 1) -> dict[str, StageResult]:
+def run_stages(cfg: PipelineConfig, targets: list[str]) -> dict[str, StageResult]:
     """Run ``targets`` and what they need, one task per stage, and publish the run's result artifacts."""
     logger = get_run_logger()
     logger.info("config (%s):\n%s", cfg.preset, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -29,7 +29,7 @@ def run_stages(cfg: PipelineConfig, targets: list[str], ddp_processes: int = 1) 
     try:
         for stage in stages_needed(cfg, targets):
             logger.info("%s: artifact %s", stage, ids[stage])
-            results[stage] = run_stage_task(stage, cfg, ddp_processes)
+            results[stage] = run_stage_task(stage, cfg)
             if not results[stage].cached and stage in TRAINING_STAGES:
                 publish_training_report(results[stage])
     finally:
@@ -47,7 +47,7 @@ def stage_flow(name: str, targets: list[str], summary: str, example: str):
     """A flow named ``name`` that runs ``targets`` (and what they need) with the shared parameters."""
     def run(preset: PresetName = "digits", overrides: tuple[str, ...] = (), config: PipelineConfig | None = None,
             artifact_root: str | None = None, ddp_processes: DdpProcesses = 1) -> dict[str, StageResult]:
-        return run_stages(flow_config(preset, overrides, config, artifact_root), targets, ddp_processes)
+        return run_stages(flow_config(preset, overrides, config, artifact_root, ddp_processes), targets)
 
     run.__name__ = run.__qualname__ = name.replace("-", "_")
     run.__doc__ = summary + "\n" + ARGS_DOC.format(example=example)

@@ -1,4 +1,6 @@
-"""A training stage on N DDP processes from inside a task: a ``torchrun`` subprocess of ``cmt stage``.
+"""A training stage on DDP processes from inside a task: this node's ``torchrun`` agent of ``cmt stage``
+(``cmt_core.runtime.torchrun_command`` with the config's ``launch`` section; with ``launch.nodes > 1`` the other
+nodes run ``cmt launch <stage>`` with the same config and join at the rendezvous).
 
 The subprocess writes the same artifact as the in-process runner (same config, same id). Its output goes
 to the run log (tqdm bars left out), and progress is read from the training log it appends to
@@ -10,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -19,19 +20,15 @@ from pathlib import Path
 
 from cmt_core.checkpoint import read_training_log
 from cmt_core.config import PipelineConfig, save_yaml
+from cmt_core.runtime import torchrun_command
 from cmt_core.stages import StageResult, complete_result, stage_path
 
 _TQDM_BAR = re.compile(r"\d+%\|")
 POLL_SECONDS = 2.0
 
 
-def torchrun_command(config_file: Path, processes: int, stage: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-            "-m", "cmt_core.cli", "stage", stage, "--config", str(config_file)]
-
-
-def run_stage_ddp(cfg: PipelineConfig, stage: str, processes: int, logger, progress=None) -> StageResult:
-    """Run the training ``stage`` under ``torchrun --nproc-per-node processes``; return its artifact."""
+def run_stage_ddp(cfg: PipelineConfig, stage: str, logger, progress=None) -> StageResult:
+    """Run the training ``stage`` under this node's torchrun agent (``cfg.launch``); return its artifact."""
     done = complete_result(cfg, stage)
     if done is not None:
         return done
@@ -41,8 +38,9 @@ def run_stage_ddp(cfg: PipelineConfig, stage: str, processes: int, logger, progr
     with tempfile.TemporaryDirectory(prefix="cmt-ddp-") as tmp:
         config_file = Path(tmp) / "config.yaml"
         save_yaml(cfg, config_file)
-        command = torchrun_command(config_file, processes, stage)
-        logger.info("%s: %d DDP processes: %s", stage, processes, " ".join(command))
+        command = torchrun_command(cfg.launch, stage, config_file)
+        logger.info("%s: %d node(s) x %d DDP processes: %s", stage, cfg.launch.nodes, cfg.launch.procs_per_node,
+                    " ".join(command))
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

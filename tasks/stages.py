@@ -8,7 +8,8 @@ and one whose artifact is gone (deleted, or another artifact root sharing the re
 
 * Rollouts run on dask inside ``cmt_core``: a LocalCluster for the stage, or the scheduler at
   ``rollout.cluster.address``.
-* A training stage with ``ddp_processes > 1`` runs as a ``torchrun`` subprocess (``tasks.ddp``).
+* A training stage whose ``launch`` section asks for more than one process runs as a ``torchrun`` subprocess
+  (``tasks.ddp``).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from tasks.ddp import run_stage_ddp
 from tasks.reporting import StageProgress, brief, library_logs_to
 
 
-def execute_stage(stage: str, cfg: PipelineConfig, ddp_processes: int = 1) -> StageResult:
+def execute_stage(stage: str, cfg: PipelineConfig) -> StageResult:
     """The body of every stage task: reuse the complete artifact or compute it, reporting to the run."""
     logger = get_run_logger()
     aid = plan(cfg).ids[stage]
     with library_logs_to(logger):
         progress = StageProgress(stage, aid, logger)
-        if stage in TRAINING_STAGES and ddp_processes > 1:
-            result = run_stage_ddp(cfg, stage, ddp_processes, logger, progress)
+        if stage in TRAINING_STAGES and cfg.launch.nodes * cfg.launch.procs_per_node > 1:
+            result = run_stage_ddp(cfg, stage, logger, progress)
         else:
             result = run_stage(cfg, stage, Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads), progress)
         if not result.cached:
@@ -41,8 +42,8 @@ def execute_stage(stage: str, cfg: PipelineConfig, ddp_processes: int = 1) -> St
 
 
 def _stage_task(stage: str):
-    def body(cfg: PipelineConfig, ddp_processes: int = 1) -> StageResult:
-        return execute_stage(stage, cfg, ddp_processes)
+    def body(cfg: PipelineConfig) -> StageResult:
+        return execute_stage(stage, cfg)
 
     body.__doc__ = (STAGES[stage].work.__doc__ or "").split("\n")[0]
     return task(name=stage, task_run_name=lambda parameters: f"{stage}-{plan(parameters['cfg']).ids[stage]}",
@@ -52,14 +53,14 @@ def _stage_task(stage: str):
 STAGE_TASKS = {stage: _stage_task(stage) for stage in STAGES}
 
 
-def run_stage_task(stage: str, cfg: PipelineConfig, ddp_processes: int = 1) -> StageResult:
+def run_stage_task(stage: str, cfg: PipelineConfig) -> StageResult:
     """Call ``stage``'s task inside a flow (a failed task raises here); a cache hit is answered from disk."""
     stage_task = STAGE_TASKS[stage].with_options(result_storage=results_path(cfg))
-    state = stage_task(cfg=cfg, ddp_processes=ddp_processes, return_state=True)
+    state = stage_task(cfg=cfg, return_state=True)
     if state.name != "Cached":
         return state.result()
     done = complete_result(cfg, stage)
     if done is None:
         get_run_logger().warning("%s: Prefect cache entry without a complete artifact; recomputing", stage)
-        return stage_task.with_options(refresh_cache=True)(cfg=cfg, ddp_processes=ddp_processes)
+        return stage_task.with_options(refresh_cache=True)(cfg=cfg)
     return done

@@ -107,7 +107,10 @@ SPECIAL = {
     "teacher.path": {"teacher.source": "checkpoint", "teacher.path": "elsewhere.pt"},
     "teacher.target": {"teacher.source": "callable", "teacher.target": "pkg.mod:make", "teacher.allow_code": True,
                        "midtrain.init": "random"},  # a callable teacher has no weights to initialise from
-    "precision": {"precision": "bf16"},  # 'fp32' is what 'auto' is on CPU: the same precision
+    "precision": {"precision": "bf16"},
+    "launch.nodes": {"launch.nodes": 2, "launch.rdzv_endpoint": "node0:29500"},
+    "launch.rdzv_endpoint": {"launch.rdzv_endpoint": "node1:29500"},
+    "launch.rdzv_id": {"launch.rdzv_id": "job-2"},  # 'fp32' is what 'auto' is on CPU: the same precision
     "rollout.solver.sigma_min": {"rollout.solver.sigma_min": 0.004},
     "rollout.solver.sigma_max": {"rollout.solver.sigma_max": 40.0},
     "midtrain.form": {"midtrain.form": "flow_map", "posttrain.init": "teacher"},
@@ -214,12 +217,13 @@ def test_changing_a_field_changes_the_ids_of_exactly_the_stages_that_read_it_and
             unread.append(path)
     # what no stage reads is orchestration (where files live, which device, the dask cluster, the label), what
     # steers evaluations during training, which the teacher's training does not run, and the permission to run
-    # a callable teacher's code (checked when the config is made)
+    # a callable teacher's code (checked when the config is made), and how training processes are laid out
     assert sorted(unread) == sorted(["preset", "device", "cpu_threads", "artifact_root",
                                      "rollout.cluster.address", "rollout.cluster.workers",
                                      "rollout.cluster.threads_per_worker", "rollout.cluster.gpu_resource",
                                      "teacher.train.eval_every", "teacher.train.keep", "teacher.train.keep_tolerance",
-                                     "teacher.allow_code"])
+                                     "teacher.allow_code", "launch.nodes", "launch.procs_per_node",
+                                     "launch.rdzv_endpoint", "launch.rdzv_id", "launch.max_restarts"])
 
 
 def test_a_stage_body_cannot_read_a_field_it_does_not_declare():

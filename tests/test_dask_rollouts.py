@@ -120,3 +120,45 @@ def test_shard_of_a_dying_worker_is_retried(tmp_path, reference):
     path = run_rollouts(factory, tmp_path / "store", NUM, SHAPE, CFG, TEACHER)
     assert (tmp_path / "died").exists()
     assert_same_store(path, reference)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_cluster_started_with_the_dask_commands_gives_the_localcluster_store(tmp_path, reference):
+    """A cluster that is not ours: ``dask scheduler`` and ``dask worker`` as separate processes on loopback (as on
+    a real cluster); the rollouts reach it by address and write the same bits as a LocalCluster."""
+    dask = str(Path(sys.executable).parent / "dask")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    log = (tmp_path / "dask.log").open("w")
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)]
+    try:
+        procs.append(subprocess.Popen([dask, "worker", address, "--nworkers", "2", "--nthreads", "1",
+                                       "--no-dashboard", "--host", "127.0.0.1"],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        cfg = CFG.model_copy(update={"cluster": ClusterConfig(address=address)})
+        path = run_rollouts(gmm_teacher, tmp_path / "store", NUM, SHAPE, cfg, TEACHER)
+        assert open_store(path).attrs["rollout_runs"][-1]["cluster"] == address
+        assert_same_store(path, reference)
+    finally:
+        for proc in procs:  # every server a test starts is stopped, also on failure
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
