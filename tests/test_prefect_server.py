@@ -77,13 +77,15 @@ def _basic(auth: str | None) -> dict:
     return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
 
 
-def start_server(home: Path, timeout: float = 120, auth: str | None = None) -> PrefectServer:
-    """``prefect server start`` on a free loopback port; ``auth`` ('user:secret') turns on API authentication."""
+def start_server(home: Path, timeout: float = 120, auth: str | None = None,
+                 database_url: str | None = None) -> PrefectServer:
+    """``prefect server start`` on a free loopback port, on a sqlite file in ``home`` or on ``database_url``;
+    ``auth`` ('user:secret') turns on API authentication."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+               PREFECT_API_DATABASE_CONNECTION_URL=database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}",
                PREFECT_UI_API_URL=f"{url}/api")  # the UI's API address when not on port 4200
     if auth:
         env["PREFECT_SERVER_API_AUTH_STRING"] = auth
