@@ -16,6 +16,7 @@ run: $(STAMP)
 	$(VENV)/bin/cmt-flow --preset digits
 
 test: $(STAMP)
+	.ci/system-packages
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
