@@ -94,6 +94,13 @@ def reference(tmp_path_factory) -> tuple[Path, dict]:
     return root, contents(root)
 
 
+def copy_of(reference, tmp_path: Path) -> Path:
+    """A copy of the uninterrupted run's artifact root to damage."""
+    root = tmp_path / "root"
+    shutil.copytree(reference[0], root)
+    return root
+
+
 def test_two_identical_runs_are_byte_identical(reference, tmp_path):
     done = run(tmp_path)
     assert done.returncode == 0, done.stderr
@@ -151,8 +158,7 @@ def test_sigkill_in_a_stage_loses_only_the_unsaved_part(stage, reference, tmp_pa
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
-    root = tmp_path / "root"
-    shutil.copytree(reference[0], root)
+    root = copy_of(reference, tmp_path)
     folder = _artifact(root, "midtrain")
     (folder / "manifest.json").unlink()  # as if the run had died inside mid-training
     checkpoint = folder / "train" / "checkpoint.pt"
@@ -168,8 +174,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(reference, tmp_path
 
 
 def test_damaged_model_file_of_a_complete_artifact_is_recomputed_not_reused(reference, tmp_path):
-    root = tmp_path / "root"
-    shutil.copytree(reference[0], root)
+    root = copy_of(reference, tmp_path)
     model = _artifact(root, "teacher") / "model.pt"
     model.write_bytes(model.read_bytes()[:-10])
 
@@ -181,8 +186,7 @@ def test_damaged_model_file_of_a_complete_artifact_is_recomputed_not_reused(refe
 
 
 def test_corrupted_chunk_is_repaired_from_its_seeds(reference, tmp_path):
-    root = tmp_path / "root"
-    shutil.copytree(reference[0], root)
+    root = copy_of(reference, tmp_path)
     store = _artifact(root, "rollouts") / "store.zarr"
     shard = sorted(p for p in (store / "states" / "c").rglob("*") if p.is_file())[3]
     data = bytearray(shard.read_bytes())
