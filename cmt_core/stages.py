@@ -47,7 +47,7 @@ from cmt_core.artifacts import (
     write_manifest,
 )
 from cmt_core.checkpoint import read_training_log
-from cmt_core.config import NetworkConfig, PipelineConfig, RolloutConfig, TrainConfig
+from cmt_core.config import DataConfig, NetworkConfig, PipelineConfig, RolloutConfig, TeacherConfig, TrainConfig
 from cmt_core.data import Data, load_data
 from cmt_core.evaluation.evaluator import Evaluator
 from cmt_core.evaluation.scoring import Scorer
@@ -487,10 +487,9 @@ def _check_root(root: Path) -> None:
                              f"writable folder); set artifact_root to a folder you can write")
 
 
-def _probe_teacher(cfg: PipelineConfig, data: Data) -> None:
-    """Load the teacher the config names and ask it to denoise two zero samples at sigma = 1: it must answer
-    a finite tensor of the samples' shape."""
-    t = cfg.teacher
+def _probe_teacher(t: TeacherConfig, data: Data) -> None:
+    """Load the teacher ``t`` names and ask it to denoise two zero samples at sigma = 1: it must answer a
+    finite tensor of the samples' shape."""
     field, value = ("teacher.target", t.target) if t.source == "callable" else ("teacher.path", str(t.path))
     x = torch.zeros(2, *data.sample_shape)
     try:
@@ -535,13 +534,22 @@ def preflight(cfg: PipelineConfig, stages) -> None:
                                      f"the {stage} stage needs a {'folder' if kind == 'dir' else 'file'} there")
         if stage == "midtrain" and cfg.midtrain.distance == "lpips" and importlib.util.find_spec("lpips") is None:
             raise PreflightError("midtrain.distance='lpips' needs the lpips package: pip install 'cmt[fid]'")
+    probe = cfg.teacher.source in LOADED_TEACHERS and any(_declares(s, "teacher.source") for s in todo)
+    _check_inputs(cfg.data.model_dump_json(), cfg.teacher.model_dump_json() if probe else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_inputs(data_json: str, teacher_json: str | None) -> None:
+    """Read the data and probe the teacher (``teacher_json`` None: no probe); each pair is checked once per
+    process (``run_pipeline``, the CLI and the flows call ``preflight`` again per stage), a failure every time."""
+    data_cfg = DataConfig.model_validate_json(data_json)
     try:
-        data = load_data(cfg.data)
+        data = load_data(data_cfg)
     except Exception as err:  # an unreadable data file or folder
-        raise PreflightError(f"data.path={str(cfg.data.path)!r} cannot be read as data.name={cfg.data.name!r}: "
+        raise PreflightError(f"data.path={str(data_cfg.path)!r} cannot be read as data.name={data_cfg.name!r}: "
                              f"{type(err).__name__}: {_first_line(err)}") from err
-    if cfg.teacher.source in LOADED_TEACHERS and any(_declares(s, "teacher.source") for s in todo):
-        _probe_teacher(cfg, data)
+    if teacher_json is not None:
+        _probe_teacher(TeacherConfig.model_validate_json(teacher_json), data)
 
 
 def complete_result(cfg: PipelineConfig, stage: str) -> StageResult | None:
