@@ -35,7 +35,7 @@ log = logging.getLogger("cmt")
 
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
-UNHASHED = ("store.zarr",)  # folders whose files are recorded by size only: they carry their own checksums
+STORE_DIR = "store.zarr"  # the trajectory store: recorded by size only, its chunks carry their own checksums
 LOCK_SUFFIX = ".lock"
 PACKAGES = ("torch", "zarr", "dask", "numcodecs", "prefect", "pydantic", "clean-fid", "numpy")
 
@@ -106,14 +106,14 @@ def file_hash(path: Path) -> str:
 
 def file_records(folder: Path) -> dict[str, dict]:
     """``{relative path: {"bytes", "sha256"}}`` of every file under ``folder`` but the manifest, lock files and
-    temporary files; files under ``UNHASHED`` folders get no sha256."""
+    temporary files; files of the trajectory store (``STORE_DIR``) get no sha256."""
     folder, records = Path(folder), {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel == MANIFEST or path.name.startswith(".") or path.name.endswith((".tmp", LOCK_SUFFIX)):
             continue
         records[rel] = {"bytes": path.stat().st_size}
-        if rel.split("/")[0] not in UNHASHED:
+        if rel.split("/")[0] != STORE_DIR:
             records[rel]["sha256"] = file_hash(path)
     return records
 
@@ -174,11 +174,13 @@ def provenance() -> dict:
 
 
 def write_manifest(path: Path, stage: str, aid: str, config: dict, inputs: dict, metrics: dict,
-                   seconds: float, device: str | None = None) -> dict:
-    """Mark the artifact at ``path`` complete: the manifest, with the record of every file (``file_records``),
+                   seconds: float, device: str | None = None, elsewhere: dict | None = None) -> dict:
+    """Mark the artifact at ``path`` complete: the manifest, with the record of every file (``file_records``,
+    and ``elsewhere``: records of files the stage wrote at the artifact's URL, ``cmt_core.object_storage``),
     published last (``publish``)."""
+    files = {**file_records(path), **(elsewhere or {})}
     manifest = {"stage": stage, "artifact_id": aid, "config": config, "inputs": inputs, "metrics": metrics,
-                "seconds": seconds, "device": device, "format": FORMAT_VERSION, "files": file_records(path),
+                "seconds": seconds, "device": device, "format": FORMAT_VERSION, "files": dict(sorted(files.items())),
                 **provenance()}
     publish_text(Path(path) / MANIFEST, json.dumps(manifest, indent=2, default=str))
     return manifest

@@ -4,11 +4,12 @@
     cmt stage midtrain --config cfg.yaml        # one stage (e.g. under torchrun for DDP)
     cmt launch midtrain --config cfg.yaml       # this node's torchrun agent for a stage (the config's launch)
     cmt config --preset toy > toy.yaml          # print a preset as YAML to edit (with its store size)
-    cmt store verify PATH [--repair]            # check a trajectory store; --repair recomputes bad shards
+    cmt store verify PATH [--repair]            # check a trajectory store (a folder or s3://...); --repair: local
     cmt compare --preset toy --seeds 3          # CMT vs teacher vs random initialisation (cmt_core.comparison)
 
 The terminal shows progress bars, this package's messages and other libraries' warnings; everything
-(dask's INFO logs included) goes to the run's log file ``<artifact_root>/logs/<time>-<command>.log``.
+(dask's INFO logs included) goes to the run's log file ``<artifact_root>/logs/<time>-<command>.log`` (under an
+object-storage root ``s3://...``: in its local mirror, ``cache_root``).
 
 Exit codes: 0 done; 2 bad input (a config value, a file, the device: one line naming the field, the value
 and what is allowed, nothing written); 1 a failure while a stage computed (one line naming the stage, its
@@ -72,9 +73,9 @@ class _ConsoleFormatter(logging.Formatter):
         return super().format(logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None}))
 
 
-def setup_logging(artifact_root: Path, command: str) -> Path:
+def setup_logging(local_root: Path, command: str) -> Path:
     """Console: ``_ConsoleFilter``; the run's log file: everything at INFO. Returns the log file's path."""
-    log_dir = Path(artifact_root) / "logs"
+    log_dir = Path(local_root) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     rank = f"-rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""  # torchrun
     log_file = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}{rank}.log"
@@ -132,7 +133,7 @@ def runtime_error(err: Exception, log_file: Path, debug: bool = False) -> int:
 
 def print_stage(result) -> None:
     state = "cached" if result.cached else f"computed in {result.manifest.get('seconds', 0):.1f}s"
-    print(f"[{result.stage}] {state}  {result.path}")
+    print(f"[{result.stage}] {state}  {result.location or result.path}")
     metrics = result.metrics
     if result.stage == "evaluation" and "rows" in metrics:
         for row in metrics["rows"]:
@@ -218,7 +219,7 @@ def _launch(cfg, stage: str) -> int:
         stages.preflight(cfg, [stage])
     except stages.PreflightError as err:
         return input_error(err)
-    folder = Path(cfg.artifact_root) / "logs"
+    folder = cfg.local_root / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     config_file = folder / f"launch-{stage}-{cfg.launch.rdzv_id}-{os.getpid()}.yaml"
     save_yaml(cfg, config_file)
@@ -238,7 +239,7 @@ def _store(args) -> int:
     from cmt_core.stages import StageError, repair_store
 
     try:
-        shards = repair_store(Path(args.path))
+        shards = repair_store(args.path)
     except (ValueError, StageError) as err:
         print(f"cannot repair: {err}", file=sys.stderr)
         return 1
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         stages.preflight(cfg, [args.name] if args.command == "stage" else stages.stages_needed(cfg, stages.STAGES))
     except stages.PreflightError as err:
         return input_error(err)
-    log_file = setup_logging(cfg.artifact_root, args.command)
+    log_file = setup_logging(cfg.local_root, args.command)
     runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
     try:
         if args.command == "stage":

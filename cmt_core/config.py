@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
+from cmt_core.object_storage import default_mirror, is_url
 from cmt_core.objectives.distances import DISTANCES
 from cmt_core.solvers import SOLVERS
 
@@ -321,7 +322,28 @@ class PipelineConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     cpu_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads per process (None: torch's "
                                     "default); 1 avoids spin-wait stalls when other processes share the cores")
-    artifact_root: Path = Path("artifacts")
+    artifact_root: Path | str = Field(Path("artifacts"), description="a folder, or a URL on object storage "
+                                      "(s3://bucket/prefix, cmt_core.object_storage)")
+    cache_root: Path | None = Field(None, description="local mirror of a URL artifact_root (None: ~/.cache/cmt/...)")
+
+    @field_validator("artifact_root", mode="before")
+    @classmethod
+    def _root(cls, value):
+        """A URL stays a string (``s3://bucket/prefix``), anything else is a local ``Path``."""
+        return str(value).rstrip("/") if is_url(value) else Path(value)
+
+    @property
+    def remote_root(self) -> str | None:
+        """The artifact root's URL, or None when it is a local folder."""
+        return self.artifact_root if is_url(self.artifact_root) else None
+
+    @property
+    def local_root(self) -> Path:
+        """Where this machine works: the artifact root itself, or the local mirror of a URL root (run logs,
+        feature caches, checkpoints and the files of artifacts live there)."""
+        if self.remote_root is None:
+            return Path(self.artifact_root)
+        return self.cache_root if self.cache_root is not None else default_mirror(self.remote_root)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

@@ -37,8 +37,10 @@ from pathlib import Path
 
 import torch
 
+from cmt_core import object_storage as remote
 from cmt_core.artifacts import (
     MANIFEST,
+    STORE_DIR,
     artifact_dir,
     artifact_id,
     artifact_lock,
@@ -63,11 +65,10 @@ from cmt_core.teachers import edm_teacher, load_teacher, rollout_denoiser, teach
 from cmt_core.training import Progress, train
 from cmt_core.trajectories.dask_rollouts import run_rollouts
 from cmt_core.trajectories.pairs import StorePairs
-from cmt_core.trajectories.store import open_store, reset_shards, verify_store
+from cmt_core.trajectories.store import open_store, reset_shards, store_exists, verify_store
 
 log = logging.getLogger("cmt")
 MODEL_FILE = "model.pt"
-STORE_DIR = "store.zarr"
 MIDTRAIN_KIND = {"cm": "consistency", "mf": "flow_map", "flow_map": "flow_map"}
 POSTTRAIN_KIND = {"ect": "consistency", "ecd": "consistency", "meanflow": "flow_map"}
 
@@ -120,7 +121,11 @@ class ConfigView:
 
 @dataclass
 class StageContext:
-    """What a stage body gets: its config view, its artifact folder, its inputs' folders, where it runs."""
+    """What a stage body gets: its config view, its artifact folder, its inputs' folders, where it runs.
+
+    ``path`` and ``inputs`` are local folders holding the artifacts' files; ``location`` and ``input_locations``
+    are where the artifacts are published, the same folders under a local root and URLs under an object-storage
+    root (``cmt_core.object_storage``: the trajectory store is read and written there, in place)."""
 
     stage: str
     cfg: ConfigView
@@ -128,9 +133,16 @@ class StageContext:
     inputs: dict[str, Path]
     runtime: Runtime
     progress: Progress | None = None
+    location: Path | str | None = None
+    input_locations: dict[str, Path | str] | None = None
+    local_root: Path = Path("artifacts")  # this machine's working root (feature caches)
 
     def input(self, stage: str) -> Path:
         return self.inputs[stage]
+
+    def store(self, stage: str | None = None) -> Path | str:
+        """The trajectory store of the input artifact ``stage``, or of this artifact (None)."""
+        return remote.join(self.location if stage is None else self.input_locations[stage], STORE_DIR)
 
 
 @dataclass(frozen=True)
@@ -145,11 +157,15 @@ class Stage:
 
 @dataclass
 class StageResult:
+    """A complete artifact: its files in the local folder ``path``; ``location``, where it is published (the same
+    folder under a local root, a URL under an object-storage root)."""
+
     stage: str
     artifact_id: str
     path: Path
     manifest: dict
     cached: bool
+    location: Path | str | None = None
 
     @property
     def metrics(self) -> dict:
@@ -161,7 +177,7 @@ class StageResult:
 
 def _scorer(ctx: StageContext, data: Data) -> Scorer:
     c = ctx.cfg
-    evaluator = Evaluator(data, c.eval, Path(c.artifact_root) / "features", c.data)
+    evaluator = Evaluator(data, c.eval, ctx.local_root / "features", c.data)
     return Scorer(data, c.eval, evaluator, ctx.runtime.device, c.rollout.solver.sigma_max, c.rollout.solver.sigma_min)
 
 
@@ -212,7 +228,7 @@ def _teacher(ctx: StageContext) -> dict:
     return {"weights": True, "final_loss": result.history[-1]["loss"] if result.history else None}
 
 
-def _solve_rollouts(c, store: Path, teacher: Path, progress=None) -> None:
+def _solve_rollouts(c, store, teacher: Path, progress=None) -> None:
     """Fill (or finish) the store at ``store`` with the trajectories ``c`` (a config or a ``ConfigView``)
     describes, solved by the teacher whose artifact folder is ``teacher``."""
     data = load_data(c.data)
@@ -225,10 +241,10 @@ def _solve_rollouts(c, store: Path, teacher: Path, progress=None) -> None:
                  progress=progress)
 
 
-def _forget_bad_shards(store: Path) -> list[int]:
+def _forget_bad_shards(store) -> list[int]:
     """Reset the shards of a store marked complete that fail ``verify_store`` (damaged or missing chunks), so
     that the rollouts recompute them from their seeds; returns them. A store still being written is left alone."""
-    if not (store / "zarr.json").exists() or not open_store(store, partial=True).complete:
+    if not store_exists(store) or not open_store(store, partial=True).complete:
         return []
     report = verify_store(store)
     bad = sorted(set(report.bad_shards) | set(report.missing_shards))
@@ -239,13 +255,14 @@ def _forget_bad_shards(store: Path) -> list[int]:
 
 
 def _rollouts(ctx: StageContext) -> dict:
-    """Teacher ODE trajectories in a zarr store (``store.zarr``), solved shard by shard (dask when installed).
-    A store that was complete but fails verification (the stage is recomputed) has its bad shards recomputed."""
+    """Teacher ODE trajectories in a zarr store (``store.zarr``, at the artifact's location: in place at a URL),
+    solved shard by shard (dask when installed). A store that was complete but fails verification (the stage is
+    recomputed) has its bad shards recomputed."""
     c = ctx.cfg
     if ctx.runtime.is_main:
         progress = None if ctx.progress is None else (lambda done, total: ctx.progress(done, total, {}))
-        _forget_bad_shards(ctx.path / STORE_DIR)
-        _solve_rollouts(c, ctx.path / STORE_DIR, ctx.input("teacher"), progress)
+        _forget_bad_shards(ctx.store())
+        _solve_rollouts(c, ctx.store(), ctx.input("teacher"), progress)
     return {"num_trajectories": c.rollout.num_trajectories, "time_points": c.rollout.solver.steps + 1,
             "store": STORE_DIR}
 
@@ -270,6 +287,9 @@ def repair_store(store: Path) -> list[int]:
 
     The teacher and the rollout settings come from the artifact's manifest and its teacher artifact, so the
     recomputed shards equal the lost ones."""
+    if remote.is_url(store):
+        raise ValueError(f"{store}: --repair works on a local store; for one on object storage rerun the pipeline "
+                         "after removing the rollouts manifest: the stage recomputes only the bad shards")
     store = Path(store)
     folder = store.parent
     manifest = read_manifest(folder)
@@ -301,7 +321,7 @@ def _midtrain(ctx: StageContext) -> dict:
     model = build_model(kind, c.network, data.sample_shape, c.rollout.solver.sigma_min)
     if c.midtrain.init == "teacher":
         init_from(model, _teacher_weights(ctx))
-    source = StorePairs(ctx.input("rollouts") / STORE_DIR, to_end=c.midtrain.form == "cm", seed=c.midtrain.train.seed)
+    source = StorePairs(ctx.store("rollouts"), to_end=c.midtrain.form == "cm", seed=c.midtrain.train.seed)
     m = c.midtrain
     try:
         distance = make_distance(m.distance, m.huber_c, m.lpips_backbone)
@@ -395,7 +415,7 @@ SIGMAS = ("rollout.solver.sigma_min", "rollout.solver.sigma_max")
 # the teacher trains without evaluations: the fields that only steer them are not its concern
 EVALUATION_ONLY = ("eval_every", "keep", "keep_tolerance")
 TEACHER_TRAINING = tuple(f"teacher.train.{f}" for f in TrainConfig.model_fields if f not in EVALUATION_ONLY)
-TRAINING_USES = ("eval.batch_size", "artifact_root")
+TRAINING_USES = ("eval.batch_size",)
 PRECISION = ("precision",)  # bf16 autocast changes what a training stage computes (ids hold the effective one)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -413,7 +433,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("evaluation", reads=("data", "network", *TEACHER, "teacher.sampler", *SIGMAS, "midtrain.form",
                                "posttrain.method", "posttrain.init", "eval"),
           needs=lambda cfg: ("teacher", "rollouts", "midtrain", "posttrain"), work=_evaluation,
-          uses=("artifact_root", "preset")),
+          uses=("preset",)),
 )}
 TRAINING_STAGES = tuple(name for name, s in STAGES.items() if s.trains)
 
@@ -452,7 +472,13 @@ def plan(cfg: PipelineConfig) -> Plan:
 
 
 def stage_path(cfg: PipelineConfig, stage: str) -> Path:
-    return artifact_dir(cfg.artifact_root, stage, plan(cfg).ids[stage])
+    """The local folder of ``stage``'s artifact (under an object-storage root: its mirror)."""
+    return artifact_dir(cfg.local_root, stage, plan(cfg).ids[stage])
+
+
+def stage_location(cfg: PipelineConfig, stage: str) -> Path | str:
+    """Where ``stage``'s artifact is published: its folder, or its URL under an object-storage root."""
+    return remote.join(cfg.artifact_root, stage, plan(cfg).ids[stage])
 
 
 def stages_needed(cfg: PipelineConfig, targets) -> list[str]:
@@ -477,14 +503,34 @@ def _declares(stage: str, path: str) -> bool:
     return any(path == r or path.startswith(r + ".") for r in STAGES[stage].reads + STAGES[stage].uses)
 
 
-def _check_root(root: Path) -> None:
+def _check_folder(field: str, root: Path) -> None:
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise PreflightError(f"artifact_root={str(root)!r} is a file, not a folder; set artifact_root to a folder")
+        raise PreflightError(f"{field}={str(root)!r} is a file, not a folder; set {field} to a folder")
     existing = next(p for p in (root, *root.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PreflightError(f"artifact_root={str(root)!r} cannot be created or written ({existing} is not a "
-                             f"writable folder); set artifact_root to a folder you can write")
+        raise PreflightError(f"{field}={str(root)!r} cannot be created or written ({existing} is not a "
+                             f"writable folder); set {field} to a folder you can write")
+
+
+@functools.lru_cache(maxsize=16)
+def _check_url(url: str) -> None:
+    """The bucket of an object-storage root answers (checked once per process)."""
+    try:
+        fs, path = remote.filesystem(url)
+        fs.ls(path.split("/")[0])
+    except Exception as err:  # no filesystem package, no credentials, no bucket, no server
+        raise PreflightError(f"artifact_root={url!r} cannot be reached: {type(err).__name__}: {_first_line(err)} "
+                             "(credentials and endpoint come from the environment: AWS_ACCESS_KEY_ID, "
+                             "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)") from err
+
+
+def _check_root(cfg: PipelineConfig) -> None:
+    if cfg.remote_root is None:
+        _check_folder("artifact_root", cfg.artifact_root)
+        return
+    _check_url(cfg.remote_root)
+    _check_folder("cache_root", cfg.local_root)
 
 
 def _probe_teacher(t: TeacherConfig, data: Data) -> None:
@@ -512,7 +558,7 @@ def preflight(cfg: PipelineConfig, stages) -> None:
     exists and has the right kind, the data reads, and a teacher read from a file or code loads and answers a
     probe with the right shape. Raises ``PreflightError`` naming the field, the value and what is allowed;
     stages whose artifact is complete need nothing and are skipped."""
-    _check_root(cfg.artifact_root)
+    _check_root(cfg)
     todo = [stage for stage in stages if complete_result(cfg, stage) is None]
     if not todo:
         return
@@ -554,18 +600,32 @@ def _check_inputs(data_json: str, teacher_json: str | None) -> None:
 
 def complete_result(cfg: PipelineConfig, stage: str) -> StageResult | None:
     """The complete artifact of ``stage`` (its manifest is written and every file it records is intact), or
-    None; an artifact that fails verification is named in a warning and will be recomputed."""
+    None; an artifact that fails verification is named in a warning and will be recomputed. Under an
+    object-storage root the check is made at the URL (sizes from one listing; the sha256 of each file is checked
+    when it is fetched) and the files are not fetched (``reuse``)."""
     aid = plan(cfg).ids[stage]
-    path = artifact_dir(cfg.artifact_root, stage, aid)
-    manifest = read_manifest(path)
+    path, location = artifact_dir(cfg.local_root, stage, aid), remote.join(cfg.artifact_root, stage, aid)
+    if cfg.remote_root is None:
+        manifest = read_manifest(path)
+        problem = manifest and verify_files(path, manifest)
+    else:
+        manifest = remote.remote_manifest(location)
+        problem = manifest and remote.verify_remote(location, manifest)
     if manifest is None:
         return None
-    problem = verify_files(path, manifest)
     if problem is not None:
-        log.warning("%s: the complete artifact %s fails verification (%s); it will be recomputed", stage, path,
+        log.warning("%s: the complete artifact %s fails verification (%s); it will be recomputed", stage, location,
                     problem)
         return None
-    return StageResult(stage, aid, path, manifest, cached=True)
+    return StageResult(stage, aid, path, manifest, cached=True, location=location)
+
+
+def reuse(result: StageResult) -> StageResult:
+    """``result`` with its files in its local folder: under an object-storage root they are fetched into the
+    mirror (the store stays at the URL); a no-op under a local root."""
+    if remote.is_url(result.location):
+        remote.fetch_artifact(result.location, result.path)
+    return result
 
 
 def run_stage(cfg: PipelineConfig, stage: str, runtime: Runtime | None = None,
@@ -577,35 +637,40 @@ def run_stage(cfg: PipelineConfig, stage: str, runtime: Runtime | None = None,
     (``InputFileError`` for an input file found unusable) and marks nothing complete."""
     done = complete_result(cfg, stage)
     if done is not None:
-        log.info("%s: complete artifact %s, nothing to do", stage, done.path)
-        return done
+        log.info("%s: complete artifact %s, nothing to do", stage, done.location)
+        return reuse(done)
     preflight(cfg, [stage])
     runtime = runtime or Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
     resolved = plan(cfg)
-    inputs = {n: artifact_dir(cfg.artifact_root, n, aid) for n, aid in resolved.inputs[stage].items()}
-    missing = [n for n, path in inputs.items() if read_manifest(path) is None]
+    needed = {n: complete_result(cfg, n) for n in resolved.inputs[stage]}
+    missing = [n for n, result in needed.items() if result is None]
     if missing:
         raise RuntimeError(f"stage {stage!r} needs the complete artifacts of {missing}; run them first "
                            f"(run_pipeline, or `cmt stage {missing[0]}`)")
+    inputs = {n: reuse(result).path for n, result in needed.items()}
     declared = STAGES[stage]
-    path = artifact_dir(cfg.artifact_root, stage, resolved.ids[stage])
+    path, location = stage_path(cfg, stage), stage_location(cfg, stage)
     waiting = f"{stage}: another run is computing {path}; waiting for it, then reusing its result"
     with artifact_lock(path, waiting) if runtime.is_main else contextlib.nullcontext():
         runtime.barrier()
         done = complete_result(cfg, stage)
         if done is not None:
-            log.info("%s: computed by another run meanwhile, reusing %s", stage, done.path)
-            return done
+            log.info("%s: computed by another run meanwhile, reusing %s", stage, done.location)
+            return reuse(done)
         if runtime.is_main:
             (path / MANIFEST).unlink(missing_ok=True)  # a manifest that failed verification: recompute
+            if cfg.remote_root is not None:
+                remote.remove_manifest(location)
             path.mkdir(parents=True, exist_ok=True)
             for stale in path.rglob(".*.tmp"):  # left by a killed writer (``publish``); we hold the lock
                 stale.unlink()
         runtime.barrier()
         view = ConfigView(cfg, declared.reads + declared.uses, stage)
+        locations = {n: result.location for n, result in needed.items()}
         t0 = time.perf_counter()
         try:
-            metrics = declared.work(StageContext(stage, view, path, inputs, runtime, progress))
+            metrics = declared.work(StageContext(stage, view, path, inputs, runtime, progress, location, locations,
+                                                 cfg.local_root))
         except (InputFileError, StageError):
             raise
         except Exception as err:
@@ -614,10 +679,13 @@ def run_stage(cfg: PipelineConfig, stage: str, runtime: Runtime | None = None,
                              f"its last checkpoint") from err
         runtime.barrier()
         if runtime.is_main:
+            in_place = remote.store_records(location) if cfg.remote_root is not None else None
             write_manifest(path, stage, resolved.ids[stage], stage_config(cfg, stage), resolved.inputs[stage],
-                           metrics, time.perf_counter() - t0, device=str(runtime.device))
+                           metrics, time.perf_counter() - t0, device=str(runtime.device), elsewhere=in_place)
+            if cfg.remote_root is not None:
+                remote.publish_artifact(path, location)
         runtime.barrier()
-    return StageResult(stage, resolved.ids[stage], path, read_manifest(path), cached=False)
+    return StageResult(stage, resolved.ids[stage], path, read_manifest(path), cached=False, location=location)
 
 
 def run_pipeline(cfg: PipelineConfig, runtime: Runtime | None = None, targets=tuple(STAGES)) -> dict[str, StageResult]:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except stages.PreflightError as err:
         return input_error(err)
     trust_paths(cfg)  # typed in the user's own shell: the flow may use them (flows.parameters.confine)
-    log_file = setup_logging(cfg.artifact_root, "flow")
+    log_file = setup_logging(cfg.local_root, "flow")
     from flows.pipeline import cmt_pipeline
 
     try:

@@ -3,9 +3,9 @@
 The cache key of a stage task is ``<stage>-<artifact_id>`` (``cmt_core.stages.plan``), so the same stage config
 and inputs hit the cache from any flow run, and orchestration-only parameters (DDP ranks, the dask
 scheduler, the artifact root) never miss it. Prefect 3 caches only persisted results; they are written to
-``<artifact_root>/prefect-results`` (or ``$CMT_PREFECT_RESULTS``). The cache is a fast path only: a hit
-is checked against the disk by the same ``cmt_core.stages.complete_result`` that ``run_stage`` uses
-(``tasks.stages.run_stage_task``).
+``<artifact_root>/prefect-results`` (under an object-storage root: its local mirror's; or ``$CMT_PREFECT_RESULTS``).
+The cache is a fast path only: a hit is checked against the artifact by the same
+``cmt_core.stages.complete_result`` that ``run_stage`` uses (``tasks.stages.run_stage_task``).
 """
 
 from __future__ import annotations
@@ -33,4 +33,4 @@ def artifact_cache_key(stage: str) -> Callable[[Any, dict], str]:
 def results_path(cfg: PipelineConfig) -> Path:
     """Where stage tasks persist their results (Prefect's cache records)."""
     configured = os.environ.get(RESULTS_ENV)
-    return (Path(configured) if configured else Path(cfg.artifact_root) / RESULTS_DIR).absolute()
+    return (Path(configured) if configured else cfg.local_root / RESULTS_DIR).absolute()

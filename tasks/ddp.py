@@ -21,7 +21,7 @@ from pathlib import Path
 from cmt_core.checkpoint import read_training_log
 from cmt_core.config import PipelineConfig, save_yaml
 from cmt_core.runtime import torchrun_command
-from cmt_core.stages import StageResult, complete_result, stage_path
+from cmt_core.stages import StageResult, complete_result, reuse, stage_path
 
 _TQDM_BAR = re.compile(r"\d+%\|")
 POLL_SECONDS = 2.0
@@ -31,7 +31,7 @@ def run_stage_ddp(cfg: PipelineConfig, stage: str, logger, progress=None) -> Sta
     """Run the training ``stage`` under this node's torchrun agent (``cfg.launch``); return its artifact."""
     done = complete_result(cfg, stage)
     if done is not None:
-        return done
+        return reuse(done)
     path = stage_path(cfg, stage)
     total = getattr(cfg, stage).train.steps  # teacher / midtrain / posttrain: the stage's TrainConfig
     tail: deque[str] = deque(maxlen=40)
@@ -69,4 +69,4 @@ def run_stage_ddp(cfg: PipelineConfig, stage: str, logger, progress=None) -> Sta
         raise RuntimeError(f"torchrun {stage} exited with code {proc.returncode} and "
                            f"{'no' if result is None else 'a'} complete artifact at {path}; last output:\n"
                            + "\n".join(tail))
-    return StageResult(stage, result.artifact_id, path, result.manifest, cached=False)
+    return StageResult(stage, result.artifact_id, path, result.manifest, cached=False, location=result.location)

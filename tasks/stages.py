@@ -18,7 +18,7 @@ from prefect import get_run_logger, task
 
 from cmt_core.config import PipelineConfig
 from cmt_core.runtime import Runtime
-from cmt_core.stages import STAGES, TRAINING_STAGES, StageResult, complete_result, plan, run_stage
+from cmt_core.stages import STAGES, TRAINING_STAGES, StageResult, complete_result, plan, reuse, run_stage
 from tasks.caching import artifact_cache_key, results_path
 from tasks.ddp import run_stage_ddp
 from tasks.reporting import StageProgress, brief, library_logs_to
@@ -37,7 +37,7 @@ def execute_stage(stage: str, cfg: PipelineConfig) -> StageResult:
         if not result.cached:
             progress.done()
         verb = "reused" if result.cached else f"done in {result.manifest.get('seconds', 0.0):.1f}s"
-        logger.info("%s: %s %s %s", stage, verb, result.path, brief(result.metrics))
+        logger.info("%s: %s %s %s", stage, verb, result.location, brief(result.metrics))
         return result
 
 
@@ -63,4 +63,4 @@ def run_stage_task(stage: str, cfg: PipelineConfig) -> StageResult:
     if done is None:
         get_run_logger().warning("%s: Prefect cache entry without a complete artifact; recomputing", stage)
         return stage_task.with_options(refresh_cache=True)(cfg=cfg)
-    return done
+    return reuse(done)

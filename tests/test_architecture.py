@@ -218,7 +218,7 @@ def test_changing_a_field_changes_the_ids_of_exactly_the_stages_that_read_it_and
     # what no stage reads is orchestration (where files live, which device, the dask cluster, the label), what
     # steers evaluations during training, which the teacher's training does not run, and the permission to run
     # a callable teacher's code (checked when the config is made), and how training processes are laid out
-    assert sorted(unread) == sorted(["preset", "device", "cpu_threads", "artifact_root",
+    assert sorted(unread) == sorted(["preset", "device", "cpu_threads", "artifact_root", "cache_root",
                                      "rollout.cluster.address", "rollout.cluster.workers",
                                      "rollout.cluster.threads_per_worker", "rollout.cluster.gpu_resource",
                                      "teacher.train.eval_every", "teacher.train.keep", "teacher.train.keep_tolerance",

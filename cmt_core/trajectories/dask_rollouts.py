@@ -8,7 +8,8 @@ itself, so no two writers ever share a shard (zarr 3 has no synchronizers).
 
 * Determinism: trajectory k's noise is seeded by (seed, k) and a shard is always split into the same
   batches, so the store is bit-identical for any number of workers (on one device type). A duplicate
-  writer (a task retried while its first attempt still runs) writes the same bytes with atomic renames.
+  writer (a task retried while its first attempt still runs) writes the same bytes with atomic renames (on
+  object storage: whole-object puts). A store at a URL (``s3://...``) is written there by the workers directly.
 * Resume: a rerun submits only the shards without a done marker; tasks are retried when they fail or their
   worker dies; ``complete`` is written last, with a record of every run (``rollout_runs``: shards computed,
   seconds, workers). A complete store returns at once.
@@ -44,9 +45,17 @@ import torch
 from tqdm.auto import tqdm
 
 from cmt_core.config import ClusterConfig, RolloutConfig
+from cmt_core.object_storage import is_url
 from cmt_core.time_grids import make_grid
 from cmt_core.trajectories.rollout import rollout_batch, trajectory_seeds
-from cmt_core.trajectories.store import create_store, mark_complete, missing_shards, open_store, write_shard
+from cmt_core.trajectories.store import (
+    create_store,
+    mark_complete,
+    missing_shards,
+    open_store,
+    store_exists,
+    write_shard,
+)
 
 log = logging.getLogger("cmt")
 
@@ -89,7 +98,7 @@ def _provenance(num: int, sample_shape, cfg: RolloutConfig, teacher_id: str) -> 
             "store": cfg.store.model_dump(mode="json")}
 
 
-def _check_resumable(path: Path, expected: dict) -> None:
+def _check_resumable(path, expected: dict) -> None:
     attrs = open_store(path, partial=True).attrs
     found = {k: attrs.get(k) for k in expected}
     diff = {k: (found[k], v) for k, v in expected.items() if found[k] != v}
@@ -157,7 +166,7 @@ def dask_available() -> bool:
     return importlib.util.find_spec("distributed") is not None
 
 
-def _solve_on_dask(denoiser_factory, path: Path, todo: list[int], cfg: RolloutConfig, advance) -> None:
+def _solve_on_dask(denoiser_factory, path, todo: list[int], cfg: RolloutConfig, advance) -> None:
     from distributed import as_completed
 
     resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
@@ -175,15 +184,16 @@ def _solve_on_dask(denoiser_factory, path: Path, todo: list[int], cfg: RolloutCo
 
 
 def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg: RolloutConfig, teacher_id: str,
-                 progress: Callable[[int, int], None] | None = None, in_process: bool = False) -> Path:
-    """Fill the trajectory store at ``path`` with ``num`` teacher trajectories; resumes a partial store.
+                 progress: Callable[[int, int], None] | None = None, in_process: bool = False) -> Path | str:
+    """Fill the trajectory store at ``path`` (a folder, or a URL every worker can reach) with ``num`` teacher
+    trajectories; resumes a partial store.
 
     ``progress(done, total)`` is called with the number of trajectories written after every shard (and once
     at the start); ``in_process`` solves the shards here instead of on dask (the default without dask)."""
-    path = Path(path)
+    path = str(path) if is_url(path) else Path(path)
     sample_shape = tuple(int(s) for s in sample_shape)
     provenance = _provenance(num, sample_shape, rollout_cfg, teacher_id)
-    if path.exists():
+    if store_exists(path):
         _check_resumable(path, provenance)
         if open_store(path, partial=True).complete:
             log.info("rollouts: %s is complete, nothing to do", path)

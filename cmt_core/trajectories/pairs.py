@@ -106,6 +106,7 @@ class StorePairs:
         self._cache: OrderedDict[tuple[int, int], Future] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="store-prefetch") if prefetch else None
+        self._readers = ThreadPoolExecutor(buffer_chunks, thread_name_prefix="store-read")
         self._epochs: OrderedDict[int, _Epoch] = OrderedDict()
         self._perms: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
 
@@ -162,8 +163,8 @@ class StorePairs:
 
     # -------------------------------------------------------------------------------------- reads
     def _read_buffer(self, chunks: list[int]) -> torch.Tensor:
-        """States ``(rows, K, *sample_shape)`` of the buffer's chunks, in buffer order."""
-        parts = [self.store.read_chunk(c) for c in chunks]
+        """States ``(rows, K, *sample_shape)`` of the buffer's chunks, in buffer order (read concurrently)."""
+        parts = list(self._readers.map(self.store.read_chunk, chunks))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _buffer(self, epoch: int, buffer: int, background: bool = False) -> Future:
@@ -218,6 +219,9 @@ class StorePairs:
         if getattr(self, "_executor", None) is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        if getattr(self, "_readers", None) is not None:
+            self._readers.shutdown(wait=False, cancel_futures=True)
+            self._readers = None
 
     def __del__(self):
         self.close()

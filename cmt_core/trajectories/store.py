@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,13 +50,17 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.experimental.cache_store import CacheStore
+from zarr.storage import FsspecStore, MemoryStore
 
 from cmt_core.artifacts import package_versions
 from cmt_core.config import StoreConfig
+from cmt_core.object_storage import filesystem, is_url
 
 FORMAT = "cmt-trajectory-store/1"
 BFLOAT16_BITS = "bfloat16-bits"  # states_encoding of a bfloat16 store: raw uint16 bits, view as torch.bfloat16
 _BF16_NAN_BITS = 0x7FC0
+REMOTE_CACHE_BYTES = 2 << 30  # memory for the byte ranges read from a store at a URL (``open_store``)
 
 
 
@@ -83,7 +88,7 @@ class TrajectoryStore:
     ``grid`` ``(K,)`` float64; ``seeds`` ``(N,)`` int64 (None when the producer gave none) is read on first use.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, attrs: dict):
+    def __init__(self, path: Path | str, group: zarr.Group, attrs: dict):
         self.path, self.group, self.attrs = path, group, attrs
         self.states = group["states"]
         self.grid = torch.from_numpy(group["grid"][:])
@@ -189,11 +194,11 @@ def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreCon
 
     ``grid`` is the solver's full grid ``(T + 1,)``; the store keeps ``grid[cfg.keep_indices]``. ``attrs``
     is the caller's provenance (teacher id, solver config, seed, ...); ``seeds`` ``(num,)`` are the producer's
-    per-trajectory noise seeds, stored as ``seeds``. The group is built in a temporary
-    sibling folder and renamed into place, so ``path`` either does not exist or is a whole empty store.
+    per-trajectory noise seeds, stored as ``seeds``. The group is built in a temporary folder and moved into place
+    (renamed; at a URL: uploaded with the root ``zarr.json`` last, put only if absent), so ``path`` either does
+    not exist or is a whole empty store.
     """
-    path = Path(path)
-    if path.exists():
+    if store_exists(path):
         raise FileExistsError(f"{path} already exists; open it with open_store(path, partial=True) to resume")
     grid = torch.as_tensor(grid, dtype=torch.float64)
     keep = list(range(len(grid))) if cfg.keep_indices is None else list(cfg.keep_indices)
@@ -204,8 +209,12 @@ def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreCon
     shard_traj = cfg.chunk_trajectories * cfg.shard_chunks
     num_shards = -(-num // shard_traj)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if is_url(path):
+        tmp = Path(tempfile.mkdtemp(prefix="cmt-store-"))
+    else:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     group = zarr.open_group(tmp, mode="w")
     bf16 = cfg.dtype == "bfloat16"
     group.create_array("states", shape=(num, kept, *sample_shape), dtype="uint16" if bf16 else cfg.dtype,
@@ -240,11 +249,35 @@ def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreCon
         "complete": False,
     })
     try:
-        os.rename(tmp, path)
+        _move_into_place(tmp, path)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise FileExistsError(f"{path} was created concurrently; open it with open_store(path, partial=True)") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return open_store(path, partial=True)
+
+
+def _move_into_place(tmp: Path, path) -> None:
+    """Rename the built store ``tmp`` to the folder ``path``, or upload it to the URL ``path``: every file, then
+    the root ``zarr.json`` (what ``store_exists`` looks for) put only if absent (``FileExistsError`` if a
+    concurrent writer created it first)."""
+    if not is_url(path):
+        os.rename(tmp, path)
+        return
+    fs, root = filesystem(path)
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    for rel in files:
+        if rel != "zarr.json":
+            fs.put_file(str(tmp / rel), f"{root}/{rel}")
+    fs.pipe_file(f"{root}/zarr.json", (tmp / "zarr.json").read_bytes(), mode="create")
+
+
+def store_exists(path) -> bool:
+    """True when a store (complete or not) is at the folder or URL ``path``."""
+    if is_url(path):
+        fs, root = filesystem(path)
+        return fs.exists(f"{root}/zarr.json")
+    return (Path(path) / "zarr.json").exists()
 
 
 def write_shard(store, shard_index: int, states: torch.Tensor) -> None:
@@ -295,12 +328,21 @@ def mark_complete(path, **extra) -> None:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def open_store(path, partial: bool = False) -> TrajectoryStore:
-    """Open a store; raises ``IncompleteStoreError`` unless it is complete or ``partial`` is asked for."""
-    path = Path(path)
-    if not (path / "zarr.json").exists():
+def open_store(path, partial: bool = False, cache_bytes: int = REMOTE_CACHE_BYTES) -> TrajectoryStore:
+    """Open the store at the folder or URL ``path``; raises ``IncompleteStoreError`` unless it is complete or
+    ``partial`` (opened for writing) is asked for.
+
+    A URL is read through zarr's ``FsspecStore``; a complete one (read-only) through zarr's ``CacheStore`` in front
+    of it: the byte ranges read (shard indexes, chunks) are kept in memory, least recently used first out, up to
+    ``cache_bytes``, so each shard index is fetched once and a store that fits is fetched once per process, as
+    the page cache does for a local store."""
+    path = str(path) if is_url(path) else Path(path)
+    if not store_exists(path):
         raise FileNotFoundError(f"no trajectory store at {path}")
-    group = zarr.open_group(path, mode="r+" if partial else "r")
+    where = path
+    if is_url(path) and not partial and cache_bytes > 0:
+        where = CacheStore(FsspecStore.from_url(path, read_only=True), cache_store=MemoryStore(), max_size=cache_bytes)
+    group = zarr.open_group(where, mode="r+" if partial else "r")
     attrs = dict(group.attrs)
     if attrs.get("format") != FORMAT:
         raise ValueError(f"{path} is not a trajectory store of format {FORMAT!r} (format: {attrs.get('format')!r})")
