@@ -3,7 +3,9 @@
 ``artifact_id`` hashes the stage's validated config, the ids of its inputs and ``FORMAT_VERSION``; the
 same inputs always map to the same folder. A stage works inside that folder (checkpoints make it
 resumable) and writes ``manifest.json`` last, atomically: a folder without a manifest is incomplete and
-is never read as a result. The disk is the source of truth; orchestrators only add caching on top.
+is never read as a result. The disk is the source of truth; orchestrators only add caching on top. An
+``artifact_root`` on object storage (``s3://...``) keeps this layout and rule there, with this module's files
+written in a local mirror first (``cmt_core.object_storage``).
 
 Durability: every file is published by ``publish`` (a temporary file with a unique name in the same folder,
 fsynced, then ``os.replace`` and an fsync of the folder), so a crash or a full disk leaves either the old

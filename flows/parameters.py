@@ -18,8 +18,10 @@ pydantic models before any stage starts, and the error names the field.
 Paths from parameters are confined (``flow_config``): ``artifact_root``, ``data.path``, ``teacher.path``,
 ``midtrain.lpips_backbone``, ``eval.inception_path`` (and a comparison's ``out_dir``) must resolve, symlinks and
 ``..`` followed, inside one of the allowed roots: the folders in ``CMT_ALLOWED_ROOTS`` (separated by ``:``) on
-the machine that runs the flow, by default its working directory. Anyone who can create a flow run chooses
-these values; the roots are the folders they may read and write.
+the machine that runs the flow, by default its working directory. An ``artifact_root`` on object storage
+(``s3://bucket/prefix``) must lie under one of the URL prefixes in ``CMT_ALLOWED_URLS`` (separated by spaces;
+none by default) and ``cache_root``, its local mirror, inside an allowed root. Anyone who can create a flow run
+chooses these values; the roots are the folders and buckets they may read and write with the worker's rights.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ from pydantic import Field
 
 from cmt_core.cli import config_message
 from cmt_core.config import PipelineConfig
+from cmt_core.object_storage import is_url
 from cmt_core.presets import PRESETS, resolve_config
 
 ALLOWED_ROOTS_ENV = "CMT_ALLOWED_ROOTS"
-PATH_FIELDS = ("artifact_root", "data.path", "teacher.path", "midtrain.lpips_backbone", "eval.inception_path")
+ALLOWED_URLS_ENV = "CMT_ALLOWED_URLS"
+PATH_FIELDS = ("artifact_root", "cache_root", "data.path", "teacher.path", "midtrain.lpips_backbone",
+               "eval.inception_path")
 
 PresetName = Literal[tuple(PRESETS)]  # the UI renders a Literal as a dropdown
 DdpProcesses = Annotated[int, Field(ge=1, le=1024)]
@@ -47,8 +52,8 @@ ARGS_DOC = """
             afhq64: the paper's recipes, see docs/recipes.md; cifar10-tiny: the CIFAR-10 recipe at toy size).
         overrides: Dotted `key=value` settings applied on top, as `cmt run --set`, e.g. `{example}`.
         config: A whole pipeline configuration used instead of the preset (the overrides still apply).
-        artifact_root: Folder of the stage artifacts (default: the config's, `artifacts`); shared
-            storage when workers run on several machines.
+        artifact_root: Folder of the stage artifacts (default: the config's, `artifacts`), or a URL on
+            object storage (`s3://bucket/prefix`); shared storage when workers run on several machines.
         ddp_processes: Processes per node of each training stage computed in this run; more than 1 runs it
             under torchrun (DDP). Sets launch.procs_per_node; launch.nodes > 1 (in config or overrides) makes
             this run's node one of several meeting at launch.rdzv_endpoint.
@@ -61,8 +66,20 @@ def allowed_roots() -> list[Path]:
     return [Path(r).resolve() for r in roots or [os.getcwd()]]
 
 
+def allowed_urls() -> list[str]:
+    """The URL prefixes an object-storage ``artifact_root`` may lie under (``CMT_ALLOWED_URLS``, default none)."""
+    return [u.rstrip("/") for u in os.environ.get(ALLOWED_URLS_ENV, "").split() if u]
+
+
 def confine(field: str, value: str | Path) -> None:
-    """Refuse a path parameter that does not resolve inside an allowed root (``..`` and symlinks followed)."""
+    """Refuse a path parameter that does not resolve inside an allowed root (``..`` and symlinks followed), or a
+    URL that is not under an allowed URL prefix."""
+    if is_url(value):
+        url, prefixes = str(value).rstrip("/"), allowed_urls()
+        if ".." in url.split("/") or not any(url == p or url.startswith(p + "/") for p in prefixes):
+            raise ValueError(f"{field}={str(value)!r} is not under an allowed URL prefix {prefixes}; extend "
+                             f"{ALLOWED_URLS_ENV} (URL prefixes separated by spaces) on the machine that runs the flow")
+        return
     resolved, roots = Path(value).resolve(), allowed_roots()
     if not any(resolved == root or root in resolved.parents for root in roots):
         raise ValueError(f"{field}={str(value)!r} resolves to {resolved}, outside the allowed roots "
@@ -92,8 +109,10 @@ def confine_config(cfg: PipelineConfig) -> PipelineConfig:
 def trust_paths(cfg: PipelineConfig) -> None:
     """Add the path fields of ``cfg`` to this process's allowed roots (``cmt-flow``: paths typed in one's own
     shell need no permission; flows started from the UI or the API run in workers without it)."""
-    extra = [Path(value).resolve() for value in path_values(cfg).values()]
+    values = path_values(cfg).values()
+    extra = [Path(value).resolve() for value in values if not is_url(value)]
     os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join(str(r) for r in [*allowed_roots(), *extra])
+    os.environ[ALLOWED_URLS_ENV] = " ".join([*allowed_urls(), *(v.rstrip("/") for v in values if is_url(v))])
 
 
 def flow_config(preset: str, overrides, config: PipelineConfig | None, artifact_root: str | None,

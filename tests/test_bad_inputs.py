@@ -141,7 +141,7 @@ def prefect_api():
 @pytest.mark.slow
 def test_bad_input_through_the_prefect_api(prefect_api, files, tmp_path, monkeypatch):
     """Every case of the table as a ``cmt-pipeline`` flow run (created and reported through the API), plus
-    path parameters outside the allowed roots."""
+    path parameters outside the allowed roots and URLs outside the allowed prefixes."""
     from flows.pipeline import cmt_pipeline
 
     monkeypatch.chdir(tmp_path)
@@ -153,6 +153,11 @@ def test_bad_input_through_the_prefect_api(prefect_api, files, tmp_path, monkeyp
     link = tmp_path / "escape"
     link.symlink_to("/etc")
     cases["artifact root escaping by a symlink"] = ([], "outside the allowed roots", str(link / "cmt"))
+    monkeypatch.setenv("CMT_ALLOWED_URLS", "s3://team-bucket/cmt")
+    cases["bucket prefix not allowed"] = ([], "not under an allowed URL prefix", "s3://team-bucket/other")
+    cases["bucket prefix escaping by .."] = ([], "not under an allowed URL prefix", "s3://team-bucket/cmt/../x")
+    cases["mirror of a bucket outside the allowed roots"] = (["cache_root=/etc/cmt"], "cache_root",
+                                                            "s3://team-bucket/cmt/runs")
     for case, (overrides, words, artifact_root) in cases.items():
         state = cmt_pipeline(preset="toy", overrides=overrides, artifact_root=artifact_root, return_state=True)
         assert state.is_failed(), case

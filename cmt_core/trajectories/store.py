@@ -9,6 +9,9 @@ Layout of the group at ``path``::
     zarr.json   attributes: provenance (teacher id, solver, grid, seed, dtype, versions, creation time)
                 and ``complete``, written last, after every shard is marked done.
 
+``path`` is a local folder or a URL on object storage (``s3://bucket/.../store.zarr``, through zarr's
+``FsspecStore``: the same layout, one object per file; ``cmt_core.object_storage``).
+
 A chunk of ``states`` holds whole trajectories (all K states) of ``chunk_trajectories`` samples, so a
 training pair (x_{t_i}, x_{t_j}) never needs two chunks; ``shard_chunks`` chunks form one shard file.
 Zarr 3 has no synchronizers: a shard is the unit of writing, and every writer owns whole shards
