@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/cmt-flow --preset digits
 
+# two processes (pytest-xdist), one test file each: module fixtures stay shared, and the suite takes about half the time
 test: $(STAMP)
 	.ci/system-packages
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
