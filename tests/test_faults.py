@@ -118,9 +118,9 @@ def _killed_in(stage: str, root: Path) -> bool:
     folder = _artifact(root, stage)
     if folder is None or (folder / "manifest.json").exists():
         return False
-    if stage == "rollouts":
-        return (folder / "store.zarr" / "states" / "c").exists() and any(
-            p.is_file() for p in (folder / "store.zarr" / "states" / "c").rglob("*"))
+    if stage == "rollouts":  # a shard's done marker written (its states are written before it)
+        markers = folder / "store.zarr" / "shard_done" / "c"
+        return markers.exists() and any(p.is_file() for p in markers.rglob("*"))
     if stage == "evaluation":
         return True
     return (folder / "train" / "checkpoint.pt").exists()
