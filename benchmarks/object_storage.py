@@ -45,7 +45,7 @@ from cmt_core.objectives.distances import make_distance  # noqa: E402
 from cmt_core.presets import get_preset  # noqa: E402
 from cmt_core.trajectories.pairs import StorePairs  # noqa: E402
 from cmt_core.trajectories.store import create_store, mark_complete, write_shard  # noqa: E402
-from tests.s3_server import make_bucket, s3_server  # noqa: E402
+from tests.servers import make_bucket, s3_server  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "object_storage.json"
 # name -> (sample shape, trajectories, states, store layout, batch size): the digits preset's store, and CIFAR-10's

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
-from cmt_core.object_storage import default_mirror, is_url
+from cmt_core.object_storage import default_mirror, is_url, location
 from cmt_core.objectives.distances import DISTANCES
 from cmt_core.solvers import SOLVERS
 
@@ -330,7 +330,7 @@ class PipelineConfig(StrictModel):
     @classmethod
     def _root(cls, value):
         """A URL stays a string (``s3://bucket/prefix``), anything else is a local ``Path``."""
-        return str(value).rstrip("/") if is_url(value) else Path(value)
+        return location(value)
 
     @property
     def remote_root(self) -> str | None:

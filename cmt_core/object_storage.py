@@ -41,6 +41,17 @@ def is_url(location) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def location(value) -> Location:
+    """``value`` as a location: a URL stays a string (without a trailing ``/``), anything else becomes a ``Path``.
+    A URL must name a bucket (or host): ``ValueError`` for ``s3://``."""
+    if not is_url(value):
+        return Path(value)
+    scheme, rest = str(value).split("://", 1)
+    if not rest.strip("/"):
+        raise ValueError(f"{value!r} names no bucket; use {scheme}://bucket/prefix")
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
 def join(location: Location, *parts: str) -> Location:
     """``location / part / ...``: a ``Path`` for a local folder, a URL joined with ``/`` for a URL."""
     if is_url(location):
@@ -61,11 +72,6 @@ def default_mirror(url: str) -> Path:
     (``~/.cache/cmt/s3/bucket/prefix`` for ``s3://bucket/prefix``)."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "cmt" / str(url).replace("://", "/").rstrip("/")
-
-
-def exists(url: str) -> bool:
-    fs, path = filesystem(url)
-    return fs.exists(path)
 
 
 def remote_manifest(url: str) -> dict | None:

@@ -132,10 +132,10 @@ class StageContext:
     path: Path
     inputs: dict[str, Path]
     runtime: Runtime
+    location: Path | str
+    input_locations: dict[str, Path | str]
+    local_root: Path  # this machine's working root (feature caches)
     progress: Progress | None = None
-    location: Path | str | None = None
-    input_locations: dict[str, Path | str] | None = None
-    local_root: Path = Path("artifacts")  # this machine's working root (feature caches)
 
     def input(self, stage: str) -> Path:
         return self.inputs[stage]
@@ -515,14 +515,18 @@ def _check_folder(field: str, root: Path) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _check_url(url: str) -> None:
-    """The bucket of an object-storage root answers (checked once per process)."""
+    """The bucket of an object-storage root answers (checked once per process; a probe, not a listing)."""
+    hint = ("credentials and endpoint come from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL")
     try:
         fs, path = remote.filesystem(url)
-        fs.ls(path.split("/")[0])
-    except Exception as err:  # no filesystem package, no credentials, no bucket, no server
+        found = fs.exists(path.split("/")[0])
+    except Exception as err:  # no filesystem package, no server
         raise PreflightError(f"artifact_root={url!r} cannot be reached: {type(err).__name__}: {_first_line(err)} "
-                             "(credentials and endpoint come from the environment: AWS_ACCESS_KEY_ID, "
-                             "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)") from err
+                             f"({hint})") from err
+    if not found:
+        raise PreflightError(f"artifact_root={url!r} cannot be reached: its bucket does not exist or these "
+                             f"credentials cannot read it ({hint})")
 
 
 def _check_root(cfg: PipelineConfig) -> None:
@@ -669,8 +673,8 @@ def run_stage(cfg: PipelineConfig, stage: str, runtime: Runtime | None = None,
         locations = {n: result.location for n, result in needed.items()}
         t0 = time.perf_counter()
         try:
-            metrics = declared.work(StageContext(stage, view, path, inputs, runtime, progress, location, locations,
-                                                 cfg.local_root))
+            metrics = declared.work(StageContext(stage, view, path, inputs, runtime, location, locations,
+                                                 cfg.local_root, progress))
         except (InputFileError, StageError):
             raise
         except Exception as err:

@@ -124,10 +124,15 @@ def test_bad_input_through_the_command_line(case, files, tmp_path, capsys, monke
     (["--config", "{files}/broken.yaml"], "not valid YAML"),
     (["--config", "{files}/list.yaml"], "mapping"),
     (["--artifact-root", "{files}/a_file"], "artifact_root"),
-], ids=["missing YAML", "YAML syntax error", "YAML not a mapping", "artifact root is a file"])
-def test_bad_files_given_to_the_command_line(args, words, files, capsys):
+    (["--artifact-root", "s3://"], "artifact_root: 's3://' names no bucket"),
+    (["--artifact-root", "nosuch://bucket/runs"], "artifact_root='nosuch://bucket/runs' cannot be reached"),
+], ids=["missing YAML", "YAML syntax error", "YAML not a mapping", "artifact root is a file", "URL without a bucket",
+        "URL of an unknown protocol"])
+def test_bad_files_given_to_the_command_line(args, words, files, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert cmt(["run", "--preset", "toy", *[a.replace("{files}", str(files)) for a in args]]) == 2
     _one_line_naming(capsys.readouterr().err.strip(), words)
+    assert not any(tmp_path.iterdir()), "nothing is written for bad input"
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.trajectories.dask_rollouts import run_rollouts
 from cmt_core.trajectories.rollout import rollout_batch
 from cmt_core.trajectories.store import missing_shards, open_store
+from tests.servers import free_port
 
 NUM, SHAPE, TEACHER = 60, (2,), "gmm-exact"
 CFG = RolloutConfig(solver=SolverConfig(name="dpm2m", steps=8), batch_size=8, seed=3,
@@ -122,20 +123,12 @@ def test_shard_of_a_dying_worker_is_retried(tmp_path, reference):
     assert_same_store(path, reference)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_cluster_started_with_the_dask_commands_gives_the_localcluster_store(tmp_path, reference):
     """A cluster that is not ours: ``dask scheduler`` and ``dask worker`` as separate processes on loopback (as on
     a real cluster); the rollouts reach it by address and write the same bits as a LocalCluster."""
     dask = str(Path(sys.executable).parent / "dask")
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
     log = (tmp_path / "dask.log").open("w")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 
 from cmt_core.presets import get_preset
 from cmt_core.stages import run_pipeline, stage_path
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +25,6 @@ SMALL = ["teacher.train.steps=100", "rollout.num_trajectories=512", "midtrain.tr
          "midtrain.train.checkpoint_every=20", "midtrain.train.log_every=20", "midtrain.train.eval_every=null",
          "midtrain.train.batch_size=128", "cpu_threads=1"]
 TOLERANCE = 1e-5  # two ranks reduce the gradient in another order than one process: float32 rounding only
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(root: Path, command: str, *extra: str) -> list[str]:
@@ -46,7 +40,7 @@ def two_nodes(port: int, run_id: str) -> list[str]:
 
 
 def start_agents(root: Path, run_id: str, logs: Path) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     return [subprocess.Popen(cli(root, "launch", *two_nodes(port, run_id)), stdout=(logs / f"agent{k}.log").open("a"),
                              stderr=subprocess.STDOUT, start_new_session=True) for k in range(2)]
 

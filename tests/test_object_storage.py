@@ -1,5 +1,5 @@
 """Stores and artifacts on object storage, against a real S3-compatible server (moto) on 127.0.0.1 that the module
-starts and stops (``tests/s3_server.py``): the store written at a URL and streamed from it, the completion rule
+starts and stops (``tests/servers.py``): the store written at a URL and streamed from it, the completion rule
 (manifest last) of published artifacts, a whole ``toy`` pipeline with its artifacts in a bucket and its rerun, and
 the loader benchmark."""
 
@@ -25,7 +25,7 @@ from cmt_core.trajectories.store import (
     verify_store,
     write_shard,
 )
-from tests.s3_server import make_bucket, s3_server
+from tests.servers import make_bucket, s3_server
 from tests.test_dask_rollouts import gmm_teacher
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
-from tests.test_prefect_server import POOL, ROOT, TINY, _free_port, start_server, stop_server
+from tests.servers import free_port
+from tests.test_prefect_server import POOL, ROOT, TINY, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def postgres():
     folder = Path(tempfile.mkdtemp(prefix="cmt-postgres-"))
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     done = _as_postgres([_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
     assert done.returncode == 0, done.stderr
     options = f"-p {port} -c listen_addresses=127.0.0.1 -k {folder} -c max_connections=200"

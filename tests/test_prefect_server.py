@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from prefect.deployments import run_deployment  # noqa: E402
 from prefect.exceptions import PrefectHTTPStatusError  # noqa: E402
 from prefect.flows import load_flow_from_entrypoint  # noqa: E402
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
+
+from tests.servers import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,12 +68,6 @@ class PrefectServer:
         return temporary_settings(updates={PREFECT_API_URL: self.api})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _basic(auth: str | None) -> dict:
     return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
 
@@ -81,7 +76,7 @@ def start_server(home: Path, timeout: float = 120, auth: str | None = None,
                  database_url: str | None = None) -> PrefectServer:
     """``prefect server start`` on a free loopback port, on a sqlite file in ``home`` or on ``database_url``;
     ``auth`` ('user:secret') turns on API authentication."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",

@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmt_core.config import ClusterConfig, RolloutConfig
-from cmt_core.object_storage import is_url
+from cmt_core.object_storage import location
 from cmt_core.time_grids import make_grid
 from cmt_core.trajectories.rollout import rollout_batch, trajectory_seeds
 from cmt_core.trajectories.store import (
@@ -190,7 +190,7 @@ def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg: Ro
 
     ``progress(done, total)`` is called with the number of trajectories written after every shard (and once
     at the start); ``in_process`` solves the shards here instead of on dask (the default without dask)."""
-    path = str(path) if is_url(path) else Path(path)
+    path = location(path)
     sample_shape = tuple(int(s) for s in sample_shape)
     provenance = _provenance(num, sample_shape, rollout_cfg, teacher_id)
     if store_exists(path):

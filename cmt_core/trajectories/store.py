@@ -58,7 +58,7 @@ from zarr.storage import FsspecStore, MemoryStore
 
 from cmt_core.artifacts import package_versions
 from cmt_core.config import StoreConfig
-from cmt_core.object_storage import filesystem, is_url
+from cmt_core.object_storage import filesystem, is_url, location
 
 FORMAT = "cmt-trajectory-store/1"
 BFLOAT16_BITS = "bfloat16-bits"  # states_encoding of a bfloat16 store: raw uint16 bits, view as torch.bfloat16
@@ -339,7 +339,7 @@ def open_store(path, partial: bool = False, cache_bytes: int = REMOTE_CACHE_BYTE
     of it: the byte ranges read (shard indexes, chunks) are kept in memory, least recently used first out, up to
     ``cache_bytes``, so each shard index is fetched once and a store that fits is fetched once per process, as
     the page cache does for a local store."""
-    path = str(path) if is_url(path) else Path(path)
+    path = location(path)
     if not store_exists(path):
         raise FileNotFoundError(f"no trajectory store at {path}")
     where = path

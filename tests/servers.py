@@ -1,4 +1,5 @@
-"""A local S3-compatible server for tests and benchmarks: moto in server mode, on 127.0.0.1.
+"""Helpers for the servers tests start on loopback: a free port, and a local S3-compatible server (moto in server
+mode, on 127.0.0.1) for tests and benchmarks.
 
 ``with s3_server() as endpoint:`` starts ``python -m moto.server`` on a free loopback port in its own process
 group, sets the environment every S3 client here reads (``AWS_ENDPOINT_URL``, test credentials, a region)
@@ -20,7 +21,8 @@ import urllib.request
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the caller binds it next)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -28,7 +30,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def s3_server(timeout: float = 60):
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
