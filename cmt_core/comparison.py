@@ -11,7 +11,8 @@ evaluation cadence and noises, the same seeds. Methods:
 Both methods' arms of a seed read the same teacher and rollouts artifacts (their stage ids are equal), so those
 are computed once and shared through the artifact cache; reruns reuse every complete arm. Teacher- and
 random-initialised arms of consistency tuning start ECT's dt schedule at its first stage (``baseline_overrides``:
-the largest gap, as ECT trains from a diffusion model), where a preset starts CMT weights at a later one.
+the largest gap, as ECT trains from a diffusion model), where a preset starts CMT weights at a later one, and have
+no CMT boundary (``posttrain.ect.anchor_sigma``: there is no mid-trained map to keep).
 
 Results (``summarise``): per method and initialisation, the post-training curve (1-step and 2-step data metric,
 seed mean and std at every evaluation), how many iterations each path needs to reach the diffusion-initialised
@@ -74,7 +75,8 @@ class CompareConfig(StrictModel):
     eval_every: int | None = Field(None, ge=1, description="evaluation cadence of every arm (None: the preset's)")
     overrides: tuple[str, ...] = Field((), description="dotted key=value applied to every arm")
     baseline_overrides: tuple[str, ...] = Field(
-        ("posttrain.ect.start_stage=0",), description="applied to the teacher- and random-initialised arms")
+        ("posttrain.ect.start_stage=0", "posttrain.ect.anchor_sigma=0"),
+        description="applied to the teacher- and random-initialised arms")
     workers: int = Field(1, ge=1, le=64, description="processes running independent arms at once")
     artifact_root: Path = Path("artifacts")
     out_dir: Path = Path("benchmarks/results")
@@ -211,9 +213,13 @@ def training_nfe(cfg: PipelineConfig, stage: str) -> int:
     if stage != "posttrain":
         return TRAINING_NFE[stage]
     method = cfg.posttrain.method
-    if method != "ecd":
+    if method == "meanflow":
         return TRAINING_NFE[method]
-    return TRAINING_NFE["ecd"] + function_evaluations(cfg.posttrain.ecd_solver, make_grid(cfg.rollout.solver)[:2])
+    anchor = int(cfg.posttrain.ect.anchor_sigma > 0)  # the frozen mid-trained model's call (the CMT boundary)
+    if method == "ect":
+        return TRAINING_NFE[method] + anchor
+    return TRAINING_NFE["ecd"] + anchor + function_evaluations(cfg.posttrain.ecd_solver,
+                                                               make_grid(cfg.rollout.solver)[:2])
 
 
 def rollout_cost(cfg: PipelineConfig, results: dict[str, StageResult]) -> dict:

@@ -239,6 +239,10 @@ class ECTConfig(StrictModel):
     start_stage: int = Field(0, ge=0, le=30, description="first stage; > 0 starts at a small dt (for CMT weights)")
     huber_c: float = Field(0.0, ge=0.0, description="per sample, ECT's -c: loss = (sqrt(||d||^2 + c^2) - c) / "
                            "(t - r) over all dimensions (a per-dimension c' is c' * sqrt(dim)); 0: ||d|| / (t - r)")
+    anchor_sigma: float = Field(0.0, ge=0.0, description="CMT boundary (a deviation from ECT, for init='cmt'): "
+                                "for t <= anchor_sigma the target is the mid-trained model's own f(x_t, t) (a frozen "
+                                "copy), so post-training keeps the map mid-training learned there and tunes above "
+                                "it; 0: ECT / ECD as published (the boundary f(x, sigma_min) = x alone)")
 
 
 class MeanFlowConfig(StrictModel):
@@ -278,8 +282,9 @@ class EvalConfig(StrictModel):
     mid_sigma: float = Field(0.8, gt=0, description="2-step sampling: the intermediate sigma, when "
                              "mid_sigma_search is empty")
     mid_sigma_search: tuple[PositiveFloat, ...] = Field(
-        (0.2, 0.3, 0.45, 0.7, 1.0, 1.5), description="2-step sampling: candidate intermediate sigmas; each model "
-        "uses the one with the best 2-step score on noises of its own (not those it is reported on); empty: mid_sigma")
+        (0.2, 0.3, 0.45, 0.6, 0.7, 0.85, 1.0, 1.5), description="2-step sampling: candidate intermediate sigmas; "
+        "each model uses the one with the best 2-step score on noises of its own (not those it is reported on); "
+        "empty: mid_sigma")
     num_seed_sets: int = Field(1, ge=1, le=16)
     inception_path: Path | None = Field(None, description="local inception-2015-12-05.pt (FID); None: offline")
     fid_mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = "clean"
@@ -361,6 +366,11 @@ class PipelineConfig(StrictModel):
             raise ValueError("posttrain.method='meanflow' with init='cmt' needs midtrain.form 'mf' or 'flow_map'")
         if self.posttrain.method in ("ect", "ecd") and self.midtrain.form != "cm" and self.posttrain.init == "cmt":
             raise ValueError("posttrain.method='ect'/'ecd' with init='cmt' needs midtrain.form='cm'")
+        anchor = self.posttrain.ect.anchor_sigma
+        if anchor > 0 and (self.posttrain.init != "cmt" or self.posttrain.method == "meanflow"):
+            raise ValueError(f"posttrain.ect.anchor_sigma={anchor} keeps the mid-trained "
+                             "model's map below it: it needs posttrain.init='cmt' and method 'ect' or 'ecd' "
+                             f"(got init={self.posttrain.init!r}, method={self.posttrain.method!r}); set it to 0")
         if self.midtrain.distance == "lpips" and (self.data.name in ("gaussian_mixture", "checkerboard") or (
                 self.data.name == "digits" and (self.data.resolution or 8) < 16)):
             raise ValueError(f"midtrain.distance='lpips' needs images of at least 16 pixels a side, not "

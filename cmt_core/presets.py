@@ -59,7 +59,11 @@ def _digits() -> dict:
         "posttrain": {"method": "ecd", "init": "cmt", "ecd_solver": "heun",
                       # pseudo-Huber with c = dim / 2: the squared loss this preset was tuned with, for its
                       # errors (||d|| << c); ECT's c = 0 (the l2 norm) measured 11.6 / 11.9 instead of 10.8 / 11.2
-                      "ect": {"t_sampling": "log_uniform", "start_stage": 3, "stage_steps": 1000, "huber_c": 32.0},
+                      # the CMT boundary: below sigma 0.6 the target is the mid-trained map (seed 0, 4 noise sets,
+                      # 1-step / 2-step FD-digits: 10.7 / 10.6 without it; anchor 0.3, 0.6, 1, 2: 10.0 / 9.5,
+                      # 9.2 / 8.4, 9.8 / 8.7, 11.5 / 9.4)
+                      "ect": {"t_sampling": "log_uniform", "start_stage": 3, "stage_steps": 1000, "huber_c": 32.0,
+                              "anchor_sigma": 0.6},
                       "train": {"steps": 2000, "lr": 5e-5, "ema_decay": 0.999, "eval_every": 500, **train}},
         # FD-digits of 2,000 samples varies by about 0.6 between noise sets: the table averages four
         "eval": {"num_samples": 2000, "batch_size": 1000, "num_seed_sets": 4},

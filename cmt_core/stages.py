@@ -367,7 +367,10 @@ def _posttrain(ctx: StageContext) -> dict:
         teacher = None
         if p.method == "ecd":
             teacher = teacher_denoiser(c.teacher, data, ctx.input("teacher") / MODEL_FILE).to(runtime.device).eval()
-        loss = ECTLoss(p.ect, smin, smax, teacher, p.ecd_solver)
+        anchor = None
+        if p.ect.anchor_sigma > 0:  # a frozen copy of the mid-trained model (config: init='cmt')
+            anchor = load_model(ctx.input("midtrain") / MODEL_FILE).to(runtime.device)
+        loss = ECTLoss(p.ect, smin, smax, teacher, p.ecd_solver, anchor)
     return _train_few_step(ctx, data, model, kind, loss, data.source(p.train.seed), p.train, "post-training")
 
 

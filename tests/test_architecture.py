@@ -113,8 +113,10 @@ SPECIAL = {
     "launch.rdzv_id": {"launch.rdzv_id": "job-2"},  # 'fp32' is what 'auto' is on CPU: the same precision
     "rollout.solver.sigma_min": {"rollout.solver.sigma_min": 0.004},
     "rollout.solver.sigma_max": {"rollout.solver.sigma_max": 40.0},
-    "midtrain.form": {"midtrain.form": "flow_map", "posttrain.init": "teacher"},
-    "posttrain.method": {"posttrain.method": "meanflow", "midtrain.form": "mf"},
+    # the CMT boundary (posttrain.ect.anchor_sigma) keeps a mid-trained consistency model's map: off for the others
+    "midtrain.form": {"midtrain.form": "flow_map", "posttrain.init": "teacher", "posttrain.ect.anchor_sigma": 0.0},
+    "posttrain.method": {"posttrain.method": "meanflow", "midtrain.form": "mf", "posttrain.ect.anchor_sigma": 0.0},
+    "posttrain.init": {"posttrain.init": "teacher", "posttrain.ect.anchor_sigma": 0.0},
     "network.kind": {"network.kind": "unet"},
     # the teacher samples with Heun, which has no lower_order_final: a multistep sampler that has it
     "teacher.sampler.lower_order_final": {"teacher.sampler.name": "dpm3m", "teacher.sampler.lower_order_final": True},

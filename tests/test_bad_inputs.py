@@ -58,6 +58,8 @@ CASES = {
     "betas out of [0, 1)": (["midtrain.train.betas=[2,3]"], "midtrain.train.betas"),
     "infinite sigma_max": (["rollout.solver.sigma_max=inf"], "rollout.solver.sigma_max"),
     "nan learning rate": (["midtrain.train.lr=nan"], "midtrain.train.lr"),
+    "CMT boundary without CMT weights": (["posttrain.ect.anchor_sigma=0.5", "posttrain.init=teacher"],
+                                         "posttrain.ect.anchor_sigma"),
     "infinite EMA decay": (["posttrain.train.ema_decay=-inf"], "posttrain.train.ema_decay"),
     "keep_indices past the grid": (["rollout.store.keep_indices=[0,100]"], "keep_indices"),
     "keep_indices not increasing": (["rollout.store.keep_indices=[3,1]"], "keep_indices"),

@@ -49,6 +49,8 @@ def test_cross_field_rules_explain_themselves():
         get_preset("digits", ["teacher.source=exact"])
     with pytest.raises(ValidationError, match="data.path is required"):
         PipelineConfig.model_validate({"data": {"name": "cifar10", "path": None}})
+    with pytest.raises(ValidationError, match="anchor_sigma=1.0 keeps the mid-trained model's map"):
+        get_preset("digits", ["posttrain.ect.anchor_sigma=1.0", "posttrain.init=teacher"])
 
 
 def test_overrides_apply_dotted_keys():

@@ -94,6 +94,20 @@ def test_ect_loss_is_the_per_sample_norm_or_pseudo_huber_over_t_minus_r(huber_c,
     assert torch.allclose(loss, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
 
 
+def test_ect_targets_the_frozen_mid_trained_model_at_or_below_anchor_sigma():
+    # the hand case above (k = 0, q = 2: r = t / 2) with anchor_sigma = 2: sample 0 (t = 4) keeps ECT's target,
+    # sample 1 (t = 1) is compared with the anchor's f(x_t, t) = 0: ||f(x_t, t)|| / (t - r) = ||(1, 0)|| / 0.5
+    cfg = ECTConfig(p_mean=0.0, p_std=1.0, k=0.0, q=2.0, anchor_sigma=2.0)
+    rng = QueuedRandom(torch.tensor([4.0, 1.0], dtype=torch.float64).log(),
+                       torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=torch.float64))
+    y = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    anchor = Constant(torch.zeros(1, 2, dtype=torch.float64))
+    loss = ECTLoss(cfg, anchor=anchor)(Scaled(), {"x": y}, rng)
+    assert torch.allclose(loss, torch.tensor([30.0, 2.0], dtype=torch.float64), rtol=1e-12)
+    with pytest.raises(ValueError, match="anchor"):
+        ECTLoss(cfg)
+
+
 def test_cmt_mf_form_in_tau_time_is_the_papers_velocity_distance():
     # tau = t / (1 + t), z = (1 - tau) x: tau_t = 2/3, z_t = (2/3, 1/3); tau_s = 3/5, z_s = (0.4, 0.4);
     # target U = (z_t - z_s) / (tau_t - tau_s) = (4, -1); the model's z_s = (1 - tau_s) f = (0.2, 0.1), so
