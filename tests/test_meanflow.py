@@ -9,6 +9,7 @@ from torch import nn
 
 from cmt_core.config import MeanFlowConfig, NetworkConfig
 from cmt_core.models import build_model, load_model, save_model
+from cmt_core.objectives.base import StepRandom
 from cmt_core.objectives.meanflow import MeanFlowLoss, average_velocity, meanflow_target, tau_velocity
 from cmt_core.presets import get_preset
 from cmt_core.stages import plan
@@ -170,3 +171,14 @@ def test_toy_meanflow_pipeline(tmp_path):
     cmt = rows["CMT (mid-trained), 1-step"]["flow_map_error"]
     post = rows["MEANFLOW from cmt, 1-step"]["flow_map_error"]
     assert cmt * 20 <= baseline and post <= cmt
+
+
+def test_mean_flow_trains_a_unet_under_bf16_autocast_on_cpu():
+    # the JVP through the U-Net's group norms: their output and its tangent stay in one dtype (``GroupNorm32``)
+    net = NetworkConfig(kind="unet", width=16, channel_mult=[1, 2], depth=1, emb_dim=32, attention_resolutions=[16])
+    flow_map = build_model("flow_map", net, (3, 32, 32), 0.002)
+    rng = StepRandom(0, 0, 4, 0, 1, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = MeanFlowLoss(MeanFlowConfig())(flow_map, {"x": torch.randn(4, 3, 32, 32)}, rng).float().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in flow_map.parameters() if p.requires_grad)

@@ -50,13 +50,25 @@ def _init(layer: nn.Conv2d | nn.Linear, scale: float = 1.0) -> nn.Conv2d | nn.Li
     return layer
 
 
+class GroupNorm32(nn.GroupNorm):
+    """``nn.GroupNorm`` computed in float32, its output in the input's dtype (fp32 runs are unchanged).
+
+    Under bf16 autocast on CPU, PyTorch 2.14's group_norm gives a bf16 output whose forward-mode tangent is
+    float32, and the next convolution's JVP (Mean Flow's) then fails on mixed dtypes; computed here outside
+    autocast and cast back, output and tangent share the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with the largest group count <= min(32, channels // 4) that divides ``channels`` (EDM's
     count wherever EDM's is defined, i.e. divides)."""
     groups = max(1, min(32, channels // 4))
     while channels % groups:
         groups -= 1
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    return GroupNorm32(groups, channels, eps=1e-6)
 
 
 def _resample(x: torch.Tensor, mode: str | None) -> torch.Tensor:
