@@ -5,9 +5,12 @@ Writes ``benchmarks/results/object_storage.json``. For each store layout (a pres
 states of that shape: the timing does not depend on what they hold), three figures, each S3 / local:
 
 * ``cold``: the first epoch of a fresh loader, drained as fast as it goes (no training in between: the strictest
-  comparison). Every S3 byte range is fetched over the network; the local store is in the page cache (it was
-  just written), as it is on a training machine after its first epoch;
-* ``warm``: the later epochs of that loader: the S3 store is served by the loader's in-memory range cache
+  comparison). Every S3 byte is fetched over the network; the local store is in the page cache (it was just
+  written), as it is on a training machine after its first epoch. These stores fit the loader's memory cache, so
+  each shard is one request (``WholeObjectStore``);
+* ``cold_ranges``: the same with a cache of half the store, so that it is read by byte ranges (a request per
+  chunk, one per shard index: ``CacheStore``), as a store larger than memory is (CIFAR-10's, at the paper's size);
+* ``warm``: the later epochs of that loader: the S3 store is served by the loader's memory cache
   (``open_store``'s ``cache_bytes``), the local one by the page cache;
 * ``training``: steps/s of the digits preset's mid-training step (its MLP, the CM loss, Adam, one torch thread)
   fed by the loader from step 0 (first epoch, cold), which is what a run sees.
@@ -44,7 +47,7 @@ from cmt_core.objectives.cmt import CMTLoss  # noqa: E402
 from cmt_core.objectives.distances import make_distance  # noqa: E402
 from cmt_core.presets import get_preset  # noqa: E402
 from cmt_core.trajectories.pairs import StorePairs  # noqa: E402
-from cmt_core.trajectories.store import create_store, mark_complete, write_shard  # noqa: E402
+from cmt_core.trajectories.store import REMOTE_CACHE_BYTES, create_store, mark_complete, write_shard  # noqa: E402
 from tests.servers import make_bucket, s3_server  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "object_storage.json"
@@ -74,9 +77,9 @@ def upload(local: Path, url: str) -> None:
         fs.put_file(str(path), f"{root}/{path.relative_to(local).as_posix()}")
 
 
-def drain(location, batch: int, epochs: int) -> list[float]:
+def drain(location, batch: int, epochs: int, cache_bytes: int = REMOTE_CACHE_BYTES) -> list[float]:
     """Pairs per second of each of ``epochs`` epochs of a fresh loader reading from step 0."""
-    pairs = StorePairs(location, to_end=False, seed=0)
+    pairs = StorePairs(location, to_end=False, seed=0, cache_bytes=cache_bytes)
     steps, rates = len(pairs) // batch, []
     for epoch in range(epochs):
         t0 = time.perf_counter()
@@ -118,14 +121,17 @@ def measure(layouts: dict, epochs: int, repeats: int, train_steps: int) -> dict:
             url = f"{bucket}/{name}/store.zarr"
             build_store(local, shape, num, states, layout)
             upload(local, url)
-            runs = {"local": [], "s3": []}
+            half = sum(p.stat().st_size for p in local.rglob("*") if p.is_file()) // 2
+            arms = (("local", local, REMOTE_CACHE_BYTES), ("s3", url, REMOTE_CACHE_BYTES), ("s3_ranges", url, half))
+            runs = {arm: [] for arm, _, _ in arms}
             for _ in range(repeats):
-                for arm, where in (("local", local), ("s3", url)):
-                    runs[arm].append(drain(where, batch, epochs))
+                for arm, where, cache in arms:
+                    runs[arm].append(drain(where, batch, epochs, cache))
             cold = {arm: max(r[0] for r in rates) for arm, rates in runs.items()}
-            warm = {arm: max(max(r[1:]) for r in rates) for arm, rates in runs.items()}
+            warm = {arm: max(max(r[1:]) for r in rates) for arm, rates in runs.items() if arm != "s3_ranges"}
             figures = {"cold_pairs_per_s": cold, "warm_pairs_per_s": warm,
-                       "ratio": {"cold": cold["s3"] / cold["local"], "warm": warm["s3"] / warm["local"]}}
+                       "ratio": {"cold": cold["s3"] / cold["local"], "cold_ranges": cold["s3_ranges"] / cold["local"],
+                                 "warm": warm["s3"] / warm["local"]}}
             if len(shape) == 1 and train_steps:
                 steps = {"local": [], "s3": []}
                 for _ in range(repeats):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from zarr.storage import FsspecStore
 
 from cmt_core import object_storage as remote
 from cmt_core.artifacts import MANIFEST, write_manifest
@@ -20,6 +21,7 @@ from cmt_core.trajectories.dask_rollouts import run_rollouts
 from cmt_core.trajectories.pairs import StorePairs
 from cmt_core.trajectories.store import (
     IncompleteStoreError,
+    WholeObjectStore,
     create_store,
     open_store,
     verify_store,
@@ -65,6 +67,28 @@ def test_a_store_written_at_a_url_equals_the_local_one_and_streams_the_same_batc
     done = subprocess.run([*CMT, "store", "verify", url], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and f"{url}: OK" in done.stdout, done.stdout + done.stderr
 
+
+
+def test_a_store_that_fits_the_cache_is_fetched_one_object_per_shard(bucket, monkeypatch):
+    url = f"{bucket}/whole/store.zarr"
+    run_rollouts(gmm_teacher, url, 200, (2,), CFG, "gmm", in_process=True)
+    requests = []
+    get = FsspecStore.get
+
+    async def counted(self, key, prototype, byte_range=None):
+        if key.startswith("states/c/"):
+            requests.append(byte_range)
+        return await get(self, key, prototype, byte_range)
+
+    monkeypatch.setattr(FsspecStore, "get", counted)
+    half = sum(remote.sizes(url).values()) // 2  # a cache smaller than the store: byte ranges instead
+    whole, ranges = open_store(url), open_store(url, cache_bytes=half)
+    assert isinstance(whole.group.store, WholeObjectStore) and not isinstance(ranges.group.store, WholeObjectStore)
+    read = [whole.read_chunk(c) for c in range(whole.num_chunks)]
+    assert len(requests) == whole.num_shards and requests == [None] * whole.num_shards  # whole objects, once
+    requests.clear()
+    assert all(torch.equal(a, ranges.read_chunk(c)) for c, a in enumerate(read))
+    assert len(requests) == whole.num_chunks + whole.num_shards  # a range per chunk, and each shard's index
 
 def test_a_store_being_written_at_a_url_is_incomplete_and_created_once(bucket):
     url = f"{bucket}/partial/store.zarr"
@@ -184,6 +208,6 @@ def test_the_loader_benchmark_writes_every_field(tmp_path):
     result = json.loads(out.read_text())
     assert result["target_ratio"] == 0.75 and result["versions"]["s3fs"]
     layout = result["layouts"]["digits"]
-    for figure in ("cold", "warm", "training"):
+    for figure in ("cold", "cold_ranges", "warm", "training"):
         assert layout["ratio"][figure] > 0
     assert layout["cold_pairs_per_s"]["local"] > 0 and layout["training_steps_per_s"]["s3"] > 0

@@ -35,7 +35,7 @@ import torch
 
 from cmt_core.data.sources import TensorSource, rank_slice
 from cmt_core.rng import Stream, generator
-from cmt_core.trajectories.store import open_store
+from cmt_core.trajectories.store import REMOTE_CACHE_BYTES, open_store
 
 
 def pair_batch(states: torch.Tensor, grid: torch.Tensor, traj: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> dict:
@@ -92,10 +92,11 @@ class _Segment:
 class StorePairs:
     """BatchSource of CMT pairs read from the complete trajectory store at ``path``."""
 
-    def __init__(self, path, to_end: bool = True, seed: int = 0, buffer_chunks: int = 4, prefetch: int = 1):
+    def __init__(self, path, to_end: bool = True, seed: int = 0, buffer_chunks: int = 4, prefetch: int = 1,
+                 cache_bytes: int = REMOTE_CACHE_BYTES):
         if buffer_chunks < 1 or prefetch < 0:
             raise ValueError(f"need buffer_chunks >= 1 and prefetch >= 0, got {buffer_chunks}, {prefetch}")
-        self.store = open_store(path)
+        self.store = open_store(path, cache_bytes=cache_bytes)  # ``cache_bytes``: a store at a URL (``open_store``)
         self.to_end, self.seed = to_end, seed
         self.buffer_chunks, self.prefetch = buffer_chunks, prefetch
         self.grid = self.store.grid

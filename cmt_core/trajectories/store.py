@@ -39,6 +39,7 @@ ImageNet-512 latents, keep 0, 2, ..., 16      9         755.0 GB     377.5 GB   
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import shutil
@@ -52,13 +53,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.experimental.cache_store import CacheStore
-from zarr.storage import FsspecStore, MemoryStore
+from zarr.storage import FsspecStore, MemoryStore, WrapperStore
 
 from cmt_core.artifacts import package_versions
 from cmt_core.config import StoreConfig
-from cmt_core.object_storage import filesystem, is_url, location
+from cmt_core.object_storage import filesystem, is_url, location, sizes
 
 FORMAT = "cmt-trajectory-store/1"
 BFLOAT16_BITS = "bfloat16-bits"  # states_encoding of a bfloat16 store: raw uint16 bits, view as torch.bfloat16
@@ -331,20 +333,71 @@ def mark_complete(path, **extra) -> None:
 
 
 # --------------------------------------------------------------------------------------------- reading
+class WholeObjectStore(WrapperStore):
+    """A read-only zarr store in front of ``store`` that answers every byte-range read from the whole object,
+    fetched once (one request) on its first read and kept in memory (``_objects``; bounded by the caller: used
+    only for a store that fits ``open_store``'s ``cache_bytes``). A shard's index and all its chunks then cost one
+    request instead of one each; concurrent first reads of an object share its one fetch."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self._objects: dict[str, object] = {}  # key -> the asyncio task fetching it, then its Buffer (or None)
+
+    def _with_store(self, store):
+        return type(self)(store)
+
+    async def _whole(self, key: str, prototype):
+        entry = self._objects.get(key)
+        if entry is None:
+            entry = self._objects[key] = asyncio.ensure_future(self._store.get(key, prototype))
+        if isinstance(entry, asyncio.Future):
+            try:
+                value = await entry
+            except BaseException:
+                self._objects.pop(key, None)
+                raise
+            self._objects[key] = value
+            return value
+        return entry
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._whole(key, prototype)
+        if value is None or byte_range is None:
+            return value
+        size = len(value)
+        if isinstance(byte_range, RangeByteRequest):
+            start, stop = byte_range.start, byte_range.end
+        elif isinstance(byte_range, OffsetByteRequest):
+            start, stop = byte_range.offset, size
+        elif isinstance(byte_range, SuffixByteRequest):
+            start, stop = max(size - byte_range.suffix, 0), size
+        else:
+            raise TypeError(f"unexpected byte range {byte_range!r}")
+        return value[start:min(stop, size)]
+
+    async def get_partial_values(self, prototype, key_ranges):
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+
 def open_store(path, partial: bool = False, cache_bytes: int = REMOTE_CACHE_BYTES) -> TrajectoryStore:
     """Open the store at the folder or URL ``path``; raises ``IncompleteStoreError`` unless it is complete or
     ``partial`` (opened for writing) is asked for.
 
-    A URL is read through zarr's ``FsspecStore``; a complete one (read-only) through zarr's ``CacheStore`` in front
-    of it: the byte ranges read (shard indexes, chunks) are kept in memory, least recently used first out, up to
-    ``cache_bytes``, so each shard index is fetched once and a store that fits is fetched once per process, as
-    the page cache does for a local store."""
+    A URL is read through zarr's ``FsspecStore``; a complete one (read-only) through a cache in memory, as the page
+    cache does for a local store. A store whose objects total at most ``cache_bytes`` (one listing tells) is read
+    object by object (``WholeObjectStore``: a shard costs one request, its first chunk read fetches the rest with
+    it); a larger one through zarr's ``CacheStore``, which keeps the byte ranges read (shard indexes, chunks),
+    least recently used first out, up to ``cache_bytes``, so each shard index is fetched once."""
     path = location(path)
     if not store_exists(path):
         raise FileNotFoundError(f"no trajectory store at {path}")
     where = path
     if is_url(path) and not partial and cache_bytes > 0:
-        where = CacheStore(FsspecStore.from_url(path, read_only=True), cache_store=MemoryStore(), max_size=cache_bytes)
+        remote = FsspecStore.from_url(path, read_only=True)
+        if sum(sizes(path).values()) <= cache_bytes:
+            where = WholeObjectStore(remote)
+        else:
+            where = CacheStore(remote, cache_store=MemoryStore(), max_size=cache_bytes)
     group = zarr.open_group(where, mode="r+" if partial else "r")
     attrs = dict(group.attrs)
     if attrs.get("format") != FORMAT:
