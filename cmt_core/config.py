@@ -327,11 +327,19 @@ class PipelineConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     cpu_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads per process (None: torch's "
                                     "default); 1 avoids spin-wait stalls when other processes share the cores")
-    artifact_root: Path | str = Field(Path("artifacts"), description="a folder, or a URL on object storage "
-                                      "(s3://bucket/prefix, cmt_core.object_storage)")
+    artifact_root: str | Path = Field(Path("artifacts"), union_mode="left_to_right",
+                                      description="a folder, or a URL on object storage (s3://bucket/prefix, "
+                                      "cmt_core.object_storage)")
     cache_root: Path | None = Field(None, description="local mirror of a URL artifact_root (None: ~/.cache/cmt/...)")
 
     @field_validator("artifact_root", mode="before")
+    @classmethod
+    def _root_text(cls, value):
+        """Validated as text, then made a location (``_root``): a ``Path`` object fails the union in JSON mode (the
+        mode worker processes parse configs in), and text read as a ``Path`` loses a URL's ``//``."""
+        return str(location(value))
+
+    @field_validator("artifact_root")
     @classmethod
     def _root(cls, value):
         """A URL stays a string (``s3://bucket/prefix``), anything else is a local ``Path``."""

@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,16 @@ def test_presets_validate_and_round_trip_through_yaml(name, tmp_path):
     cfg = get_preset(name)
     save_yaml(cfg, tmp_path / "cfg.yaml")
     assert load_yaml(tmp_path / "cfg.yaml") == cfg
+
+
+@pytest.mark.parametrize("root,expected", [
+    (Path("/data/runs"), Path("/data/runs")), ("rel/runs", Path("rel/runs")), ("s3://bucket/runs/", "s3://bucket/runs"),
+])
+def test_a_config_round_trips_through_json_with_a_folder_or_a_url_root(root, expected):
+    # worker processes (the comparison's pool) parse the configs they are sent as JSON
+    cfg = get_preset("toy", artifact_root=root)
+    again = PipelineConfig.model_validate_json(cfg.model_dump_json())
+    assert again == cfg and again.artifact_root == expected and type(again.artifact_root) is type(expected)
 
 
 @pytest.mark.parametrize("make,field,words", [
