@@ -222,6 +222,13 @@ def training_nfe(cfg: PipelineConfig, stage: str) -> int:
                                                                make_grid(cfg.rollout.solver)[:2])
 
 
+def posttrain_nfe_per_step(cc: CompareConfig, method: str, init: str) -> int:
+    """Network evaluations of one post-training step of an arm, from that arm's own config (its batch size times
+    ``training_nfe``): the CMT boundary's extra call counts in the CMT arm only."""
+    cfg = arm_config(cc, method, init, 0)
+    return training_nfe(cfg, "posttrain") * cfg.posttrain.train.batch_size
+
+
 def rollout_cost(cfg: PipelineConfig, results: dict[str, StageResult]) -> dict:
     """The rollouts stage's wall seconds and the teacher calls it made (solver calls x trajectories)."""
     r = cfg.rollout
@@ -277,8 +284,8 @@ def summarise(cc: CompareConfig, results: dict[tuple, dict[str, StageResult]]) -
         mid = _mean_curve([_curve(results[method, "cmt", s]["midtrain"], metric) for s in seeds])
         path = cmt_path(cfg0, mid, curves["cmt"], rollouts)
         target = curves["teacher"][-1]["metric_2step"]  # the diffusion-initialised path's final 2-step metric
-        per_post = training_nfe(cfg0, "posttrain") * cfg0.posttrain.train.batch_size
         for init in cc.inits:
+            per_post = posttrain_nfe_per_step(cc, method, init)
             points = path if init == "cmt" else [{"stage": "posttrain", **p, "nfe": p["iter"] * per_post}
                                                  for p in curves[init]]
             reached = next((p for p in points if p["metric_2step"] <= target), None)

@@ -5,7 +5,7 @@ The comparison itself runs end to end in ``tests/test_flows.py`` (the ``cmt-comp
 import pytest
 from pydantic import ValidationError
 
-from cmt_core.comparison import CompareConfig, arm_config, beats_beyond_spread, training_nfe
+from cmt_core.comparison import CompareConfig, arm_config, beats_beyond_spread, posttrain_nfe_per_step, training_nfe
 from cmt_core.stages import plan
 
 
@@ -44,6 +44,11 @@ def test_network_evaluations_per_training_sample():
     assert training_nfe(toy, "posttrain") == 4  # student + target, and the teacher's Heun step (2 calls)
     assert training_nfe(toy, "midtrain") == 1
     assert training_nfe(arm_config(CompareConfig(preset="toy"), "meanflow", "cmt", 0), "posttrain") == 2
+    # digits' CMT arm calls its frozen mid-trained model too (the CMT boundary); the baselines have none
+    digits = CompareConfig(preset="digits")
+    assert posttrain_nfe_per_step(digits, "ect", "cmt") == 256 * 5
+    for init in ("teacher", "random"):
+        assert posttrain_nfe_per_step(digits, "ect", init) == 256 * 4
 
 
 def curve(means, std):
