@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     from prefect import flow
 
     from flows import cmt_pipeline
+    from flows.parameters import ALLOWED_ROOTS_ENV, allowed_roots
     from tasks.caching import RESULTS_ENV
+
+    # flow parameters must name allowed folders: this one is the script's own choice (as cmt-flow's typed paths are)
+    os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join(str(r) for r in [*allowed_roots(), root.resolve()])
 
     @flow
     def warm_up() -> None:
