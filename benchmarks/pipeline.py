@@ -51,12 +51,18 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from prefect import flow
 
+    from cmt_core.cli import config_message
+    from cmt_core.presets import resolve_config
     from flows import cmt_pipeline
-    from flows.parameters import ALLOWED_ROOTS_ENV, allowed_roots
+    from flows.parameters import trust_paths
     from tasks.caching import RESULTS_ENV
 
-    # flow parameters must name allowed folders: this one is the script's own choice (as cmt-flow's typed paths are)
-    os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join(str(r) for r in [*allowed_roots(), root.resolve()])
+    # flow parameters must name allowed folders: these are the script's own choice, as cmt-flow's typed paths are
+    try:
+        trust_paths(resolve_config(args.preset, args.set, artifact_root=root))
+    except ValueError as err:  # a bad --set: one line naming the field
+        shutil.rmtree(scratch, ignore_errors=True)
+        parser.error(config_message(err))
 
     @flow
     def warm_up() -> None:

@@ -332,17 +332,12 @@ class PipelineConfig(StrictModel):
                                       "cmt_core.object_storage)")
     cache_root: Path | None = Field(None, description="local mirror of a URL artifact_root (None: ~/.cache/cmt/...)")
 
-    @field_validator("artifact_root", mode="before")
-    @classmethod
-    def _root_text(cls, value):
-        """Validated as text, then made a location (``_root``): a ``Path`` object fails the union in JSON mode (the
-        mode worker processes parse configs in), and text read as a ``Path`` loses a URL's ``//``."""
-        return str(location(value))
-
     @field_validator("artifact_root")
     @classmethod
     def _root(cls, value):
-        """A URL stays a string (``s3://bucket/prefix``), anything else is a local ``Path``."""
+        """A URL stays a string (``s3://bucket/prefix``), anything else is a local ``Path``. Text is tried first
+        (``union_mode``): read as a ``Path`` it would lose a URL's ``//``, and the field must parse from JSON (the
+        form worker processes receive configs in)."""
         return location(value)
 
     @property
