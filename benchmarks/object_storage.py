@@ -2,7 +2,7 @@
 (bit-identical objects) on this machine's disk and on an S3-compatible server on loopback (moto, started here).
 
 Writes ``benchmarks/results/object_storage.json``. For each store layout (a preset's chunking and dtype, random
-states of that shape: the timing does not depend on what they hold), three figures, each S3 / local:
+states of that shape: the timing does not depend on what they hold), figures S3 / local:
 
 * ``cold``: the first epoch of a fresh loader, drained as fast as it goes (no training in between: the strictest
   comparison). Every S3 byte is fetched over the network; the local store is in the page cache (it was just
@@ -15,11 +15,16 @@ states of that shape: the timing does not depend on what they hold), three figur
 * ``training``: steps/s of the digits preset's mid-training step (its MLP, the CM loss, Adam, one torch thread)
   fed by the loader from step 0 (first epoch, cold), which is what a run sees.
 
-The local and S3 arms alternate and the fastest of ``--repeats`` counts (other processes share the cores). moto
-is a Python server on the same two cores that copies a whole shard object to answer a range request, and
-botocore spends a few ms of CPU per request: the figures are lower bounds for a real object store.
+Two placements, each with its own server: ``split_cores`` (the reported one), the server pinned to the last CPU
+and every thread of this process (both arms, the loader's readers, the S3 client's event loop) to the others, as
+when the object store is another machine and the loader has the same CPUs in both arms; and ``shared_cores``,
+nothing pinned, where the server's own CPU (moto is Python: a few ms per request, and it copies a whole object to
+answer a range) is taken from the loader under test. ``request_ms`` is the S3 client's CPU per GET of one chunk
+(botocore's signing, parsing and hooks), the cost that small chunks read by ranges pay per chunk.
 
-    .venv/bin/python benchmarks/object_storage.py            # about two minutes
+The local and S3 arms alternate and the fastest of ``--repeats`` counts (other processes share the cores).
+
+    .venv/bin/python benchmarks/object_storage.py            # about seven minutes
     .venv/bin/python benchmarks/object_storage.py --quick    # tiny sizes (the test)
 """
 
@@ -54,8 +59,8 @@ OUT = ROOT / "benchmarks" / "results" / "object_storage.json"
 # name -> (sample shape, trajectories, states, store layout, batch size): the digits preset's store, and CIFAR-10's
 # chunks (64 trajectories x 17 states x 3x32x32 in float16, 6.7 MB) in shards of 4 chunks
 LAYOUTS = {
-    "digits": ((64,), 8192, 17, StoreConfig(chunk_trajectories=128, shard_chunks=4), 256),
-    "cifar10_chunks": ((3, 32, 32), 1024, 17, StoreConfig(dtype="float16", chunk_trajectories=64, shard_chunks=4), 128),
+    "digits": ((64,), 32768, 17, StoreConfig(chunk_trajectories=128, shard_chunks=4), 256),
+    "cifar10_chunks": ((3, 32, 32), 4096, 17, StoreConfig(dtype="float16", chunk_trajectories=64, shard_chunks=4), 128),
 }
 QUICK = {"digits": ((64,), 512, 5, StoreConfig(chunk_trajectories=32, shard_chunks=2), 64)}
 TARGET = 0.75  # S3 at least 75% of local disk
@@ -112,58 +117,105 @@ def train_rate(location, shape, batch: int, steps: int) -> float:
         pairs.close()
 
 
-def measure(layouts: dict, epochs: int, repeats: int, train_steps: int) -> dict:
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` (threads started later inherit it from their starter)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
+def request_ms(url: str, chunk_bytes: int, requests: int = 100) -> float:
+    """The S3 client's CPU (ms) per ranged GET of ``chunk_bytes`` of the first shard of ``url``'s states."""
+    fs, root = filesystem(url)
+    key = sorted(fs.find(f"{root}/states/c"))[0]
+    c0 = time.process_time()
+    for _ in range(requests):
+        fs.cat_file(key, start=0, end=chunk_bytes)
+    return (time.process_time() - c0) / requests * 1e3
+
+
+def measure_layout(spec, local: Path, url: str, epochs: int, repeats: int, train_steps: int) -> dict:
+    """Every figure of one layout ``spec`` (shape, trajectories, states, store config, batch) for the local store
+    and its copy at ``url``."""
+    shape, num, states, layout, batch = spec
+    size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+    arms = (("local", local, REMOTE_CACHE_BYTES), ("s3", url, REMOTE_CACHE_BYTES), ("s3_ranges", url, size // 2))
+    runs = {arm: [] for arm, _, _ in arms}
+    for _ in range(repeats):
+        for arm, where, cache in arms:
+            runs[arm].append(drain(where, batch, epochs, cache))
+    cold = {arm: max(r[0] for r in rates) for arm, rates in runs.items()}
+    warm = {arm: max(max(r[1:]) for r in rates) for arm, rates in runs.items() if arm != "s3_ranges"}
+    ratio = {"cold": cold["s3"] / cold["local"], "cold_ranges": cold["s3_ranges"] / cold["local"],
+             "warm": warm["s3"] / warm["local"]}
+    chunk = size // (num // layout.chunk_trajectories)  # mean stored chunk
+    figures = {"sample_shape": list(shape), "trajectories": num, "states": states, "batch_size": batch,
+               "store": layout.model_dump(mode="json"), "store_bytes": size, "epochs": epochs,
+               "cold_pairs_per_s": cold, "warm_pairs_per_s": warm, "ratio": ratio,
+               "chunk_bytes": chunk, "request_ms": request_ms(url, chunk)}
+    if len(shape) == 1 and train_steps:
+        steps = {"local": [], "s3": []}
+        for _ in range(repeats):
+            for arm, where in (("local", local), ("s3", url)):
+                steps[arm].append(train_rate(where, shape, batch, train_steps))
+        figures["training_steps_per_s"] = {arm: max(v) for arm, v in steps.items()}
+        ratio["training"] = max(steps["s3"]) / max(steps["local"])
+    return {**figures, "repeats": runs}
+
+
+def measure_placement(stores: dict, layouts: dict, split: bool, epochs: int, repeats: int, train_steps: int) -> dict:
+    """Figures of every layout with the server pinned apart (``split``) or not; ``stores``: name -> local store."""
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus, client_cpus = ({cpus[-1]}, set(cpus[:-1])) if split else (None, set(cpus))
     results = {}
-    with tempfile.TemporaryDirectory(prefix="cmt-bench-") as tmp, s3_server():
+    with s3_server(cpus=server_cpus):
         bucket = make_bucket("bench")
-        for name, (shape, num, states, layout, batch) in layouts.items():
-            local = Path(tmp) / name / "store.zarr"
-            url = f"{bucket}/{name}/store.zarr"
-            build_store(local, shape, num, states, layout)
-            upload(local, url)
-            half = sum(p.stat().st_size for p in local.rglob("*") if p.is_file()) // 2
-            arms = (("local", local, REMOTE_CACHE_BYTES), ("s3", url, REMOTE_CACHE_BYTES), ("s3_ranges", url, half))
-            runs = {arm: [] for arm, _, _ in arms}
-            for _ in range(repeats):
-                for arm, where, cache in arms:
-                    runs[arm].append(drain(where, batch, epochs, cache))
-            cold = {arm: max(r[0] for r in rates) for arm, rates in runs.items()}
-            warm = {arm: max(max(r[1:]) for r in rates) for arm, rates in runs.items() if arm != "s3_ranges"}
-            figures = {"cold_pairs_per_s": cold, "warm_pairs_per_s": warm,
-                       "ratio": {"cold": cold["s3"] / cold["local"], "cold_ranges": cold["s3_ranges"] / cold["local"],
-                                 "warm": warm["s3"] / warm["local"]}}
-            if len(shape) == 1 and train_steps:
-                steps = {"local": [], "s3": []}
-                for _ in range(repeats):
-                    for arm, where in (("local", local), ("s3", url)):
-                        steps[arm].append(train_rate(where, shape, batch, train_steps))
-                figures["training_steps_per_s"] = {arm: max(v) for arm, v in steps.items()}
-                figures["ratio"]["training"] = max(steps["s3"]) / max(steps["local"])
-            size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
-            results[name] = {
-                "sample_shape": list(shape), "trajectories": num, "states": states, "batch_size": batch,
-                "store": layout.model_dump(mode="json"), "store_bytes": size, "epochs": epochs, **figures,
-                "repeats": runs}
-            print(f"{name}: S3 / local pairs/s: " + ", ".join(f"{k} {v:.2f}" for k, v in figures["ratio"].items()),
-                  flush=True)
-    return results
+        pin(os.getpid(), client_cpus)
+        try:
+            for name, spec in layouts.items():
+                url = f"{bucket}/{name}/store.zarr"
+                upload(stores[name], url)
+                results[name] = figures = measure_layout(spec, stores[name], url, epochs, repeats, train_steps)
+                print(f"{'split' if split else 'shared'} cores, {name}: S3 / local: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in figures["ratio"].items())
+                      + f"; {figures['request_ms']:.1f} ms of client CPU per GET", flush=True)
+        finally:
+            pin(os.getpid(), set(cpus))
+    return {"server_cpus": sorted(server_cpus) if server_cpus else None, "client_cpus": sorted(client_cpus),
+            "layouts": results}
+
+
+def measure(layouts: dict, epochs: int, repeats: int, train_steps: int) -> dict:
+    """``{"split_cores": ..., "shared_cores": ...}`` (``split_cores`` is None on a single CPU)."""
+    with tempfile.TemporaryDirectory(prefix="cmt-bench-") as tmp:
+        stores = {}
+        for name, (shape, num, states, layout, _) in layouts.items():
+            stores[name] = Path(tmp) / name / "store.zarr"
+            build_store(stores[name], shape, num, states, layout)
+        split = len(os.sched_getaffinity(0)) > 1
+        placements = [True, False] if split else [False]
+        out = {"split_cores": None}
+        for s in placements:
+            out["split_cores" if s else "shared_cores"] = measure_placement(stores, layouts, s, epochs, repeats,
+                                                                            train_steps)
+        return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (what the test runs)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per loader (the first is cold)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per loader (the first is cold)")
     parser.add_argument("--train-steps", type=int, default=300, help="steps of the training arm (0: none)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    layouts = measure(QUICK if args.quick else LAYOUTS, args.epochs, args.repeats,
-                      20 if args.quick else args.train_steps)
-    out = {"benchmark": "object_storage", "target_ratio": TARGET, "server": "moto (python -m moto.server) on 127.0.0.1",
-           "layouts": layouts, "seconds": time.perf_counter() - t0, "cpu_count": os.cpu_count(),
+    placements = measure(QUICK if args.quick else LAYOUTS, args.epochs, args.repeats,
+                         20 if args.quick else args.train_steps)
+    out = {"benchmark": "object_storage", "target_ratio": TARGET, "reported": "split_cores",
+           "server": "moto's S3 application served by waitress on 127.0.0.1 (tests/servers.py)",
+           **placements, "seconds": time.perf_counter() - t0, "cpu_count": os.cpu_count(),
            "load_average": os.getloadavg(), "python": platform.python_version(),
-           "versions": package_versions(("torch", "zarr", "fsspec", "s3fs", "moto", "numcodecs")),
+           "versions": package_versions(("torch", "zarr", "fsspec", "s3fs", "moto", "waitress", "numcodecs")),
            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))

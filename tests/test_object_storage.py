@@ -4,6 +4,7 @@ starts and stops (``tests/servers.py``): the store written at a URL and streamed
 the loader benchmark."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from s3fs import S3FileSystem
+from zarr.abc.store import RangeByteRequest
 from zarr.storage import FsspecStore
 
 from cmt_core import object_storage as remote
@@ -72,23 +75,32 @@ def test_a_store_written_at_a_url_equals_the_local_one_and_streams_the_same_batc
 def test_a_store_that_fits_the_cache_is_fetched_one_object_per_shard(bucket, monkeypatch):
     url = f"{bucket}/whole/store.zarr"
     run_rollouts(gmm_teacher, url, 200, (2,), CFG, "gmm", in_process=True)
-    requests = []
-    get = FsspecStore.get
+    requests, calls = [], []
+    get, call = FsspecStore.get, S3FileSystem._call_s3
 
     async def counted(self, key, prototype, byte_range=None):
         if key.startswith("states/c/"):
-            requests.append(byte_range)
+            requests.append((key, byte_range))
         return await get(self, key, prototype, byte_range)
 
+    async def api_call(self, method, *args, **kwargs):
+        calls.append(method)
+        return await call(self, method, *args, **kwargs)
+
     monkeypatch.setattr(FsspecStore, "get", counted)
-    half = sum(remote.sizes(url).values()) // 2  # a cache smaller than the store: byte ranges instead
+    sizes = remote.sizes(url)
+    half = sum(sizes.values()) // 2  # a cache smaller than the store: byte ranges instead
     whole, ranges = open_store(url), open_store(url, cache_bytes=half)
     assert isinstance(whole.group.store, WholeObjectStore) and not isinstance(ranges.group.store, WholeObjectStore)
+    monkeypatch.setattr(S3FileSystem, "_call_s3", api_call)
     read = [whole.read_chunk(c) for c in range(whole.num_chunks)]
-    assert len(requests) == whole.num_shards and requests == [None] * whole.num_shards  # whole objects, once
+    # each shard once, whole, as the explicit range its listed size gives: one GET and no HEAD
+    assert sorted(requests) == sorted((k, RangeByteRequest(0, sizes[k])) for k in sizes if k.startswith("states/c/"))
+    assert calls == ["get_object"] * whole.num_shards
     requests.clear()
     assert all(torch.equal(a, ranges.read_chunk(c)) for c, a in enumerate(read))
     assert len(requests) == whole.num_chunks + whole.num_shards  # a range per chunk, and each shard's index
+
 
 def test_a_store_being_written_at_a_url_is_incomplete_and_created_once(bucket):
     url = f"{bucket}/partial/store.zarr"
@@ -206,8 +218,14 @@ def test_the_loader_benchmark_writes_every_field(tmp_path):
                            str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["target_ratio"] == 0.75 and result["versions"]["s3fs"]
-    layout = result["layouts"]["digits"]
-    for figure in ("cold", "cold_ranges", "warm", "training"):
-        assert layout["ratio"][figure] > 0
-    assert layout["cold_pairs_per_s"]["local"] > 0 and layout["training_steps_per_s"]["s3"] > 0
+    assert result["target_ratio"] == 0.75 and result["versions"]["s3fs"] and result["versions"]["waitress"]
+    placements = ["shared_cores"] + (["split_cores"] if len(os.sched_getaffinity(0)) > 1 else [])
+    for placement in placements:
+        layout = result[placement]["layouts"]["digits"]
+        for figure in ("cold", "cold_ranges", "warm", "training"):
+            assert layout["ratio"][figure] > 0
+        assert layout["cold_pairs_per_s"]["local"] > 0 and layout["training_steps_per_s"]["s3"] > 0
+        assert layout["request_ms"] > 0 and layout["chunk_bytes"] > 0
+    if "split_cores" in placements:  # the server on its own CPU, this process on the others
+        split = result["split_cores"]
+        assert set(split["server_cpus"]).isdisjoint(split["client_cpus"])

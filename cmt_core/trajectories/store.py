@@ -337,19 +337,25 @@ class WholeObjectStore(WrapperStore):
     """A read-only zarr store in front of ``store`` that answers every byte-range read from the whole object,
     fetched once (one request) on its first read and kept in memory (``_objects``; bounded by the caller: used
     only for a store that fits ``open_store``'s ``cache_bytes``). A shard's index and all its chunks then cost one
-    request instead of one each; concurrent first reads of an object share its one fetch."""
+    request instead of one each; concurrent first reads of an object share its one fetch.
 
-    def __init__(self, store):
+    ``sizes`` ``{key: bytes}`` (the listing ``open_store`` made) turns each fetch into an explicit byte range
+    ``[0, size)``: a plain GET of a whole object costs s3fs a HEAD request first, to learn its size."""
+
+    def __init__(self, store, sizes: dict[str, int] | None = None):
         super().__init__(store)
+        self._sizes = dict(sizes or {})
         self._objects: dict[str, object] = {}  # key -> the asyncio task fetching it, then its Buffer (or None)
 
     def _with_store(self, store):
-        return type(self)(store)
+        return type(self)(store, self._sizes)
 
     async def _whole(self, key: str, prototype):
         entry = self._objects.get(key)
         if entry is None:
-            entry = self._objects[key] = asyncio.ensure_future(self._store.get(key, prototype))
+            size = self._sizes.get(key)
+            whole = RangeByteRequest(0, size) if size else None
+            entry = self._objects[key] = asyncio.ensure_future(self._store.get(key, prototype, whole))
         if isinstance(entry, asyncio.Future):
             try:
                 value = await entry
@@ -394,8 +400,9 @@ def open_store(path, partial: bool = False, cache_bytes: int = REMOTE_CACHE_BYTE
     where = path
     if is_url(path) and not partial and cache_bytes > 0:
         remote = FsspecStore.from_url(path, read_only=True)
-        if sum(sizes(path).values()) <= cache_bytes:
-            where = WholeObjectStore(remote)
+        objects = sizes(path)
+        if sum(objects.values()) <= cache_bytes:
+            where = WholeObjectStore(remote, objects)
         else:
             where = CacheStore(remote, cache_store=MemoryStore(), max_size=cache_bytes)
     group = zarr.open_group(where, mode="r+" if partial else "r")
