@@ -72,7 +72,7 @@ def test_a_store_written_at_a_url_equals_the_local_one_and_streams_the_same_batc
 
 
 
-def test_a_store_that_fits_the_cache_is_fetched_one_object_per_shard(bucket, monkeypatch):
+def test_a_store_that_fits_the_cache_is_fetched_one_object_per_shard(bucket, monkeypatch, caplog):
     url = f"{bucket}/whole/store.zarr"
     run_rollouts(gmm_teacher, url, 200, (2,), CFG, "gmm", in_process=True)
     requests, calls = [], []
@@ -90,8 +90,12 @@ def test_a_store_that_fits_the_cache_is_fetched_one_object_per_shard(bucket, mon
     monkeypatch.setattr(FsspecStore, "get", counted)
     sizes = remote.sizes(url)
     half = sum(sizes.values()) // 2  # a cache smaller than the store: byte ranges instead
-    whole, ranges = open_store(url), open_store(url, cache_bytes=half)
+    with caplog.at_level("WARNING", logger="cmt"):
+        whole = open_store(url)
+        assert not caplog.records
+        ranges = open_store(url, cache_bytes=half)
     assert isinstance(whole.group.store, WholeObjectStore) and not isinstance(ranges.group.store, WholeObjectStore)
+    assert "read by byte ranges" in caplog.text and "chunk_trajectories" in caplog.text  # its chunks are ~100 B
     monkeypatch.setattr(S3FileSystem, "_call_s3", api_call)
     read = [whole.read_chunk(c) for c in range(whole.num_chunks)]
     # each shard once, whole, as the explicit range its listed size gives: one GET and no HEAD

@@ -40,6 +40,7 @@ ImageNet-512 latents, keep 0, 2, ..., 16      9         755.0 GB     377.5 GB   
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import shutil
@@ -66,6 +67,11 @@ FORMAT = "cmt-trajectory-store/1"
 BFLOAT16_BITS = "bfloat16-bits"  # states_encoding of a bfloat16 store: raw uint16 bits, view as torch.bfloat16
 _BF16_NAN_BITS = 0x7FC0
 REMOTE_CACHE_BYTES = 2 << 30  # memory for the byte ranges read from a store at a URL (``open_store``)
+# below this mean chunk size, a store read by byte ranges pays more for its requests than for its bytes (an S3 GET
+# costs its client a few ms of CPU: ``benchmarks/object_storage.py``'s ``request_ms``)
+SMALL_RANGE_BYTES = 1 << 20
+
+log = logging.getLogger("cmt")
 
 
 
@@ -397,7 +403,7 @@ def open_store(path, partial: bool = False, cache_bytes: int = REMOTE_CACHE_BYTE
     path = location(path)
     if not store_exists(path):
         raise FileNotFoundError(f"no trajectory store at {path}")
-    where = path
+    where, objects = path, {}
     if is_url(path) and not partial and cache_bytes > 0:
         remote = FsspecStore.from_url(path, read_only=True)
         objects = sizes(path)
@@ -414,7 +420,15 @@ def open_store(path, partial: bool = False, cache_bytes: int = REMOTE_CACHE_BYTE
         raise IncompleteStoreError(
             f"{path} is incomplete ({done} of {attrs['num_shards']} shards written): its rollouts are running or "
             f"were interrupted. Rerun the rollouts to finish it, or open_store(path, partial=True) to inspect it.")
-    return TrajectoryStore(path, group, attrs)
+    store = TrajectoryStore(path, group, attrs)
+    if isinstance(where, CacheStore):
+        chunk = sum(size for key, size in objects.items() if key.startswith("states/c/")) / store.num_chunks
+        if chunk < SMALL_RANGE_BYTES:
+            log.warning("%s: larger than the loader's cache (%.0f MB), so read by byte ranges, a request per chunk, "
+                        "and its chunks are small (%.0f KB): the requests will cost more than the bytes. Write it with "
+                        "more rollout.store.chunk_trajectories, or give the loader more cache_bytes.",
+                        path, cache_bytes / 1e6, chunk / 1e3)
+    return store
 
 
 @dataclass
