@@ -164,12 +164,13 @@ def measure_layout(spec, local: Path, url: str, epochs: int, repeats: int, train
 
 def measure_placement(stores: dict, layouts: dict, split: bool, epochs: int, repeats: int, train_steps: int) -> dict:
     """Figures of every layout with the server pinned apart (``split``) or not; ``stores``: name -> local store."""
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus, client_cpus = ({cpus[-1]}, set(cpus[:-1])) if split else (None, set(cpus))
+    cpus = sorted(os.sched_getaffinity(0)) if split else []
+    server_cpus, client_cpus = ({cpus[-1]}, set(cpus[:-1])) if split else (None, None)
     results = {}
     with s3_server(cpus=server_cpus):
         bucket = make_bucket("bench")
-        pin(os.getpid(), client_cpus)
+        if split:
+            pin(os.getpid(), client_cpus)
         try:
             for name, spec in layouts.items():
                 url = f"{bucket}/{name}/store.zarr"
@@ -179,25 +180,24 @@ def measure_placement(stores: dict, layouts: dict, split: bool, epochs: int, rep
                       + ", ".join(f"{k} {v:.2f}" for k, v in figures["ratio"].items())
                       + f"; {figures['request_ms']:.1f} ms of client CPU per GET", flush=True)
         finally:
-            pin(os.getpid(), set(cpus))
-    return {"server_cpus": sorted(server_cpus) if server_cpus else None, "client_cpus": sorted(client_cpus),
-            "layouts": results}
+            if split:
+                pin(os.getpid(), set(cpus))
+    placement = {"server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus)} if split else {}
+    return {"server_cpus": None, "client_cpus": None, **placement, "layouts": results}
 
 
 def measure(layouts: dict, epochs: int, repeats: int, train_steps: int) -> dict:
-    """``{"split_cores": ..., "shared_cores": ...}`` (``split_cores`` is None on a single CPU)."""
+    """``{"split_cores": ..., "shared_cores": ...}`` (``split_cores`` is None on a single CPU, or where processes
+    cannot be pinned)."""
     with tempfile.TemporaryDirectory(prefix="cmt-bench-") as tmp:
         stores = {}
         for name, (shape, num, states, layout, _) in layouts.items():
             stores[name] = Path(tmp) / name / "store.zarr"
             build_store(stores[name], shape, num, states, layout)
-        split = len(os.sched_getaffinity(0)) > 1
-        placements = [True, False] if split else [False]
-        out = {"split_cores": None}
-        for s in placements:
-            out["split_cores" if s else "shared_cores"] = measure_placement(stores, layouts, s, epochs, repeats,
-                                                                            train_steps)
-        return out
+        split = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1
+        return {"split_cores": measure_placement(stores, layouts, True, epochs, repeats, train_steps) if split
+                else None,
+                "shared_cores": measure_placement(stores, layouts, False, epochs, repeats, train_steps)}
 
 
 def main(argv=None) -> int:
