@@ -31,6 +31,7 @@ The local and S3 arms alternate and the fastest of ``--repeats`` counts (other p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -120,7 +121,8 @@ def train_rate(location, shape, batch: int, steps: int) -> float:
 def pin(pid: int, cpus: set[int]) -> None:
     """Pin every thread of process ``pid`` (threads started later inherit it from their starter)."""
     for task in Path(f"/proc/{pid}/task").iterdir():
-        os.sched_setaffinity(int(task.name), cpus)
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended since the listing
+            os.sched_setaffinity(int(task.name), cpus)
 
 
 def request_ms(url: str, chunk_bytes: int, requests: int = 100) -> float:
@@ -147,7 +149,7 @@ def measure_layout(spec, local: Path, url: str, epochs: int, repeats: int, train
     warm = {arm: max(max(r[1:]) for r in rates) for arm, rates in runs.items() if arm != "s3_ranges"}
     ratio = {"cold": cold["s3"] / cold["local"], "cold_ranges": cold["s3_ranges"] / cold["local"],
              "warm": warm["s3"] / warm["local"]}
-    chunk = size // (num // layout.chunk_trajectories)  # mean stored chunk
+    chunk = size // -(-num // layout.chunk_trajectories)  # mean stored chunk
     figures = {"sample_shape": list(shape), "trajectories": num, "states": states, "batch_size": batch,
                "store": layout.model_dump(mode="json"), "store_bytes": size, "epochs": epochs,
                "cold_pairs_per_s": cold, "warm_pairs_per_s": warm, "ratio": ratio,
@@ -208,10 +210,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    for flag, value, least in (("--epochs", args.epochs, 2), ("--repeats", args.repeats, 1),
+                               ("--train-steps", args.train_steps, 0)):
+        if value < least:  # --epochs: the first epoch is cold, the warm figure needs a second
+            parser.error(f"{flag} must be at least {least}, got {value}")
     t0 = time.perf_counter()
     placements = measure(QUICK if args.quick else LAYOUTS, args.epochs, args.repeats,
                          20 if args.quick else args.train_steps)
-    out = {"benchmark": "object_storage", "target_ratio": TARGET, "reported": "split_cores",
+    out = {"benchmark": "object_storage", "target_ratio": TARGET,
+           "reported": "split_cores" if placements["split_cores"] else "shared_cores",
            "server": "moto's S3 application served by waitress on 127.0.0.1 (tests/servers.py)",
            **placements, "seconds": time.perf_counter() - t0, "cpu_count": os.cpu_count(),
            "load_average": os.getloadavg(), "python": platform.python_version(),

@@ -97,6 +97,11 @@ def serve_s3(port: int, cpus: set[int] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    usage = "usage: python tests/servers.py s3 PORT [CPU,CPU,...]"
     if sys.argv[1:2] != ["s3"] or len(sys.argv) not in (3, 4):
-        sys.exit("usage: python tests/servers.py s3 PORT [CPU,CPU,...]")
-    serve_s3(int(sys.argv[2]), {int(c) for c in sys.argv[3].split(",")} if len(sys.argv) == 4 else None)
+        sys.exit(usage)
+    try:
+        port, cpus = int(sys.argv[2]), {int(c) for c in sys.argv[3].split(",")} if len(sys.argv) == 4 else None
+    except ValueError:
+        sys.exit(f"{usage}: PORT and CPU must be integers, got {' '.join(sys.argv[2:])}")
+    serve_s3(port, cpus)

@@ -233,3 +233,11 @@ def test_the_loader_benchmark_writes_every_field(tmp_path):
     if "split_cores" in placements:  # the server on its own CPU, this process on the others
         split = result["split_cores"]
         assert set(split["server_cpus"]).isdisjoint(split["client_cpus"])
+
+
+def test_the_loader_benchmark_names_a_bad_flag_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/object_storage.py", "--epochs", "1", "--out",
+                           str(tmp_path / "o.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("error: --epochs must be at least 2, got 1")
+    assert not (tmp_path / "o.json").exists()

@@ -422,7 +422,7 @@ def open_store(path, partial: bool = False, cache_bytes: int = REMOTE_CACHE_BYTE
             f"were interrupted. Rerun the rollouts to finish it, or open_store(path, partial=True) to inspect it.")
     store = TrajectoryStore(path, group, attrs)
     if isinstance(where, CacheStore):
-        chunk = sum(size for key, size in objects.items() if key.startswith("states/c/")) / store.num_chunks
+        chunk = sum(size for key, size in objects.items() if key.startswith("states/c/")) / max(store.num_chunks, 1)
         if chunk < SMALL_RANGE_BYTES:
             log.warning("%s: larger than the loader's cache (%.0f MB), so read by byte ranges, a request per chunk, "
                         "and its chunks are small (%.0f KB): the requests will cost more than the bytes. Write it with "
