@@ -10,7 +10,7 @@ stage's, mean and std over the seeds) and the stages' wall seconds:
 * ``trajectories``: stored trajectories at a fixed number of mid-training steps (1/16, 1/4 and 1x the preset's),
   which says how large a store must be. The store's size is reported beside each.
 
-Every variant is an ordinary pipeline run (``cmt_core.stages``) in ``artifacts/bench-presets``, so the
+Every variant is an ordinary pipeline run (``cmt_core.pipeline``) in ``artifacts/bench-presets``, so the
 preset's own runs are reused as the default variants.
 
     .venv/bin/python benchmarks/ablations.py [--presets toy digits] [--seeds 3] [--workers 2]

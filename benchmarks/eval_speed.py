@@ -58,7 +58,7 @@ def main() -> None:
         times, scores = [], []
         for seed in range(args.repeats):
             t0 = time.perf_counter()
-            samples = stand_in_generator(data.heldout, NUM_SAMPLES, seed)
+            samples = stand_in_generator(data.heldout.all(), NUM_SAMPLES, seed)
             scores.append(evaluator.score(samples)[evaluator.metric_name])
             times.append(time.perf_counter() - t0)
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import math
@@ -70,24 +71,21 @@ sys.path.insert(0, str(ROOT))
 
 from cmt_core.artifacts import package_versions  # noqa: E402
 from cmt_core.config import StoreConfig, TrainConfig  # noqa: E402
-from cmt_core.data.sources import TensorSource  # noqa: E402
+from cmt_core.data.datasets import TensorDataset  # noqa: E402
+from cmt_core.data.sources import DatasetSource  # noqa: E402
 from cmt_core.ema import EMA  # noqa: E402
 from cmt_core.evaluation.features import extract_features  # noqa: E402
 from cmt_core.evaluation.inception import InceptionFeatures, pytorch_fid_inception_architecture  # noqa: E402
+from cmt_core.methods import LossInputs, get_method  # noqa: E402
 from cmt_core.models import build_model  # noqa: E402
 from cmt_core.objectives.base import StepRandom  # noqa: E402
-from cmt_core.objectives.cmt import CMTLoss  # noqa: E402
-from cmt_core.objectives.distances import make_distance  # noqa: E402
-from cmt_core.objectives.ect import ECTLoss  # noqa: E402
-from cmt_core.objectives.edm import EDMLoss  # noqa: E402
-from cmt_core.objectives.meanflow import MeanFlowLoss  # noqa: E402
 from cmt_core.presets import get_preset  # noqa: E402
 from cmt_core.rng import Stream, seed_of  # noqa: E402
 from cmt_core.runtime import Runtime, uses_cuda  # noqa: E402
 from cmt_core.samplers import sample  # noqa: E402
 from cmt_core.solvers import function_evaluations  # noqa: E402
 from cmt_core.time_grids import make_grid  # noqa: E402
-from cmt_core.training import make_optimizer  # noqa: E402
+from cmt_core.training import make_optimizer, train_step  # noqa: E402
 from cmt_core.trajectories.pairs import StorePairs  # noqa: E402
 from cmt_core.trajectories.rollout import rollout_batch, trajectory_seeds  # noqa: E402
 from cmt_core.trajectories.store import create_store, mark_complete, write_shard  # noqa: E402
@@ -292,67 +290,53 @@ class Bench:
         self.images = torch.rand(sizes.data_images, *SAMPLE_SHAPE, generator=g) * 2 - 1
         self.store_path: Path | None = None
         self.device_name = str(device)
-        self._lpips = None
 
-    def lpips(self):
-        """The recipe's LPIPS distance with a randomly initialised VGG16 trunk (written to a temporary file)."""
-        if self._lpips is None:
+    def random_vgg16(self) -> Path:
+        """torchvision's VGG16 ``features`` with random weights, written once to a temporary file: the recipe's
+        LPIPS distance reads its trunk from a file."""
+        path = self.tmp / "vgg16-random.pth"
+        if not path.exists():
             from torchvision.models.vgg import cfgs, make_layers
 
             torch.manual_seed(4)
-            trunk = make_layers(cfgs["D"])  # torchvision's VGG16 ``features``, random weights
-            path = self.tmp / "vgg16-random.pth"
+            trunk = make_layers(cfgs["D"])
             torch.save({f"features.{k}": v for k, v in trunk.state_dict().items()}, path)
-            self._lpips = make_distance("lpips", lpips_backbone=path)
-        return self._lpips
+        return path
 
     def objectives(self) -> dict[str, Objective]:
+        """Each objective as its method declares it (``cmt_core.methods``), built from the recipe's config."""
         c = self.cfg
         mid, post, teach = c.midtrain.train, c.posttrain.train, c.teacher.train
         post_images = float(post.steps * post.batch_size)
-        data = lambda: TensorSource({"x": self.images}, seed=0)
-        store = lambda: StorePairs(self.store_path, to_end=c.midtrain.form == "cm", seed=0)
-        smin, smax = self.sigma_min, self.sigma_max
-        unweighted = c.posttrain.meanflow.model_copy(update={"adaptive_p": 0.0})
+        data = lambda: DatasetSource(TensorDataset(self.images), seed=0)
+        form = get_method(c.midtrain.form)
+        store = lambda: StorePairs(self.store_path, to_end=form.batches == "trajectory_ends", seed=0)
+        inputs = LossInputs(self.sigma_min, self.sigma_max, c.network.sigma_data)
+        lpips = lambda: c.model_copy(update={"midtrain": c.midtrain.model_copy(
+            update={"lpips_backbone": self.random_vgg16()})}) if c.midtrain.distance == "lpips" else c
+        # the adaptive weight err / (err + eps)^p maps every loss to about 1 at p = 1: the check compares err
+        unweighted = c.model_copy(update={"posttrain": c.posttrain.model_copy(update={"meanflow": (
+            c.posttrain.meanflow.model_copy(update={"adaptive_p": 0.0}))})})
+        edm, ect, ecd, meanflow = (get_method(name) for name in ("edm", "ect", "ecd", "meanflow"))
         objs = [
-            Objective("edm_teacher", "teacher (EDM pre-training)", "denoiser", teach,
-                      float(teach.steps * teach.batch_size),
-                      lambda _: EDMLoss(c.teacher.p_mean, c.teacher.p_std, c.network.sigma_data), data),
+            Objective("edm_teacher", "teacher (EDM pre-training)", edm.kind, teach,
+                      float(teach.steps * teach.batch_size), lambda _: edm.build_loss(c, inputs), data),
             Objective("cmt_midtrain", f"mid-training (CMT {c.midtrain.form}, {c.midtrain.distance}, from the store)",
-                      "consistency", mid, float(mid.steps * mid.batch_size),
-                      lambda _: CMTLoss(c.midtrain.form, self.lpips() if c.midtrain.distance == "lpips"
-                                        else make_distance(c.midtrain.distance, c.midtrain.huber_c)), store),
-            Objective("ect", "post-training (ECT, the recipe's)", "consistency", post, post_images,
-                      lambda _: ECTLoss(c.posttrain.ect, smin, smax), data),
-            Objective("ecd", f"post-training (ECD, teacher {c.posttrain.ecd_solver} step)", "consistency", post,
-                      post_images,
-                      lambda teacher: ECTLoss(c.posttrain.ect, smin, smax, teacher, c.posttrain.ecd_solver), data,
-                      teacher=True),
-            Objective("meanflow", "post-training (Mean Flow, JVP)", "flow_map", post, post_images,
-                      lambda _: MeanFlowLoss(c.posttrain.meanflow, smin, smax), data,
-                      # the adaptive weight err / (err + eps)^p maps every loss to about 1 at p = 1: compare err
-                      make_check_loss=lambda _: MeanFlowLoss(unweighted, smin, smax)),
+                      form.kind, mid, float(mid.steps * mid.batch_size), lambda _: form.build_loss(lpips(), inputs),
+                      store),
+            Objective("ect", "post-training (ECT, the recipe's)", ect.kind, post, post_images,
+                      lambda _: ect.build_loss(c, inputs), data),
+            Objective("ecd", f"post-training (ECD, teacher {c.posttrain.ecd_solver} step)", ecd.kind, post,
+                      post_images, lambda teacher: ecd.build_loss(c, dataclasses.replace(inputs, teacher=teacher)),
+                      data, teacher=True),
+            Objective("meanflow", "post-training (Mean Flow, JVP)", meanflow.kind, post, post_images,
+                      lambda _: meanflow.build_loss(c, inputs), data,
+                      make_check_loss=lambda _: meanflow.build_loss(unweighted, inputs)),
         ]
         return {o.name: o for o in objs if o.name in self.args.objectives}
 
 
 # ------------------------------------------------------------------------------------------ training
-def train_step(model, objective, source, train_cfg: TrainConfig, opt, ema, runtime: Runtime, step: int, batch: int,
-               channels_last: bool) -> float:
-    """One step as ``cmt_core.training.train`` runs it on one process; returns the loss (synchronises, as it)."""
-    torch.manual_seed(seed_of(Stream.STEP_TORCH, train_cfg.seed, step, 0))
-    data = to_device(source.batch(step, batch), runtime.device, channels_last)
-    rng = StepRandom(train_cfg.seed, step, batch, device=runtime.device)
-    with runtime.autocast():
-        loss = objective(model, data, rng).float().mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or math.inf)
-    opt.step()
-    ema.update(model)
-    return loss.item()
-
-
 def check_loss(model, objective, source, train_cfg: TrainConfig, runtime: Runtime, batch: int, channels_last: bool,
                dropout_seed: int | None = None) -> float:
     """The objective's loss of step 0's batch, times and noises at the current weights, in the variant's setting
@@ -387,6 +371,7 @@ def measure_variant(bench: Bench, obj: Objective, variant: Variant, reference: d
         source = obj.source()
         opt = make_optimizer(obj.train, model.parameters())
         ema = EMA(model, obj.train.ema_decay)
+        step_cfg = obj.train.model_copy(update={"batch_size": s.batch})
         runtime = Runtime(device, precision="bf16" if variant.precision == "bf16" else "fp32")
         with fp32_math(variant.precision, device):
             if variant == REFERENCE:
@@ -401,8 +386,9 @@ def measure_variant(bench: Bench, obj: Objective, variant: Variant, reference: d
                     sync(device)
                     warm = now() - t0
                     t0 = now()
-                losses.append(train_step(model, objective, source, obj.train, opt, ema, runtime, step, s.batch,
-                                         variant.channels_last))
+                # one step of ``cmt_core.training.train`` on one process (it synchronises on the loss, as the loop)
+                batch = to_device(source.batch(step, s.batch), device, variant.channels_last)
+                losses.append(train_step(model, objective, batch, step_cfg, step, opt, ema, runtime)[0])
             sync(device)
             timed = now() - t0
         entry.update(images_per_s=s.steps * s.batch / timed, step_ms=1e3 * timed / s.steps, warmup_s=warm,
@@ -458,7 +444,7 @@ def bench_eager(bench: Bench, obj: Objective, log) -> dict:
     return {"stage": obj.stage, "model_kind": obj.kind, "batch_size": bench.sizes.batch,
             "recipe_batch_size": obj.train.batch_size, "optimizer": obj.train.optimizer,
             "budget_images": obj.budget_images, "source": "StorePairs (zarr store)" if obj.name == "cmt_midtrain"
-            else "TensorSource (random images in memory)", "variants": variants,
+            else "DatasetSource (random images in memory)", "variants": variants,
             "fastest_correct_eager": fastest_correct(variants)}
 
 

@@ -44,15 +44,15 @@ ANCHOR_MIN_TIME = 0.5
 def toy_models(root: Path) -> dict[str, torch.nn.Module]:
     """Consistency models (float64) at the three initialisations, from the ``toy`` preset's seed-0 artifacts."""
     from cmt_core.models import build_model, init_from, load_model
+    from cmt_core.pipeline import run_pipeline
     from cmt_core.presets import get_preset
-    from cmt_core.stages import run_pipeline
 
     cfg = get_preset("toy", artifact_root=root)
     results = run_pipeline(cfg, targets=("midtrain",))
     smin = cfg.rollout.solver.sigma_min
     torch.manual_seed(cfg.posttrain.train.seed)
-    random = build_model("consistency", cfg.network, (2,), smin)
-    diffusion = init_from(build_model("consistency", cfg.network, (2,), smin),
+    random = build_model("consistency", cfg.network.model_dump(), (2,), smin)
+    diffusion = init_from(build_model("consistency", cfg.network.model_dump(), (2,), smin),
                           load_model(results["teacher"].path / "model.pt"))
     cmt = load_model(results["midtrain"].path / "model.pt")
     return {name: m.double().eval() for name, m in (("cmt", cmt), ("diffusion", diffusion), ("random", random))}

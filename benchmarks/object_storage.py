@@ -100,7 +100,7 @@ def train_rate(location, shape, batch: int, steps: int) -> float:
     """Steps per second of the digits preset's mid-training step fed by a fresh loader (one torch thread)."""
     cfg = get_preset("digits")
     torch.manual_seed(0)
-    model = build_model("consistency", cfg.network, shape, cfg.rollout.solver.sigma_min)
+    model = build_model("consistency", cfg.network.model_dump(), shape, cfg.rollout.solver.sigma_min)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss = CMTLoss("cm", make_distance("squared_l2"))
     pairs = StorePairs(location, to_end=True, seed=0)

@@ -19,8 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
+from cmt_core.pipeline import run_pipeline
 from cmt_core.presets import get_preset
-from cmt_core.stages import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "precond.json"

@@ -1,7 +1,7 @@
 """The presets' results with several seeds: ``benchmarks/results/presets.json``, the README's results table.
 
 For each preset and seed k, every training seed (teacher, rollouts, mid-training, post-training) is set to k
-and the whole pipeline runs (``cmt_core.stages.run_pipeline``; complete artifacts are reused, so a rerun
+and the whole pipeline runs (``cmt_core.pipeline.run_pipeline``; complete artifacts are reused, so a rerun
 only computes what is missing). Written per preset::
 
     {"metric_name", "seeds": [...],
@@ -45,8 +45,8 @@ def summary(values: list[float]) -> dict:
 
 def run_preset(name: str, seeds: list[int], root: Path, overrides: list[str]) -> dict:
     from cmt_core.comparison import SEED_FIELDS
+    from cmt_core.pipeline import run_pipeline
     from cmt_core.presets import get_preset
-    from cmt_core.stages import run_pipeline
 
     values = {key: [] for key in ("teacher", *ROWS)}
     exact = {key: [] for key in ("mid_1step", "post_1step")}

@@ -38,6 +38,7 @@ log = logging.getLogger("cmt")
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 STORE_DIR = "store.zarr"  # the trajectory store: recorded by size only, its chunks carry their own checksums
+MODEL_FILE = "model.pt"  # a teacher's or training stage's model (``cmt_core.models.save_model``)
 LOCK_SUFFIX = ".lock"
 PACKAGES = ("torch", "zarr", "dask", "numcodecs", "prefect", "pydantic", "clean-fid", "numpy")
 

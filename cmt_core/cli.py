@@ -31,7 +31,13 @@ from pathlib import Path
 import yaml
 
 from cmt_core.config import load_yaml
+from cmt_core.engine import compute_stage
+from cmt_core.errors import InputFileError, PreflightError, StageError
+from cmt_core.methods import names
+from cmt_core.preflight import preflight
 from cmt_core.presets import PRESETS, resolve_config
+from cmt_core.runtime import Runtime, torchrun_command
+from cmt_core.stages import STAGES, TRAINING_STAGES, plan
 
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -131,6 +137,19 @@ def runtime_error(err: Exception, log_file: Path, debug: bool = False) -> int:
     return 1
 
 
+def failure_exit(err: Exception, log_file: Path | None = None, debug: bool = False) -> int:
+    """The one answer of every command to an exception out of a run: bad input found before anything ran
+    (``PreflightError``) or while a stage read a file (``InputFileError``): exit 2; anything else: a stage
+    failed (``StageError``), exit 1 (``input_error``, ``runtime_error``)."""
+    from cmt_core.errors import PreflightError
+
+    if isinstance(err, PreflightError):
+        return input_error(err)
+    if isinstance(err, InputFileError):  # the stage stopped before marking anything complete
+        return input_error(err, log_file)
+    return runtime_error(err, log_file, debug)
+
+
 def print_stage(result) -> None:
     state = "cached" if result.cached else f"computed in {result.manifest.get('seconds', 0):.1f}s"
     print(f"[{result.stage}] {state}  {result.location or result.path}")
@@ -191,17 +210,11 @@ def _compare(args) -> int:
             arm_config(cc, method, "teacher", 0)
     except ValueError as err:
         return config_error(err)
-    from cmt_core import stages
-
     log_file = setup_logging(cc.artifact_root, "compare")
     try:
-        run_comparison(cc)
-    except stages.PreflightError as err:  # checked for every arm before any runs
-        return input_error(err)
-    except stages.InputFileError as err:  # the failed stage marked nothing complete
-        return input_error(err, log_file)
-    except Exception as err:  # an arm's stage failed (StageError): the finished arms stay cached
-        return runtime_error(err, log_file, args.debug)
+        run_comparison(cc)  # every arm is checked before any runs; finished arms stay cached after a failure
+    except Exception as err:
+        return failure_exit(err, log_file, args.debug)
     print(f"results: {cc.out_dir / f'init_comparison_{cc.preset}.md'}\nlog: {log_file}")
     return 0
 
@@ -211,13 +224,11 @@ def _launch(cfg, stage: str) -> int:
     file beside the run logs; the same command on every node forms the job. Exit code: torchrun's."""
     import subprocess
 
-    from cmt_core import stages
     from cmt_core.config import save_yaml
-    from cmt_core.runtime import torchrun_command
 
     try:
-        stages.preflight(cfg, [stage])
-    except stages.PreflightError as err:
+        preflight(plan(cfg), [stage])
+    except PreflightError as err:
         return input_error(err)
     folder = cfg.local_root / "logs"
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,13 +241,13 @@ def _launch(cfg, stage: str) -> int:
 
 def _store(args) -> int:
     """``cmt store verify PATH [--repair]``: the store's report; exit code 0 when it is sound (after a repair)."""
-    from cmt_core.trajectories.store import verify_store
+    from cmt_core.trajectories.verify import verify_store
 
     report = verify_store(args.path)
     print(report.summary())
     if report.ok or not args.repair:
         return 0 if report.ok else 1
-    from cmt_core.stages import StageError, repair_store
+    from cmt_core.repair import repair_store
 
     try:
         shards = repair_store(args.path)
@@ -253,10 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_config_args(sub.add_parser("run", help="run the whole pipeline"))
     add_config_args(stage := sub.add_parser("stage", help="run one stage"))
-    stage.add_argument("name", choices=["teacher", "rollouts", "midtrain", "posttrain", "evaluation"])
+    stage.add_argument("name", choices=list(STAGES))
     add_config_args(launch := sub.add_parser("launch", help="run a training stage under this node's torchrun agent "
                                              "(launch.nodes, procs_per_node, rdzv_endpoint, rdzv_id)"))
-    launch.add_argument("name", choices=["teacher", "midtrain", "posttrain"])
+    launch.add_argument("name", choices=list(TRAINING_STAGES))
     add_config_args(sub.add_parser("config", help="print the resolved config as YAML"))
     store = sub.add_parser("store", help="trajectory store tools")
     store.add_argument("action", choices=["verify"])
@@ -265,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                        "(the store of a rollouts artifact), then verify again")
     compare = sub.add_parser("compare", help="post-train from CMT, teacher and random weights and compare")
     compare.add_argument("--preset", default="toy", choices=sorted(PRESETS))
-    compare.add_argument("--methods", nargs="+", default=["ect", "meanflow"])
+    compare.add_argument("--methods", nargs="+", default=["ect", "meanflow"], choices=names("posttrain"),
+                         help="post-training methods: each arm's preset is <preset>-<method> when that preset "
+                         "exists, else <preset>")
     compare.add_argument("--inits", nargs="+", default=["cmt", "teacher", "random"])
     compare.add_argument("--seeds", type=int, default=3)
     compare.add_argument("--posttrain-steps", type=int, help="post-training steps of every arm (default: preset's)")
@@ -295,26 +308,20 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
-    from cmt_core import stages
-    from cmt_core.runtime import Runtime
-
     if args.command == "launch":
         return _launch(cfg, args.name)
+    resolved = plan(cfg)  # once for the run, handed to every stage
+    targets = [args.name] if args.command == "stage" else resolved.needed(STAGES)
     try:
-        stages.preflight(cfg, [args.name] if args.command == "stage" else stages.stages_needed(cfg, stages.STAGES))
-    except stages.PreflightError as err:
-        return input_error(err)
+        preflight(resolved, targets)
+    except Exception as err:
+        return failure_exit(err)
     log_file = setup_logging(cfg.local_root, args.command)
     runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
     try:
-        if args.command == "stage":
-            results = {args.name: stages.run_stage(cfg, args.name, runtime)}
-        else:
-            results = stages.run_pipeline(cfg, runtime)
-    except stages.InputFileError as err:  # the stage stopped before marking anything complete
-        return input_error(err, log_file)
-    except Exception as err:  # a stage failed (StageError) or its inputs are not complete
-        return runtime_error(err, log_file, args.debug)
+        results = {stage: compute_stage(resolved, stage, runtime) for stage in targets}
+    except Exception as err:  # a stage failed (StageError), a file proved unusable, or inputs are not complete
+        return failure_exit(err, log_file, args.debug)
     if runtime.is_main:
         print_results(results)
         print(f"log: {log_file}")

@@ -4,9 +4,10 @@ For one preset, every *arm* (method x initialisation x seed) is the preset's pip
 the seeds set; everything else is equal: the same post-training budget (steps, batch, lr schedule), the same
 evaluation cadence and noises, the same seeds. Methods:
 
-* ``ect``: the preset's consistency tuning (ECT or ECD, as the preset sets ``posttrain.method``) after ``cm``-form
-  mid-training;
-* ``meanflow``: the ``<preset>-meanflow`` preset: flow-map mid-training, then Mean Flow.
+* a post-training method of the registry (``cmt_core.methods``) runs the preset ``<preset>-<method>`` when it exists
+  (``meanflow``: ``<preset>-meanflow``, flow-map mid-training then Mean Flow), else ``<preset>`` itself, whose
+  post-training must train the same model kind (``ect``: the preset's consistency tuning, ECT or ECD as the preset
+  sets ``posttrain.method``, after ``cm``-form mid-training).
 
 Both methods' arms of a seed read the same teacher and rollouts artifacts (their stage ids are equal), so those
 are computed once and shared through the artifact cache; reruns reuse every complete arm. Teacher- and
@@ -17,9 +18,9 @@ no CMT boundary (``posttrain.ect.anchor_sigma``: there is no mid-trained map to 
 Results (``summarise``): per method and initialisation, the post-training curve (1-step and 2-step data metric,
 seed mean and std at every evaluation), how many iterations each path needs to reach the diffusion-initialised
 path's final 2-step metric, and its total cost to get there in wall seconds and network evaluations: rollouts +
-mid-training + post-training for the CMT path (whose mid-training checkpoints are evaluated too, so it may get
-there before post-training starts), post-training alone for the others; the teacher's pre-training is reported
-apart. Network evaluations count forward passes per training sample (``TRAINING_NFE``; a JVP counts as
+mid-training + post-training for the CMT path (whose mid-training checkpoints are evaluated too, so it may get there
+before post-training starts), post-training alone for the others; the teacher's pre-training is reported apart.
+Network evaluations count forward passes per training sample (each method's ``nfe`` in the registry; a JVP counts as
 two, backward passes are not counted) and the rollout solver's calls per trajectory. Wall seconds are the rollout
 stage's and the training loops' own (their evaluations left out), measured on uninterrupted runs.
 
@@ -47,28 +48,29 @@ import torch
 from pydantic import Field, field_validator
 
 from cmt_core.checkpoint import read_training_log
-from cmt_core.config import PipelineConfig, StrictModel
+from cmt_core.config import PipelineConfig, StrictModel, registered
+from cmt_core.engine import StageResult
+from cmt_core.methods import get_method
+from cmt_core.pipeline import run_pipeline
+from cmt_core.preflight import preflight
 from cmt_core.presets import PRESETS, get_preset
 from cmt_core.solvers import function_evaluations
-from cmt_core.stages import StageResult, preflight, run_pipeline, stages_needed
+from cmt_core.stages import method_of, plan
 from cmt_core.time_grids import make_grid
 
 log = logging.getLogger("cmt")
-Method = Literal["ect", "meanflow"]
 Init = Literal["cmt", "teacher", "random"]
 INITS: tuple[str, ...] = ("cmt", "teacher", "random")
 INIT_NAMES = {"cmt": "cmt", "teacher": "diffusion", "random": "random"}  # the results' names of the inits
 SEED_FIELDS = ("teacher.train.seed", "rollout.seed", "midtrain.train.seed", "posttrain.train.seed")
-# forward network evaluations per training sample and step (a JVP: 2; ECD adds its teacher step's calls)
-TRAINING_NFE = {"midtrain": 1, "ect": 2, "ecd": 2, "meanflow": 2, "teacher": 1}
 
 
 class CompareConfig(StrictModel):
     """What ``run_comparison`` runs; every arm is ``preset`` (or ``<preset>-meanflow``) with ``overrides``."""
 
     preset: Literal[tuple(PRESETS)] = Field(
-        "toy", description="the consistency preset; method 'meanflow' uses '<preset>-meanflow'")
-    methods: tuple[Method, ...] = Field(("ect", "meanflow"), min_length=1)
+        "toy", description="the consistency preset; a method M uses '<preset>-M' when that preset exists")
+    methods: tuple[registered("posttrain"), ...] = Field(("ect", "meanflow"), min_length=1)
     inits: tuple[Init, ...] = Field(INITS, min_length=1, description="must include 'cmt' and 'teacher'")
     seeds: int = Field(3, ge=1, le=64, description="seeds 0 .. seeds-1 (every training seed of an arm)")
     posttrain_steps: int | None = Field(None, ge=1, description="post-training steps of every arm (None: preset's)")
@@ -89,11 +91,16 @@ class CompareConfig(StrictModel):
         return v
 
     def method_preset(self, method: str) -> str:
-        name = self.preset if method == "ect" else f"{self.preset}-meanflow"
-        if name not in PRESETS:
-            raise ValueError(f"methods: 'meanflow' needs a preset named {name!r}; use methods=['ect'] with "
-                             f"preset={self.preset!r}")
-        return name
+        """The preset of ``method``'s arms: ``<preset>-<method>`` when it exists, else ``preset`` if its
+        post-training trains the model kind ``method`` trains."""
+        if f"{self.preset}-{method}" in PRESETS:
+            return f"{self.preset}-{method}"
+        own = get_method(get_preset(self.preset).posttrain.method)
+        if own.kind != get_method(method).kind:
+            raise ValueError(f"methods: {method!r} needs a preset named '{self.preset}-{method}' or a preset whose "
+                             f"post-training trains a {get_method(method).kind} model; {self.preset!r} trains a "
+                             f"{own.kind} model ({own.name!r})")
+        return self.preset
 
 
 def arm_config(cc: CompareConfig, method: str, init: str, seed: int) -> PipelineConfig:
@@ -159,7 +166,8 @@ def run_comparison(cc: CompareConfig, report: Callable[[str], None] = log.info) 
     arms = {(m, i, s): arm_config(cc, m, i, s) for m in cc.methods for i in cc.inits for s in seeds}
     first = cc.methods[0]
     for cfg in arms.values():  # a missing file fails the comparison before any arm starts
-        preflight(cfg, stages_needed(cfg, (target(cfg),)))
+        resolved = plan(cfg)
+        preflight(resolved, resolved.needed((target(cfg),)))
     report(f"comparison {cc.preset}: {len(arms)} arms ({', '.join(cc.methods)} x {', '.join(cc.inits)} x "
            f"{cc.seeds} seeds), {cc.workers} worker(s)")
     run_jobs([(arms[first, "cmt", s], ("rollouts",)) for s in seeds], cc.workers, report)
@@ -209,17 +217,8 @@ def _mean_curve(per_seed: list[dict[int, dict]]) -> list[dict]:
 
 
 def training_nfe(cfg: PipelineConfig, stage: str) -> int:
-    """Forward network evaluations per training sample and step of ``stage`` (``TRAINING_NFE``)."""
-    if stage != "posttrain":
-        return TRAINING_NFE[stage]
-    method = cfg.posttrain.method
-    if method == "meanflow":
-        return TRAINING_NFE[method]
-    anchor = int(cfg.posttrain.ect.anchor_sigma > 0)  # the frozen mid-trained model's call (the CMT boundary)
-    if method == "ect":
-        return TRAINING_NFE[method] + anchor
-    return TRAINING_NFE["ecd"] + anchor + function_evaluations(cfg.posttrain.ecd_solver,
-                                                               make_grid(cfg.rollout.solver)[:2])
+    """Forward network evaluations per training sample and step of the training ``stage`` (its method's ``nfe``)."""
+    return method_of(cfg, stage).nfe(cfg)
 
 
 def posttrain_nfe_per_step(cc: CompareConfig, method: str, init: str) -> int:
@@ -272,7 +271,7 @@ def summarise(cc: CompareConfig, results: dict[tuple, dict[str, StageResult]]) -
             "teacher": {"nfe": evals[0]["teacher"]["NFE"],
                         **dict(zip(("metric", "metric_std"), _mean_std([e["teacher"][metric] for e in evals]))),
                         "pretraining": {"wall_s": statistics.fmean(m["seconds"] for m in teacher_stage),
-                                        "nfe": t_train.steps * t_train.batch_size * TRAINING_NFE["teacher"]
+                                        "nfe": t_train.steps * t_train.batch_size * training_nfe(cfg0, "teacher")
                                         if cfg0.teacher.source == "pretrain" else 0}},
             "mid_trained": {f"metric_{k}": _mean_std([e[f"midtrain_{k}"][metric] for e in evals])[0]
                             for k in ("1step", "2step")},

@@ -3,6 +3,11 @@
 Every model is a strict pydantic v2 model: unknown keys and out-of-range values fail with an error that
 names the field and the allowed range. A ``PipelineConfig`` round-trips through YAML
 (``save_yaml`` / ``load_yaml``); named presets live in ``cmt_core.presets``.
+
+The schema sits above the code it configures: the choices it offers come from the registries of what exists
+(solvers, data sets, teacher sources, and the methods of ``cmt_core.methods``, whose declarations also state the
+rules a method sets on a whole config), and nothing below it reads a config type: the stage layer
+(``cmt_core.stages``) turns sections into the plain values that losses, networks and samplers take.
 """
 
 from __future__ import annotations
@@ -11,15 +16,37 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
+from cmt_core import methods
+from cmt_core.data import DATA_NAMES, FILE_DATA, POINT_DATA
 from cmt_core.object_storage import default_mirror, is_url, location
-from cmt_core.objectives.distances import DISTANCES
 from cmt_core.solvers import SOLVERS
+from cmt_core.teachers import PROGRAMS, SOURCES
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 SolverName = Literal[tuple(SOLVERS)]  # the registered solvers (``cmt_core.solvers.SOLVERS``)
-DistanceName = Literal[DISTANCES]  # the per-sample distances (``cmt_core.objectives.distances``)
+DistanceName = Literal[methods.DISTANCES]  # the per-sample distances (``cmt_core.objectives.distances``)
+# the file and folder fields: what ``preflight`` checks (None: a file or a folder, as ``data.name`` reads it) and
+# what flows confine to their allowed roots, beside the artifact root and its mirror
+INPUT_FILES = {"data.path": None, "teacher.path": "file", "midtrain.lpips_backbone": "file",
+               "eval.inception_path": "file"}
+PATH_FIELDS = ("artifact_root", "cache_root", *INPUT_FILES)
+DATA_PATH_KIND = {"npz": "file", "image_folder": "dir", "cifar10": "dir"}
+
+
+def registered(stage: str):
+    """The type of a field naming a method of ``stage``: checked against the registry when a config is made (a
+    method registered later is accepted too), offered as a dropdown (an enum of the registered names)."""
+    def check(name: str) -> str:
+        known = methods.names(stage)
+        if name not in known:
+            listed = ", ".join(repr(n) for n in known[:-1]) + f" or {known[-1]!r}"
+            raise ValueError(f"Input should be {listed} (the registered {stage} methods)")
+        return name
+
+    return Annotated[str, AfterValidator(check),
+                     Field(json_schema_extra=lambda schema: schema.update(enum=list(methods.names(stage))))]
 
 
 class StrictModel(BaseModel):
@@ -36,7 +63,7 @@ class DataConfig(StrictModel):
     scikit-learn's 8x8 digits (embedded); ``npz``, ``image_folder`` and ``cifar10`` read a local ``path``.
     """
 
-    name: Literal["gaussian_mixture", "checkerboard", "digits", "npz", "image_folder", "cifar10"] = "digits"
+    name: Literal[DATA_NAMES] = "digits"
     path: Path | None = Field(None, description="local file or folder for npz / image_folder / cifar10")
     resolution: int | None = Field(None, ge=4, le=1024, description="resize images to this size (None: native)")
     num_modes: int = Field(8, ge=1, le=1024, description="gaussian_mixture: number of components on a circle")
@@ -48,7 +75,7 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.name in ("npz", "image_folder", "cifar10") and self.path is None:
+        if self.name in FILE_DATA and self.path is None:
             raise ValueError(f"data.path is required for data.name={self.name!r}")
         return self
 
@@ -128,7 +155,7 @@ class TeacherConfig(StrictModel):
     ``callable``: ``module:function`` returning a denoiser module, imported and run only with ``allow_code``.
     """
 
-    source: Literal["exact", "pretrain", "checkpoint", "edm_pickle", "torchscript", "callable"] = "pretrain"
+    source: Literal[SOURCES] = "pretrain"
     path: Path | None = None
     target: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$", description="module:callable")
     allow_code: bool = Field(False, description="source='callable' imports and runs teacher.target with this "
@@ -190,13 +217,13 @@ class RolloutConfig(StrictModel):
 
 
 class MidTrainConfig(StrictModel):
-    """Consistency mid-training on teacher trajectories (``cmt_core.objectives.cmt``).
+    """Consistency mid-training on teacher trajectories (``cmt_core.methods.cmt``).
 
-    ``cm``: f(x_ti, t_i) -> x_t0 (clean end); ``flow_map``: f(x_ti, t_i, t_j) -> x_tj;
-    ``mf``: u(x_ti, t_j, t_i) -> (x_ti - x_tj) / (t_i - t_j).
+    ``form``, a mid-training method of the registry: ``cm``: f(x_ti, t_i) -> x_t0 (clean end); ``flow_map``:
+    f(x_ti, t_i, t_j) -> x_tj; ``mf``: u(x_ti, t_j, t_i) -> (x_ti - x_tj) / (t_i - t_j).
     """
 
-    form: Literal["cm", "mf", "flow_map"] = "cm"
+    form: registered("midtrain") = "cm"
     distance: DistanceName = Field(
         "squared_l2", description="per-sample d over all dimensions (cmt_core.objectives.distances): squared_l2 "
         "||.||^2, l2_norm ||.||, pseudo_huber sqrt(||.||^2 + c^2) - c, lpips (the reference's default; cm / "
@@ -213,13 +240,9 @@ class MidTrainConfig(StrictModel):
         if self.distance == "pseudo_huber" and self.huber_c == 0:
             raise ValueError("midtrain.huber_c must be > 0 for midtrain.distance='pseudo_huber' "
                              "(c = 0 is distance='l2_norm')")
-        if self.distance == "lpips":
-            if self.form == "mf":
-                raise ValueError("midtrain.distance='lpips' compares images: use it with midtrain.form 'cm' or "
-                                 "'flow_map', not 'mf' (velocities)")
-            if self.lpips_backbone is None:
-                raise ValueError("midtrain.lpips_backbone is required for midtrain.distance='lpips': a local "
-                                 "file with torchvision's VGG16 weights")
+        if self.distance == "lpips" and self.lpips_backbone is None:
+            raise ValueError("midtrain.lpips_backbone is required for midtrain.distance='lpips': a local "
+                             "file with torchvision's VGG16 weights")
         return self
 
 
@@ -263,9 +286,10 @@ class MeanFlowConfig(StrictModel):
 
 
 class PostTrainConfig(StrictModel):
-    """Post-training of a few-step model (``cmt_core.objectives.ect`` / ``meanflow``)."""
+    """Post-training of a few-step model: ``method``, a post-training method of the registry (``cmt_core.methods``:
+    ``ect``, ``ecd``, ``meanflow``, ...), reading its section (``ect``, ``meanflow``)."""
 
-    method: Literal["ect", "ecd", "meanflow"] = "ect"
+    method: registered("posttrain") = "ect"
     init: Literal["cmt", "teacher", "random"] = "cmt"
     ect: ECTConfig = ECTConfig()
     meanflow: MeanFlowConfig = MeanFlowConfig()
@@ -355,29 +379,24 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
-        if self.teacher.source == "exact" and self.data.name not in ("gaussian_mixture", "checkerboard"):
+        if self.teacher.source == "exact" and self.data.name not in POINT_DATA:
             raise ValueError(f"teacher.source='exact' needs 2-D synthetic data, not data.name={self.data.name!r}")
-        if self.network.kind == "unet" and self.data.name in ("gaussian_mixture", "checkerboard"):
+        if self.network.kind == "unet" and self.data.name in POINT_DATA:
             raise ValueError("network.kind='unet' needs image data; use 'mlp' for 2-D data")
-        if self.teacher.source in ("torchscript", "callable"):
+        if self.teacher.source in PROGRAMS:
             for field, init in (("midtrain.init", self.midtrain.init), ("posttrain.init", self.posttrain.init)):
                 if init == "teacher":
                     raise ValueError(f"{field}='teacher' needs the teacher's network weights, and "
                                      f"teacher.source={self.teacher.source!r} has none of ours; use init='random' or "
                                      "a checkpoint / edm_pickle / pretrain teacher")
-        if self.posttrain.method == "meanflow" and self.midtrain.form == "cm" and self.posttrain.init == "cmt":
-            raise ValueError("posttrain.method='meanflow' with init='cmt' needs midtrain.form 'mf' or 'flow_map'")
-        if self.posttrain.method in ("ect", "ecd") and self.midtrain.form != "cm" and self.posttrain.init == "cmt":
-            raise ValueError("posttrain.method='ect'/'ecd' with init='cmt' needs midtrain.form='cm'")
-        anchor = self.posttrain.ect.anchor_sigma
-        if anchor > 0 and (self.posttrain.init != "cmt" or self.posttrain.method == "meanflow"):
-            raise ValueError(f"posttrain.ect.anchor_sigma={anchor} keeps the mid-trained "
-                             "model's map below it: it needs posttrain.init='cmt' and method 'ect' or 'ecd' "
-                             f"(got init={self.posttrain.init!r}, method={self.posttrain.method!r}); set it to 0")
-        if self.midtrain.distance == "lpips" and (self.data.name in ("gaussian_mixture", "checkerboard") or (
-                self.data.name == "digits" and (self.data.resolution or 8) < 16)):
-            raise ValueError(f"midtrain.distance='lpips' needs images of at least 16 pixels a side, not "
-                             f"data.name={self.data.name!r} at data.resolution={self.data.resolution}")
+        for rules in dict.fromkeys(m.rules for m in methods.METHODS.values()):  # each rule once, in order
+            rules(self)
+        mid, post = methods.get_method(self.midtrain.form), methods.get_method(self.posttrain.method)
+        if self.posttrain.init == "cmt" and mid.kind != post.kind:
+            forms = [n for n in methods.names("midtrain") if methods.get_method(n).kind == post.kind]
+            raise ValueError(f"posttrain.method={post.name!r} with init='cmt' trains a {post.kind} model: it needs a "
+                             f"midtrain.form that trains one ({', '.join(repr(f) for f in forms)}), not "
+                             f"{mid.name!r}")
         return self
 
 

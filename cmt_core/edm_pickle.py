@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmt_core.config import NetworkConfig
 from cmt_core.models import build_model
 
 
@@ -176,11 +175,12 @@ PRECONDITIONING_ARGS = {
 
 @dataclass
 class EDMNetwork:
-    """An EDM network as ours: the denoiser (eval mode), its network config and sample shape ``(C, H, W)``,
-    and the name of the EDM preconditioning class it came from."""
+    """An EDM network as ours: the denoiser (eval mode), its network values (architecture and, for ``EDMPrecond``,
+    ``sigma_data``: the fields of a ``NetworkConfig``), sample shape ``(C, H, W)``, and the name of the EDM
+    preconditioning class it came from."""
 
     model: nn.Module
-    network: NetworkConfig
+    network: dict
     sample_shape: tuple[int, int, int]
     precond_class: str
 
@@ -211,10 +211,10 @@ def edm_network(precond) -> EDMNetwork:
                         dropout=args["dropout"], emb_dim=args["model_channels"] * args["channel_mult_emb"])
     settings = precond.state  # the instance's attributes: the constructor's values, defaults included
     if name == "EDMPrecond":
-        network = NetworkConfig(**architecture, sigma_data=float(settings["sigma_data"]))
+        network = {**architecture, "sigma_data": float(settings["sigma_data"])}
         preconditioning = {"name": "edm"}
     else:
-        network = NetworkConfig(**architecture)  # sigma_data does not enter the VP denoiser
+        network = architecture  # sigma_data does not enter the VP denoiser
         preconditioning = {"name": "vp", "beta_d": float(settings["beta_d"]), "beta_min": float(settings["beta_min"]),
                            "num_steps": int(settings["M"])}
     sample_shape = (args["in_channels"], args["img_resolution"], args["img_resolution"])

@@ -50,8 +50,8 @@ class PerturbedDenoiser(nn.Module):
         self.A = torch.randn(dim, dim, generator=g, dtype=torch.float64)
         self.b = torch.randn(dim, generator=g, dtype=torch.float64)
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        return self.exact(x, t) + self.eps * torch.tanh(x.double() @ self.A + self.b).to(x.dtype)
+    def forward(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        return self.exact(x, t, cond=cond) + self.eps * torch.tanh(x.double() @ self.A + self.b).to(x.dtype)
 
 
 @dataclass

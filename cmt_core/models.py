@@ -2,41 +2,47 @@
 
 Kinds: ``denoiser`` (teacher, one time; EDM's or EDM's VP preconditioning), ``consistency`` (CM, one time,
 boundary form at ``sigma_min``), ``flow_map`` (two times: flow map / Mean Flow). A model file holds the kind,
-the network config, the sample shape, ``sigma_min`` (consistency models and flow maps; None otherwise), the
-denoiser's ``preconditioning`` (denoisers; None otherwise) and the weights, so ``load_model`` rebuilds it without
-the pipeline config. It holds nothing but plain values and tensors, and is read with ``weights_only=True``.
+the ``network`` mapping (the architecture values ``cmt_core.networks.build.ARCHITECTURE`` plus the
+preconditioning's ``sigma_data`` and ``consistency_boundary``: a ``NetworkConfig`` dumped by the stage that saved
+it), the sample shape, ``sigma_min`` (consistency models and flow maps; None otherwise), the denoiser's
+``preconditioning`` (denoisers; None otherwise) and the weights, so ``load_model`` rebuilds it without the
+pipeline config. It holds nothing but plain values and tensors, and is read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from torch import nn
 
 from cmt_core.checkpoint import atomic_save, load_file
-from cmt_core.config import NetworkConfig
 from cmt_core.networks import build_network
+from cmt_core.networks.build import ARCHITECTURE
 from cmt_core.networks.embedding import LaterTimeMLP
 from cmt_core.preconditioning import ConsistencyModel, FlowMap, make_denoiser
 
 NUM_TIMES = {"denoiser": 1, "consistency": 1, "flow_map": 2}
 
 
-def build_model(kind: str, network: NetworkConfig, sample_shape, sigma_min: float | None = None,
+def build_model(kind: str, network: Mapping, sample_shape, sigma_min: float | None = None,
                 preconditioning: dict | None = None) -> nn.Module:
-    """An untrained model of ``kind``; ``sigma_min`` (the boundary time) is required for consistency models and
-    is a flow map's clean end (``FlowMap``: jumps below it are conditioned on it; None: no floor);
+    """An untrained model of ``kind``; ``network``: the architecture values (``ARCHITECTURE``), ``sigma_data`` and,
+    for consistency models, ``consistency_boundary``; ``sigma_min`` (the boundary time) is required for consistency
+    models and is a flow map's clean end (``FlowMap``: jumps below it are conditioned on it; None: no floor);
     ``preconditioning`` names a denoiser's wrapper (``cmt_core.preconditioning.make_denoiser``; None: EDM's)."""
     if kind not in NUM_TIMES:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(NUM_TIMES)}")
-    raw = build_network(network, tuple(sample_shape), num_times=NUM_TIMES[kind])
+    architecture = {k: network[k] for k in ARCHITECTURE if k in network}
+    raw = build_network(sample_shape=tuple(sample_shape), num_times=NUM_TIMES[kind], **architecture)
+    sigma_data = network.get("sigma_data")  # not used by a VP-preconditioned denoiser
     if kind == "denoiser":
-        return make_denoiser(raw, network.sigma_data, preconditioning)
+        return make_denoiser(raw, sigma_data, preconditioning)
     if kind == "consistency":
         if sigma_min is None:
             raise ValueError("a consistency model needs sigma_min (its boundary time)")
-        return ConsistencyModel(raw, network.sigma_data, sigma_min, network.consistency_boundary)
-    return FlowMap(raw, network.sigma_data, sigma_min)
+        return ConsistencyModel(raw, sigma_data, sigma_min, network["consistency_boundary"])
+    return FlowMap(raw, sigma_data, sigma_min)
 
 
 def init_from(model: nn.Module, source: nn.Module) -> nn.Module:
@@ -50,8 +56,10 @@ def init_from(model: nn.Module, source: nn.Module) -> nn.Module:
     return model
 
 
-def save_model(path: Path, model: nn.Module, kind: str, network: NetworkConfig, sample_shape) -> None:
-    atomic_save({"kind": kind, "network": network.model_dump(mode="json"), "sample_shape": list(sample_shape),
+def save_model(path: Path, model: nn.Module, kind: str, network: Mapping, sample_shape) -> None:
+    """Write ``model`` with what ``load_model`` needs to rebuild it; ``network``: a ``NetworkConfig`` dumped as
+    JSON values (``model_dump(mode="json")``)."""
+    atomic_save({"kind": kind, "network": dict(network), "sample_shape": list(sample_shape),
                  "sigma_min": getattr(model, "sigma_min", None),
                  "preconditioning": getattr(model, "preconditioning", None),
                  "state_dict": model.state_dict()}, Path(path))
@@ -61,7 +69,7 @@ def load_model(path: Path, map_location="cpu") -> nn.Module:
     """Rebuild a model written by ``save_model`` (eval mode); an unreadable file raises ``CheckpointError``."""
     blob = load_file(path, map_location)
     # Files written before VP teachers existed have no "preconditioning": their denoisers are EDM's.
-    model = build_model(blob["kind"], NetworkConfig(**blob["network"]), blob["sample_shape"], blob["sigma_min"],
+    model = build_model(blob["kind"], blob["network"], blob["sample_shape"], blob["sigma_min"],
                         blob.get("preconditioning"))
     model.load_state_dict(blob["state_dict"])
     return model.eval()

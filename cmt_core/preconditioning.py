@@ -1,6 +1,8 @@
 """EDM preconditioning: the wrappers that own all sigma algebra around a raw network.
 
-A raw network is ``F(x_in, c_noise: (B, n_times)) -> like x`` (``cmt_core.networks``).
+A raw network is ``F(x_in, c_noise: (B, n_times), cond=...) -> like x`` (``cmt_core.networks``); every wrapper
+takes the conditioning channel ``cond`` (``cmt_core.conditioning``, None or empty when unconditional) as its last
+argument, passed by keyword everywhere in the library, and hands it to the raw network unchanged.
 
 * ``Denoiser``        D(x, t)    = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t))              (teacher)
 * ``ConsistencyModel`` f(x, t)    = the same with the boundary form, so that f(x, sigma_min) = x exactly
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from cmt_core.conditioning import Cond
 
 SIGMA_EMBED_MIN = 1e-3  # s = 0 (a jump to the data) is embedded as this sigma
 
@@ -51,10 +55,10 @@ class Denoiser(nn.Module):
         super().__init__()
         self.raw, self.sigma_data = raw, sigma_data
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Cond | None = None) -> torch.Tensor:
         t = as_batch(t, x)
         c_skip, c_out, c_in = edm_scalings(bcast(t, x), self.sigma_data)
-        return c_skip * x + c_out * self.raw(c_in * x, c_noise(t)[:, None]).to(x.dtype)
+        return c_skip * x + c_out * self.raw(c_in * x, c_noise(t)[:, None], cond=cond).to(x.dtype)
 
 
 class VPDenoiser(nn.Module):
@@ -71,12 +75,12 @@ class VPDenoiser(nn.Module):
         self.raw, self.beta_d, self.beta_min, self.num_steps = raw, beta_d, beta_min, num_steps
         self.preconditioning = {"name": "vp", "beta_d": beta_d, "beta_min": beta_min, "num_steps": num_steps}
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Cond | None = None) -> torch.Tensor:
         t = as_batch(t, x)
         u = ((self.beta_min**2 + 2 * self.beta_d * (1 + t**2).log()).sqrt() - self.beta_min) / self.beta_d
         tb = bcast(t, x)
         c_in = 1 / (tb**2 + 1).sqrt()
-        return x - tb * self.raw(c_in * x, ((self.num_steps - 1) * u)[:, None]).to(x.dtype)
+        return x - tb * self.raw(c_in * x, ((self.num_steps - 1) * u)[:, None], cond=cond).to(x.dtype)
 
 
 def make_denoiser(raw: nn.Module, sigma_data: float, preconditioning: dict | None = None) -> nn.Module:
@@ -104,7 +108,7 @@ class ConsistencyModel(nn.Module):
             raise ValueError(f"boundary must be 'always' or 'evaluation', got {boundary!r}")
         self.raw, self.sigma_data, self.sigma_min, self.boundary = raw, sigma_data, sigma_min, boundary
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Cond | None = None) -> torch.Tensor:
         t = as_batch(t, x)
         sd, tb = self.sigma_data, bcast(t, x)
         if self.training and self.boundary == "evaluation":
@@ -113,7 +117,7 @@ class ConsistencyModel(nn.Module):
             c_skip = sd**2 / ((tb - self.sigma_min) ** 2 + sd**2)
             c_out = (tb - self.sigma_min) * sd / (tb**2 + sd**2).sqrt()
             c_in = 1 / (tb**2 + sd**2).sqrt()
-        return c_skip * x + c_out * self.raw(c_in * x, c_noise(t)[:, None]).to(x.dtype)
+        return c_skip * x + c_out * self.raw(c_in * x, c_noise(t)[:, None], cond=cond).to(x.dtype)
 
 
 class FlowMap(nn.Module):
@@ -130,15 +134,15 @@ class FlowMap(nn.Module):
         super().__init__()
         self.raw, self.sigma_data, self.sigma_min = raw, sigma_data, sigma_min
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         """D~(x, t, s): the data estimate whose DDIM step t -> s is the flow map."""
         c_skip, c_out, c_in = edm_scalings(bcast(t, x), self.sigma_data)
         if self.sigma_min is not None:
             s = s.clamp(min=self.sigma_min)
-        cond = torch.stack([c_noise(t), c_noise(s)], dim=1)
-        return c_skip * x + c_out * self.raw(c_in * x, cond).to(x.dtype)
+        times = torch.stack([c_noise(t), c_noise(s)], dim=1)
+        return c_skip * x + c_out * self.raw(c_in * x, times, cond=cond).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, t, s) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, s, cond: Cond | None = None) -> torch.Tensor:
         t, s = as_batch(t, x), as_batch(s, x)
         ratio = bcast(s / t, x)
-        return ratio * x + (1 - ratio) * self.denoise(x, t, s)
+        return ratio * x + (1 - ratio) * self.denoise(x, t, s, cond=cond)

@@ -18,6 +18,7 @@ STEP_TORCH         step, rank                       the torch global seed of a s
 PAIR_TARGET        step                             CMT target indices j of a step
 TRAJECTORY_NOISE   trajectory                       x_T of one teacher trajectory
 STORE_ORDER        epoch [, buffer + 1]             chunk order and in-buffer shuffle of the store loader
+TRAJECTORY_LABEL   trajectory                       the class label of one conditional teacher trajectory
 =================  ===============================  =====================================================
 """
 
@@ -37,6 +38,7 @@ class Stream(IntEnum):
     PAIR_TARGET = 4
     TRAJECTORY_NOISE = 5
     STORE_ORDER = 6
+    TRAJECTORY_LABEL = 7
 
 
 def seed_of(stream: Stream, seed: int, *keys: int) -> int:

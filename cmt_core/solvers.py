@@ -2,9 +2,10 @@
 
 Each solver is a pure function of (denoiser, start state, grid) and returns the whole trajectory
 ``(B, N + 1, *sample_shape)``: index 0 is the start ``x_{t_0}`` (noise end), index N the end of the grid.
-``denoiser(x, t: (B,)) -> x_0 estimate``. The grid is decreasing, ``(N + 1,)`` shared by the batch or
-``(N + 1, B)`` per sample; a final sigma = 0 is allowed (the step then returns the denoiser's estimate, as
-EDM's Heun sampler does).
+``denoiser(x, t: (B,), cond=cond) -> x_0 estimate``; ``cond`` (``cmt_core.conditioning``: each row's conditioning,
+or None) is handed to every denoiser call. The grid is decreasing, ``(N + 1,)`` shared by the batch or ``(N + 1,
+B)`` per sample; a final sigma = 0 is allowed (the step then returns the denoiser's estimate, as EDM's Heun sampler
+does).
 
 ``SOLVERS`` registers every solver once (name -> function, its number of denoiser calls and the keyword
 options it takes); the configs' solver choices (``cmt_core.config.SolverName``) are its keys. A new solver
@@ -23,13 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
+from cmt_core.conditioning import Cond
 from cmt_core.time_grids import make_grid
 
 DenoiserFn = Callable[..., torch.Tensor]
 
 
-def _d(denoiser: DenoiserFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return denoiser(x, t.to(x.dtype).expand(x.shape[0]))
+def _d(denoiser: DenoiserFn, x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
+    return denoiser(x, t.to(x.dtype).expand(x.shape[0]), cond=cond)
 
 
 def _b(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -37,31 +39,31 @@ def _b(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) if t.ndim else t.to(x.dtype)
 
 
-def _euler_step(denoiser: DenoiserFn, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor):
+def _euler_step(denoiser: DenoiserFn, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cond: Cond | None):
     """``(x_next, d)``: one Euler step along the ODE's velocity ``d = (x - D(x, t)) / t``."""
-    d = (x - _d(denoiser, x, t)) / _b(t, x)
+    d = (x - _d(denoiser, x, t, cond)) / _b(t, x)
     return x + _b(t_next - t, x) * d, d
 
 
 @torch.no_grad()
-def euler(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def euler(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
     """First-order Euler: one denoiser call per step."""
     states = [x]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        x, _ = _euler_step(denoiser, x, t, t_next)
+        x, _ = _euler_step(denoiser, x, t, t_next, cond)
         states.append(x)
     return torch.stack(states, dim=1)
 
 
 @torch.no_grad()
-def heun(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def heun(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
     """EDM's second-order Heun: two calls per step, one on a final step to sigma = 0."""
     states = [x]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        x_euler, d = _euler_step(denoiser, x, t, t_next)
+        x_euler, d = _euler_step(denoiser, x, t, t_next, cond)
         if (t_next > 0).any():
             safe_next = t_next.clamp(min=1e-12)
-            d_next = (x_euler - _d(denoiser, x_euler, safe_next)) / _b(safe_next, x)
+            d_next = (x_euler - _d(denoiser, x_euler, safe_next, cond)) / _b(safe_next, x)
             x = torch.where(_b(t_next, x) > 0, x + _b(t_next - t, x) * (d + d_next) / 2, x_euler)
         else:
             x = x_euler
@@ -108,8 +110,9 @@ def _multistep_correction(denoised: torch.Tensor, history: list[torch.Tensor], h
 
 
 @torch.no_grad()
-def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, order: int = 2, *,
-                  lower_order_final: bool = False, taylor: bool = False, lu_code: bool = False) -> torch.Tensor:
+def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, cond: Cond | None = None,
+                  order: int = 2, *, lower_order_final: bool = False, taylor: bool = False,
+                  lu_code: bool = False) -> torch.Tensor:
     """DPM-Solver++ multistep of Lu et al. 2022 (order 2 or 3, data prediction), one denoiser call per step.
 
     EDM time: alpha = 1, sigma = t, lambda = -ln t, h = ln(t / t_next). Step i goes from ``t_i`` to
@@ -126,7 +129,7 @@ def dpm_solver_pp(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, ord
     orders = _step_orders(len(grid) - 1, order, lower_order_final)
     states, history, h_history = [x], [], []  # previous denoiser outputs and steps, newest last
     for t, t_next, step_order in zip(grid[:-1], grid[1:], orders):
-        denoised = _d(denoiser, x, t)
+        denoised = _d(denoiser, x, t, cond)
         if (t_next == 0).all():
             x = denoised
         else:
@@ -155,7 +158,7 @@ def _heun_calls(grid: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class Solver:
-    run: Callable[..., torch.Tensor]  # (denoiser, x, grid, **options) -> states (B, N + 1, *sample_shape)
+    run: Callable[..., torch.Tensor]  # (denoiser, x, grid, cond, **options) -> states (B, N + 1, *sample_shape)
     function_evaluations: Callable[[torch.Tensor], int]  # grid -> denoiser calls
     options: frozenset[str] = frozenset()  # the keyword options ``run`` takes
 
@@ -180,15 +183,17 @@ def get_solver(name: str) -> Solver:
     return SOLVERS[name]
 
 
-def solve(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, name: str, **options) -> torch.Tensor:
-    """The trajectory ``(B, N + 1, *sample_shape)`` of the registered solver ``name`` on ``grid``.
+def solve(denoiser: DenoiserFn, x: torch.Tensor, grid: torch.Tensor, name: str, cond: Cond | None = None,
+          **options) -> torch.Tensor:
+    """The trajectory ``(B, N + 1, *sample_shape)`` of the registered solver ``name`` on ``grid``; ``cond``: the
+    rows' conditioning, handed to every denoiser call.
 
     ``options``: keywords the solver declares (``Solver.options``), e.g. ``lower_order_final=True`` for
     the multistep DPM-Solver++ variants; any other is an error rather than silently ignored."""
     solver = get_solver(name)
     if unknown := set(options) - solver.options:
         raise ValueError(f"solver {name!r} takes no option {sorted(unknown)}; it takes {sorted(solver.options)}")
-    return solver.run(denoiser, x, grid, **options)
+    return solver.run(denoiser, x, grid, cond, **options)
 
 
 def function_evaluations(name: str, grid: torch.Tensor) -> int:
@@ -196,9 +201,10 @@ def function_evaluations(name: str, grid: torch.Tensor) -> int:
     return get_solver(name).function_evaluations(grid)
 
 
-def solve_config(denoiser: DenoiserFn, x: torch.Tensor, cfg) -> torch.Tensor:
-    """Solve on the grid of a ``SolverConfig``; ``x`` is the start state at ``cfg.sigma_max``.
+def solve_config(denoiser: DenoiserFn, x: torch.Tensor, cfg, cond: Cond | None = None) -> torch.Tensor:
+    """Solve on the grid of a ``SolverConfig`` (read as plain values: name, grid, steps, sigmas, ...); ``x`` is
+    the start state at ``cfg.sigma_max``.
 
     ``cfg.lower_order_final`` is passed only when set, so solvers without that option run with the default."""
     options = {"lower_order_final": True} if cfg.lower_order_final else {}
-    return solve(denoiser, x, make_grid(cfg).to(x.device), cfg.name, **options)
+    return solve(denoiser, x, make_grid(cfg).to(x.device), cfg.name, cond, **options)

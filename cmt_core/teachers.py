@@ -1,8 +1,10 @@
-"""Teachers: a denoiser ``D(x, t: (B,)) -> x_0 estimate`` (an ``nn.Module``).
+"""Teachers: a denoiser ``D(x, t: (B,), cond=None) -> x_0 estimate`` (an ``nn.Module``).
 
-Sources: the exact denoiser of a 2-D synthetic distribution; EDM pre-training here; our own model file;
-an EDM network pickle (``cmt_core.edm_pickle``; the teacher stage stores it as our model file once);
-a TorchScript file computing ``D(x, sigma)``; or ``module:callable`` returning a denoiser module.
+Sources: the exact denoiser of a 2-D synthetic distribution (class-conditional when the distribution has
+classes); EDM pre-training here; our own model file; an EDM network pickle (``cmt_core.edm_pickle``; the teacher
+stage stores it as our model file once); a TorchScript file computing ``D(x, sigma)``; or ``module:callable``
+returning a denoiser module ``D(x, sigma)``. TorchScript and callable teachers are unconditional: they refuse a
+non-empty ``cond`` rather than ignore it. Every function here takes plain values (the source's name, paths).
 """
 
 from __future__ import annotations
@@ -13,78 +15,77 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmt_core.config import DataConfig, TeacherConfig
-from cmt_core.data import Data, load_data
+from cmt_core.conditioning import Cond, check_known, to_device
 from cmt_core.edm_pickle import EDMNetwork, load_edm_network
 from cmt_core.models import load_model
 
+SOURCES = ("exact", "pretrain", "checkpoint", "edm_pickle", "torchscript", "callable")
+LOADED = ("checkpoint", "edm_pickle", "torchscript", "callable")  # read or run from outside
+PROGRAMS = ("torchscript", "callable")  # run as they are: no network weights of ours to initialise from
+
 
 class ExactDenoiser(nn.Module):
-    """The closed-form posterior mean of a synthetic distribution (float64 internally)."""
+    """The closed-form posterior mean of a synthetic distribution (float64 internally), given the class of each
+    row when the distribution has classes and ``cond`` holds ``class_labels``."""
 
     def __init__(self, distribution):
         super().__init__()
         self.distribution = distribution
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, cond: Cond | None = None) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device, dtype=torch.float64).expand(x.shape[0])
-        return self.distribution.denoise(x.double(), t).to(x.dtype)
+        return self.distribution.denoise(x.double(), t, to_device(cond, x.device, torch.float64)).to(x.dtype)
 
 
-class ScriptedDenoiser(nn.Module):
-    """Adapts a TorchScript ``D(x, sigma)`` to the teacher interface."""
+class OutsideDenoiser(nn.Module):
+    """Adapts a denoiser from outside (a TorchScript graph or a user's module) computing ``D(x, sigma)`` to the
+    teacher interface: sigma as a ``(B,)`` tensor of x's dtype; no conditioning."""
 
-    def __init__(self, scripted):
+    def __init__(self, module, who: str):
         super().__init__()
-        self.scripted = scripted
+        self.module, self.who = module, who
 
-    def forward(self, x, t):
-        return self.scripted(x, torch.as_tensor(t, device=x.device, dtype=x.dtype).expand(x.shape[0]))
+    def forward(self, x, t, cond: Cond | None = None):
+        check_known(cond, (), self.who)
+        return self.module(x, torch.as_tensor(t, device=x.device, dtype=x.dtype).expand(x.shape[0]))
 
 
-def load_teacher(cfg: TeacherConfig, distribution=None) -> nn.Module:
-    """The teacher named by ``cfg`` for the sources read as they are: ``exact``, ``checkpoint``, ``torchscript``,
-    ``callable`` (``pretrain`` is trained and ``edm_pickle`` converted by the teacher stage, ``cmt_core.stages``)."""
-    if cfg.source == "exact":
+def load_teacher(source: str, path=None, target: str | None = None, distribution=None) -> nn.Module:
+    """The teacher of the sources read as they are: ``exact`` (of ``distribution``), ``checkpoint`` (our model file
+    at ``path``), ``torchscript`` (``path``), ``callable`` (``target``, 'module:function'); ``pretrain`` is trained
+    and ``edm_pickle`` converted by the teacher stage (``cmt_core.stages``)."""
+    if source == "exact":
         if distribution is None:
             raise ValueError("teacher.source='exact' needs a synthetic distribution with a closed-form denoiser")
         return ExactDenoiser(distribution)
-    if cfg.source == "checkpoint":
-        return load_model(cfg.path)
-    if cfg.source == "torchscript":
-        return ScriptedDenoiser(torch.jit.load(str(cfg.path), map_location="cpu")).eval()
-    if cfg.source == "callable":
-        module, name = cfg.target.split(":")
+    if source == "checkpoint":
+        return load_model(path)
+    if source == "torchscript":
+        return OutsideDenoiser(torch.jit.load(str(path), map_location="cpu"), "a TorchScript teacher").eval()
+    if source == "callable":
+        module, name = target.split(":")
         obj = importlib.import_module(module)
         for part in name.split("."):
             obj = getattr(obj, part)
         teacher = obj()
         if not isinstance(teacher, nn.Module):
-            raise TypeError(f"teacher.target {cfg.target!r} returned {type(teacher).__name__}, not an nn.Module")
-        return teacher.eval()
-    raise ValueError(f"teacher.source={cfg.source!r} is not loaded as it is: the teacher stage makes its model file")
+            raise TypeError(f"teacher.target {target!r} returned {type(teacher).__name__}, not an nn.Module")
+        return OutsideDenoiser(teacher.eval(), f"the callable teacher {target}").eval()
+    raise ValueError(f"teacher.source={source!r} is not loaded as it is: the teacher stage makes its model file")
 
 
-def edm_teacher(cfg: TeacherConfig, sample_shape) -> EDMNetwork:
-    """The EDM network pickle at ``cfg.path`` as our denoiser, checked to denoise samples of ``sample_shape``."""
-    edm = load_edm_network(cfg.path)
+def edm_teacher(path, sample_shape) -> EDMNetwork:
+    """The EDM network pickle at ``path`` as our denoiser, checked to denoise samples of ``sample_shape``."""
+    edm = load_edm_network(path)
     if edm.sample_shape != tuple(sample_shape):
-        raise ValueError(f"the EDM network at {cfg.path} denoises samples of shape {edm.sample_shape}, "
+        raise ValueError(f"the EDM network at {path} denoises samples of shape {edm.sample_shape}, "
                          f"the data has shape {tuple(sample_shape)}")
     return edm
 
 
-def teacher_denoiser(cfg: TeacherConfig, data: Data, weights: Path) -> nn.Module:
+def teacher_denoiser(source: str, path, target: str | None, distribution, weights: Path) -> nn.Module:
     """The denoiser that solves the ODE: the model file at ``weights`` (the teacher artifact's) for ``pretrain``
-    and ``edm_pickle``, otherwise ``load_teacher`` (the exact denoiser of ``data``, a file, a callable)."""
-    if cfg.source in ("pretrain", "edm_pickle"):
+    and ``edm_pickle``, otherwise ``load_teacher`` (the exact denoiser of ``distribution``, a file, a callable)."""
+    if source in ("pretrain", "edm_pickle"):
         return load_model(weights)
-    return load_teacher(cfg, data.distribution)
-
-
-def rollout_denoiser(source: str, path: str | None, target: str | None, data_json: str, weights: str) -> nn.Module:
-    """``teacher_denoiser`` from plain values: the picklable ``denoiser_factory`` a rollout worker calls
-    (``functools.partial(rollout_denoiser, ...)``), so the teacher is built where it runs."""
-    cfg = TeacherConfig(source=source, path=path, target=target, allow_code=source == "callable")  # allowed upstream
-    return teacher_denoiser(cfg, load_data(DataConfig.model_validate_json(data_json)), Path(weights))
-
+    return load_teacher(source, path, target, distribution)

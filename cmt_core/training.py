@@ -2,6 +2,10 @@
 
 ``train(model, objective, source, cfg, run_dir, runtime)`` optimises ``model`` (a preconditioned
 module) on batches ``source.batch(step, ...)`` and resumes from ``run_dir/checkpoint.pt`` when it exists.
+One optimisation step is ``train_step`` (the step's seeds and learning rate, the objective under autocast, the
+backward pass, DDP gradient averaging for JVP objectives, the non-finite guard, clipping, the optimizer and the
+EMA): the loop adds batches, logging, evaluations and checkpoints around it, and benchmarks call it alone.
+``cfg`` is a ``TrainConfig`` (read as plain values: steps, batch_size, lr, schedule, EMA, clipping, cadences).
 Every random number of step k is a function of (seed, k, global sample), so N steps, a resume and N more
 steps give the same weights as 2N steps straight, on one process or on DDP ranks.
 
@@ -39,8 +43,7 @@ from cmt_core.checkpoint import (
     load_file,
     read_training_log,
 )
-from cmt_core.config import TrainConfig
-from cmt_core.data.sources import BatchSource
+from cmt_core.data.sources import BatchSource, move_batch
 from cmt_core.ema import EMA
 from cmt_core.objectives.base import StepRandom
 from cmt_core.rng import Stream, seed_of
@@ -49,11 +52,11 @@ from cmt_core.runtime import Runtime
 logger = logging.getLogger("cmt")
 # EMA model -> metrics with "score_1step" and "score_2step" keys (lower is better), see ``selection_score``
 Evaluate = Callable[[nn.Module], dict]
-Progress = Callable[[int, int, dict], None]  # (step, total, latest metrics) for dashboards
+Progress = Callable[[int, int, dict], None]  # (done, total, latest metrics) of a stage, for dashboards
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A step's loss is not finite; nothing of the step was applied (weights, optimizer and EMA are untouched)."""
 
 
 @dataclass
@@ -65,7 +68,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
+def learning_rate(cfg, step: int) -> float:
     """Warm-up then constant / linear / cosine decay to ``final_lr_fraction * lr``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -96,12 +99,43 @@ def selection_score(keep: str, metrics: dict, start: dict, tolerance: float = 0.
     return float(sum(metrics[k] / max(start[k], 1e-12) for k in keys))
 
 
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     kind = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
     return kind(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, run_dir: Path,
+def train_step(model: nn.Module, objective, batch: dict, cfg, step: int, opt: torch.optim.Optimizer, ema: EMA,
+               runtime: Runtime, wrapped: nn.Module | None = None) -> tuple[float, float]:
+    """Optimisation step ``step`` of ``model`` on this rank's ``batch`` (on the device); returns the loss averaged
+    over ranks and the gradient norm before clipping.
+
+    Every random number is the step's: the torch seed (dropout masks) from (seed, step, rank), the objective's
+    draws from ``StepRandom`` for the global batch. ``wrapped``: the DDP wrapper the objective calls (an objective
+    with ``uses_jvp`` gets the bare module and its gradients are averaged here). A non-finite loss raises
+    ``NonFiniteLossError`` before anything is updated."""
+    torch.manual_seed(seed_of(Stream.STEP_TORCH, cfg.seed, step, runtime.rank))
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(cfg, step)
+    uses_jvp = getattr(objective, "uses_jvp", False)
+    rng = StepRandom(cfg.seed, step, cfg.batch_size, runtime.rank, runtime.world, runtime.device)
+    with runtime.autocast():
+        loss = objective(model if uses_jvp or wrapped is None else wrapped, batch, rng).float().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if runtime.distributed and uses_jvp:
+        for p in model.parameters():
+            if p.grad is not None:
+                runtime.all_reduce_mean(p.grad)
+    reported = runtime.all_reduce_mean(loss.detach().clone())
+    if not torch.isfinite(reported):
+        raise NonFiniteLossError(f"non-finite loss {reported.item()} at step {step}")
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    opt.step()
+    ema.update(model)
+    return reported.item(), float(grad_norm)
+
+
+def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
           runtime: Runtime, evaluate: Evaluate | None = None, desc: str = "train",
           progress: Progress | None = None, until: int | None = None) -> TrainResult:
     """Train ``model`` in place; returns the EMA model (see the module docstring).
@@ -124,9 +158,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     if runtime.is_main:  # drop lines written after the checkpoint we resume from
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
-    uses_jvp = getattr(objective, "uses_jvp", False)
     wrapped = model
-    if runtime.distributed and not uses_jvp:
+    if runtime.distributed and not getattr(objective, "uses_jvp", False):
         devices = [runtime.device.index] if runtime.device.type == "cuda" else None
         wrapped = DistributedDataParallel(model, device_ids=devices)
 
@@ -165,33 +198,18 @@ def train(model: nn.Module, objective, source: BatchSource, cfg: TrainConfig, ru
     stop = cfg.steps if until is None else min(until, cfg.steps)
     try:  # the bar is closed before a failure is reported
         for step in range(start, stop):
-            torch.manual_seed(seed_of(Stream.STEP_TORCH, cfg.seed, step, runtime.rank))
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            batch = {k: v.to(runtime.device, non_blocking=True)
-                     for k, v in source.batch(step, cfg.batch_size, runtime.rank, runtime.world).items()}
-            rng = StepRandom(cfg.seed, step, cfg.batch_size, runtime.rank, runtime.world, runtime.device)
-            with runtime.autocast():
-                loss = objective(wrapped, batch, rng).float().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if runtime.distributed and uses_jvp:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        runtime.all_reduce_mean(p.grad)
-            reported = runtime.all_reduce_mean(loss.detach().clone())
-            if not torch.isfinite(reported):
+            batch = move_batch(source.batch(step, cfg.batch_size, runtime.rank, runtime.world), runtime.device)
+            try:
+                loss, grad_norm = train_step(model, objective, batch, cfg, step, opt, ema, runtime, wrapped)
+            except NonFiniteLossError as err:
                 where = f"{ckpt_path} (step {saved['step']})" if saved["step"] is not None else "none written yet"
-                raise NonFiniteLossError(f"{desc}: non-finite loss {reported.item()} at step {step}; "
-                                         f"last good checkpoint kept: {where}. Lower train.lr or raise grad_clip.")
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            opt.step()
-            ema.update(model)
-            running.append(reported.item())
+                raise NonFiniteLossError(f"{desc}: {err}; last good checkpoint kept: {where}. Lower train.lr or "
+                                         "raise grad_clip.") from None
+            running.append(loss)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 row = {"step": done, "loss": sum(running) / len(running), "lr": opt.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm), "seconds": time.perf_counter() - t0}
+                       "grad_norm": grad_norm, "seconds": time.perf_counter() - t0}
                 running = []
                 if evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                     row.update(run_evaluation(done))

@@ -9,16 +9,9 @@ from __future__ import annotations
 import sys
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
-from cmt_core import stages
-from cmt_core.cli import (
-    config_error,
-    config_from_args,
-    config_parser,
-    input_error,
-    print_results,
-    runtime_error,
-    setup_logging,
-)
+from cmt_core.cli import config_error, config_from_args, config_parser, failure_exit, print_results, setup_logging
+from cmt_core.preflight import preflight
+from cmt_core.stages import STAGES, plan
 from flows.parameters import trust_paths
 
 
@@ -30,10 +23,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ValueError as err:
         return config_error(err)
+    resolved = plan(cfg)
     try:
-        stages.preflight(cfg, stages.stages_needed(cfg, stages.STAGES))
-    except stages.PreflightError as err:
-        return input_error(err)
+        preflight(resolved, resolved.needed(STAGES))
+    except Exception as err:
+        return failure_exit(err)
     trust_paths(cfg)  # typed in the user's own shell: the flow may use them (flows.parameters.confine)
     log_file = setup_logging(cfg.local_root, "flow")
     from flows.pipeline import cmt_pipeline
@@ -41,10 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = cmt_pipeline(preset=cfg.preset if cfg.preset != "custom" else "digits", config=cfg,
                                ddp_processes=args.ddp_processes)
-    except stages.InputFileError as err:  # the failed stage marked nothing complete
-        return input_error(err, log_file)
-    except Exception as err:  # a stage failed (StageError: stage, folder, cause, next step)
-        return runtime_error(err, log_file, args.debug)
+    except Exception as err:  # a stage failed (StageError: stage, folder, cause, next step) or read a bad file
+        return failure_exit(err, log_file, args.debug)
     print_results(results)
     print(f"log: {log_file}")
     return 0

@@ -33,14 +33,12 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from cmt_core.cli import config_message
-from cmt_core.config import PipelineConfig
+from cmt_core.config import PATH_FIELDS, PipelineConfig
 from cmt_core.object_storage import is_url
 from cmt_core.presets import PRESETS, resolve_config
 
 ALLOWED_ROOTS_ENV = "CMT_ALLOWED_ROOTS"
 ALLOWED_URLS_ENV = "CMT_ALLOWED_URLS"
-PATH_FIELDS = ("artifact_root", "cache_root", "data.path", "teacher.path", "midtrain.lpips_backbone",
-               "eval.inception_path")
 
 PresetName = Literal[tuple(PRESETS)]  # the UI renders a Literal as a dropdown
 DdpProcesses = Annotated[int, Field(ge=1, le=1024)]

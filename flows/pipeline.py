@@ -1,9 +1,9 @@
 """The end-to-end flow ``cmt-pipeline``, and ``stage_flow``, which makes every flow of this package.
 
-A flow runs its target stages and what they need (``cmt_core.stages.stages_needed``), one task per
-stage; complete stages are reused from Prefect's cache or from disk, so a rerun starts at the first
-incomplete stage, and a changed stage config re-executes that stage and the ones that read it, nothing
-before it.
+A flow resolves the run's plan once (``cmt_core.stages.plan``), checks the inputs of every stage it will compute
+(``cmt_core.preflight``), then runs its target stages and what they need, one task per stage; complete stages are
+reused from Prefect's cache or from disk, so a rerun starts at the first incomplete stage, and a changed stage
+config re-executes that stage and the ones that read it, nothing before it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from prefect import flow, get_run_logger
 
 import tasks  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
 from cmt_core.config import PipelineConfig
-from cmt_core.stages import STAGES, TRAINING_STAGES, StageResult, plan, preflight, stages_needed
+from cmt_core.engine import StageResult
+from cmt_core.preflight import preflight
+from cmt_core.stages import STAGES, TRAINING_STAGES, plan
 from flows.parameters import ARGS_DOC, DdpProcesses, PresetName, flow_config
 from tasks.reporting import publish_evaluation, publish_stage_summary, publish_training_report
 from tasks.stages import run_stage_task
@@ -23,13 +25,14 @@ def run_stages(cfg: PipelineConfig, targets: list[str]) -> dict[str, StageResult
     """Run ``targets`` and what they need, one task per stage, and publish the run's result artifacts."""
     logger = get_run_logger()
     logger.info("config (%s):\n%s", cfg.preset, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    ids = plan(cfg).ids
-    preflight(cfg, stages_needed(cfg, targets))  # a missing file fails the run before any stage starts
+    resolved = plan(cfg)
+    needed = resolved.needed(targets)
+    preflight(resolved, needed)  # a missing file fails the run before any stage starts
     results: dict[str, StageResult] = {}
     try:
-        for stage in stages_needed(cfg, targets):
-            logger.info("%s: artifact %s", stage, ids[stage])
-            results[stage] = run_stage_task(stage, cfg)
+        for stage in needed:
+            logger.info("%s: artifact %s", stage, resolved.ids[stage])
+            results[stage] = run_stage_task(stage, resolved)
             if not results[stage].cached and stage in TRAINING_STAGES:
                 publish_training_report(results[stage])
     finally:

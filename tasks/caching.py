@@ -1,11 +1,11 @@
 """Prefect's cache for stage tasks: keyed on the artifact id, results persisted beside the artifacts.
 
-The cache key of a stage task is ``<stage>-<artifact_id>`` (``cmt_core.stages.plan``), so the same stage config
+The cache key of a stage task is ``<stage>-<artifact_id>`` (from the run's ``Plan``), so the same stage config
 and inputs hit the cache from any flow run, and orchestration-only parameters (DDP ranks, the dask
 scheduler, the artifact root) never miss it. Prefect 3 caches only persisted results; they are written to
 ``<artifact_root>/prefect-results`` (under an object-storage root: its local mirror's; or ``$CMT_PREFECT_RESULTS``).
 The cache is a fast path only: a hit is checked against the artifact by the same
-``cmt_core.stages.complete_result`` that ``run_stage`` uses (``tasks.stages.run_stage_task``).
+``cmt_core.engine.complete_result`` that ``compute_stage`` uses (``tasks.stages.run_stage_task``).
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from cmt_core.config import PipelineConfig
-from cmt_core.stages import plan
 
 RESULTS_ENV = "CMT_PREFECT_RESULTS"
 RESULTS_DIR = "prefect-results"
 
 
 def artifact_cache_key(stage: str) -> Callable[[Any, dict], str]:
-    """A ``cache_key_fn`` for ``stage``'s task: ``<stage>-<artifact id>`` from the task's ``cfg`` parameter."""
+    """A ``cache_key_fn`` for ``stage``'s task: ``<stage>-<artifact id>`` from the task's ``plan`` parameter."""
     def key(_context, parameters: dict) -> str:
-        return f"{stage}-{plan(parameters['cfg']).ids[stage]}"
+        return f"{stage}-{parameters['plan'].ids[stage]}"
 
     return key
 

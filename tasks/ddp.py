@@ -19,20 +19,20 @@ from collections import deque
 from pathlib import Path
 
 from cmt_core.checkpoint import read_training_log
-from cmt_core.config import PipelineConfig, save_yaml
+from cmt_core.config import save_yaml
+from cmt_core.engine import Plan, StageResult, complete_result, reuse
 from cmt_core.runtime import torchrun_command
-from cmt_core.stages import StageResult, complete_result, reuse, stage_path
 
 _TQDM_BAR = re.compile(r"\d+%\|")
 POLL_SECONDS = 2.0
 
 
-def run_stage_ddp(cfg: PipelineConfig, stage: str, logger, progress=None) -> StageResult:
+def run_stage_ddp(plan: Plan, stage: str, logger, progress=None) -> StageResult:
     """Run the training ``stage`` under this node's torchrun agent (``cfg.launch``); return its artifact."""
-    done = complete_result(cfg, stage)
+    done = complete_result(plan, stage)
     if done is not None:
         return reuse(done)
-    path = stage_path(cfg, stage)
+    cfg, path = plan.cfg, plan.path(stage)
     total = getattr(cfg, stage).train.steps  # teacher / midtrain / posttrain: the stage's TrainConfig
     tail: deque[str] = deque(maxlen=40)
     with tempfile.TemporaryDirectory(prefix="cmt-ddp-") as tmp:
@@ -64,7 +64,7 @@ def run_stage_ddp(cfg: PipelineConfig, stage: str, logger, progress=None) -> Sta
                 break
             time.sleep(POLL_SECONDS)
         reader.join(timeout=10)
-    result = complete_result(cfg, stage)
+    result = complete_result(plan, stage)
     if proc.returncode != 0 or result is None:
         raise RuntimeError(f"torchrun {stage} exited with code {proc.returncode} and "
                            f"{'no' if result is None else 'a'} complete artifact at {path}; last output:\n"

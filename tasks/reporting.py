@@ -27,7 +27,7 @@ from prefect.artifacts import (
 )
 
 from cmt_core.checkpoint import read_training_log
-from cmt_core.stages import StageResult
+from cmt_core.engine import StageResult
 
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cmt_core.config import MeanFlowConfig, NetworkConfig, SolverConfig, TrainConfig
+from cmt_core.config import NetworkConfig, SolverConfig, TrainConfig
 from cmt_core.data.sources import SyntheticSource
 from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.models import build_model
@@ -22,6 +22,8 @@ from cmt_core.training import train
 from cmt_core.trajectories.pairs import TrajectoryPairs
 from cmt_core.trajectories.rollout import rollout
 
+SMALL_MLP = NetworkConfig(width=32, depth=2, emb_dim=16).model_dump()
+
 
 def main(kind: str, out: str) -> None:
     torch.set_num_threads(1)
@@ -30,12 +32,12 @@ def main(kind: str, out: str) -> None:
     torch.manual_seed(0)
     cfg = TrainConfig(steps=6, batch_size=32, lr=1e-2, ema_decay=0.9, checkpoint_every=100, log_every=2)
     if kind == "cmt":
-        model = build_model("consistency", NetworkConfig(width=32, depth=2, emb_dim=16), (2,), sigma_min=0.002)
+        model = build_model("consistency", SMALL_MLP, (2,), sigma_min=0.002)
         traj = rollout(ExactDenoiser(gmm), 64, (2,), SolverConfig(steps=4), progress=False)
         source, loss = TrajectoryPairs(traj.states, traj.grid), CMTLoss("cm")
     else:
-        model = build_model("flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (2,))
-        source, loss = SyntheticSource(gmm), MeanFlowLoss(MeanFlowConfig(equal_fraction=0.25))
+        model = build_model("flow_map", SMALL_MLP, (2,))
+        source, loss = SyntheticSource(gmm), MeanFlowLoss(equal_fraction=0.25)
     with tempfile.TemporaryDirectory() as tmp:
         train(model, loss, source, cfg, Path(tmp), runtime, desc=kind)
     if runtime.is_main:

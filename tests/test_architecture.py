@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from cmt_core.config import PipelineConfig
 from cmt_core.presets import PRESETS, get_preset
-from cmt_core.stages import STAGES, plan, stages_needed
+from cmt_core.stages import STAGES, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cmt_core", "tasks", "flows")
@@ -158,7 +158,7 @@ def readers(path: str) -> set[str]:
 
 
 def dependants(cfg, stages: set[str]) -> set[str]:
-    return {name for name in STAGES if set(stages_needed(cfg, [name])) & stages}
+    return {name for name in STAGES if set(plan(cfg).needed([name])) & stages}
 
 
 def special(base: PipelineConfig, path: str) -> dict | None:
@@ -229,7 +229,7 @@ def test_changing_a_field_changes_the_ids_of_exactly_the_stages_that_read_it_and
 
 
 def test_a_stage_body_cannot_read_a_field_it_does_not_declare():
-    from cmt_core.stages import ConfigView, UndeclaredRead
+    from cmt_core.engine import ConfigView, UndeclaredRead
 
     view = ConfigView(get_preset("toy"), STAGES["teacher"].reads, "teacher")
     assert view.teacher.train.steps == 1500 and view.data.name == "gaussian_mixture"
@@ -243,7 +243,7 @@ def test_every_preset_plans_every_stage_in_dependency_order():
     for name in PRESETS:
         cfg = get_preset(name)
         assert list(plan(cfg).ids) == list(STAGES)
-        order = stages_needed(cfg, ["evaluation"])
+        order = plan(cfg).needed(["evaluation"])
         assert order == list(STAGES)
         for stage, s in STAGES.items():
             assert all(order.index(dep) < order.index(stage) for dep in s.needs(cfg))

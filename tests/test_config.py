@@ -83,8 +83,8 @@ def write_fake_cifar10(root, per_batch=8):
 
 @pytest.mark.slow
 def test_tiny_cifar10_recipe_runs_every_stage_on_cpu(tmp_path):
+    from cmt_core.pipeline import run_pipeline
     from cmt_core.runtime import Runtime
-    from cmt_core.stages import run_pipeline
 
     cfg = get_preset("cifar10-tiny", [f"data.path={write_fake_cifar10(tmp_path)}"], artifact_root=tmp_path / "art")
     big = get_preset("cifar10")

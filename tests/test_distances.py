@@ -144,7 +144,9 @@ def write_empty(folder):
 
 
 def test_lpips_without_its_weights_file_fails_naming_the_field_before_any_stage(tmp_path):
-    from cmt_core.stages import PreflightError, preflight
+    from cmt_core.errors import PreflightError
+    from cmt_core.preflight import preflight
+    from cmt_core.stages import plan
 
     with pytest.raises(ValidationError, match="midtrain.lpips_backbone is required"):
         get_preset("cifar10", ["midtrain.distance=lpips", "midtrain.lpips_backbone=null"])
@@ -154,12 +156,12 @@ def test_lpips_without_its_weights_file_fails_naming_the_field_before_any_stage(
                                     f"midtrain.lpips_backbone={tmp_path / 'absent.pth'}"],
                         artifact_root=tmp_path / "artifacts")
     with pytest.raises(PreflightError, match="midtrain.lpips_backbone=.*absent.pth' does not exist"):
-        preflight(absent, ["teacher", "rollouts", "midtrain"])
+        preflight(plan(absent), ["teacher", "rollouts", "midtrain"])
     assert not (tmp_path / "artifacts").exists()  # nothing written
     present = absent.model_copy(update={"midtrain": absent.midtrain.model_copy(
         update={"lpips_backbone": write_empty(tmp_path)})})
     with pytest.raises(PreflightError, match="data.path=.*cannot be read"):  # past the file checks: the data
-        preflight(present, ["teacher", "rollouts", "midtrain"])
+        preflight(plan(present), ["teacher", "rollouts", "midtrain"])
 
 
 @pytest.mark.parametrize("overrides,words", [

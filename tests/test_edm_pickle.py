@@ -112,7 +112,7 @@ def write_edm_pickle(path, raw: UNet, edm_modules, precond: str = "EDMPrecond", 
 def trained_looking_unet() -> UNet:
     """Our U-Net with every weight perturbed, so that no output is trivially ~0."""
     torch.manual_seed(0)
-    raw = build_model("denoiser", NET, SHAPE).raw
+    raw = build_model("denoiser", NET.model_dump(), SHAPE).raw
     with torch.no_grad():
         for p in raw.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -124,8 +124,8 @@ def test_edm_pickle_of_our_unet_round_trips_to_identical_outputs(tmp_path, edm_m
     write_edm_pickle(tmp_path / "net.pkl", raw, edm_modules, sigma_data=0.5, sigma_min=0, sigma_max=float("inf"))
     edm = load_edm_network(tmp_path / "net.pkl")
     assert edm.precond_class == "EDMPrecond" and edm.sample_shape == SHAPE
-    assert edm.network == NET.model_copy(update={"sigma_data": 0.5})
-    expected = build_model("denoiser", NET, SHAPE)
+    assert NetworkConfig(**edm.network) == NET.model_copy(update={"sigma_data": 0.5})
+    expected = build_model("denoiser", NET.model_dump(), SHAPE)
     expected.raw.load_state_dict(raw.state_dict())
     x, sigma = torch.randn(2, *SHAPE), torch.tensor([0.02, 5.0])
     with torch.no_grad():

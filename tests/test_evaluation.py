@@ -62,13 +62,13 @@ def classifier(cache_dir):
 # --- Frechet distance -------------------------------------------------------------------------------------------
 
 def test_frechet_distance_of_a_feature_set_with_itself_is_zero(classifier, digits):
-    feats = classifier(digits.heldout)
+    feats = classifier(digits.heldout.all())
     scale = np.trace(np.cov(feats, rowvar=False))  # ~420: sqrtm's round-off is relative to it
     assert abs(frechet_distance(feats, feats)) < 1e-8 * scale
 
 
 def test_frechet_distance_equals_cleanfid_on_the_same_features(classifier, digits):
-    a, b = classifier(digits.heldout), classifier(digits.train)
+    a, b = classifier(digits.heldout.all()), classifier(digits.train.all())
     ours = frechet_distance(a, b)
     assert ours == cleanfid_fid.fid_from_feats(a, b)
     stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in (a, b)]
@@ -79,15 +79,15 @@ def test_frechet_distance_equals_cleanfid_on_the_same_features(classifier, digit
 def test_fd_digits_grows_monotonically_with_image_noise(digits, cache_dir, classifier):
     evaluator = Evaluator(digits, EvalConfig(), cache_dir)
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(digits.heldout.shape, generator=g)
-    scores = [evaluator.score(digits.heldout + s * noise)["FD-digits"] for s in (0.0, 0.1, 0.2, 0.4, 0.8)]
+    noise = torch.randn(len(digits.heldout), *digits.sample_shape, generator=g)
+    scores = [evaluator.score(digits.heldout.all() + s * noise)["FD-digits"] for s in (0.0, 0.1, 0.2, 0.4, 0.8)]
     assert scores[0] < 1e-6
     assert all(lo < hi for lo, hi in zip(scores, scores[1:])), scores
 
 
 def test_image_floor_is_heldout_vs_train_and_reference_stats_are_cached(digits, cache_dir, classifier):
     floor = Evaluator(digits, EvalConfig(), cache_dir).floor()
-    expected = frechet_distance(classifier(digits.heldout), classifier(digits.train))
+    expected = frechet_distance(classifier(digits.heldout.all()), classifier(digits.train.all()))
     assert floor == {"FD-digits": pytest.approx(expected, rel=1e-5)}
     cached = sorted(cache_dir.glob("fd_stats_*.npz"))
     assert len(cached) == 2  # held-out and train statistics
@@ -100,7 +100,7 @@ def test_image_floor_is_heldout_vs_train_and_reference_stats_are_cached(digits, 
 
 def test_digits_split_is_the_split_of_load_data(digits):
     train_x, train_y, held_x, held_y = load_digits_split(seed=0, heldout_fraction=0.2)
-    assert torch.equal(train_x, digits.train) and torch.equal(held_x, digits.heldout)
+    assert torch.equal(train_x, digits.train.all()) and torch.equal(held_x, digits.heldout.all())
     assert len(train_y) == len(train_x) and set(held_y.tolist()) == set(range(10))
 
 
@@ -157,7 +157,7 @@ def inception_path(tmp_path_factory):
 
 
 def test_clean_inception_features_equal_cleanfid_folder_pipeline(inception_path, digits, tmp_path):
-    images = digits.heldout[:6]
+    images = digits.heldout.all()[:6]
     for i, img in enumerate(to_uint8_rgb(images)):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / f"{i:03d}.png")
     reference_model = InceptionV3W(str(inception_path.parent), download=False, resize_inside=False).eval()
@@ -169,7 +169,7 @@ def test_clean_inception_features_equal_cleanfid_folder_pipeline(inception_path,
 
 
 def test_legacy_tensorflow_inception_is_called_with_return_features(inception_path, digits):
-    images = digits.heldout[:4]
+    images = digits.heldout.all()[:4]
     reference_model = InceptionV3W(str(inception_path.parent), download=False, resize_inside=True).eval()
     with torch.no_grad():
         expected = reference_model(to_uint8_rgb(images).float()).numpy()
@@ -184,7 +184,7 @@ def test_legacy_pytorch_inception_loads_a_local_pytorch_fid_state_dict(tmp_path,
     torch.manual_seed(0)
     state = pytorch_fid_inception_architecture().state_dict()
     torch.save(state, tmp_path / "pt_inception.pth")
-    images = digits.heldout[:1]
+    images = digits.heldout.all()[:1]
     ours = InceptionFeatures(tmp_path / "pt_inception.pth", "legacy_pytorch")(images)
 
     monkeypatch.setattr(inception_pytorch, "load_state_dict_from_url", lambda *a, **k: state)
@@ -260,7 +260,7 @@ class SharpOnlyAt(nn.Module):
         super().__init__()
         self.data, self.good_sigma = data, good_sigma
 
-    def forward(self, x, t):
+    def forward(self, x, t, cond=None):
         t = float(torch.as_tensor(t).flatten()[0])
         if abs(t - self.good_sigma) < 1e-6:
             return self.data.distribution.sample(len(x), torch.Generator().manual_seed(len(self.data.train)))
@@ -294,7 +294,7 @@ def test_report_writes_figures_and_the_same_numbers_as_metrics_json(tmp_path, di
         {"model": "teacher (Heun, 35 NFE)", "NFE": 35, "FD-digits": 1.23456789},
         {"model": "CMT + ECT", "NFE": 1, "FD-digits": 12345.6789, "seconds": 2.0 / 3.0},
     ]
-    grids = {"teacher": digits.heldout[:16], "2-D teacher": torch.randn(500, 2)}
+    grids = {"teacher": digits.heldout.all()[:16], "2-D teacher": torch.randn(500, 2)}
     log = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(0, 201, 10)]
     for row in log[::5]:
         row["eval_FD-digits"] = 5.0 - row["step"] / 50

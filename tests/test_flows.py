@@ -145,7 +145,7 @@ def test_failed_posttrain_reruns_only_posttrain_from_its_checkpoint(first_run, r
     assert failed.is_failed()
     states = task_state_names(failed.state_details.flow_run_id)
     assert states == {"teacher": "Cached", "rollouts": "Cached", "midtrain": "Cached", "posttrain": "Failed"}
-    posttrain_dir = stages.stage_path(get_preset("toy", [*SMALL, new_posttrain], root), "posttrain")
+    posttrain_dir = stages.plan(get_preset("toy", [*SMALL, new_posttrain], root)).path("posttrain")
     assert checkpoint_step(posttrain_dir / "train" / "checkpoint.pt") == FAIL_AT
     assert not (posttrain_dir / "manifest.json").exists()
 

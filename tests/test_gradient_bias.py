@@ -20,7 +20,7 @@ def setup():
 def model():
     torch.manual_seed(0)
     network = NetworkConfig(kind="mlp", width=64, depth=2, emb_dim=32, sigma_data=1.4)
-    return build_model("consistency", network, (2,), 0.002).double()
+    return build_model("consistency", network.model_dump(), (2,), 0.002).double()
 
 
 @pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2), ("dpm3m", 3)])

@@ -9,9 +9,14 @@ from PIL import Image
 
 from cmt_core.config import DataConfig
 from cmt_core.data import load_data
-from cmt_core.data.images import load_images
+from cmt_core.data.images import load_image_dataset
 
 BATCH = 20  # images per fake CIFAR-10 batch
+
+
+def load_images(cfg: DataConfig) -> torch.Tensor:
+    """Every image of the data set ``cfg`` names, in memory."""
+    return load_image_dataset(cfg.name, cfg.path, cfg.resolution).all()
 
 
 def fake_cifar10(root, batches=range(1, 6)):
@@ -153,7 +158,7 @@ def test_digits_resolution_resizes():
 def test_load_data_splits_npz_images(tmp_path):
     np.savez(tmp_path / "d.npz", images=random_uint8((10, 8, 8, 3)))
     data = load_data(DataConfig(name="npz", path=tmp_path / "d.npz", heldout_fraction=0.2))
-    assert data.train.shape == (8, 3, 8, 8) and data.heldout.shape == (2, 3, 8, 8)
+    assert len(data.train) == 8 and len(data.heldout) == 2 and data.heldout.all().shape == (2, 3, 8, 8)
     assert data.sample_shape == (3, 8, 8)
 
 

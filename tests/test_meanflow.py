@@ -7,12 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from cmt_core.config import MeanFlowConfig, NetworkConfig
+from cmt_core.config import NetworkConfig
 from cmt_core.models import build_model, load_model, save_model
 from cmt_core.objectives.base import StepRandom
 from cmt_core.objectives.meanflow import MeanFlowLoss, average_velocity, meanflow_target, tau_velocity
 from cmt_core.presets import get_preset
 from cmt_core.stages import plan
+
+SMALL_MLP = NetworkConfig(width=32, depth=2, emb_dim=16).model_dump()
 
 
 class Draws:
@@ -37,7 +39,7 @@ class Shrink(nn.Module):
         super().__init__()
         self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
 
-    def denoise(self, x, t, s):
+    def denoise(self, x, t, s, cond=None):
         return self.a * x
 
 
@@ -46,9 +48,9 @@ def test_tau_loss_is_py_meanflows_loss_on_a_hand_computed_case():
     y = torch.tensor([[0.5, -1.0, 0.25]], dtype=torch.float64)
     e = torch.tensor([[1.0, 0.5, -2.0]], dtype=torch.float64)
     ln_t, ln_r = math.log(3.0), math.log(0.5)  # t = 3, r = 0.5: tau_t = 3/4, tau_r = 1/3
-    cfg = MeanFlowConfig(time="tau", adaptive_p=p, norm_eps=eps, equal_fraction=0.0, p_mean=0.0)
+    cfg = dict(time="tau", adaptive_p=p, norm_eps=eps, equal_fraction=0.0, p_mean=0.0)
     draws = Draws(torch.tensor([ln_t]), torch.tensor([ln_r]), torch.tensor([0.5]), e)
-    loss = MeanFlowLoss(cfg)(Shrink(a), {"x": y}, draws)
+    loss = MeanFlowLoss(**cfg)(Shrink(a), {"x": y}, draws)
 
     # py-meanflow, by hand: z = (1 - tau) y + tau e, V = e - y, target V - (tau_t - tau_r) dU/dtau_t along z(tau)
     tau_t, tau_r = 0.75, 1 / 3
@@ -64,9 +66,9 @@ def test_sigma_loss_is_the_per_dimension_velocity_error():
     a = 0.3
     y = torch.tensor([[0.5, -1.0, 0.25]], dtype=torch.float64)
     e = torch.tensor([[1.0, 0.5, -2.0]], dtype=torch.float64)
-    cfg = MeanFlowConfig(time="sigma", adaptive_p=0.0, equal_fraction=0.0, p_mean=0.0)
+    cfg = dict(time="sigma", adaptive_p=0.0, equal_fraction=0.0, p_mean=0.0)
     draws = Draws(torch.tensor([math.log(3.0)]), torch.tensor([math.log(0.5)]), torch.tensor([0.5]), e)
-    loss = MeanFlowLoss(cfg)(Shrink(a), {"x": y}, draws)
+    loss = MeanFlowLoss(**cfg)(Shrink(a), {"x": y}, draws)
     t, r = 3.0, 0.5  # u = (1 - a) x_t / t, du/dt along x_t = y + t e is (1 - a) (e t - x_t) / t^2 = -(1 - a) y / t^2
     x_t = y + t * e
     target = e - (t - r) * (-(1 - a) * y / t**2)
@@ -76,7 +78,7 @@ def test_sigma_loss_is_the_per_dimension_velocity_error():
 def test_the_two_times_give_the_same_fixed_point_with_gradients_in_a_known_ratio():
     # tau err = (1 + t)^4 / (1 + r)^2 * dim * sigma err, but the gradient ratio is (1 + t)^3 / (1 + r) * dim
     torch.manual_seed(0)
-    model = build_model("flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,)).double()
+    model = build_model("flow_map", SMALL_MLP, (4,)).double()
     with torch.no_grad():
         for q in model.parameters():
             q.add_(0.1 * torch.randn_like(q))
@@ -84,8 +86,8 @@ def test_the_two_times_give_the_same_fixed_point_with_gradients_in_a_known_ratio
     ln_t, ln_r, t, r = torch.tensor([1.0]), torch.tensor([-1.0]), math.e, math.exp(-1.0)
     losses, grads = {}, {}
     for time in ("sigma", "tau"):
-        cfg = MeanFlowConfig(time=time, adaptive_p=0.0, equal_fraction=0.0, p_mean=0.0)
-        losses[time] = MeanFlowLoss(cfg)(model, {"x": y}, Draws(ln_t, ln_r, torch.tensor([0.5]), e)).sum()
+        cfg = dict(time=time, adaptive_p=0.0, equal_fraction=0.0, p_mean=0.0)
+        losses[time] = MeanFlowLoss(**cfg)(model, {"x": y}, Draws(ln_t, ln_r, torch.tensor([0.5]), e)).sum()
         grads[time] = torch.cat([g.flatten() for g in torch.autograd.grad(losses[time], list(model.parameters()))])
     assert losses["tau"].item() == pytest.approx(losses["sigma"].item() * 4 * (1 + t) ** 4 / (1 + r) ** 2, rel=1e-4)
     assert torch.allclose(grads["tau"], grads["sigma"] * 4 * (1 + t) ** 3 / (1 + r), rtol=1e-3, atol=1e-6)
@@ -94,7 +96,7 @@ def test_the_two_times_give_the_same_fixed_point_with_gradients_in_a_known_ratio
 @pytest.mark.parametrize("time", ["sigma", "tau"])
 def test_the_jvp_target_holds_the_finite_difference_derivative_along_the_path(time):
     torch.manual_seed(1)
-    model = build_model("flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,), sigma_min=0.002).double()
+    model = build_model("flow_map", SMALL_MLP, (4,), sigma_min=0.002).double()
     with torch.no_grad():
         for q in model.parameters():
             q.add_(0.1 * torch.randn_like(q))
@@ -117,7 +119,7 @@ def test_the_jvp_target_holds_the_finite_difference_derivative_along_the_path(ti
 
 def test_tau_velocity_is_the_average_velocity_of_the_flow_map_in_tau_time():
     torch.manual_seed(2)
-    model = build_model("flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,), sigma_min=0.002).double()
+    model = build_model("flow_map", SMALL_MLP, (4,), sigma_min=0.002).double()
     x_t = torch.randn(5, 4, dtype=torch.float64) * 3
     t = torch.tensor([0.1, 0.5, 2.0, 10.0, 80.0], dtype=torch.float64)
     r = t / 3
@@ -129,15 +131,15 @@ def test_tau_velocity_is_the_average_velocity_of_the_flow_map_in_tau_time():
 
 def test_log_normal_sigma_is_the_logit_normal_tau():
     n = torch.randn(1000, generator=torch.Generator().manual_seed(3))
-    cfg = MeanFlowConfig(p_mean=-0.4, p_std=1.0, equal_fraction=0.0)
-    t, r = MeanFlowLoss(cfg).sample_times(Draws(n, n.flip(0), torch.rand(1000)))
+    cfg = dict(p_mean=-0.4, p_std=1.0, equal_fraction=0.0)
+    t, r = MeanFlowLoss(**cfg).sample_times(Draws(n, n.flip(0), torch.rand(1000)))
     tau = torch.sigmoid(-0.4 + 1.0 * n)
     assert torch.allclose(torch.maximum(t / (1 + t), r / (1 + r)), torch.maximum(tau, tau.flip(0)), atol=1e-6)
 
 
 def test_a_flow_map_jumps_to_zero_as_to_its_clean_end(tmp_path):
     torch.manual_seed(4)
-    model = build_model("flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,), sigma_min=0.002)
+    model = build_model("flow_map", SMALL_MLP, (4,), sigma_min=0.002)
     with torch.no_grad():
         for q in model.parameters():
             q.add_(0.1 * torch.randn_like(q))  # the second time's embedding starts at zero: make it matter
@@ -145,7 +147,7 @@ def test_a_flow_map_jumps_to_zero_as_to_its_clean_end(tmp_path):
     assert torch.equal(model.denoise(x, t, torch.zeros(6)), model.denoise(x, t, torch.full((6,), 0.002)))
     assert not torch.equal(model.denoise(x, t, torch.zeros(6)), model.denoise(x, t, torch.full((6,), 0.01)))
     assert torch.equal(model(x, t, 0.0), model.denoise(x, t, torch.zeros(6)))
-    save_model(tmp_path / "m.pt", model, "flow_map", NetworkConfig(width=32, depth=2, emb_dim=16), (4,))
+    save_model(tmp_path / "m.pt", model, "flow_map", SMALL_MLP, (4,))
     loaded = load_model(tmp_path / "m.pt")
     assert loaded.sigma_min == 0.002 and torch.equal(loaded(x, t, 0.0), model.eval()(x, t, 0.0))
 
@@ -162,8 +164,8 @@ def test_meanflow_presets_reuse_the_teacher_and_rollouts_and_post_train_with_mea
 
 @pytest.mark.slow
 def test_toy_meanflow_pipeline(tmp_path):
+    from cmt_core.pipeline import run_pipeline
     from cmt_core.runtime import Runtime
-    from cmt_core.stages import run_pipeline
 
     results = run_pipeline(get_preset("toy-meanflow", artifact_root=tmp_path), Runtime(torch.device("cpu")))
     rows = {r["model"]: r for r in results["evaluation"].metrics["rows"]}
@@ -176,9 +178,9 @@ def test_toy_meanflow_pipeline(tmp_path):
 def test_mean_flow_trains_a_unet_under_bf16_autocast_on_cpu():
     # the JVP through the U-Net's group norms: their output and its tangent stay in one dtype (``GroupNorm32``)
     net = NetworkConfig(kind="unet", width=16, channel_mult=[1, 2], depth=1, emb_dim=32, attention_resolutions=[16])
-    flow_map = build_model("flow_map", net, (3, 32, 32), 0.002)
+    flow_map = build_model("flow_map", net.model_dump(), (3, 32, 32), 0.002)
     rng = StepRandom(0, 0, 4, 0, 1, torch.device("cpu"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = MeanFlowLoss(MeanFlowConfig())(flow_map, {"x": torch.randn(4, 3, 32, 32)}, rng).float().mean()
+        loss = MeanFlowLoss()(flow_map, {"x": torch.randn(4, 3, 32, 32)}, rng).float().mean()
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in flow_map.parameters() if p.requires_grad)

@@ -15,8 +15,9 @@ import psutil
 import pytest
 import torch
 
+from cmt_core.pipeline import run_pipeline
 from cmt_core.presets import get_preset
-from cmt_core.stages import run_pipeline, stage_path
+from cmt_core.stages import plan
 from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -67,7 +68,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def weights(root: Path) -> dict:
     cfg = get_preset("toy", SMALL, artifact_root=root)
-    return torch.load(stage_path(cfg, "midtrain") / "model.pt", weights_only=True)["state_dict"]
+    return torch.load(plan(cfg).path("midtrain") / "model.pt", weights_only=True)["state_dict"]
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -110,7 +111,7 @@ def test_two_nodes_give_the_weights_of_one_process(inputs, single, tmp_path):
 def test_a_killed_node_and_a_relaunch_resume_from_the_last_checkpoint(inputs, single, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(inputs, root)
-    checkpoint = stage_path(get_preset("toy", SMALL, artifact_root=root), "midtrain") / "train" / "checkpoint.pt"
+    checkpoint = plan(get_preset("toy", SMALL, artifact_root=root)).path("midtrain") / "train" / "checkpoint.pt"
     procs = start_agents(root, "killed", tmp_path)
     try:
         deadline = time.monotonic() + 300

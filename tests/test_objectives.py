@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from cmt_core.config import ECTConfig, MeanFlowConfig
 from cmt_core.objectives.base import StepRandom
 from cmt_core.objectives.cmt import CMTLoss
 from cmt_core.objectives.distances import l2_norm
@@ -18,7 +17,7 @@ S = 0.7  # data std
 SIGMA_MIN = 0.002
 
 
-def gaussian_denoiser(x, t):
+def gaussian_denoiser(x, t, cond=None):
     return (S**2 / (S**2 + t**2)).reshape(-1, 1) * x
 
 
@@ -28,13 +27,13 @@ def exact_map(x, t, s):
 
 
 class ExactConsistency(nn.Module):
-    def forward(self, x, t):
+    def forward(self, x, t, cond=None):
         t = torch.as_tensor(t, dtype=x.dtype).expand(len(x))
         return exact_map(x, t, torch.full((len(x),), SIGMA_MIN, dtype=x.dtype))
 
 
 class ExactFlowMap(nn.Module):
-    def forward(self, x, t, s):
+    def forward(self, x, t, s, cond=None):
         return exact_map(x, t, s)
 
     def average_velocity(self, x, r, t):
@@ -46,7 +45,7 @@ class Constant(nn.Module):
         super().__init__()
         self.value = value
 
-    def forward(self, x, t):
+    def forward(self, x, t, cond=None):
         return self.value.expand_as(x)
 
 
@@ -54,14 +53,14 @@ class Constant(nn.Module):
 def test_ect_loss_of_an_exactly_consistent_map_is_zero(huber_c):
     y0 = torch.tensor([[0.3, -0.8]])
     batch = {"x": y0.expand(64, 2)}
-    loss = ECTLoss(ECTConfig(huber_c=huber_c))(Constant(y0), batch, StepRandom(0, 5, 64))
+    loss = ECTLoss(huber_c=huber_c)(Constant(y0), batch, StepRandom(0, 5, 64))
     assert torch.count_nonzero(loss) == 0
 
 
 class Scaled(nn.Module):
     """f(x, t) = t x: simple enough to compute ECT's loss by hand."""
 
-    def forward(self, x, t):
+    def forward(self, x, t, cond=None):
         return x * torch.as_tensor(t, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
 
 
@@ -86,26 +85,26 @@ def test_ect_loss_is_the_per_sample_norm_or_pseudo_huber_over_t_minus_r(huber_c,
     # k = 0, q = 2, stage 0: r = t / 2. Sample 0: t = 4, y = 0, e = (3, 4): x_t = (12, 16), x_r = (6, 8),
     # f(x_t, t) - f(x_r, r) = (48, 64) - (12, 16) = (36, 48), norm 60, over t - r = 2: 30; c = 11: (61 - 11) / 2.
     # Sample 1: t = 1, y = (1, -1), e = (0, 1): (1, 0) - (0.5, -0.25), norm sqrt(5) / 4, over 0.5.
-    cfg = ECTConfig(p_mean=0.0, p_std=1.0, k=0.0, q=2.0, huber_c=huber_c)
+    cfg = dict(p_mean=0.0, p_std=1.0, k=0.0, q=2.0, huber_c=huber_c)
     rng = QueuedRandom(torch.tensor([4.0, 1.0], dtype=torch.float64).log(),
                        torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=torch.float64))
     y = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
-    loss = ECTLoss(cfg)(Scaled(), {"x": y}, rng)
+    loss = ECTLoss(**cfg)(Scaled(), {"x": y}, rng)
     assert torch.allclose(loss, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
 
 
 def test_ect_targets_the_frozen_mid_trained_model_at_or_below_anchor_sigma():
     # the hand case above (k = 0, q = 2: r = t / 2) with anchor_sigma = 2: sample 0 (t = 4) keeps ECT's target,
     # sample 1 (t = 1) is compared with the anchor's f(x_t, t) = 0: ||f(x_t, t)|| / (t - r) = ||(1, 0)|| / 0.5
-    cfg = ECTConfig(p_mean=0.0, p_std=1.0, k=0.0, q=2.0, anchor_sigma=2.0)
+    cfg = dict(p_mean=0.0, p_std=1.0, k=0.0, q=2.0, anchor_sigma=2.0)
     rng = QueuedRandom(torch.tensor([4.0, 1.0], dtype=torch.float64).log(),
                        torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=torch.float64))
     y = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
     anchor = Constant(torch.zeros(1, 2, dtype=torch.float64))
-    loss = ECTLoss(cfg, anchor=anchor)(Scaled(), {"x": y}, rng)
+    loss = ECTLoss(**cfg, anchor=anchor)(Scaled(), {"x": y}, rng)
     assert torch.allclose(loss, torch.tensor([30.0, 2.0], dtype=torch.float64), rtol=1e-12)
     with pytest.raises(ValueError, match="anchor"):
-        ECTLoss(cfg)
+        ECTLoss(**cfg)
 
 
 def test_cmt_mf_form_in_tau_time_is_the_papers_velocity_distance():
@@ -114,7 +113,7 @@ def test_cmt_mf_form_in_tau_time_is_the_papers_velocity_distance():
     # U = (7, 3.5), and ||U - target||^2 = 3^2 + 4.5^2 (= (1 + t)^2 / (t - s)^2 ||f - x_s||^2 = 36 * 0.8125)
     x_t, x_s = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 1.0]])
     batch = {"x_t": x_t, "t": torch.tensor([2.0]), "x_s": x_s, "s": torch.tensor([1.5])}
-    model = lambda x, t_, s_: x * 0.25  # noqa: E731
+    model = lambda x, t_, s_, cond=None: x * 0.25  # noqa: E731
     assert CMTLoss("mf")(model, batch, None).item() == pytest.approx(3**2 + 4.5**2)
     assert CMTLoss("mf", l2_norm)(model, batch, None).item() == pytest.approx((3**2 + 4.5**2) ** 0.5)
 
@@ -123,8 +122,8 @@ def test_ecd_loss_of_the_true_flow_map_vanishes_with_the_teacher_step():
     batch = {"x": S * torch.randn(256, 2, dtype=torch.float64)}
     losses = []
     for step, stage_steps in ((0, 1), (4, 1)):  # later stages: smaller t - r
-        cfg = ECTConfig(stage_steps=stage_steps)
-        loss = ECTLoss(cfg, teacher=gaussian_denoiser, teacher_solver="heun")
+        cfg = dict(stage_steps=stage_steps)
+        loss = ECTLoss(**cfg, teacher=gaussian_denoiser, teacher_solver="heun")
         losses.append(loss(ExactConsistency(), {"x": batch["x"]}, StepRandom(0, step, 256)).mean().item())
     # Heun's local error is O((t - r)^3), so ||error|| / (t - r) falls as (t - r)^2: 16x smaller steps, >100x
     assert losses[1] < losses[0] / 100 and losses[1] < 1e-3
@@ -145,8 +144,8 @@ def test_meanflow_loss_has_gradients_and_adaptive_weight():
     from cmt_core.config import NetworkConfig
     from cmt_core.models import build_model
 
-    model = build_model("flow_map", NetworkConfig(width=32, depth=2), (2,))
-    loss = MeanFlowLoss(MeanFlowConfig(adaptive_p=1.0))(model, {"x": torch.randn(16, 2)}, StepRandom(0, 0, 16))
+    model = build_model("flow_map", NetworkConfig(width=32, depth=2).model_dump(), (2,))
+    loss = MeanFlowLoss(adaptive_p=1.0)(model, {"x": torch.randn(16, 2)}, StepRandom(0, 0, 16))
     assert loss.shape == (16,)
     assert (loss <= 1).all() and loss.median() > 0.9  # err / (err + 1e-3): about 1 where err >> 1e-3
     loss.mean().backward()
@@ -162,7 +161,7 @@ def test_cmt_loss_of_true_flow_map_tends_to_zero_as_solver_step_shrinks(form, mo
         grid = log_uniform_grid(steps, SIGMA_MIN, 80.0)
         pairs = TrajectoryPairs(solve(gaussian_denoiser, x_T, grid, "euler"), grid, to_end=form == "cm")
         batch = pairs.batch(0, 256)
-        batch = {k: v.double() for k, v in batch.items()}
+        batch = {k: v if k == "cond" else v.double() for k, v in batch.items()}
         losses.append(CMTLoss(form)(model, batch, None).mean().item())
     assert losses[0] > losses[1] > losses[2]
     assert losses[2] < losses[0] / 10

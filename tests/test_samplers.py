@@ -13,7 +13,7 @@ class Recorder(torch.nn.Module):
         super().__init__()
         self.calls = []
 
-    def forward(self, x, t, s=None):
+    def forward(self, x, t, s=None, cond=None):
         self.calls.append((float(t), None if s is None else float(s)))
         return x
 

@@ -95,7 +95,7 @@ def test_dpm3m_beats_dpm2m_once_the_steps_are_fine():
 S = 0.5
 
 
-def gaussian_denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def gaussian_denoiser(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
     return (S**2 / (S**2 + t**2))[:, None] * x
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from cmt_core.checkpoint import read_training_log
+from cmt_core.pipeline import run_pipeline
 from cmt_core.presets import get_preset
 from cmt_core.runtime import Runtime
-from cmt_core.stages import run_pipeline
 
 pytestmark = pytest.mark.slow
 

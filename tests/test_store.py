@@ -16,9 +16,9 @@ from cmt_core.trajectories.store import (
     open_store,
     reset_shards,
     sizing,
-    verify_store,
     write_shard,
 )
+from cmt_core.trajectories.verify import verify_store
 
 SOLVER = SolverConfig(name="dpm2m", steps=6)
 NUM, SEED = 22, 5

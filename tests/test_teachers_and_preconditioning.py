@@ -24,13 +24,13 @@ def test_exact_teacher_matches_monte_carlo_posterior_mean(distribution, t):
 
 
 def test_consistency_boundary_is_exact():
-    model = build_model("consistency", NetworkConfig(width=32, depth=2), (2,), sigma_min=0.002)
+    model = build_model("consistency", NetworkConfig(width=32, depth=2).model_dump(), (2,), sigma_min=0.002)
     x = torch.randn(16, 2)
     assert torch.equal(model(x, 0.002), x)
 
 
 def test_flow_map_identity_at_equal_times_and_velocity():
-    model = build_model("flow_map", NetworkConfig(width=32, depth=2), (2,))
+    model = build_model("flow_map", NetworkConfig(width=32, depth=2).model_dump(), (2,))
     x, t = torch.randn(16, 2), torch.rand(16) * 10 + 0.1
     assert torch.allclose(model(x, t, t), x)
     r = t / 3
@@ -39,7 +39,7 @@ def test_flow_map_identity_at_equal_times_and_velocity():
 
 
 def test_two_time_model_initialised_from_teacher_is_its_ddim_step():
-    cfg = NetworkConfig(width=32, depth=2)
+    cfg = NetworkConfig(width=32, depth=2).model_dump()
     teacher = build_model("denoiser", cfg, (2,))
     for p in teacher.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -52,10 +52,11 @@ def test_two_time_model_initialised_from_teacher_is_its_ddim_step():
 def test_with_the_boundary_at_evaluation_only_a_teacher_initialised_student_trains_as_the_teacher():
     network = NetworkConfig(width=32, depth=2, consistency_boundary="evaluation")
     torch.manual_seed(0)
-    teacher = build_model("denoiser", network, (2,))
-    student = init_from(build_model("consistency", network, (2,), sigma_min=0.002), teacher)
+    teacher = build_model("denoiser", network.model_dump(), (2,))
+    student = init_from(build_model("consistency", network.model_dump(), (2,), sigma_min=0.002), teacher)
     x, t = torch.randn(16, 2), torch.rand(16) * 10 + 0.01
     assert torch.equal(student.train()(x, t), teacher(x, t))  # ECT's ECMPrecond in training: EDM's scalings
     assert torch.equal(student.eval()(x, 0.002), x)  # the boundary form at evaluation
-    always = init_from(build_model("consistency", NetworkConfig(width=32, depth=2), (2,), sigma_min=0.002), teacher)
+    net = NetworkConfig(width=32, depth=2).model_dump()
+    always = init_from(build_model("consistency", net, (2,), sigma_min=0.002), teacher)
     assert not torch.equal(always.train()(x, t), teacher(x, t))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cmt_core.config import NetworkConfig, TrainConfig
-from cmt_core.data.sources import SyntheticSource, TensorSource
+from cmt_core.data.datasets import TensorDataset
+from cmt_core.data.sources import DatasetSource, SyntheticSource
 from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.models import build_model
 from cmt_core.objectives.edm import EDMLoss
@@ -20,13 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def small_run(run_dir: Path, steps: int, total: int, dropout: float = 0.1, precision: str = "fp32"):
     torch.manual_seed(0)
-    model = build_model("denoiser", NetworkConfig(width=32, depth=2, emb_dim=16, dropout=dropout), (2,))
+    model = build_model("denoiser", NetworkConfig(width=32, depth=2, emb_dim=16, dropout=dropout).model_dump(), (2,))
     cfg = TrainConfig(steps=total, batch_size=64, lr=1e-3, checkpoint_every=steps, log_every=5, lr_schedule="linear")
     runtime = Runtime(torch.device("cpu"), precision=precision)
     if steps < total:  # a first slice of the run, then a fresh model resumed from its checkpoint
         train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, run_dir, runtime, until=steps)
         torch.manual_seed(123)  # a resumed process starts with other RNG state
-        model = build_model("denoiser", NetworkConfig(width=32, depth=2, emb_dim=16, dropout=dropout), (2,))
+        net = NetworkConfig(width=32, depth=2, emb_dim=16, dropout=dropout).model_dump()
+        model = build_model("denoiser", net, (2,))
     return train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, run_dir, runtime), model
 
 
@@ -48,7 +50,7 @@ def test_checkpoint_holds_everything_needed_to_continue(tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
-    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16), (2,))
+    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16).model_dump(), (2,))
     cfg = TrainConfig(steps=20, batch_size=8, checkpoint_every=5)
 
     def exploding(net, batch, rng):
@@ -67,7 +69,7 @@ SCORES = [(5.0, 5.0), (1.0, 6.0), (4.0, 4.0), (4.5, 3.0)]
 
 @pytest.mark.parametrize("keep,step,score", [("one_step", 10, 1.0), ("two_step", 30, 3.0), ("both", 30, 1.5)])
 def test_the_kept_checkpoint_is_the_one_keep_selects(tmp_path, keep, step, score):
-    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16), (2,))
+    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16).model_dump(), (2,))
     cfg = TrainConfig(steps=30, batch_size=8, log_every=10, eval_every=10, keep=keep, keep_tolerance=0.0)
     scores = iter(SCORES)
     snapshots = {}
@@ -98,7 +100,7 @@ def test_keep_both_keeps_the_start_when_nothing_beats_it_on_both():
 
 def test_the_selection_survives_a_resume(tmp_path):
     """The step-0 scores that ``keep="both"`` compares against are checkpointed with the run."""
-    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16), (2,))
+    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16).model_dump(), (2,))
     cfg = TrainConfig(steps=30, batch_size=8, log_every=10, eval_every=10, checkpoint_every=10, keep="both",
                       keep_tolerance=0.0)
     scores = iter(SCORES)
@@ -109,7 +111,7 @@ def test_the_selection_survives_a_resume(tmp_path):
 
     runtime = Runtime(torch.device("cpu"))
     train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, runtime, evaluate=evaluate, until=20)
-    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16), (2,))
+    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16).model_dump(), (2,))
     result = train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, runtime, evaluate=evaluate)
     assert result.best_step == 30 and result.best_score == pytest.approx(1.5)
 
@@ -126,8 +128,8 @@ def test_learning_rate_schedules():
     assert learning_rate(cfg, 100) == pytest.approx(0.1)
 
 
-def test_tensor_source_epochs_cover_every_sample_once_across_ranks():
-    source = TensorSource({"x": torch.arange(40)}, seed=3)
+def test_dataset_source_epochs_cover_every_sample_once_across_ranks():
+    source = DatasetSource(TensorDataset(torch.arange(40)), seed=3)
     seen = torch.cat([source.batch(step, 8, rank, 2)["x"] for step in range(5) for rank in range(2)])
     assert sorted(seen.tolist()) == list(range(40))
 

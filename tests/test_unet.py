@@ -63,7 +63,8 @@ def test_two_time_unet_initialised_from_one_time_unet_ignores_second_time():
 
 
 def test_flow_map_initialised_from_a_unet_teacher_is_its_ddim_step():
-    cfg = NetworkConfig(kind="unet", width=16, depth=1, channel_mult=(1, 2), attention_resolutions=(4,), emb_dim=32)
+    cfg = NetworkConfig(kind="unet", width=16, depth=1, channel_mult=(1, 2), attention_resolutions=(4,),
+                        emb_dim=32).model_dump()
     torch.manual_seed(0)
     teacher = build_model("denoiser", cfg, (1, 8, 8)).eval()
     with torch.no_grad():
@@ -92,10 +93,9 @@ def test_gradients_reach_every_parameter():
         assert p.grad.abs().max() > 0, name
 
 
-def test_build_network_makes_a_unet_from_the_config():
-    cfg = NetworkConfig(kind="unet", width=16, depth=1, channel_mult=(1, 2), attention_resolutions=(4,),
-                        emb_dim=32)
-    net = build_network(cfg, (1, 8, 8), num_times=2)
+def test_build_network_makes_a_unet_from_its_architecture_values():
+    net = build_network("unet", (1, 8, 8), num_times=2, width=16, depth=1, channel_mult=(1, 2),
+                        attention_resolutions=(4,), emb_dim=32)
     assert isinstance(net, UNet)
     assert net(torch.randn(2, 1, 8, 8), torch.randn(2, 2)).shape == (2, 1, 8, 8)
 

@@ -1,44 +1,64 @@
 """Data the pipeline learns: ``load_data(cfg) -> Data``.
 
-``Data.train`` / ``Data.heldout`` are float tensors in the model's space (images in [-1, 1] as
-``(N, C, H, W)``, 2-D points as ``(N, 2)``). Synthetic distributions also carry ``distribution`` (with an
-exact ``denoise``) and train on fresh samples every step.
+``Data.train`` / ``Data.heldout`` are map-style data sets (``cmt_core.data.datasets``) in the model's space
+(images in [-1, 1] as ``(C, H, W)``, 2-D points as ``(2,)``), read by index, with class labels where the source
+has them (digits, CIFAR-10: ``num_classes`` 10). ``Data.encoder`` maps the sample space (what evaluation, grids
+and image distances see) to the model space (what training, rollouts and the store hold) and back
+(``cmt_core.encoders``; the identity for pixels and 2-D points). Synthetic distributions also carry
+``distribution`` (with an exact ``denoise``) and train on fresh samples every step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from cmt_core.config import DataConfig
-from cmt_core.data.sources import BatchSource, SyntheticSource, TensorSource
+from cmt_core.data.datasets import Dataset, TensorDataset
+from cmt_core.data.sources import BatchSource, DatasetSource, SyntheticSource
 from cmt_core.data.synthetic import Checkerboard, GaussianMixture
+from cmt_core.encoders import IDENTITY, Encoder
 
 SYNTHETIC_TRAIN_SIZE = 50_000
+POINT_DATA = {"gaussian_mixture": GaussianMixture, "checkerboard": Checkerboard}  # 2-D, with exact denoisers
+IMAGE_DATA = ("digits", "npz", "image_folder", "cifar10")
+DATA_NAMES = (*POINT_DATA, *IMAGE_DATA)
+FILE_DATA = ("npz", "image_folder", "cifar10")  # read from data.path
 
 
 @dataclass
 class Data:
     name: str
-    train: torch.Tensor
-    heldout: torch.Tensor
+    train: Dataset
+    heldout: Dataset
     distribution: Any = None  # GaussianMixture | Checkerboard for synthetic data
+    encoder: Encoder = field(default=IDENTITY)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.shape[1:])
+        """The shape of one sample in the model's space."""
+        return tuple(self.train.sample_shape)
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels the data carries (0: none)."""
+        return self.train.num_classes
+
+    @property
+    def is_points(self) -> bool:
+        return len(self.sample_shape) == 1
 
     @property
     def exact_denoiser(self):
         return None if self.distribution is None else self.distribution.denoise
 
-    def source(self, seed: int = 0) -> BatchSource:
-        """Training batches ``{"x": (B, *sample_shape)}``: fresh samples (synthetic) or epochs of ``train``."""
+    def source(self, seed: int = 0, labels: bool = False) -> BatchSource:
+        """Training batches ``{"x": (B, *sample_shape), "cond"}``: fresh samples (synthetic) or epochs of ``train``;
+        ``labels``: the batches carry their class labels (``cond["class_labels"]``)."""
         if self.distribution is not None:
-            return SyntheticSource(self.distribution, seed)
-        return TensorSource({"x": self.train}, seed)
+            return SyntheticSource(self.distribution, seed, labels)
+        return DatasetSource(self.train, seed, labels)
 
 
 def heldout_split(n: int, seed: int, heldout_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,15 +69,16 @@ def heldout_split(n: int, seed: int, heldout_fraction: float) -> tuple[torch.Ten
     return perm[n_held:], perm[:n_held]
 
 
-def load_data(cfg: DataConfig) -> Data:
-    """Load (or sample) the data named by ``cfg``; the split is deterministic in ``cfg.seed``."""
-    if cfg.name in ("gaussian_mixture", "checkerboard"):
+def load_data(cfg) -> Data:
+    """Load (or sample) the data named by ``cfg`` (a ``DataConfig``); the split is deterministic in ``cfg.seed``."""
+    if cfg.name in POINT_DATA:
         dist = (GaussianMixture(cfg.num_modes, cfg.mode_radius, cfg.mode_std) if cfg.name == "gaussian_mixture"
                 else Checkerboard(cfg.checker_cells))
         g = torch.Generator().manual_seed(cfg.seed)
-        return Data(cfg.name, dist.sample(SYNTHETIC_TRAIN_SIZE, g), dist.sample(SYNTHETIC_TRAIN_SIZE, g), dist)
+        train = TensorDataset(dist.sample(SYNTHETIC_TRAIN_SIZE, g))
+        return Data(cfg.name, train, TensorDataset(dist.sample(SYNTHETIC_TRAIN_SIZE, g)), dist)
     from cmt_core.data import images
 
-    pixels = images.load_images(cfg)
-    train, held = heldout_split(len(pixels), cfg.seed, cfg.heldout_fraction)
-    return Data(cfg.name, pixels[train], pixels[held])
+    whole = images.load_image_dataset(cfg.name, cfg.path, cfg.resolution)
+    train, held = heldout_split(len(whole), cfg.seed, cfg.heldout_fraction)
+    return Data(cfg.name, whole.subset(train), whole.subset(held))

@@ -1,9 +1,12 @@
-"""Image datasets as float tensors ``(N, C, H, W)`` in [-1, 1], read from local files only.
+"""Image data sets of float images ``(C, H, W)`` in [-1, 1], read from local files only.
 
-* ``digits``: ships with scikit-learn (1,797 grey 8x8 images, values 0..16).
-* ``npz``: array ``images`` of a ``.npz``, ``(N, H, W, C)`` or ``(N, C, H, W)``, uint8 or float in [0, 1].
-* ``image_folder``: every PNG / JPEG under a folder (recursively, sorted by path), RGB or, if all are grey, L.
-* ``cifar10``: the python-pickle release (``cifar-10-batches-py/data_batch_1..5``), training batches only.
+* ``digits``: ships with scikit-learn (1,797 grey 8x8 images, values 0..16), with its 10 class labels.
+* ``npz``: array ``images`` of a ``.npz``, ``(N, H, W, C)`` or ``(N, C, H, W)``, uint8 or float in [0, 1]
+  (held in memory).
+* ``image_folder``: every PNG / JPEG under a folder (recursively, sorted by path), RGB or, if all are grey, L;
+  decoded when read (``ImageFolderDataset``: only paths and headers are held).
+* ``cifar10``: the python-pickle release (``cifar-10-batches-py/data_batch_1..5``), training batches only, with
+  their 10 class labels.
 
 ``DataConfig.resolution``, when set, makes images square at that size: a non-square image is centre-cropped
 to a square, then resized with antialiased bilinear interpolation. Nothing is ever downloaded.
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from cmt_core.config import DataConfig
+from cmt_core.data.datasets import Dataset, TensorDataset
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy 2
@@ -49,10 +52,15 @@ def resize(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
     return images.clamp(-1, 1)
 
 
-def load_digits() -> torch.Tensor:
+DIGITS_CLASSES = CIFAR10_CLASSES = 10
+
+
+def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,797 digits ``(N, 1, 8, 8)`` and their labels ``(N,)`` int64 (0..9)."""
     from sklearn.datasets import load_digits as sklearn_digits
 
-    return to_model_range(sklearn_digits().images[:, None], 16.0)
+    digits = sklearn_digits()
+    return to_model_range(digits.images[:, None], 16.0), torch.from_numpy(digits.target.astype(np.int64))
 
 
 def load_npz(path: Path) -> torch.Tensor:
@@ -82,28 +90,44 @@ def load_npz(path: Path) -> torch.Tensor:
     return to_model_range(pixels, 255.0)
 
 
-def load_image_folder(folder: Path, resolution: int | None) -> torch.Tensor:
-    """All PNG / JPEG files under ``folder``; they must share one size unless ``resolution`` is given."""
-    from PIL import Image
+class ImageFolderDataset(Dataset):
+    """Every PNG / JPEG under ``folder``, decoded when read; they must share one size unless ``resolution`` is given.
 
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no PNG / JPEG images under {folder}")
-    headers = {}
-    for f in files:  # Image.open reads only the header: mode and size without decoding
-        with Image.open(f) as img:
-            headers[f] = (img.mode, img.size)
-    mode = "L" if all(m in ("1", "L", "LA") for m, _ in headers.values()) else "RGB"
-    sizes = {size: f for f, (_, size) in headers.items()}
-    if resolution is None and len(sizes) > 1:
-        (size_a, file_a), (size_b, file_b) = list(sizes.items())[:2]
-        raise ValueError(f"images differ in size ({file_a}: {size_a}, {file_b}: {size_b}); set data.resolution")
-    out = []
-    for f in files:
-        with Image.open(f) as img:
-            pixels = np.asarray(img.convert(mode), dtype=np.uint8).reshape(img.height, img.width, -1)
-        out.append(resize(to_model_range(pixels.transpose(2, 0, 1)[None], 255.0), resolution))
-    return torch.cat(out)
+    Only the sorted paths and each file's header (mode, size) are read up front: the images are "L" when every file
+    is grey, else RGB, and each is centre-cropped and resized to ``resolution`` (``resize``) when it is read."""
+
+    def __init__(self, folder: Path, resolution: int | None):
+        from PIL import Image
+
+        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise FileNotFoundError(f"no PNG / JPEG images under {folder}")
+        headers = {}
+        for f in self.files:  # Image.open reads only the header: mode and size without decoding
+            with Image.open(f) as img:
+                headers[f] = (img.mode, img.size)
+        self.mode = "L" if all(m in ("1", "L", "LA") for m, _ in headers.values()) else "RGB"
+        sizes = {size: f for f, (_, size) in headers.items()}
+        if resolution is None and len(sizes) > 1:
+            (size_a, file_a), (size_b, file_b) = list(sizes.items())[:2]
+            raise ValueError(f"images differ in size ({file_a}: {size_a}, {file_b}: {size_b}); set data.resolution")
+        self.resolution = resolution
+        width, height = next(iter(sizes))
+        side = resolution or height
+        self.sample_shape = (1 if self.mode == "L" else 3, side, side if resolution else width)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _read(self, idx: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        out = []
+        for k in idx.tolist():
+            with Image.open(self.files[k]) as img:
+                pixels = np.asarray(img.convert(self.mode), dtype=np.uint8).reshape(img.height, img.width, -1)
+            out.append(resize(to_model_range(pixels.transpose(2, 0, 1)[None], 255.0), self.resolution))
+        return torch.cat(out) if out else torch.empty(0, *self.sample_shape)
 
 
 class ForbiddenGlobal(pickle.UnpicklingError):
@@ -124,11 +148,12 @@ class CifarUnpickler(pickle.Unpickler):
         return getattr(np, name) if module == "numpy" else _reconstruct
 
 
-def load_cifar10(path: Path) -> torch.Tensor:
-    """The 50,000 CIFAR-10 training images ``(N, 3, 32, 32)``; ``path`` is the batches folder or its parent."""
+def load_cifar10(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 50,000 CIFAR-10 training images ``(N, 3, 32, 32)`` and labels ``(N,)`` int64; ``path`` is the batches
+    folder or its parent."""
     is_batches_folder = path.name == CIFAR10_FOLDER or (path / CIFAR10_TRAIN_BATCHES[0]).exists()
     folder = path if is_batches_folder else path / CIFAR10_FOLDER
-    batches = []
+    batches, labels = [], []
     for name in CIFAR10_TRAIN_BATCHES:
         file = folder / name
         if not file.is_file():
@@ -141,19 +166,21 @@ def load_cifar10(path: Path) -> torch.Tensor:
                 raise ValueError(f"data.path: {file} is not a CIFAR-10 batch: {err}") from None
         rows = batch[b"data"] if b"data" in batch else batch["data"]
         batches.append(np.asarray(rows, dtype=np.uint8).reshape(-1, 3, 32, 32))  # rows are R, G, B planes
-    return to_model_range(np.concatenate(batches), 255.0)
+        labels.append(np.asarray(batch[b"labels"] if b"labels" in batch else batch["labels"], dtype=np.int64))
+    return to_model_range(np.concatenate(batches), 255.0), torch.from_numpy(np.concatenate(labels))
 
 
-def load_images(cfg: DataConfig) -> torch.Tensor:
-    """All images of the dataset named by ``cfg`` (the caller splits train / held-out)."""
-    if cfg.name == "digits":
-        pixels = load_digits()
-    elif cfg.name == "npz":
-        pixels = load_npz(Path(cfg.path))
-    elif cfg.name == "image_folder":
-        pixels = load_image_folder(Path(cfg.path), cfg.resolution)
-    elif cfg.name == "cifar10":
-        pixels = load_cifar10(Path(cfg.path))
-    else:
-        raise ValueError(f"unknown image dataset {cfg.name!r}")
-    return resize(pixels, cfg.resolution)
+def load_image_dataset(name: str, path: Path | None, resolution: int | None) -> Dataset:
+    """The whole image data set ``name`` (the caller splits train / held-out): in memory, or, for an image folder,
+    decoded when read."""
+    if name == "image_folder":
+        return ImageFolderDataset(Path(path), resolution)
+    if name == "digits":
+        images, labels = load_digits()
+        return TensorDataset(resize(images, resolution), labels, DIGITS_CLASSES)
+    if name == "cifar10":
+        images, labels = load_cifar10(Path(path))
+        return TensorDataset(resize(images, resolution), labels, CIFAR10_CLASSES)
+    if name == "npz":
+        return TensorDataset(resize(load_npz(Path(path)), resolution))
+    raise ValueError(f"unknown image dataset {name!r}")

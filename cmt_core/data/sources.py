@@ -1,8 +1,12 @@
 """Batch sources: deterministic functions of the step, so that a resumed run sees the same batches.
 
-``source.batch(step, batch_size, rank=0, world=1) -> dict[str, Tensor]`` returns rank ``rank``'s slice
-of the global batch of ``batch_size`` samples for ``step``. The data position of a run is its step; no
-iterator state needs saving. Every source slices one global batch, so 1 and N ranks see the same samples.
+``source.batch(step, batch_size, rank=0, world=1) -> dict`` returns rank ``rank``'s slice of the global batch
+of ``batch_size`` samples for ``step``: ``{"x": (B, *sample_shape), "cond": {...}}`` (``cond``: the conditioning
+channel, ``cmt_core.conditioning``; empty for an unconditional run). The data position of a run is its step;
+no iterator state needs saving. Every source slices one global batch, so 1 and N ranks see the same samples.
+
+* ``DatasetSource``: a map-style data set read in the order of an ``EpochSampler``;
+* ``SyntheticSource``: fresh samples of a 2-D distribution each step.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from cmt_core import conditioning
 from cmt_core.rng import Stream, generator
 
 
@@ -21,29 +26,25 @@ def rank_slice(batch_size: int, rank: int, world: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
+def move_batch(batch: dict, device) -> dict:
+    """A batch (tensors and its ``cond`` mapping) on ``device``."""
+    return {k: conditioning.to_device(v, device) if k == "cond" else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
 class BatchSource(Protocol):
-    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]: ...
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> dict: ...
 
 
-class SyntheticSource:
-    """Fresh samples of a distribution each step: ``{"x": (B, *shape)}``."""
+class EpochSampler:
+    """An infinite, seeded order of ``size`` items: epoch e is a permutation drawn from the stream ``EPOCH_ORDER``
+    keyed by (seed, e); the stream of epochs is cut into consecutive batches, step k taking positions
+    [k B, (k + 1) B) (edm2's ``InfiniteSampler``, as a pure function of the step)."""
 
-    def __init__(self, distribution, seed: int = 0):
-        self.distribution, self.seed = distribution, seed
-
-    def batch(self, step, batch_size, rank=0, world=1):
-        x = self.distribution.sample(batch_size, generator(Stream.SYNTHETIC_DATA, self.seed, step))
-        return {"x": x[rank_slice(batch_size, rank, world)]}
-
-
-class TensorSource:
-    """Epochs over aligned tensors (same first dimension), reshuffled each epoch from (seed, epoch)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], seed: int = 0):
-        sizes = {len(v) for v in tensors.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"tensors must share their first dimension, got sizes {sizes}")
-        self.tensors, self.seed, self.size = tensors, seed, sizes.pop()
+    def __init__(self, size: int, seed: int = 0):
+        if size < 1:
+            raise ValueError("an EpochSampler needs at least one item")
+        self.size, self.seed = size, seed
         self._perm_epoch, self._perm = -1, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -53,12 +54,44 @@ class TensorSource:
         return self._perm
 
     def indices(self, step: int, batch_size: int) -> torch.Tensor:
-        """Global sample indices of ``step``: consecutive positions in the stream of shuffled epochs."""
+        """Global item indices of ``step``: consecutive positions in the stream of shuffled epochs."""
         start, stop = step * batch_size, (step + 1) * batch_size
         first, last = start // self.size, (stop - 1) // self.size
         stream = torch.cat([self._permutation(e) for e in range(first, last + 1)])
         return stream[start - first * self.size: stop - first * self.size]
 
+
+class DatasetSource:
+    """Epochs over a map-style data set (``cmt_core.data.datasets``), reshuffled each epoch from (seed, epoch).
+
+    ``labels``: each batch's ``cond`` holds its samples' one-hot ``class_labels`` (the data set must have classes);
+    otherwise it is empty."""
+
+    def __init__(self, dataset, seed: int = 0, labels: bool = False):
+        if labels and not dataset.num_classes:
+            raise ValueError("labels were asked for, but the data set has no class labels")
+        self.dataset, self.labels = dataset, labels
+        self.sampler = EpochSampler(len(dataset), seed)
+
     def batch(self, step, batch_size, rank=0, world=1):
-        idx = self.indices(step, batch_size)[rank_slice(batch_size, rank, world)]
-        return {k: v[idx] for k, v in self.tensors.items()}
+        idx = self.sampler.indices(step, batch_size)[rank_slice(batch_size, rank, world)]
+        labels = self.dataset.labels(idx) if self.labels else None
+        return {"x": self.dataset.read(idx), "cond": conditioning.class_cond(labels, self.dataset.num_classes)}
+
+
+class SyntheticSource:
+    """Fresh samples of a distribution each step: ``{"x": (B, *shape), "cond"}``; with ``labels`` (a distribution
+    with classes, ``cmt_core.data.synthetic``) each sample's class comes with it."""
+
+    def __init__(self, distribution, seed: int = 0, labels: bool = False):
+        if labels and not getattr(distribution, "num_classes", 0):
+            raise ValueError("labels were asked for, but the distribution has no classes")
+        self.distribution, self.seed, self.labels = distribution, seed, labels
+
+    def batch(self, step, batch_size, rank=0, world=1):
+        rows = rank_slice(batch_size, rank, world)
+        g = generator(Stream.SYNTHETIC_DATA, self.seed, step)
+        if not self.labels:
+            return {"x": self.distribution.sample(batch_size, g)[rows], "cond": {}}
+        x, labels = self.distribution.sample_labelled(batch_size, g)
+        return {"x": x[rows], "cond": conditioning.class_cond(labels[rows], self.distribution.num_classes)}

@@ -30,9 +30,7 @@ ARTIFACT_VERSION = 1  # bump when the architecture or the recipe changes: old ca
 def load_digits_split(seed: int = 0, heldout_fraction: float = 0.2):
     """Digits images ``(N, 1, 8, 8)`` in [-1, 1] with labels ``(N,)``, split by ``cmt_core.data.heldout_split``
     as ``cmt_core.data.load_data`` splits them: ``(train_x, train_y, heldout_x, heldout_y)``."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    images, labels = load_digits(), torch.from_numpy(sklearn_digits().target).long()
+    images, labels = load_digits()
     train, held = heldout_split(len(images), seed, heldout_fraction)
     return images[train], labels[train], images[held], labels[held]
 

@@ -1,5 +1,9 @@
 """Score generated samples against the held-out split: ``Evaluator(data, eval_cfg, cache_dir).score(samples)``.
 
+Samples are scored in the sample space (what an image distance sees: decoded samples, ``cmt_core.encoders``;
+the caller decodes model-space samples first). ``eval_cfg`` is an ``EvalConfig`` (num_samples, batch_size, seed,
+inception_path, fid_mode).
+
 * Images ``(N, C, H, W)`` in [-1, 1]: the Frechet distance in the feature space of ``feature_extractor``,
   reported under the extractor's name (``FID (clean)``, ``FD-digits`` or ``FD-pixels``). Generated samples are
   clamped to [-1, 1], as saving them as images would. The held-out and training statistics are computed once
@@ -19,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmt_core.config import DataConfig, EvalConfig
 from cmt_core.data import Data
 from cmt_core.evaluation.distances_2d import energy_distance, sliced_wasserstein
 from cmt_core.evaluation.features import extract_features, feature_extractor
@@ -28,31 +31,36 @@ from cmt_core.evaluation.frechet import cached_stats, feature_stats, frechet_dis
 POINT_METRICS = ("sliced_wasserstein", "energy_distance")
 
 
-def _digest(x: torch.Tensor) -> str:
-    return hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:12]
+def _digest(batches) -> str:
+    """sha1 (12 hex digits) of the bytes of consecutive batches: the digest of their concatenation."""
+    digest = hashlib.sha1()
+    for x in batches:
+        digest.update(x.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 class Evaluator:
     """Metrics of generated samples; ``metric_name`` is the primary (lower-is-better) key of ``score``.
 
-    ``data_cfg`` gives the train / held-out split the digits classifier must be trained on (default: the
-    default split); a mismatch with ``data.heldout`` is an error, since the classifier must not see held-out images.
+    ``data_cfg`` (a ``DataConfig``) gives the train / held-out split the digits classifier must be trained on
+    (default: the default split); a mismatch with ``data.heldout`` is an error, since the classifier must not see
+    held-out images.
     """
 
-    def __init__(self, data: Data, eval_cfg: EvalConfig, cache_dir: str | Path,
-                 data_cfg: DataConfig | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, data: Data, eval_cfg, cache_dir: str | Path, data_cfg=None,
+                 device: str | torch.device = "cpu"):
         self.data, self.cfg = data, eval_cfg
         self.cache_dir = Path(cache_dir)
         self.device = torch.device(device)
-        self.is_points = data.train.ndim == 2
+        self.is_points = data.is_points
         if self.is_points:
             self.extractor = None
             self.metric_name = POINT_METRICS[0]
-            self.reference = data.heldout[:eval_cfg.num_samples]
+            self.reference = data.heldout.read(slice(0, eval_cfg.num_samples))
             return
         self.extractor = feature_extractor(data_cfg or data.name, eval_cfg, self.cache_dir, self.device)
         held = getattr(self.extractor, "heldout_images", None)
-        if held is not None and not (held.shape == data.heldout.shape and torch.equal(held, data.heldout)):
+        if held is not None and not (len(held) == len(data.heldout) and torch.equal(held, data.heldout.all())):
             raise ValueError("the digits classifier's held-out split differs from data.heldout: pass the DataConfig "
                              "the data was loaded with as data_cfg")
         self.metric_name = self.extractor.name
@@ -63,10 +71,12 @@ class Evaluator:
         return extract_features(self.extractor, images.clamp(-1, 1), self.cfg.batch_size)
 
     def _split_stats(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Feature statistics of a split, read from its data set a batch at a time (cached on disk)."""
         if split not in self._stats:
-            images = getattr(self.data, split)
-            key = f"{self.extractor.cache_key}_{self.data.name}_{split}{len(images)}_{_digest(images)}"
-            self._stats[split] = cached_stats(self.cache_dir, key, lambda: self.features(images))
+            images, size = getattr(self.data, split), self.cfg.batch_size
+            key = f"{self.extractor.cache_key}_{self.data.name}_{split}{len(images)}_{_digest(images.batches(size))}"
+            compute = lambda: extract_features(self.extractor, (b.clamp(-1, 1) for b in images.batches(size)), size)
+            self._stats[split] = cached_stats(self.cache_dir, key, compute)
         return self._stats[split]
 
     def _check_shape(self, samples: torch.Tensor) -> None:
@@ -93,7 +103,7 @@ class Evaluator:
             return {self.metric_name: fd}
         n = len(self.reference)
         if self.data.distribution is None:
-            return self._point_metrics(self.data.train[:n], self.reference)
+            return self._point_metrics(self.data.train.read(slice(0, n)), self.reference)
         g = torch.Generator().manual_seed(self.cfg.seed)
         return self._point_metrics(self.data.distribution.sample(n, g), self.data.distribution.sample(n, g))
 

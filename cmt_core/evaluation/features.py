@@ -18,12 +18,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from cmt_core.config import DataConfig, EvalConfig
+from cmt_core.data import POINT_DATA
 from cmt_core.evaluation.digits_classifier import DigitsClassifierFeatures
 from cmt_core.evaluation.inception import InceptionFeatures
 from cmt_core.evaluation.pixels import PixelFeatures
-
-POINT_DATA = ("gaussian_mixture", "checkerboard")
 
 
 class FeatureExtractor(Protocol):
@@ -35,26 +33,29 @@ class FeatureExtractor(Protocol):
     def info(self) -> dict: ...
 
 
-def extract_features(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
-    """Features ``(N, D)`` of ``images: (N, C, H, W)``, ``batch_size`` images at a time, without autograd."""
+def extract_features(extractor: FeatureExtractor, images, batch_size: int = 500) -> np.ndarray:
+    """Features ``(N, D)`` of ``images`` (a tensor ``(N, C, H, W)`` or an iterable of such batches, e.g. a data
+    set's ``batches(batch_size)``), ``batch_size`` images at a time, without autograd."""
+    batches = images
+    if isinstance(images, torch.Tensor):
+        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
     with torch.no_grad():
-        return np.concatenate([extractor(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        return np.concatenate([extractor(batch) for batch in batches])
 
 
-def feature_extractor(data: str | DataConfig, eval_cfg: EvalConfig, cache_dir: str | Path,
-                      device: str | torch.device = "cpu") -> FeatureExtractor:
-    """The extractor for image data ``data`` (a name or a ``DataConfig``, whose split seeds the digits classifier).
+def feature_extractor(data, eval_cfg, cache_dir: str | Path, device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The extractor for image data ``data``: its name, or its ``DataConfig`` (name, seed, heldout_fraction), whose
+    split seeds the digits classifier; ``eval_cfg``: an ``EvalConfig`` (inception_path, fid_mode).
 
     Inception when ``eval_cfg.inception_path`` is set; otherwise the digits classifier for ``digits`` (trained
     on the split of ``data``, cached in ``cache_dir``) and downsampled pixels for any other image data.
     """
-    data_cfg = data if isinstance(data, DataConfig) else None
     name = data if isinstance(data, str) else data.name
     if name in POINT_DATA:
         raise ValueError(f"{name!r} is 2-D point data: it is scored with distances_2d, not image features")
     if eval_cfg.inception_path is not None:
         return InceptionFeatures(eval_cfg.inception_path, eval_cfg.fid_mode, device)
     if name == "digits":
-        split = data_cfg or DataConfig(name="digits")
-        return DigitsClassifierFeatures(cache_dir, split.seed, split.heldout_fraction, device)
+        split = {} if isinstance(data, str) else {"seed": data.seed, "heldout_fraction": data.heldout_fraction}
+        return DigitsClassifierFeatures(cache_dir, device=device, **split)
     return PixelFeatures(device=device)

@@ -4,7 +4,7 @@ Rows: the data floor, the teacher at its NFE, the teacher-initialised few-step m
 (the baseline CMT replaces), then each trained model at 1 and 2 steps (2 steps at its own intermediate
 sigma, named in the row); with several seed sets every figure is a mean with its spread beside it.
 Models, curves and timings come in as arguments (the stage that calls ``results_table`` loads them from its
-input artifacts).
+input artifacts). Sample grids show decoded samples (``data.encoder``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmt_core.config import SolverConfig
 from cmt_core.evaluation.report import write_report
 from cmt_core.evaluation.scoring import Scorer
 from cmt_core.solvers import function_evaluations
@@ -27,7 +26,7 @@ from cmt_core.time_grids import make_grid
 class ScoredModel:
     label: str  # row label, e.g. "CMT (mid-trained)"
     key: str  # short name of its sample grids, e.g. "midtrain"
-    kind: str  # "consistency" | "flow_map" (``cmt_core.samplers``)
+    sampler: str  # its few-step sampler, e.g. "consistency" | "flow_map" (``cmt_core.samplers``)
     model: nn.Module
     mid_sigma: float | None = None  # its 2-step intermediate sigma (None: ``eval.mid_sigma``)
 
@@ -43,32 +42,33 @@ def aggregate(per_set: list[dict]) -> dict:
     return out
 
 
-def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teacher_solver: SolverConfig,
+def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teacher_solver,
                   baseline: ScoredModel | None, trained: list[ScoredModel], curves: dict[str, list[dict]],
                   run_info: dict, stage_seconds: dict) -> dict:
     """Score the teacher, the untrained ``baseline`` (1 step) and ``trained`` models (1 and 2 steps) with
     every scorer (one per seed set), then write the report into ``out_dir``; returns ``metrics.json``, whose
     ``by_key`` names the rows ``data``, ``teacher``, the baseline's key and ``<key>_1step`` / ``<key>_2step``.
 
-    ``curves``: training-log rows per stage; ``run_info``: what the report states first (preset, device);
-    ``stage_seconds``: the earlier stages' wall times (this call adds ``evaluation``)."""
+    ``teacher_solver``: the ``SolverConfig`` the teacher samples with; ``curves``: training-log rows per stage;
+    ``run_info``: what the report states first (preset, device); ``stage_seconds``: the earlier stages' wall times
+    (this call adds ``evaluation``)."""
     t0 = time.perf_counter()
     evaluator, data = scorers[0].evaluator, scorers[0].evaluator.data
     rows, keys, grids = [], [], {}
 
     rows.append({"model": "data (held-out vs train)", "NFE": 0, **evaluator.floor()})
     keys.append("data")
-    grids["data"] = data.heldout[: min(len(data.heldout), 64 if data.heldout.ndim > 2 else 2000)]
+    grids["data"] = data.heldout.read(slice(0, 2000 if evaluator.is_points else 64))
 
     results = [s.teacher(teacher, teacher_solver) for s in scorers]
     nfe = function_evaluations(teacher_solver.name, make_grid(teacher_solver))
     rows.append({"model": f"teacher ({teacher_solver.name}, {teacher_solver.steps} steps)", "NFE": nfe,
                  **aggregate([m for m, _ in results])})
     keys.append("teacher")
-    grids["teacher"] = results[0][1]
+    grids["teacher"] = data.encoder.decode(results[0][1])
 
     if baseline is not None:
-        metrics = aggregate([s.few_step(baseline.kind, baseline.model, 1)[0] for s in scorers])
+        metrics = aggregate([s.few_step(baseline.sampler, baseline.model, 1)[0] for s in scorers])
         rows.append({"model": baseline.label, "NFE": 1, **metrics})
         keys.append(baseline.key)
 
@@ -76,11 +76,11 @@ def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teac
     for entry in trained:
         mid_sigmas[entry.key] = scorers[0].cfg.mid_sigma if entry.mid_sigma is None else entry.mid_sigma
         for steps in (1, 2):
-            results = [s.few_step(entry.kind, entry.model, steps, mid_sigmas[entry.key]) for s in scorers]
+            results = [s.few_step(entry.sampler, entry.model, steps, mid_sigmas[entry.key]) for s in scorers]
             label = f"{entry.label}, {steps}-step" + (f" (sigma {mid_sigmas[entry.key]:.3g})" if steps == 2 else "")
             rows.append({"model": label, "NFE": steps, **aggregate([m for m, _ in results])})
             keys.append(f"{entry.key}_{steps}step")
-            grids[f"{entry.key}_{steps}step"] = results[0][1]
+            grids[f"{entry.key}_{steps}step"] = data.encoder.decode(results[0][1])
 
     info = {**run_info, "num_samples": len(scorers[0].x_T), "seed_sets": len(scorers),
             "primary_metric": scorers[0].primary, "data_metric": evaluator.metric_name, "2-step sigma": mid_sigmas,

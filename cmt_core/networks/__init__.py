@@ -1,5 +1,6 @@
-"""Raw networks: ``net(x, c_noise) -> tensor shaped like x``.
+"""Raw networks: ``net(x, c_noise, cond=None) -> tensor shaped like x``.
 
+``cond`` is the conditioning channel (``cmt_core.conditioning``); a network refuses names it does not use.
 ``c_noise`` is ``(B, num_times)``: the conditioning of each time (``ln(sigma) / 4``; a VP-preconditioned
 teacher's is its DDPM step index); one time for a denoiser or consistency model, two for a flow map / Mean
 Flow model. The preconditioning wrappers in

@@ -1,4 +1,4 @@
-"""Builds the raw network named by a ``NetworkConfig`` for a given sample shape."""
+"""Builds a raw network from plain architecture values for a given sample shape."""
 
 from __future__ import annotations
 
@@ -6,28 +6,29 @@ import math
 
 from torch import nn
 
-from cmt_core.config import NetworkConfig
+# the architecture values ``build_network`` takes (a model file's ``network`` mapping holds them, beside the
+# preconditioning's ``sigma_data`` and ``consistency_boundary``)
+ARCHITECTURE = ("kind", "width", "depth", "channel_mult", "attention_resolutions", "dropout", "emb_dim")
 
 
-def build_network(cfg: NetworkConfig, sample_shape: tuple[int, ...], num_times: int = 1) -> nn.Module:
-    """Raw network for samples of ``sample_shape`` (``(D,)`` or ``(C, H, W)``) conditioned on ``num_times`` times."""
-    if cfg.kind == "mlp":
+def build_network(kind: str, sample_shape: tuple[int, ...], num_times: int = 1, width: int = 256, depth: int = 4,
+                  channel_mult: tuple[int, ...] = (1, 2, 2), attention_resolutions: tuple[int, ...] = (),
+                  dropout: float = 0.0, emb_dim: int = 128) -> nn.Module:
+    """Raw network ``kind`` ('mlp' | 'unet') for samples of ``sample_shape`` (``(D,)`` or ``(C, H, W)``) conditioned
+    on ``num_times`` times. ``width``: the MLP's hidden width / the U-Net's base channels; ``depth``: hidden layers /
+    residual blocks per resolution; ``channel_mult``, ``attention_resolutions``: the U-Net's; ``emb_dim``: the
+    time-embedding width."""
+    if kind == "mlp":
         from cmt_core.networks.mlp import MLP
 
-        return MLP(math.prod(sample_shape), cfg.width, cfg.depth, cfg.emb_dim, num_times, cfg.dropout)
+        return MLP(math.prod(sample_shape), width, depth, emb_dim, num_times, dropout)
+    if kind != "unet":
+        raise ValueError(f"unknown network kind {kind!r}; expected 'mlp' or 'unet'")
     if len(sample_shape) != 3:
         raise ValueError(f"network.kind='unet' needs (C, H, W) samples, got shape {sample_shape}")
     from cmt_core.networks.unet import UNet
 
     channels, resolution, _ = sample_shape
-    return UNet(
-        img_resolution=resolution,
-        in_channels=channels,
-        model_channels=cfg.width,
-        channel_mult=cfg.channel_mult,
-        num_blocks=cfg.depth,
-        attn_resolutions=cfg.attention_resolutions,
-        dropout=cfg.dropout,
-        emb_dim=cfg.emb_dim,
-        num_times=num_times,
-    )
+    return UNet(img_resolution=resolution, in_channels=channels, model_channels=width, channel_mult=channel_mult,
+                num_blocks=depth, attn_resolutions=attention_resolutions, dropout=dropout, emb_dim=emb_dim,
+                num_times=num_times)

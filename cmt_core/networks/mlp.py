@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from cmt_core.conditioning import Cond, check_known
 from cmt_core.networks.embedding import TimeEmbedding
 
 
@@ -21,7 +22,7 @@ class ResidualBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """``net(x: (B, D), c_noise: (B, num_times)) -> (B, D)``."""
+    """``net(x: (B, D), c_noise: (B, num_times), cond) -> (B, D)`` (unconditional: ``cond`` must be empty)."""
 
     def __init__(self, dim: int, width: int = 256, depth: int = 4, emb_dim: int = 128,
                  num_times: int = 1, dropout: float = 0.0):
@@ -32,7 +33,8 @@ class MLP(nn.Module):
         self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        check_known(cond, (), "this MLP")
         emb = nn.functional.silu(self.time(c_noise))
         h = self.inp(x.flatten(1))
         for block in self.blocks:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cmt_core.conditioning import Cond, check_known
 from cmt_core.networks.embedding import LaterTimeMLP, PositionalEmbedding, check_times
 
 SKIP_SCALE = math.sqrt(0.5)  # keeps the variance of (branch + skip) close to that of its inputs
@@ -124,7 +125,7 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """``net(x: (B, C, H, W), c_noise: (B, num_times)) -> (B, C, H, W)`` (unconditional).
+    """``net(x: (B, C, H, W), c_noise: (B, num_times), cond) -> (B, C, H, W)`` (unconditional: ``cond`` empty).
 
     ``H = W = img_resolution`` must be divisible by ``2 ** (len(channel_mult) - 1)``.
     """
@@ -179,8 +180,9 @@ class UNet(nn.Module):
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = _init(
             nn.Conv2d(cout, in_channels, 3, padding=1), SMALL_INIT)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         check_times(c_noise, self.num_times)
+        check_known(cond, (), "this U-Net")
         h = self.map_layer1(F.silu(self.map_layer0(self.map_noise(c_noise[:, 0]))))
         for k, mlp in enumerate(self.map_later, start=1):
             h = h + mlp(self.map_noise(c_noise[:, k]))

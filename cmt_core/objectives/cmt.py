@@ -26,20 +26,23 @@ import torch
 from cmt_core.objectives.distances import Distance, squared_l2
 from cmt_core.preconditioning import bcast
 
+FORMS = ("cm", "mf", "flow_map")
+
 
 class CMTLoss:
-    """``loss(model, {"x_t", "t", "x_s", "s"}, rng) -> (B,)``; ``distance``: two ``(B, ...)`` batches -> ``(B,)``."""
+    """``loss(model, {"x_t", "t", "x_s", "s", "cond"}, rng) -> (B,)``; ``distance``: two ``(B, ...)`` batches ->
+    ``(B,)``; ``cond``: the trajectory's conditioning (what the teacher solved it with), given to the model."""
 
     def __init__(self, form: str = "cm", distance: Distance = squared_l2):
-        if form not in ("cm", "flow_map", "mf"):
+        if form not in FORMS:
             raise ValueError(f"unknown CMT form {form!r}")
         self.form, self.distance = form, distance
 
     def __call__(self, model, batch, rng) -> torch.Tensor:
-        x_t, t, x_s, s = batch["x_t"], batch["t"], batch["x_s"], batch["s"]
+        x_t, t, x_s, s, cond = batch["x_t"], batch["t"], batch["x_s"], batch["s"], batch.get("cond")
         if self.form == "cm":
-            return self.distance(model(x_t, t), x_s)
+            return self.distance(model(x_t, t, cond=cond), x_s)
         if self.form == "flow_map":
-            return self.distance(model(x_t, t, s), x_s)
+            return self.distance(model(x_t, t, s, cond=cond), x_s)
         scale = bcast((1 + t) / (t - s), x_t)
-        return self.distance(model(x_t, t, s) * scale, x_s * scale)
+        return self.distance(model(x_t, t, s, cond=cond) * scale, x_s * scale)

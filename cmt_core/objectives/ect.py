@@ -9,6 +9,7 @@ loss = d(f(x_t, t), sg f(x_r, r)) / (t - r), the target being x_r itself where r
 teacher's step to 0, i.e. its denoised estimate); both passes use the same dropout mask.
 As in the reference (locuslab/ect, ``ECMLoss``), d is per sample, over all its dimensions: the l2 norm
 ||f(x_t, t) - f(x_r, r)|| when ``huber_c = 0``, else pseudo-Huber sqrt(||.||^2 + c^2) - c with c = ``huber_c``.
+Every network call (and ECD's teacher step) gets the batch's conditioning ``batch["cond"]``.
 
 The CMT boundary (``anchor_sigma`` > 0, with ``anchor`` a frozen copy of the mid-trained model; a deliberate
 deviation from ECT, off by default and in the paper's recipes): for t <= anchor_sigma the target is
@@ -22,43 +23,48 @@ re-noised data 8.5 -> 9.8 at t = 0.6, for any lr down to 1e-5) while the 1-step 
 9.83 / 8.69 (the mid-trained start: 13.95 / 10.30).
 """
 
+import functools
 import math
 
 import torch
 
-from cmt_core.config import ECTConfig
-from cmt_core.objectives.distances import l2_norm, make_distance
+from cmt_core.objectives.distances import l2_norm, pseudo_huber
 from cmt_core.preconditioning import bcast
 from cmt_core.solvers import solve
 
 
 class ECTLoss:
-    """``loss(consistency_model, {"x": y}, rng) -> (B,)``; pass ``teacher`` for ECD, ``anchor`` (the mid-trained
-    model, not trained) for ``cfg.anchor_sigma`` > 0."""
+    """``loss(consistency_model, {"x": y, "cond"}, rng) -> (B,)``; pass ``teacher`` for ECD, ``anchor`` (the
+    mid-trained model, not trained) for ``anchor_sigma`` > 0. Settings as ``ECTConfig`` names them."""
 
-    def __init__(self, cfg: ECTConfig, sigma_min: float = 0.002, sigma_max: float = 80.0,
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, *, t_sampling: str = "lognormal",
+                 p_mean: float = -1.1, p_std: float = 2.0, k: float = 8.0, b: float = 1.0, q: float = 2.0,
+                 stage_steps: int = 1000, start_stage: int = 0, huber_c: float = 0.0, anchor_sigma: float = 0.0,
                  teacher=None, teacher_solver: str = "heun", anchor=None):
-        if cfg.anchor_sigma > 0 and anchor is None:
+        if t_sampling not in ("lognormal", "log_uniform"):
+            raise ValueError(f"t_sampling must be 'lognormal' or 'log_uniform', got {t_sampling!r}")
+        if anchor_sigma > 0 and anchor is None:
             raise ValueError("ect.anchor_sigma > 0 needs the anchor model (a frozen copy of the mid-trained model)")
-        self.cfg, self.sigma_min, self.sigma_max = cfg, sigma_min, sigma_max
+        self.sigma_min, self.sigma_max, self.t_sampling = sigma_min, sigma_max, t_sampling
+        self.p_mean, self.p_std, self.k, self.b, self.q = p_mean, p_std, k, b, q
+        self.stage_steps, self.start_stage, self.anchor_sigma = stage_steps, start_stage, anchor_sigma
         self.teacher, self.teacher_solver = teacher, teacher_solver
-        self.anchor = anchor if cfg.anchor_sigma > 0 else None
+        self.anchor = anchor if anchor_sigma > 0 else None
         if self.anchor is not None:
             self.anchor.requires_grad_(False)
-        self.distance = make_distance("pseudo_huber", cfg.huber_c) if cfg.huber_c > 0 else l2_norm
+        self.distance = functools.partial(pseudo_huber, c=huber_c) if huber_c > 0 else l2_norm
 
     def r_of_t(self, t: torch.Tensor, step: int) -> torch.Tensor:
-        c = self.cfg
-        decay = 1.0 / c.q ** (c.start_stage + step // c.stage_steps + 1)
-        return (t * (1 - decay * (1 + c.k * torch.sigmoid(-c.b * t)))).clamp(min=0)
+        decay = 1.0 / self.q ** (self.start_stage + step // self.stage_steps + 1)
+        return (t * (1 - decay * (1 + self.k * torch.sigmoid(-self.b * t)))).clamp(min=0)
 
     def __call__(self, model, batch, rng) -> torch.Tensor:
-        y, c = batch["x"], self.cfg
-        if c.t_sampling == "log_uniform":
+        y, cond = batch["x"], batch.get("cond")
+        if self.t_sampling == "log_uniform":
             log_min, log_max = math.log(self.sigma_min), math.log(self.sigma_max)
             t = (log_min + (log_max - log_min) * rng.rand()).exp()
         else:
-            t = (c.p_mean + c.p_std * rng.randn()).exp().clamp(self.sigma_min, self.sigma_max)
+            t = (self.p_mean + self.p_std * rng.randn()).exp().clamp(self.sigma_min, self.sigma_max)
         r = self.r_of_t(t, rng.step)
         noise = rng.randn(*y.shape[1:])
         x_t = y + bcast(t, y) * noise
@@ -66,15 +72,15 @@ class ECTLoss:
         with torch.no_grad():
             if self.teacher is not None:
                 r = torch.where(r < self.sigma_min, torch.zeros_like(r), r)  # below the model's range: jump to 0
-                x_r = solve(self.teacher, x_t, torch.stack([t, r]), self.teacher_solver)[:, -1]
+                x_r = solve(self.teacher, x_t, torch.stack([t, r]), self.teacher_solver, cond)[:, -1]
             else:
                 x_r = y + bcast(r, y) * noise
             torch.manual_seed(dropout_seed)
-            target = torch.where(bcast(r, y) > 0, model(x_r, r.clamp(min=self.sigma_min)), x_r)
+            target = torch.where(bcast(r, y) > 0, model(x_r, r.clamp(min=self.sigma_min), cond=cond), x_r)
             if self.anchor is not None:  # the CMT boundary: in the model's mode, with the same dropout mask
                 self.anchor.train(model.training)
                 torch.manual_seed(dropout_seed)
-                target = torch.where(bcast(t <= c.anchor_sigma, y), self.anchor(x_t, t), target)
+                target = torch.where(bcast(t <= self.anchor_sigma, y), self.anchor(x_t, t, cond=cond), target)
         torch.manual_seed(dropout_seed)
-        pred = model(x_t, t)
+        pred = model(x_t, t, cond=cond)
         return self.distance(pred, target) / (t - r)

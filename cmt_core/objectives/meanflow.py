@@ -8,7 +8,7 @@ Flow has the average velocity u(x_t, r, t) = (x_t - f(x_t, t, r)) / (t - r) = (x
 Training: x_t = y + t e, so the conditional velocity is v = dx_t/dt = e. The average velocity over [r, t] obeys
 u(x_t, r, t) = v - (t - r) d/dt u(x_t, r, t), the total derivative taken along the trajectory; it is one
 forward-mode JVP with tangents (v, 0, 1) on (x_t, r, t). Target u_tgt = sg(v - (t - r) du/dt); loss
-err / sg(err + norm_eps)^p (the adaptive weight), where err depends on ``MeanFlowConfig.time``:
+err / sg(err + norm_eps)^p (the adaptive weight), where err depends on ``time``:
 
 * ``sigma``: err = ||u - u_tgt||^2 / dim, the per-dimension mean in sigma time.
 * ``tau``: py-meanflow's loss (``meanflow/models/meanflow.py``) in its own time tau = t / (1 + t) in [0, 1),
@@ -30,69 +30,80 @@ py-meanflow's ``tr_sampler=v0``. A log-normal sigma is the logit-normal tau (log
 the same times to 2e-16), so the Mean Flow paper's (-0.4, 1.0) carries over unchanged; py-meanflow's
 ``ratio`` (pairs with r != t) is 1 - ``equal_fraction``. Deviation: times are clamped to [sigma_min, sigma_max]
 (tau in [0.002, 0.988]); the reference's tau runs over (0, 1).
+The batch's conditioning ``batch["cond"]`` goes to every network call (it is held fixed along the JVP).
 ``torch.func.jvp`` cannot run through a DDP wrapper: this objective sets ``uses_jvp`` and the training
 loop hands it the bare module and all-reduces its gradients.
 """
 
 import torch
 
-from cmt_core.config import MeanFlowConfig
+from cmt_core.conditioning import Cond
 from cmt_core.objectives.distances import mean_squared_error, squared_l2
 from cmt_core.preconditioning import as_batch, bcast
 
+TIMES = ("sigma", "tau")
 
-def average_velocity(flow_map, x: torch.Tensor, r, t) -> torch.Tensor:
+
+def average_velocity(flow_map, x: torch.Tensor, r, t, cond: Cond | None = None) -> torch.Tensor:
     """u(x_t, r, t) = (x_t - x_r) / (t - r) of a ``FlowMap``; ``x: (B, ...)``, ``r, t``: ``(B,)`` or floats."""
     t, r = as_batch(t, x), as_batch(r, x)
-    return (x - flow_map.denoise(x, t, r)) / bcast(t, x)
+    return (x - flow_map.denoise(x, t, r, cond=cond)) / bcast(t, x)
 
 
-def tau_velocity(flow_map, z: torch.Tensor, tau_r, tau_t) -> torch.Tensor:
+def tau_velocity(flow_map, z: torch.Tensor, tau_r, tau_t, cond: Cond | None = None) -> torch.Tensor:
     """The average velocity in the reference's time tau = t / (1 + t) in [0, 1), where z = (1 - tau) x_t:
     U(z, tau_r, tau_t) = (z - z_r) / (tau_t - tau_r) = (1 + t) (u(x_t, r, t) - z), the same function of the
     ``FlowMap`` as ``average_velocity`` written in the other time (sigma-time arguments go in and out)."""
     tau_t, tau_r = as_batch(tau_t, z), as_batch(tau_r, z)
     scale = bcast(1 / (1 - tau_t), z)  # 1 + t
-    return scale * (average_velocity(flow_map, scale * z, tau_r / (1 - tau_r), tau_t / (1 - tau_t)) - z)
+    return scale * (average_velocity(flow_map, scale * z, tau_r / (1 - tau_r), tau_t / (1 - tau_t), cond) - z)
 
 
 @torch.no_grad()
-def sample(flow_map, x_T: torch.Tensor, grid) -> torch.Tensor:
+def sample(flow_map, x_T: torch.Tensor, grid, cond: Cond | None = None) -> torch.Tensor:
     """Jumps x_r = x_t - (t - r) u(x_t, r, t), computed as f(x_t, t, r), along the decreasing ``grid``."""
     x = x_T
     for t, s in zip(grid[:-1], grid[1:]):
-        x = flow_map(x, float(t), float(s))
+        x = flow_map(x, float(t), float(s), cond=cond)
     return x
 
 
 class MeanFlowLoss:
+    """``loss(flow_map, {"x": y, "cond"}, rng) -> (B,)``; settings as ``MeanFlowConfig`` names them."""
+
     uses_jvp = True
 
-    def __init__(self, cfg: MeanFlowConfig, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        self.cfg, self.sigma_min, self.sigma_max = cfg, sigma_min, sigma_max
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, *, p_mean: float = -0.4,
+                 p_std: float = 1.0, equal_fraction: float = 0.75, adaptive_p: float = 1.0, norm_eps: float = 1e-3,
+                 time: str = "tau"):
+        if time not in TIMES:
+            raise ValueError(f"time must be one of {TIMES}, got {time!r}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.p_mean, self.p_std, self.equal_fraction = p_mean, p_std, equal_fraction
+        self.adaptive_p, self.norm_eps, self.time = adaptive_p, norm_eps, time
 
     def sample_times(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cfg
-        a = (c.p_mean + c.p_std * rng.randn()).exp()
-        b = (c.p_mean + c.p_std * rng.randn()).exp()
+        a = (self.p_mean + self.p_std * rng.randn()).exp()
+        b = (self.p_mean + self.p_std * rng.randn()).exp()
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        r = torch.where(rng.rand() < c.equal_fraction, t, r)
+        r = torch.where(rng.rand() < self.equal_fraction, t, r)
         return t.clamp(self.sigma_min, self.sigma_max), r.clamp(self.sigma_min, self.sigma_max)
 
     def __call__(self, flow_map, batch, rng) -> torch.Tensor:
-        y = batch["x"]
+        y, cond = batch["x"], batch.get("cond")
         t, r = self.sample_times(rng)
         e = rng.randn(*y.shape[1:])
-        if self.cfg.time == "tau":
+        if self.time == "tau":
             tau_t, tau_r = t / (1 + t), r / (1 + r)
             z = (1 - bcast(tau_t, y)) * y + bcast(tau_t, y) * e
-            u, target = meanflow_target(lambda z_, r_, t_: tau_velocity(flow_map, z_, r_, t_), z, tau_r, tau_t, e - y)
+            u_fn = lambda z_, r_, t_: tau_velocity(flow_map, z_, r_, t_, cond)  # noqa: E731
+            u, target = meanflow_target(u_fn, z, tau_r, tau_t, e - y)
             err = squared_l2(u, target)
         else:
-            u_fn = lambda x, r_, t_: average_velocity(flow_map, x, r_, t_)  # noqa: E731
+            u_fn = lambda x, r_, t_: average_velocity(flow_map, x, r_, t_, cond)  # noqa: E731
             u, target = meanflow_target(u_fn, y + bcast(t, y) * e, r, t, e)
             err = mean_squared_error(u, target)
-        return err / (err.detach() + self.cfg.norm_eps) ** self.cfg.adaptive_p
+        return err / (err.detach() + self.norm_eps) ** self.adaptive_p
 
 
 def meanflow_target(u_fn, x_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor):

@@ -22,7 +22,10 @@ itself, so no two writers ever share a shard (zarr 3 has no synchronizers).
 * Cost of writing: a task compresses and writes its shard after solving it, not overlapped with solving
   (about 30 ms of CPU per 4.4 MB shard with zstd here); a GPU sits idle for that time.
 
-``denoiser_factory`` is a picklable zero-argument callable returning ``denoiser(x, t: (B,))``,
+Conditional teachers (``num_classes`` > 0): each trajectory is solved for its class label
+(``rollout.trajectory_cond``), stored beside its states in the same shard.
+
+``denoiser_factory`` is a picklable zero-argument callable returning ``denoiser(x, t: (B,), cond)``,
 e.g. a module-level function or a ``functools.partial`` of one; it should load weights from disk rather
 than carry them, since it travels with every task. Each worker process builds the teacher once and
 reuses it for its later shards.
@@ -44,10 +47,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cmt_core.config import ClusterConfig, RolloutConfig
+from cmt_core import conditioning
 from cmt_core.object_storage import location
 from cmt_core.time_grids import make_grid
-from cmt_core.trajectories.rollout import rollout_batch, trajectory_seeds
+from cmt_core.trajectories.rollout import rollout_batch, trajectory_cond, trajectory_seeds
 from cmt_core.trajectories.store import (
     create_store,
     mark_complete,
@@ -74,26 +77,32 @@ def _teacher(denoiser_factory, device: str):
     return _teacher_cache[key]
 
 
-def rollout_shard(denoiser_factory, path, shard_index: int, rollout_cfg: RolloutConfig, threads: int | None = 1) -> int:
+def rollout_shard(denoiser_factory, path, shard_index: int, rollout_cfg, threads: int | None = 1,
+                  num_classes: int = 0) -> int:
     """Solve and write one whole shard (the body of a dask task); returns its number of trajectories.
 
-    ``threads``: torch threads of a dask worker (one per core-sized worker); None keeps the caller's."""
+    ``rollout_cfg``: a ``RolloutConfig``; ``threads``: torch threads of a dask worker (one per core-sized worker);
+    None keeps the caller's; ``num_classes``: the trajectories' classes (0: unconditional)."""
     if threads is not None:
         torch.set_num_threads(threads)
     device = "cuda" if rollout_cfg.cluster.gpu_resource and torch.cuda.is_available() else "cpu"
     store = open_store(path, partial=True)
     start, stop = store.shard_range(shard_index)
     denoiser = _teacher(denoiser_factory, device)
-    parts = [rollout_batch(denoiser, rollout_cfg.seed, range(b, min(b + rollout_cfg.batch_size, stop)),
-                           store.sample_shape, rollout_cfg.solver, device)
-             for b in range(start, stop, rollout_cfg.batch_size)]
-    write_shard(store, shard_index, torch.cat(parts))
+    parts, conds = [], []
+    for b in range(start, stop, rollout_cfg.batch_size):
+        indices = range(b, min(b + rollout_cfg.batch_size, stop))
+        conds.append(trajectory_cond(rollout_cfg.seed, indices, num_classes))
+        parts.append(rollout_batch(denoiser, rollout_cfg.seed, indices, store.sample_shape, rollout_cfg.solver,
+                                   device, conds[-1]))
+    write_shard(store, shard_index, torch.cat(parts), conditioning.concat(conds))
     return stop - start
 
 
-def _provenance(num: int, sample_shape, cfg: RolloutConfig, teacher_id: str) -> dict:
+def _provenance(num: int, sample_shape, cfg, teacher_id: str, num_classes: int) -> dict:
     """Everything that decides the stored bits; a resumed store must match it exactly."""
     return {"teacher_id": teacher_id, "solver": cfg.solver.model_dump(mode="json"), "seed": cfg.seed,
+            "num_classes": num_classes,
             "rollout_batch_size": cfg.batch_size, "num_trajectories": num, "sample_shape": list(sample_shape),
             "store": cfg.store.model_dump(mode="json")}
 
@@ -118,7 +127,7 @@ class _Cluster:
     they are restored on exit so that later subprocesses (torchrun, ...) do not inherit them.
     """
 
-    def __init__(self, cfg: ClusterConfig):
+    def __init__(self, cfg):
         self.cfg, self.cluster, self.config, self.environ = cfg, None, None, None
 
     def __enter__(self):
@@ -166,13 +175,13 @@ def dask_available() -> bool:
     return importlib.util.find_spec("distributed") is not None
 
 
-def _solve_on_dask(denoiser_factory, path, todo: list[int], cfg: RolloutConfig, advance) -> None:
+def _solve_on_dask(denoiser_factory, path, todo: list[int], cfg, num_classes: int, advance) -> None:
     from distributed import as_completed
 
     resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
     with _Cluster(cfg.cluster) as client:
         token = uuid.uuid4().hex[:8]
-        futures = [client.submit(rollout_shard, denoiser_factory, str(path), k, cfg,
+        futures = [client.submit(rollout_shard, denoiser_factory, str(path), k, cfg, num_classes=num_classes,
                                  key=f"rollout-{token}-shard-{k}", retries=TASK_RETRIES, resources=resources)
                    for k in todo]
         try:
@@ -183,16 +192,18 @@ def _solve_on_dask(denoiser_factory, path, todo: list[int], cfg: RolloutConfig, 
             raise
 
 
-def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg: RolloutConfig, teacher_id: str,
-                 progress: Callable[[int, int], None] | None = None, in_process: bool = False) -> Path | str:
+def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg, teacher_id: str,
+                 progress: Callable[[int, int], None] | None = None, in_process: bool = False,
+                 num_classes: int = 0) -> Path | str:
     """Fill the trajectory store at ``path`` (a folder, or a URL every worker can reach) with ``num`` teacher
-    trajectories; resumes a partial store.
+    trajectories (``rollout_cfg``: a ``RolloutConfig``); resumes a partial store.
 
     ``progress(done, total)`` is called with the number of trajectories written after every shard (and once
-    at the start); ``in_process`` solves the shards here instead of on dask (the default without dask)."""
+    at the start); ``in_process`` solves the shards here instead of on dask (the default without dask);
+    ``num_classes`` > 0: a class-conditional teacher, each trajectory solved for a random class (module docstring)."""
     path = location(path)
     sample_shape = tuple(int(s) for s in sample_shape)
-    provenance = _provenance(num, sample_shape, rollout_cfg, teacher_id)
+    provenance = _provenance(num, sample_shape, rollout_cfg, teacher_id, num_classes)
     if store_exists(path):
         _check_resumable(path, provenance)
         if open_store(path, partial=True).complete:
@@ -200,7 +211,8 @@ def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg: Ro
             return path
     else:
         create_store(path, num, sample_shape, make_grid(rollout_cfg.solver), rollout_cfg.store, provenance,
-                     seeds=trajectory_seeds(rollout_cfg.seed, num))
+                     seeds=trajectory_seeds(rollout_cfg.seed, num),
+                     cond_shapes={"class_labels": (num_classes,)} if num_classes else None)
     store = open_store(path, partial=True)
     todo = missing_shards(store)
     on_dask = not in_process and dask_available()
@@ -215,10 +227,11 @@ def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg: Ro
 
             advance(0)
             if on_dask:
-                _solve_on_dask(denoiser_factory, path, todo, rollout_cfg, advance)
+                _solve_on_dask(denoiser_factory, path, todo, rollout_cfg, num_classes, advance)
             else:
                 for k in todo:
-                    advance(rollout_shard(denoiser_factory, path, k, rollout_cfg, threads=None))
+                    advance(rollout_shard(denoiser_factory, path, k, rollout_cfg, threads=None,
+                                          num_classes=num_classes))
     runs = list(store.attrs.get("rollout_runs", []))
     where = (rollout_cfg.cluster.address or f"LocalCluster({rollout_cfg.cluster.workers} workers)") if on_dask \
         else "in process"

@@ -2,8 +2,9 @@
 trajectory store (``StorePairs``).
 
 ``source.batch(step, batch_size, rank, world)`` returns this rank's slice of the step's global batch:
-``x_t (B, *shape)`` a trajectory state at noise level ``t = grid[i] (B,)`` and ``x_s (B, *shape)`` a later
-state of the same trajectory at ``s = grid[j] < t``: the clean end for the CM form (``to_end``), uniform in
+``x_t (B, *shape)`` a trajectory state at noise level ``t = grid[i] (B,)``, ``x_s (B, *shape)`` a later
+state of the same trajectory at ``s = grid[j] < t`` and ``cond`` the trajectory's conditioning (what the teacher
+solved it for; empty for an unconditional store): the clean end for the CM form (``to_end``), uniform in
 (i, last] for the MF and flow-map forms (stream ``PAIR_TARGET`` keyed by the step). An epoch visits every
 point (trajectory, i), i < last, once: every trajectory point is used, as in the reference CMT recipe.
 
@@ -33,14 +34,18 @@ from dataclasses import dataclass
 
 import torch
 
-from cmt_core.data.sources import TensorSource, rank_slice
+from cmt_core import conditioning
+from cmt_core.data.sources import EpochSampler, rank_slice
 from cmt_core.rng import Stream, generator
 from cmt_core.trajectories.store import REMOTE_CACHE_BYTES, open_store
 
 
-def pair_batch(states: torch.Tensor, grid: torch.Tensor, traj: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> dict:
-    """Gather ``x_t = states[traj, i]`` and ``x_s = states[traj, j]`` with their noise levels."""
-    return {"x_t": states[traj, i], "t": grid[i].float(), "x_s": states[traj, j], "s": grid[j].float()}
+def pair_batch(states: torch.Tensor, grid: torch.Tensor, traj: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
+               cond: conditioning.Cond | None = None) -> dict:
+    """Gather ``x_t = states[traj, i]`` and ``x_s = states[traj, j]`` with their noise levels and the
+    trajectories' conditioning (``cond``: ``(N, ...)`` per entry)."""
+    return {"x_t": states[traj, i], "t": grid[i].float(), "x_s": states[traj, j], "s": grid[j].float(),
+            "cond": conditioning.select(cond, traj)}
 
 
 def target_index(i: torch.Tensor, last: int, seed: int, step: int, to_end: bool) -> torch.Tensor:
@@ -52,19 +57,21 @@ def target_index(i: torch.Tensor, last: int, seed: int, step: int, to_end: bool)
 
 
 class TrajectoryPairs:
-    """In-memory pair source over ``states (N, T + 1, *shape)`` with noise levels ``grid (T + 1,)``."""
+    """In-memory pair source over ``states (N, T + 1, *shape)`` with noise levels ``grid (T + 1,)`` and the
+    trajectories' conditioning ``cond`` (``(N, ...)`` per entry; None: unconditional)."""
 
-    def __init__(self, states: torch.Tensor, grid: torch.Tensor, to_end: bool = True, seed: int = 0):
-        self.states, self.grid, self.to_end, self.seed = states, grid, to_end, seed
+    def __init__(self, states: torch.Tensor, grid: torch.Tensor, to_end: bool = True, seed: int = 0,
+                 cond: conditioning.Cond | None = None):
+        self.states, self.grid, self.to_end, self.seed, self.cond = states, grid, to_end, seed, cond
         self.last = states.shape[1] - 1
-        self.points = TensorSource({"p": torch.arange(states.shape[0] * self.last)}, seed)
+        self.points = EpochSampler(states.shape[0] * self.last, seed)
 
     def batch(self, step, batch_size, rank=0, world=1):
         p = self.points.indices(step, batch_size)
         traj, i = p // self.last, p % self.last
         j = target_index(i, self.last, self.seed, step, self.to_end)
         rows = rank_slice(batch_size, rank, world)
-        return pair_batch(self.states, self.grid, traj[rows], i[rows], j[rows])
+        return pair_batch(self.states, self.grid, traj[rows], i[rows], j[rows], self.cond)
 
 
 class _Epoch:
@@ -163,10 +170,16 @@ class StorePairs:
         return {"traj": traj, "i": i, "j": j, "chunk": traj // self.store.chunk_trajectories}
 
     # -------------------------------------------------------------------------------------- reads
-    def _read_buffer(self, chunks: list[int]) -> torch.Tensor:
-        """States ``(rows, K, *sample_shape)`` of the buffer's chunks, in buffer order (read concurrently)."""
-        parts = list(self._readers.map(self.store.read_chunk, chunks))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def _read_chunk(self, chunk: int) -> tuple[torch.Tensor, dict]:
+        return self.store.read_chunk(chunk), self.store.read_cond_chunk(chunk)
+
+    def _read_buffer(self, chunks: list[int]) -> tuple[torch.Tensor, dict]:
+        """States ``(rows, K, *sample_shape)`` and conditioning ``{name: (rows, ...)}`` of the buffer's chunks, in
+        buffer order (read concurrently)."""
+        parts = list(self._readers.map(self._read_chunk, chunks))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([states for states, _ in parts]), conditioning.concat([cond for _, cond in parts])
 
     def _buffer(self, epoch: int, buffer: int, background: bool = False) -> Future:
         """The cached (or pending) read of a buffer; read here and now unless ``background``."""
@@ -201,19 +214,21 @@ class StorePairs:
         i = segments[0].i if len(segments) == 1 else torch.cat([seg.i for seg in segments])
         j = target_index(i, self.last, self.seed, step, self.to_end)
         rows = rank_slice(batch_size, rank, world)
-        x_t, x_s = [], []
+        x_t, x_s, conds = [], [], []
         for seg in segments:
             lo, hi = max(seg.first, rows.start), min(seg.first + len(seg.rows), rows.stop)
             if lo < hi:
-                states = self._buffer(seg.epoch, seg.buffer).result()
+                states, cond = self._buffer(seg.epoch, seg.buffer).result()
                 r = seg.rows[lo - seg.first:hi - seg.first]
                 x_t.append(states[r, i[lo:hi]])
                 x_s.append(states[r, j[lo:hi]])
+                conds.append(conditioning.select(cond, r))
         if self._executor is not None:
             self._prefetch_after(segments[-1].epoch, segments[-1].buffer)
         i, j = i[rows], j[rows]
         return {"x_t": x_t[0] if len(x_t) == 1 else torch.cat(x_t), "t": self.grid[i].float(),
-                "x_s": x_s[0] if len(x_s) == 1 else torch.cat(x_s), "s": self.grid[j].float()}
+                "x_s": x_s[0] if len(x_s) == 1 else torch.cat(x_s), "s": self.grid[j].float(),
+                "cond": conditioning.concat(conds)}
 
     def close(self) -> None:
         """Stop the prefetch thread (pending reads are dropped)."""

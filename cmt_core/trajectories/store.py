@@ -3,6 +3,9 @@
 Layout of the group at ``path``::
 
     states      (N, K, *sample_shape)  K = T + 1 solver states, or len(keep_indices); index 0 = noise end
+    cond/<name> (N, *shape)            each trajectory's conditioning (``cmt_core.conditioning``, e.g.
+                                       ``class_labels`` (N, C) float32), chunked and sharded with ``states``;
+                                       absent for an unconditional store (attribute ``cond``: name -> shape)
     grid        (K,) float64           noise levels of the kept states (decreasing)
     seeds       (N,) int64             seed of each trajectory's noise (``rollout.trajectory_seed``)
     shard_done  (num_shards,) uint8    1 once a shard's states are written (one chunk per shard)
@@ -14,10 +17,10 @@ Layout of the group at ``path``::
 
 A chunk of ``states`` holds whole trajectories (all K states) of ``chunk_trajectories`` samples, so a
 training pair (x_{t_i}, x_{t_j}) never needs two chunks; ``shard_chunks`` chunks form one shard file.
-Zarr 3 has no synchronizers: a shard is the unit of writing, and every writer owns whole shards
-(``write_shard``). Every chunk goes through the store's compressor (zstd, blosc-zstd with byte shuffle,
-or none) followed by a crc32c checksum, so a corrupted chunk raises on read instead of returning noise;
-a chunk that is absent reads as NaN (the fill value), which ``verify_store`` also reports.
+Zarr 3 has no synchronizers: a shard is the unit of writing, and every writer owns whole shards (``write_shard``).
+Every chunk goes through the store's compressor (zstd, blosc-zstd with byte shuffle, or none) followed by a crc32c
+checksum, so a corrupted chunk raises on read instead of returning noise; a chunk that is absent reads as NaN (the
+fill value), which ``verify_store`` (``cmt_core.trajectories.verify``) also reports.
 
 Storage dtypes: float32 (exact), float16, bfloat16. Zarr has no bfloat16 data type, so bfloat16 states are
 stored as their raw bits in a uint16 array (attribute ``states_encoding = "bfloat16-bits"``) and converted
@@ -47,7 +50,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -60,7 +62,6 @@ from zarr.experimental.cache_store import CacheStore
 from zarr.storage import FsspecStore, MemoryStore, WrapperStore
 
 from cmt_core.artifacts import package_versions
-from cmt_core.config import StoreConfig
 from cmt_core.object_storage import filesystem, is_url, location, sizes
 
 FORMAT = "cmt-trajectory-store/1"
@@ -138,6 +139,11 @@ class TrajectoryStore:
     def complete(self) -> bool:
         return bool(self.attrs.get("complete", False))
 
+    @property
+    def cond_names(self) -> tuple[str, ...]:
+        """The conditioning entries each trajectory carries (empty: an unconditional store)."""
+        return tuple(self.attrs.get("cond") or {})
+
     def chunk_range(self, chunk: int) -> tuple[int, int]:
         """Trajectories ``[start, stop)`` of chunk ``chunk``."""
         start = chunk * self.chunk_trajectories
@@ -163,6 +169,19 @@ class TrajectoryStore:
                 f"rewrite bad shards.") from err
         return decode_states(raw, self.attrs["dtype"])
 
+    def read_cond_chunk(self, chunk: int) -> dict[str, torch.Tensor]:
+        """The conditioning ``{name: (chunk size, ...)}`` float32 of one chunk's trajectories (``{}`` when
+        unconditional); raises ``CorruptChunkError``."""
+        start, stop = self.chunk_range(chunk)
+        out = {}
+        for name in self.cond_names:
+            try:
+                out[name] = torch.from_numpy(np.ascontiguousarray(self.group[f"cond/{name}"][start:stop]))
+            except Exception as err:  # checksum mismatch, codec errors
+                raise CorruptChunkError(f"{self.path}: cond {name!r} of chunk {chunk} (shard "
+                                        f"{self.shard_of_chunk(chunk)}) cannot be read: {err}") from err
+        return out
+
     def read(self, indices) -> torch.Tensor:
         """States ``(len(indices), K, *sample_shape)`` float32 of the trajectories ``indices`` (any order)."""
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
@@ -174,6 +193,16 @@ class TrajectoryStore:
             rows = (chunks == chunk).nonzero().flatten()
             out[rows] = self.read_chunk(chunk)[idx[rows] - chunk * self.chunk_trajectories]
         return out
+
+    def read_cond(self, indices) -> dict[str, torch.Tensor]:
+        """The conditioning ``{name: (len(indices), ...)}`` of the trajectories ``indices`` (``{}``: unconditional)."""
+        if not self.cond_names:
+            return {}
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        chunks = idx // self.chunk_trajectories
+        parts = {c: self.read_cond_chunk(c) for c in chunks.unique().tolist()}
+        return {name: torch.stack([parts[int(c)][name][int(i) - int(c) * self.chunk_trajectories]
+                                   for c, i in zip(chunks, idx)]) for name in self.cond_names}
 
 
 def encode_states(states: torch.Tensor, dtype: str) -> np.ndarray:
@@ -191,7 +220,7 @@ def decode_states(raw: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(raw).float()
 
 
-def _compressors(cfg: StoreConfig) -> list:
+def _compressors(cfg) -> list:
     codecs = {"zstd": [ZstdCodec(level=cfg.level)],
               "blosc": [BloscCodec(cname="zstd", clevel=min(cfg.level, 9), shuffle="shuffle")],
               "none": []}[cfg.codec]
@@ -199,15 +228,18 @@ def _compressors(cfg: StoreConfig) -> list:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreConfig, attrs: dict | None = None,
-                 seeds: torch.Tensor | None = None) -> TrajectoryStore:
+def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg, attrs: dict | None = None,
+                 seeds: torch.Tensor | None = None, cond_shapes: dict[str, tuple[int, ...]] | None = None
+                 ) -> TrajectoryStore:
     """Create an empty store for ``num`` trajectories; returns it opened for writing.
 
+    ``cfg``: the layout (a ``StoreConfig``: dtype, codec, level, chunk_trajectories, shard_chunks, keep_indices).
     ``grid`` is the solver's full grid ``(T + 1,)``; the store keeps ``grid[cfg.keep_indices]``. ``attrs``
     is the caller's provenance (teacher id, solver config, seed, ...); ``seeds`` ``(num,)`` are the producer's
-    per-trajectory noise seeds, stored as ``seeds``. The group is built in a temporary folder and moved into place
-    (renamed; at a URL: uploaded with the root ``zarr.json`` last, put only if absent), so ``path`` either does
-    not exist or is a whole empty store.
+    per-trajectory noise seeds, stored as ``seeds``; ``cond_shapes`` names each conditioning entry a trajectory
+    carries and its shape (``{"class_labels": (C,)}``; None or empty: unconditional). The group is built in a
+    temporary folder and moved into place (renamed; at a URL: uploaded with the root ``zarr.json`` last, put only if
+    absent), so ``path`` either does not exist or is a whole empty store.
     """
     if store_exists(path):
         raise FileExistsError(f"{path} already exists; open it with open_store(path, partial=True) to resume")
@@ -232,6 +264,11 @@ def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreCon
                        chunks=(cfg.chunk_trajectories, kept, *sample_shape), shards=(shard_traj, kept, *sample_shape),
                        compressors=_compressors(cfg), fill_value=_BF16_NAN_BITS if bf16 else np.nan,
                        dimension_names=("trajectory", "time", *[f"d{k}" for k in range(len(sample_shape))]))
+    cond_shapes = {name: [int(d) for d in shape] for name, shape in (cond_shapes or {}).items()}
+    for name, shape in cond_shapes.items():  # float32, sharded as the states: a shard's writer owns both
+        group.create_array(f"cond/{name}", shape=(num, *shape), dtype="float32",
+                           chunks=(cfg.chunk_trajectories, *shape), shards=(shard_traj, *shape),
+                           compressors=_compressors(cfg), fill_value=np.nan)
     group.create_array("grid", data=grid[keep].numpy(), compressors=[Crc32cCodec()])
     if seeds is not None:
         group.create_array("seeds", data=torch.as_tensor(seeds, dtype=torch.int64).numpy(),
@@ -255,6 +292,7 @@ def create_store(path, num: int, sample_shape, grid: torch.Tensor, cfg: StoreCon
         "chunk_trajectories": cfg.chunk_trajectories,
         "shard_chunks": cfg.shard_chunks,
         "num_shards": num_shards,
+        "cond": cond_shapes,
         "versions": package_versions(("cmt", "torch", "zarr", "numcodecs", "numpy")),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "complete": False,
@@ -291,12 +329,12 @@ def store_exists(path) -> bool:
     return (Path(path) / "zarr.json").exists()
 
 
-def write_shard(store, shard_index: int, states: torch.Tensor) -> None:
-    """Write shard ``shard_index`` whole, then mark it done.
+def write_shard(store, shard_index: int, states: torch.Tensor, cond: dict | None = None) -> None:
+    """Write shard ``shard_index`` whole (its states and its trajectories' conditioning), then mark it done.
 
     ``states``: ``(shard size, T + 1, *sample_shape)`` solver trajectories (the store applies its
-    ``keep_indices``) or ``(shard size, K, ...)`` already reduced. The caller must own the shard: two
-    writers of one shard lose data silently in zarr 3.
+    ``keep_indices``) or ``(shard size, K, ...)`` already reduced; ``cond``: ``(shard size, ...)`` per entry the
+    store was created with. The caller must own the shard: two writers of one shard lose data silently in zarr 3.
     """
     store = store if isinstance(store, TrajectoryStore) else open_store(store, partial=True)
     if not 0 <= shard_index < store.num_shards:
@@ -308,8 +346,17 @@ def write_shard(store, shard_index: int, states: torch.Tensor) -> None:
     expected = (stop - start, *store.states.shape[1:])
     if tuple(states.shape) != expected:
         raise ValueError(f"shard {shard_index} needs states of shape {expected}, got {tuple(states.shape)}")
+    cond = dict(cond or {})
+    if set(cond) != set(store.cond_names):
+        raise ValueError(f"shard {shard_index} needs the conditioning {sorted(store.cond_names)}, got {sorted(cond)}")
     # Every written chunk holds data: skip zarr's comparison of each chunk with the fill value.
     store.states.with_config({"write_empty_chunks": True})[start:stop] = encode_states(states, store.attrs["dtype"])
+    for name, values in cond.items():
+        array = store.group[f"cond/{name}"]
+        if tuple(values.shape) != (stop - start, *array.shape[1:]):
+            raise ValueError(f"shard {shard_index} needs cond {name!r} of shape {(stop - start, *array.shape[1:])}, "
+                             f"got {tuple(values.shape)}")
+        array.with_config({"write_empty_chunks": True})[start:stop] = values.float().cpu().numpy()
     store.group["shard_done"][shard_index] = 1
 
 
@@ -429,60 +476,3 @@ def open_store(path, partial: bool = False, cache_bytes: int = REMOTE_CACHE_BYTE
                         "more rollout.store.chunk_trajectories, or give the loader more cache_bytes.",
                         path, cache_bytes / 1e6, chunk / 1e3)
     return store
-
-
-@dataclass
-class VerifyReport:
-    path: str
-    complete: bool
-    num_shards: int = 0
-    num_chunks: int = 0
-    missing_shards: list[int] = field(default_factory=list)
-    bad_chunks: list[dict] = field(default_factory=list)  # {"chunk", "shard", "error"}
-    error: str | None = None  # the store could not be opened at all
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.complete and not self.missing_shards and not self.bad_chunks
-
-    @property
-    def bad_shards(self) -> list[int]:
-        return sorted({b["shard"] for b in self.bad_chunks})
-
-    def summary(self) -> str:
-        if self.error:
-            return f"{self.path}: BAD - {self.error}"
-        lines = [f"{self.path}: {'OK' if self.ok else 'BAD'} - {self.num_chunks} chunks in {self.num_shards} shards, "
-                 f"complete={self.complete}"]
-        if self.missing_shards:
-            lines.append(f"  missing shards ({len(self.missing_shards)}): {self.missing_shards[:20]}")
-        for bad in self.bad_chunks[:20]:
-            lines.append(f"  bad chunk {bad['chunk']} (shard {bad['shard']}): {bad['error']}")
-        if self.bad_chunks:
-            lines.append(f"  bad shards: {self.bad_shards}; `cmt store verify --repair {self.path}` recomputes "
-                         f"them from their seeds")
-        return "\n".join(lines)
-
-
-def verify_store(path) -> VerifyReport:
-    """Check completeness and read every written chunk (checksums, and NaN where a chunk is absent)."""
-    try:
-        store = open_store(path, partial=True)
-    except Exception as err:  # unreadable metadata is a finding, not a crash
-        return VerifyReport(str(path), False, error=f"{type(err).__name__}: {err}")
-    missing = missing_shards(store)
-    report = VerifyReport(str(path), store.complete, store.num_shards, store.num_chunks, missing)
-    skip = set(missing)
-    for chunk in range(store.num_chunks):
-        shard = store.shard_of_chunk(chunk)
-        if shard in skip:
-            continue
-        try:
-            values = store.read_chunk(chunk)
-        except CorruptChunkError as err:
-            report.bad_chunks.append({"chunk": chunk, "shard": shard, "error": str(err.__cause__ or err)})
-            continue
-        if not torch.isfinite(values).all():
-            report.bad_chunks.append({"chunk": chunk, "shard": shard,
-                                      "error": "non-finite values (chunk absent or bad data)"})
-    return report
