@@ -54,6 +54,7 @@ def summary(values: list[float]) -> dict:
 def run_preset(preset: str, seeds: int, workers: int, root: Path) -> dict:
     from cmt_core.comparison import SEED_FIELDS, run_jobs
     from cmt_core.data import load_data
+    from cmt_core.preflight import preflight
     from cmt_core.presets import get_preset
     from cmt_core.stages import plan
     from cmt_core.trajectories.store import sizing
@@ -61,6 +62,9 @@ def run_preset(preset: str, seeds: int, workers: int, root: Path) -> dict:
     table = variants(preset)
     configs = {(a, v, s): get_preset(preset, [*sets, *(f"{f}={s}" for f in SEED_FIELDS)], artifact_root=root)
                for a, vs in table.items() for v, sets in vs.items() for s in range(seeds)}
+    for cfg in configs.values():  # every variant's inputs, before any runs
+        resolved = plan(cfg)
+        preflight(resolved, resolved.needed(("evaluation",)))
     # teachers and rollouts first (shared by many variants: never two processes on one artifact)
     run_jobs(list({plan(c).ids["rollouts"]: (c, ("rollouts",)) for c in configs.values()}.values()), workers, print)
     results = dict(zip(configs, run_jobs([(c, ("evaluation",)) for c in configs.values()], workers, print)))

@@ -72,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 from cmt_core.artifacts import package_versions  # noqa: E402
 from cmt_core.config import StoreConfig, TrainConfig  # noqa: E402
 from cmt_core.data.datasets import TensorDataset  # noqa: E402
-from cmt_core.data.sources import DatasetSource  # noqa: E402
+from cmt_core.data.sources import DatasetSource, move_batch  # noqa: E402
 from cmt_core.ema import EMA  # noqa: E402
 from cmt_core.evaluation.features import extract_features  # noqa: E402
 from cmt_core.evaluation.inception import InceptionFeatures, pytorch_fid_inception_architecture  # noqa: E402
@@ -265,9 +265,11 @@ class DropoutProbe(StepRandom):
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """``move_batch``, with image tensors in channels-last memory format when asked."""
+    out = move_batch(batch, device)
     if channels_last:
-        out = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in out.items()}
+        out = {k: v.contiguous(memory_format=torch.channels_last) if k != "cond" and v.ndim == 4 else v
+               for k, v in out.items()}
     return out
 
 
@@ -279,7 +281,7 @@ class Bench:
         self.cuda = device.type == "cuda"
         solver = self.cfg.rollout.solver
         self.sigma_min, self.sigma_max = solver.sigma_min, solver.sigma_max
-        net = self.cfg.network
+        net = self.cfg.network.model_dump(mode="json")
         torch.manual_seed(0)  # every random weight of the run from a seed: identical runs compute identical losses
         base = {"denoiser": build_model("denoiser", net, SAMPLE_SHAPE),
                 "teacher": build_model("denoiser", net, SAMPLE_SHAPE, preconditioning={"name": "vp"}),

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from cmt_core.comparison import CompareConfig, arm_config, run_comparison
 from cmt_core.config import load_yaml
 from cmt_core.engine import compute_stage
 from cmt_core.errors import InputFileError, PreflightError, StageError
@@ -199,8 +200,6 @@ def print_config(cfg) -> None:
 
 
 def _compare(args) -> int:
-    from cmt_core.comparison import CompareConfig, arm_config, run_comparison
-
     try:
         cc = CompareConfig(preset=args.preset, methods=args.methods, inits=args.inits, seeds=args.seeds,
                            posttrain_steps=args.posttrain_steps, eval_every=args.eval_every, overrides=args.set,
@@ -275,21 +274,23 @@ def main(argv: list[str] | None = None) -> int:
     store.add_argument("--repair", action="store_true", help="recompute bad or missing shards from their seeds "
                        "(the store of a rollouts artifact), then verify again")
     compare = sub.add_parser("compare", help="post-train from CMT, teacher and random weights and compare")
-    compare.add_argument("--preset", default="toy", choices=sorted(PRESETS))
-    compare.add_argument("--methods", nargs="+", default=["ect", "meanflow"], choices=names("posttrain"),
+    defaults = {name: field.default for name, field in CompareConfig.model_fields.items()}
+    compare.add_argument("--preset", default=defaults["preset"], choices=sorted(PRESETS))
+    compare.add_argument("--methods", nargs="+", default=list(defaults["methods"]), choices=names("posttrain"),
                          help="post-training methods: each arm's preset is <preset>-<method> when that preset "
                          "exists, else <preset>")
-    compare.add_argument("--inits", nargs="+", default=["cmt", "teacher", "random"])
-    compare.add_argument("--seeds", type=int, default=3)
+    compare.add_argument("--inits", nargs="+", default=list(defaults["inits"]))
+    compare.add_argument("--seeds", type=int, default=defaults["seeds"])
     compare.add_argument("--posttrain-steps", type=int, help="post-training steps of every arm (default: preset's)")
     compare.add_argument("--eval-every", type=int, help="evaluation cadence of every arm (default: preset's)")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every arm")
     compare.add_argument("--baseline-set", action="append", metavar="KEY=VALUE",
                          help="override for the teacher- and random-initialised arms only, repeatable (default: "
                          "posttrain.ect.start_stage=0, ECT's schedule from its first stage)")
-    compare.add_argument("--workers", type=int, default=1, help="processes running independent arms at once")
-    compare.add_argument("--artifact-root", default="artifacts")
-    compare.add_argument("--out", default="benchmarks/results", help="folder of the tables, plots and JSON")
+    compare.add_argument("--workers", type=int, default=defaults["workers"],
+                         help="processes running independent arms at once")
+    compare.add_argument("--artifact-root", default=defaults["artifact_root"])
+    compare.add_argument("--out", default=defaults["out_dir"], help="folder of the tables, plots and JSON")
     compare.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too")
     args = parser.parse_args(argv)
 

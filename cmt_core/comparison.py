@@ -51,7 +51,7 @@ from cmt_core.checkpoint import read_training_log
 from cmt_core.config import PipelineConfig, StrictModel, registered
 from cmt_core.engine import StageResult
 from cmt_core.methods import get_method
-from cmt_core.pipeline import run_pipeline
+from cmt_core.pipeline import compute_targets
 from cmt_core.preflight import preflight
 from cmt_core.presets import PRESETS, get_preset
 from cmt_core.solvers import function_evaluations
@@ -118,7 +118,8 @@ def arm_config(cc: CompareConfig, method: str, init: str, seed: int) -> Pipeline
 
 
 def _run_job(cfg_json: str, targets: tuple[str, ...]) -> dict[str, StageResult]:
-    return run_pipeline(PipelineConfig.model_validate_json(cfg_json), targets=targets)
+    """One arm's stages in a worker process (``run_comparison`` checked every arm's inputs before any ran)."""
+    return compute_targets(plan(PipelineConfig.model_validate_json(cfg_json)), targets)
 
 
 def _pin_gpu(slots, gpus: int) -> None:
@@ -129,15 +130,15 @@ def _pin_gpu(slots, gpus: int) -> None:
 
 def run_jobs(jobs: list[tuple[PipelineConfig, tuple[str, ...]]], workers: int,
              report: Callable[[str], None] = log.info) -> list[dict[str, StageResult]]:
-    """Run pipeline jobs (config, target stages), ``workers`` at a time; their results in order. With several
-    GPUs, each worker process uses one of them (``CUDA_VISIBLE_DEVICES``)."""
+    """Run pipeline jobs (config, target stages) whose inputs were checked, ``workers`` at a time; their results in
+    order. With several GPUs, each worker process uses one of them (``CUDA_VISIBLE_DEVICES``)."""
     def describe(cfg: PipelineConfig, targets) -> str:
         return f"{cfg.preset} init={cfg.posttrain.init} seed={cfg.posttrain.train.seed} -> {targets[-1]}"
 
     if workers == 1 or len(jobs) == 1:
         out = []
         for cfg, targets in jobs:
-            out.append(run_pipeline(cfg, targets=targets))
+            out.append(compute_targets(plan(cfg), targets))
             report(f"done: {describe(cfg, targets)}")
         return out
     ctx, workers = multiprocessing.get_context("spawn"), min(workers, len(jobs))

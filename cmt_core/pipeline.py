@@ -8,8 +8,8 @@
     run_stage(cfg, "midtrain")             # one stage (its inputs must be complete)
 
 Both are entry points: they check their inputs (``cmt_core.preflight``) before anything runs. Orchestrators that
-check once for many stages (the command line, the Prefect flows) call ``cmt_core.engine.compute_stage`` on the
-plan they made.
+check once for many runs or stages (the command line, the Prefect flows, the comparison) compute on the plan they
+checked (``compute_targets``, ``cmt_core.engine.compute_stage``).
 """
 
 from __future__ import annotations
@@ -30,11 +30,17 @@ def run_stage(cfg, stage: str, runtime: Runtime | None = None, progress: Progres
     return compute_stage(resolved, stage, runtime, progress)
 
 
+def compute_targets(resolved: Plan, targets, runtime: Runtime | None = None) -> dict[str, StageResult]:
+    """``targets`` and the stages they need, in order, on a plan whose inputs were checked; complete artifacts are
+    reused."""
+    cfg = resolved.cfg
+    runtime = runtime or Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
+    return {stage: compute_stage(resolved, stage, runtime) for stage in resolved.needed(targets)}
+
+
 def run_pipeline(cfg, runtime: Runtime | None = None, targets=tuple(STAGES)) -> dict[str, StageResult]:
     """``targets`` and the stages they need, in order; complete artifacts are reused. Every file the stages
     to compute read is checked (``preflight``) before the first one starts."""
     resolved = plan(cfg)
-    needed = resolved.needed(targets)
-    preflight(resolved, needed)
-    runtime = runtime or Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
-    return {stage: compute_stage(resolved, stage, runtime) for stage in needed}
+    preflight(resolved, resolved.needed(targets))
+    return compute_targets(resolved, targets, runtime)

@@ -202,7 +202,7 @@ def _posttrain(ctx: StageContext) -> dict:
     if "teacher" in method.needs:
         teacher = _teacher_of(c, data, ctx.input("teacher")).to(runtime.device).eval()
     midtrained = None
-    if p.init == "cmt":  # a frozen copy of the mid-trained model, loaded if the method asks for it
+    if p.init == "cmt" and "midtrained" in method.needs:  # a frozen copy, loaded if the loss asks for it
         midtrained = lambda: load_model(ctx.input("midtrain") / MODEL_FILE).to(runtime.device)
     loss = method.build_loss(c, _loss_inputs(ctx, data, teacher=teacher, midtrained=midtrained))
     return _train_few_step(ctx, data, model, method, loss, _batches(method, ctx, data, p.train.seed), p.train,
@@ -237,9 +237,8 @@ def _evaluation(ctx: StageContext) -> dict:
     trained = [ScoredModel("CMT (mid-trained)", "midtrain", mid.sampler, *kept("midtrain")),
                ScoredModel(f"{post.name.upper()} from {c.posttrain.init}", "posttrain", post.sampler,
                            *kept("posttrain"))]
-    curves = {s: read_training_log(ctx.input(s)) for s in ("teacher", "midtrain", "posttrain")}
-    seconds = {s: (read_manifest(ctx.input(s)) or {}).get("seconds") for s in ("teacher", "rollouts", "midtrain",
-                                                                                "posttrain")}
+    curves = {s: read_training_log(ctx.input(s)) for s in TRAINING_STAGES}
+    seconds = {s: (read_manifest(folder) or {}).get("seconds") for s, folder in ctx.inputs.items()}
     return results_table(ctx.path, scorers, teacher, solver, baseline, trained, curves,
                          {"preset": c.preset, "device": str(runtime.device)}, seconds)
 

@@ -73,6 +73,24 @@ def test_imports_form_a_dag_that_points_from_orchestration_to_the_method():
         visit(name, [])
 
 
+# the code a config configures: it takes plain values and never imports a config type
+CONFIGURED = ("cmt_core.objectives", "cmt_core.networks", "cmt_core.models", "cmt_core.preconditioning",
+              "cmt_core.samplers", "cmt_core.solvers", "cmt_core.training", "cmt_core.data", "cmt_core.trajectories",
+              "cmt_core.evaluation", "cmt_core.teachers", "cmt_core.encoders", "cmt_core.conditioning",
+              "cmt_core.methods", "cmt_core.engine")
+
+
+def test_the_config_sits_above_the_code_it_configures():
+    modules = all_modules()
+    for name, path in modules.items():
+        if name.startswith(CONFIGURED):
+            assert "cmt_core.config" not in imports(path, modules)[0], f"{name} imports the config schema"
+    below = imports(modules["cmt_core.config"], modules)[0]
+    assert not {m for m in below if m.startswith(("cmt_core.objectives", "cmt_core.networks", "cmt_core.training",
+                                                  "cmt_core.preconditioning", "cmt_core.models"))}
+    assert "cmt_core.methods" in below  # its choices and rules come from the method registry
+
+
 def test_the_library_imports_no_optional_extra_at_module_level():
     modules = all_modules()
     for name, path in modules.items():

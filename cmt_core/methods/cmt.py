@@ -46,8 +46,7 @@ def _rules(cfg) -> None:
                          f"data.name={data.name!r} at data.resolution={data.resolution}")
 
 
-for _form, _kind, _batches, _label in (("cm", "consistency", "trajectory_ends", "CMT"),
-                                       ("mf", "flow_map", "trajectory_pairs", "CMT (Mean Flow form)"),
-                                       ("flow_map", "flow_map", "trajectory_pairs", "CMT (flow map)")):
-    register(Method(_form, stage="midtrain", kind=_kind, label=_label, section="midtrain", build_loss=_loss(_form),
+for _form, _kind, _batches in (("cm", "consistency", "trajectory_ends"), ("mf", "flow_map", "trajectory_pairs"),
+                               ("flow_map", "flow_map", "trajectory_pairs")):
+    register(Method(_form, stage="midtrain", kind=_kind, section="midtrain", build_loss=_loss(_form),
                     nfe=lambda cfg: 1, batches=_batches, sampler=_kind, rules=_rules))

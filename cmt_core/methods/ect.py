@@ -41,9 +41,9 @@ def _rules(cfg) -> None:
                          "set it to 0")
 
 
-ECT = register(Method("ect", stage="posttrain", kind="consistency", label="ECT", section="posttrain.ect",
+ECT = register(Method("ect", stage="posttrain", kind="consistency", section="posttrain.ect",
                       build_loss=_loss(False), nfe=_nfe(False), sampler="consistency", needs=("midtrained",),
                       rules=_rules))
-ECD = register(Method("ecd", stage="posttrain", kind="consistency", label="ECD", section="posttrain.ect",
+ECD = register(Method("ecd", stage="posttrain", kind="consistency", section="posttrain.ect",
                       build_loss=_loss(True), nfe=_nfe(True), sampler="consistency", needs=("teacher", "midtrained"),
                       rules=_rules))

@@ -9,5 +9,5 @@ def _loss(cfg, inputs):
     return EDMLoss(cfg.teacher.p_mean, cfg.teacher.p_std, inputs.sigma_data)
 
 
-EDM = register(Method("edm", stage="teacher", kind="denoiser", label="EDM", section="teacher", build_loss=_loss,
+EDM = register(Method("edm", stage="teacher", kind="denoiser", section="teacher", build_loss=_loss,
                       nfe=lambda cfg: 1))

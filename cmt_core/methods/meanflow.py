@@ -11,5 +11,5 @@ def _loss(cfg, inputs):
                         equal_fraction=m.equal_fraction, adaptive_p=m.adaptive_p, norm_eps=m.norm_eps, time=m.time)
 
 
-MEANFLOW = register(Method("meanflow", stage="posttrain", kind="flow_map", label="Mean Flow",
+MEANFLOW = register(Method("meanflow", stage="posttrain", kind="flow_map",
                            section="posttrain.meanflow", build_loss=_loss, nfe=lambda cfg: 2, sampler="flow_map"))

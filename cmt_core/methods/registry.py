@@ -50,7 +50,6 @@ class Method:
     name: str  # the config value that selects it (``midtrain.form``, ``posttrain.method``; ``edm``: the teacher)
     stage: str  # one of ``STAGES``
     kind: str  # the model kind it trains, one of ``KINDS``
-    label: str  # how tables and reports name it, e.g. "ECT"
     section: str | None  # the dotted config section of its hyper-parameters (part of its stage's identity)
     build_loss: Callable[[Any, LossInputs], Any]  # (config, inputs) -> objective(model, batch, rng) -> (B,)
     nfe: Callable[[Any], int]  # forward network evaluations per training sample, from the pipeline config
