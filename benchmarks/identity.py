@@ -4,7 +4,7 @@ A restructuring that changes no behaviour must leave every weight, checkpoint, s
 Artifact ids may change (``FORMAT_VERSION``), so artifacts are paired by preset and stage (one root per preset
 holds one artifact per stage), not by id.
 
-    # the presets with the code of one checkout (run it with the checkout's own Python path first):
+    # the presets with the code of one checkout (its folder first on the Python path), two roots side by side:
     PYTHONPATH=/tmp/before .venv/bin/python benchmarks/identity.py run --root /tmp/identity/before
     .venv/bin/python benchmarks/identity.py run --root /tmp/identity/after
     .venv/bin/python benchmarks/identity.py compare /tmp/identity/before /tmp/identity/after
@@ -16,7 +16,10 @@ What ``compare`` reads, per stage folder (manifests, lock files and logs aside):
   bit for bit (dtype, shape, values), every plain value equal; keys only one side has are listed (a new field);
 * ``metrics.jsonl`` (training logs), ``metrics.json`` and the manifest's metrics without their wall-clock fields
   (``seconds``, ``eval_seconds``, ...), which no two runs share;
-* a zarr ``zarr.json`` without the store's timestamps, run records and package versions.
+* a zarr ``zarr.json`` without the store's timestamps, run records and package versions;
+* the report (``report.md``) without the items of its ``seconds`` list;
+
+paths under the two artifact roots are compared with the root left out (a feature cache's path).
 
 It prints one line per stage and exits 1 when anything but those timings differs. Writes
 ``benchmarks/results/identity.json`` with ``compare --out``.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -58,8 +62,8 @@ def run(root: Path, presets) -> None:
         started = time.perf_counter()
         command = [sys.executable, "-m", "cmt_core.cli", "run", "--preset", preset, "--artifact-root",
                    str(root / preset)]
-        if preset.startswith("cifar10"):
-            command += ["--set", f"data.path={fake_cifar10(root / '_data')}"]
+        if preset.startswith("cifar10"):  # beside the root: the same path (and so the same ids) for every run
+            command += ["--set", f"data.path={fake_cifar10(root.parent / 'identity-data')}"]
         done = subprocess.run(command, capture_output=True, text=True)
         print(f"{preset}: exit {done.returncode} in {time.perf_counter() - started:.0f}s", flush=True)
         if done.returncode:
@@ -67,12 +71,20 @@ def run(root: Path, presets) -> None:
             raise SystemExit(1)
 
 
-def without_timing(value):
+def without_timing(value, root: str = ""):
+    """``value`` without its wall-clock fields, and with ``root`` (an artifact root) left out of its strings."""
     if isinstance(value, dict):
-        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+        return {k: without_timing(v, root) for k, v in value.items() if k not in TIMING_KEYS}
     if isinstance(value, list):
-        return [without_timing(v) for v in value]
+        return [without_timing(v, root) for v in value]
+    if isinstance(value, str) and root:
+        return value.replace(root, "<root>")
     return value
+
+
+def report_text(path: Path, root: str) -> str:
+    """A report without the items of its ``- seconds:`` list, ``root`` left out."""
+    return re.sub(r"^- seconds:\n(?:  - .*\n)*", "", path.read_text(), flags=re.M).replace(root, "<root>")
 
 
 def compare_values(a, b, where: str, problems: list[str], added: list[str]) -> None:
@@ -97,7 +109,7 @@ def compare_values(a, b, where: str, problems: list[str], added: list[str]) -> N
         problems.append(f"{where}: {str(a)[:80]} != {str(b)[:80]}")
 
 
-def compare_file(a: Path, b: Path, rel: str, problems: list[str], added: list[str]) -> str:
+def compare_file(a: Path, b: Path, rel: str, roots: tuple[str, str], problems: list[str], added: list[str]) -> str:
     """'bytes' (identical), 'values' (same content, other bytes) or 'differs'."""
     if a.read_bytes() == b.read_bytes():
         return "bytes"
@@ -107,17 +119,20 @@ def compare_file(a: Path, b: Path, rel: str, problems: list[str], added: list[st
 
         compare_values(torch.load(a, weights_only=True), torch.load(b, weights_only=True), rel, problems, added)
     elif a.name == "metrics.jsonl":
-        rows = [[without_timing(json.loads(line)) for line in p.read_text().splitlines()] for p in (a, b)]
+        rows = [[without_timing(json.loads(line), root) for line in p.read_text().splitlines()]
+                for p, root in zip((a, b), roots)]
         compare_values(rows[0], rows[1], rel, problems, added)
     elif a.suffix == ".json":
-        compare_values(without_timing(json.loads(a.read_text())), without_timing(json.loads(b.read_text())), rel,
+        compare_values(*(without_timing(json.loads(p.read_text()), root) for p, root in zip((a, b), roots)), rel,
                        problems, added)
+    elif a.name == "report.md" and report_text(a, roots[0]) == report_text(b, roots[1]):
+        pass
     else:
         problems.append(f"{rel}: bytes differ")
     return "values" if len(problems) == before else "differs"
 
 
-def compare_stage(a: Path, b: Path) -> dict:
+def compare_stage(a: Path, b: Path, roots: tuple[str, str]) -> dict:
     files_a = {p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file()}
     files_b = {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()}
     problems, added, counts = [], [], {"bytes": 0, "values": 0, "differs": 0}
@@ -126,8 +141,9 @@ def compare_stage(a: Path, b: Path) -> dict:
     for rel in sorted(files_a & files_b):
         if Path(rel).name in SKIPPED:
             continue
-        counts[compare_file(a / rel, b / rel, rel, problems, added)] += 1
-    metrics = [without_timing(json.loads((p / "manifest.json").read_text())["metrics"]) for p in (a, b)]
+        counts[compare_file(a / rel, b / rel, rel, roots, problems, added)] += 1
+    metrics = [without_timing(json.loads((p / "manifest.json").read_text())["metrics"], root)
+               for p, root in zip((a, b), roots)]
     compare_values(metrics[0], metrics[1], "manifest.metrics", problems, added)
     return {"files": counts, "problems": problems, "only_one_side": added}
 
@@ -143,8 +159,9 @@ def compare(before: Path, after: Path, presets) -> dict:
                 out[f"{preset}/{stage}"] = {"problems": [f"expected one artifact each, found {len(folders[0])} "
                                                          f"and {len(folders[1])}"]}
                 continue
+            roots = (str(before / preset), str(after / preset))
             out[f"{preset}/{stage}"] = {"ids": [folders[0][0].name, folders[1][0].name],
-                                        **compare_stage(folders[0][0], folders[1][0])}
+                                        **compare_stage(folders[0][0], folders[1][0], roots)}
     return out
 
 
