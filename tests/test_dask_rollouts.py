@@ -31,9 +31,9 @@ def gmm_teacher():
 def slow_gmm_teacher(delay: float):
     gmm = GaussianMixture()
 
-    def denoise(x, t):
+    def denoise(x, t, cond=None):
         time.sleep(delay)
-        return gmm.denoise(x, t)
+        return gmm.denoise(x, t, cond)
     return denoise
 
 
