@@ -57,7 +57,7 @@ def run_preset(preset: str, seeds: int, workers: int, root: Path) -> dict:
     from cmt_core.preflight import preflight
     from cmt_core.presets import get_preset
     from cmt_core.stages import plan
-    from cmt_core.trajectories.store import sizing
+    from cmt_core.trajectories.layout import sizing
 
     table = variants(preset)
     configs = {(a, v, s): get_preset(preset, [*sets, *(f"{f}={s}" for f in SEED_FIELDS)], artifact_root=root)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -39,6 +40,8 @@ FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 STORE_DIR = "store.zarr"  # the trajectory store: recorded by size only, its chunks carry their own checksums
 MODEL_FILE = "model.pt"  # a teacher's or training stage's model (``cmt_core.models.save_model``)
+# the folders an artifact root holds beside the stages' own: run logs, feature statistics, Prefect's results
+LOGS_DIR, FEATURES_DIR, RESULTS_DIR = "logs", "features", "prefect-results"
 LOCK_SUFFIX = ".lock"
 PACKAGES = ("torch", "zarr", "dask", "numcodecs", "prefect", "pydantic", "clean-fid", "numpy")
 
@@ -54,12 +57,68 @@ def artifact_dir(root: Path, stage: str, aid: str) -> Path:
     return Path(root) / stage / aid
 
 
+MAX_MANIFEST_FILES = 1_000_000  # files one manifest may record (a store of 2.4M trajectories has a few thousand)
+
+
+class ManifestError(ValueError):
+    """A manifest that is there but cannot be trusted (not JSON, or not of the manifest's shape); the message names
+    the file and the field. The artifact is not complete: it is recomputed."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _file_record_problem(rel, record) -> str | None:
+    parts = rel.split("/") if isinstance(rel, str) else None
+    if not parts or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        return f"files: {str(rel)[:80]!r} is not a path inside the artifact"
+    if not isinstance(record, dict) or not _is_int(record.get("bytes")) or record["bytes"] < 0:
+        return f"files[{rel!r}].bytes must be a non-negative integer"
+    digest = record.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        return f"files[{rel!r}].sha256 must be 64 hexadecimal digits"
+    return None
+
+
+def manifest_problem(manifest) -> str | None:
+    """What makes ``manifest`` (parsed JSON) not a manifest of the shape ``write_manifest`` writes, naming the
+    field; None when it is one. Files are bounded in number and must lie inside the artifact."""
+    if not isinstance(manifest, dict):
+        return f"holds a JSON {type(manifest).__name__}, not an object"
+    for field, kinds in (("stage", str), ("artifact_id", str), ("config", dict), ("inputs", dict),
+                         ("metrics", dict)):
+        if not isinstance(manifest.get(field), kinds):
+            return f"{field} must be a JSON {'string' if kinds is str else 'object'}"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["inputs"].items()):
+        return "inputs must map stage names to artifact ids"
+    seconds = manifest.get("seconds")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))):
+        return "seconds must be a number"
+    files = manifest.get("files", {})  # older formats have no file list
+    if not isinstance(files, dict) or len(files) > MAX_MANIFEST_FILES:
+        return f"files must be an object of at most {MAX_MANIFEST_FILES} records"
+    return next((p for p in (_file_record_problem(rel, rec) for rel, rec in files.items()) if p), None)
+
+
 def read_manifest(path: Path) -> dict | None:
-    """The manifest of a complete artifact, or None when the artifact is absent or incomplete."""
+    """The manifest of a complete artifact, or None when the artifact is absent or incomplete (no manifest);
+    ``ManifestError`` when one is there but is not JSON or not of a manifest's shape (``manifest_problem``)."""
+    file = Path(path) / MANIFEST
     try:
-        return json.loads((Path(path) / MANIFEST).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        text = file.read_text()
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except (OSError, UnicodeDecodeError) as err:  # a loop of links, a FIFO in its place, a damaged file
+        raise ManifestError(f"{file} cannot be read: {type(err).__name__}") from None
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise ManifestError(f"{file} is not JSON") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ManifestError(f"{file}: {problem}")
+    return manifest
 
 
 def _fsync_dir(folder: Path) -> None:

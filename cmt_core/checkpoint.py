@@ -96,8 +96,10 @@ class CheckpointIO:
     ``CheckpointIO(model=model, ema=ema.model, optimizer=opt)`` registers the stateful objects;
     ``save(path, step=..., best=...)`` writes their state dicts and the plain values under the same names,
     keeping the checkpoint it replaces as ``previous(path)``; ``load(path)`` restores the objects in place
-    and returns the plain values (``None`` without a file). A file that cannot be read or lacks a registered
-    field is named in a warning and the previous checkpoint is loaded instead; when neither is usable the
+    and returns the plain values (``None`` without a file); ``check(values) -> problem | None`` vets the plain values
+    first (a checkpoint's fields are read from a file anyone may have edited). A file that cannot be read, lacks a
+    registered field or whose values ``check`` refuses is named in a warning and the previous checkpoint is loaded
+    instead; when neither is usable the
     bad files are renamed ``*.corrupt`` (kept for inspection) and the run starts over (``None``).
     """
 
@@ -118,25 +120,31 @@ class CheckpointIO:
 
         publish(path, write)
 
-    def _restore(self, path: Path, map_location) -> dict:
+    def _restore(self, path: Path, map_location, check) -> dict:
         blob = _interned(load_file(path, map_location))
+        if not isinstance(blob, dict):
+            raise CheckpointError(f"{path} holds a {type(blob).__name__}, not a checkpoint's fields")
         missing = set(self.stateful) - set(blob)
         if missing:
             raise CheckpointError(f"{path} lacks the checkpoint fields {sorted(missing)}")
+        values = {k: v for k, v in blob.items() if k not in self.stateful}
+        problem = check(values) if check is not None else None
+        if problem:  # before any state is loaded: a checkpoint refused leaves the model as it was
+            raise CheckpointError(f"{path}: {problem}")
         try:
             for name, obj in self.stateful.items():
                 obj.load_state_dict(blob[name])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{path} does not fit this run's model or optimizer: {err}") from err
-        return {k: v for k, v in blob.items() if k not in self.stateful}
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{path} does not fit this run's model or optimizer: {str(err)[:300]}") from err
+        return values
 
-    def load(self, path: Path, map_location="cpu") -> dict | None:
+    def load(self, path: Path, map_location="cpu", check=None) -> dict | None:
         bad = []
         for candidate in (Path(path), previous(path)):
             if not candidate.exists():
                 continue
             try:
-                values = self._restore(candidate, map_location)
+                values = self._restore(candidate, map_location, check)
             except CheckpointError as err:
                 log.warning("%s; trying the previous checkpoint", err)
                 bad.append(candidate)
@@ -157,21 +165,25 @@ def read_training_log(path: Path, after: int = -1, up_to: float = float("inf")) 
     """Rows of a ``metrics.jsonl`` training log with ``after < step <= up_to``.
 
     ``path`` is the log file or a folder holding ``train/metrics.jsonl`` (a training stage's artifact).
-    A missing log gives ``[]``; a line still being written (not valid JSON yet) is skipped.
+    A missing log gives ``[]``; a line still being written (not valid JSON yet), or one that is not a row with an
+    integer step, is skipped.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "train" / LOG_FILE
+    if not path.is_file():  # absent (or something else where a log should be: never read)
+        return []
     try:
         lines = path.read_text().splitlines()
-    except FileNotFoundError:
+    except (OSError, UnicodeDecodeError):
         return []
     rows = []
     for line in lines:
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
-        if after < row.get("step", -1) <= up_to:
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and after < step <= up_to:
             rows.append(row)
     return rows

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import yaml
 
+from cmt_core.artifacts import LOGS_DIR
 from cmt_core.comparison import CompareConfig, arm_config, run_comparison
 from cmt_core.config import load_yaml
 from cmt_core.engine import compute_stage
-from cmt_core.errors import InputFileError, PreflightError, StageError
+from cmt_core.errors import InputFileError, PreflightError, StageError, brief, describe
 from cmt_core.methods import names
-from cmt_core.preflight import preflight
+from cmt_core.preflight import check_root, preflight
 from cmt_core.presets import PRESETS, resolve_config
 from cmt_core.runtime import Runtime, torchrun_command
 from cmt_core.stages import STAGES, TRAINING_STAGES, plan
@@ -80,21 +81,31 @@ class _ConsoleFormatter(logging.Formatter):
         return super().format(logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None}))
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def console_logging() -> None:
+    """This command's console (``_ConsoleFilter``, no tracebacks) as the only place log lines go: every command
+    starts with it, so lines logged before a run's log file exists are shown as every other line is."""
+    console = logging.StreamHandler()
+    console.addFilter(_ConsoleFilter())
+    console.setFormatter(_ConsoleFormatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [console]
+    root.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API request
+
+
 def setup_logging(local_root: Path, command: str) -> Path:
     """Console: ``_ConsoleFilter``; the run's log file: everything at INFO. Returns the log file's path."""
-    log_dir = Path(local_root) / "logs"
+    log_dir = Path(local_root) / LOGS_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     rank = f"-rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""  # torchrun
     log_file = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}{rank}.log"
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    console, file = logging.StreamHandler(), logging.FileHandler(log_file)
-    console.addFilter(_ConsoleFilter())
-    console.setFormatter(_ConsoleFormatter(fmt))
-    file.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [console, file]
-    root.setLevel(logging.INFO)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API request
+    console_logging()
+    file = logging.FileHandler(log_file)
+    file.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(file)
     return log_file
 
 
@@ -104,8 +115,9 @@ def config_message(err: ValueError) -> str:
     from pydantic import ValidationError
 
     if isinstance(err, ValidationError):
-        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                    + ("" if isinstance(e["input"], dict) else f" (got {e['input']!r})")  # a section: its rule says
+        problems = [(f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "")
+                    + e["msg"].removeprefix("Value error, ").replace("\n", " ")
+                    + ("" if isinstance(e["input"], dict) else f" (got {brief(e['input'])})")  # a section: its rule
                     for e in err.errors()]
     else:
         problems = [str(err).replace("\n", " ")]
@@ -123,18 +135,24 @@ def input_error(err: Exception, log_file: Path | None = None) -> int:
     field on stderr, the traceback only in the run's log file; the exit code 2."""
     if log_file is not None:
         logging.getLogger("traceback").info("invalid input", exc_info=err)  # not shown on the console
-    print(f"invalid input: {err}" + (f" (details: {log_file})" if log_file else ""), file=sys.stderr)
+    print(f"invalid input: {_line(err)}" + (f" (details: {log_file})" if log_file else ""), file=sys.stderr)
     return 2
 
 
-def runtime_error(err: Exception, log_file: Path, debug: bool = False) -> int:
+def _line(err: Exception) -> str:
+    """The message of one of our errors (they name what is wrong) or the type and cause of any other, one line."""
+    if isinstance(err, (PreflightError, InputFileError, StageError)):
+        return str(err).replace("\n", " ")
+    return describe(err)
+
+
+def runtime_error(err: Exception, log_file: Path | None, debug: bool = False) -> int:
     """A failure while a stage computed: one line on stderr (``StageError`` names the stage, its folder, the
     cause and the next step), the traceback in the run's log file (and on stderr with ``debug``); exit code 1."""
     logging.getLogger("traceback").info("run failed", exc_info=err)  # not shown on the console
     if debug:
         traceback.print_exception(err)
-    print(f"failed: {str(err).splitlines()[0] if str(err) else type(err).__name__} (details: {log_file})",
-          file=sys.stderr)
+    print(f"failed: {_line(err)}" + (f" (details: {log_file})" if log_file else ""), file=sys.stderr)
     return 1
 
 
@@ -175,7 +193,7 @@ def print_config(cfg) -> None:
     """The config as YAML, headed by the training budget of each stage (Mimg = steps x batch / 1e6, the
     reference's unit) and the size of its trajectory store."""
     from cmt_core.data import load_data
-    from cmt_core.trajectories.store import sizing
+    from cmt_core.trajectories.layout import sizing
 
     stages = {"mid-training": cfg.midtrain.train, "post-training": cfg.posttrain.train}
     if cfg.teacher.source == "pretrain":
@@ -209,8 +227,10 @@ def _compare(args) -> int:
             arm_config(cc, method, "teacher", 0)
     except ValueError as err:
         return config_error(err)
-    log_file = setup_logging(cc.artifact_root, "compare")
+    log_file = None
     try:
+        check_root(arm_config(cc, cc.methods[0], "cmt", 0))
+        log_file = setup_logging(cc.artifact_root, "compare")
         run_comparison(cc)  # every arm is checked before any runs; finished arms stay cached after a failure
     except Exception as err:
         return failure_exit(err, log_file, args.debug)
@@ -227,12 +247,12 @@ def _launch(cfg, stage: str) -> int:
 
     try:
         preflight(plan(cfg), [stage])
-    except PreflightError as err:
-        return input_error(err)
-    folder = cfg.local_root / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    config_file = folder / f"launch-{stage}-{cfg.launch.rdzv_id}-{os.getpid()}.yaml"
-    save_yaml(cfg, config_file)
+        folder = cfg.local_root / LOGS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        config_file = folder / f"launch-{stage}-{cfg.launch.rdzv_id}-{os.getpid()}.yaml"
+        save_yaml(cfg, config_file)
+    except Exception as err:
+        return failure_exit(err)
     command = torchrun_command(cfg.launch, stage, config_file)
     print(" ".join(command), flush=True)
     return subprocess.run(command).returncode
@@ -250,8 +270,11 @@ def _store(args) -> int:
 
     try:
         shards = repair_store(args.path)
-    except (ValueError, StageError) as err:
-        print(f"cannot repair: {err}", file=sys.stderr)
+    except (ValueError, StageError) as err:  # nothing was changed (cmt_core.repair)
+        print(f"cannot repair: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except Exception as err:  # the store and its manifest are as they were; the cause, on one line
+        print(f"cannot repair: {describe(err)}", file=sys.stderr)
         return 1
     report = verify_store(args.path)
     print(f"recomputed {len(shards)} shards {shards[:20]}\n{report.summary()}")
@@ -293,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--out", default=defaults["out_dir"], help="folder of the tables, plots and JSON")
     compare.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too")
     args = parser.parse_args(argv)
+    console_logging()
 
     if args.command == "compare":
         return _compare(args)
@@ -311,17 +335,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "launch":
         return _launch(cfg, args.name)
-    resolved = plan(cfg)  # once for the run, handed to every stage
-    targets = [args.name] if args.command == "stage" else resolved.needed(STAGES)
+    log_file = None  # every path is handled below, where a failure is one line and an exit code
     try:
-        preflight(resolved, targets)
-    except Exception as err:
-        return failure_exit(err)
-    log_file = setup_logging(cfg.local_root, args.command)
-    runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
-    try:
+        resolved = plan(cfg)  # once for the run, handed to every stage
+        targets = [args.name] if args.command == "stage" else resolved.needed(STAGES)
+        preflight(resolved, targets)  # nothing is written for bad input, not even a log file
+        log_file = setup_logging(cfg.local_root, args.command)
+        runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
         results = {stage: compute_stage(resolved, stage, runtime) for stage in targets}
-    except Exception as err:  # a stage failed (StageError), a file proved unusable, or inputs are not complete
+    except Exception as err:  # bad input, a stage that failed (StageError), inputs that are not complete
         return failure_exit(err, log_file, args.debug)
     if runtime.is_main:
         print_results(results)

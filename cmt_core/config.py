@@ -412,13 +412,24 @@ def yaml_problem(err: yaml.YAMLError) -> str:
     return f"{getattr(err, 'problem', None) or type(err).__name__}{where}"
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_yaml(path: str | Path) -> PipelineConfig:
     """Read and validate a pipeline config written by ``save_yaml`` (or by hand). A file that is missing, is
     not YAML or not a mapping raises ``ValueError`` naming it; bad fields raise pydantic's ``ValidationError``."""
     try:
+        if not Path(path).is_file():  # a FIFO or a device would block or never end: not read
+            raise ValueError(f"--config {str(path)[:200]!r} is not a regular file") from None
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"--config {str(path)[:200]!r} holds over {MAX_CONFIG_BYTES} bytes: not a config")
         raw = yaml.safe_load(Path(path).read_text())
     except OSError as err:
-        raise ValueError(f"--config {str(path)!r} cannot be read: {err.strerror or err}") from None
+        raise ValueError(f"--config {str(path)[:200]!r} cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {str(path)[:200]!r} is not text") from None
+    except RecursionError:
+        raise ValueError(f"--config {str(path)[:200]!r} nests deeper than any config") from None
     except yaml.YAMLError as err:
         raise ValueError(f"--config {str(path)!r} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(raw, dict):

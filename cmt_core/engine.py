@@ -10,10 +10,11 @@ and the stages it ``needs``. From a set of declarations and a config:
   down (``Plan``), it also remembers the artifacts found complete during the run;
 * a stage's body sees the config through a ``ConfigView`` restricted to ``reads + uses``: reading any other field
   raises ``UndeclaredRead``, so an id can never miss a field its stage reads;
-* ``complete_result(plan, stage)`` is the one place that decides whether a stage is done (its manifest is written
-  and every file it records is intact); ``compute_stage(plan, stage, runtime)`` returns that artifact at once, or
-  computes it in ``<artifact_root>/<stage>/<id>/`` (training stages resume from their checkpoints) under the
-  artifact's lock and writes the manifest last.
+* ``complete_result(plan, stage)`` is the one place that decides whether a stage is done (its manifest is written,
+  of a manifest's shape, and every file it records is intact and sound: the stage's ``sound`` check);
+  ``compute_stage(plan, stage, runtime)`` returns that artifact at once, or computes it in
+  ``<artifact_root>/<stage>/<id>/`` (training stages resume from their checkpoints) under the artifact's lock,
+  checks its outputs are sound, and writes the manifest last: nothing unsound is ever marked complete.
 
 Entry points check their inputs first (``cmt_core.preflight``) and run stages through ``cmt_core.pipeline``.
 A failure while a stage computes is raised as ``StageError`` naming the stage, its folder and the next step.
@@ -32,6 +33,7 @@ from cmt_core import object_storage as remote
 from cmt_core.artifacts import (
     MANIFEST,
     STORE_DIR,
+    ManifestError,
     artifact_dir,
     artifact_id,
     artifact_lock,
@@ -39,7 +41,7 @@ from cmt_core.artifacts import (
     verify_files,
     write_manifest,
 )
-from cmt_core.errors import InputFileError, StageError, first_line
+from cmt_core.errors import InputFileError, StageError, describe
 from cmt_core.runtime import Runtime, effective_precision
 from cmt_core.training import Progress
 
@@ -110,6 +112,9 @@ class Stage:
     uses: tuple[str, ...] = ()  # dotted config paths read that never change the output
     trains: bool = False  # a training loop (may run on several DDP processes)
     omit: Callable = lambda cfg: ()  # (config) -> paths of ``reads`` that cannot change this config's output
+    # (local folder, location, metrics) -> what makes the stage's outputs unsound (non-finite weights, a store that
+    # does not verify), or None: checked before the manifest is written, and before a complete artifact is reused
+    sound: Callable = lambda folder, location, metrics: None
 
     def declares(self, path: str) -> bool:
         """Whether the body may read ``path`` (it or a section above it is in ``reads`` or ``uses``)."""
@@ -158,6 +163,7 @@ class Plan:
     ids: dict[str, str]  # stage -> artifact id
     inputs: dict[str, dict[str, str]]  # stage -> {needed stage: its artifact id}
     done: dict[str, StageResult] = field(default_factory=dict)  # complete artifacts found or made in this run
+    refused: set[str] = field(default_factory=set)  # complete artifacts found unsound (named once, recomputed)
 
     def path(self, stage: str) -> Path:
         """The local folder of ``stage``'s artifact (under an object-storage root: its mirror)."""
@@ -197,18 +203,25 @@ def complete_result(plan: Plan, stage: str) -> StageResult | None:
     when it is fetched) and the files are not fetched (``reuse``). A complete artifact is remembered in the plan."""
     if stage in plan.done:
         return plan.done[stage]
+    if stage in plan.refused:
+        return None
     path, location, cfg = plan.path(stage), plan.location(stage), plan.cfg
-    if cfg.remote_root is None:
-        manifest = read_manifest(path)
-        problem = manifest and verify_files(path, manifest)
-    else:
-        manifest = remote.remote_manifest(location)
-        problem = manifest and remote.verify_remote(location, manifest)
+    try:
+        manifest = read_manifest(path) if cfg.remote_root is None else remote.remote_manifest(location)
+    except ManifestError as err:
+        log.warning("%s: %s; the artifact will be recomputed", stage, err)
+        plan.refused.add(stage)
+        return None
     if manifest is None:
         return None
+    if cfg.remote_root is None:  # the files are here: their sizes, hashes, and soundness
+        problem = verify_files(path, manifest) or plan.stages[stage].sound(path, location, manifest["metrics"])
+    else:  # the files are fetched (and their hashes checked) when reused
+        problem = remote.verify_remote(location, manifest)
     if problem is not None:
         log.warning("%s: the complete artifact %s fails verification (%s); it will be recomputed", stage, location,
                     problem)
+        plan.refused.add(stage)
         return None
     plan.done[stage] = StageResult(stage, plan.ids[stage], path, manifest, cached=True, location=location)
     return plan.done[stage]
@@ -265,10 +278,14 @@ def compute_stage(plan: Plan, stage: str, runtime: Runtime, progress: Progress |
         except (InputFileError, StageError):
             raise
         except Exception as err:
-            raise StageError(f"the {stage} stage failed in {path}: {type(err).__name__}: {first_line(err)}. "
+            raise StageError(f"the {stage} stage failed in {path}: {describe(err)}. "
                              f"Nothing was marked complete; remove the cause and rerun: the stage resumes from "
                              f"its last checkpoint") from err
         runtime.barrier()
+        problem = declared.sound(path, location, metrics)  # every rank decides alike
+        if problem is not None:
+            raise StageError(f"the {stage} stage produced unsound output in {path}: {problem}. Nothing was marked "
+                             "complete; remove the cause (a setting, a damaged input) and rerun")
         if runtime.is_main:
             in_place = remote.store_records(location) if cfg.remote_root is not None else None
             write_manifest(path, stage, plan.ids[stage], plan.config(stage), plan.inputs[stage], metrics,

@@ -11,12 +11,14 @@ pipeline config. It holds nothing but plain values and tensors, and is read with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from cmt_core.checkpoint import atomic_save, load_file
+from cmt_core.checkpoint import CheckpointError, atomic_save, load_file
 from cmt_core.networks import build_network
 from cmt_core.networks.build import ARCHITECTURE
 from cmt_core.networks.embedding import LaterTimeMLP
@@ -65,11 +67,54 @@ def save_model(path: Path, model: nn.Module, kind: str, network: Mapping, sample
                  "state_dict": model.state_dict()}, Path(path))
 
 
+MAX_SAMPLE_VALUES = 1 << 28  # numbers in one sample
+
+
+def _fields_problem(blob) -> str | None:
+    """What makes a model file's plain fields unusable (each names its field), or None."""
+    if not isinstance(blob, dict):
+        return f"holds a {type(blob).__name__}, not a model file's fields"
+    shape = blob.get("sample_shape")
+    sigma_min = blob.get("sigma_min")
+    if blob.get("kind") not in NUM_TIMES:
+        return f"kind={str(blob.get('kind'))[:40]!r} is not one of {sorted(NUM_TIMES)}"
+    if not isinstance(blob.get("network"), dict):
+        return "network is not a mapping of network values"
+    if not (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 4
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+            and math.prod(shape) <= MAX_SAMPLE_VALUES):
+        return f"sample_shape={str(shape)[:40]} is not 1 to 4 positive sizes of at most {MAX_SAMPLE_VALUES} numbers"
+    if sigma_min is not None and not (isinstance(sigma_min, (int, float)) and 0 < sigma_min < math.inf):
+        return f"sigma_min={str(sigma_min)[:40]} is not a positive number"
+    if blob.get("preconditioning") is not None and not isinstance(blob["preconditioning"], dict):
+        return "preconditioning is not a mapping"
+    state = blob.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "state_dict is not a mapping of tensors"
+    return None
+
+
 def load_model(path: Path, map_location="cpu") -> nn.Module:
-    """Rebuild a model written by ``save_model`` (eval mode); an unreadable file raises ``CheckpointError``."""
+    """Rebuild a model written by ``save_model`` (eval mode). The file's fields are checked first (a file anyone may
+    have edited), and its network is built on the meta device and compared with its weights before any memory is
+    allocated; a file that is unreadable or whose fields or weights do not fit raises ``CheckpointError`` naming
+    the field."""
     blob = load_file(path, map_location)
+    problem = _fields_problem(blob)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     # Files written before VP teachers existed have no "preconditioning": their denoisers are EDM's.
-    model = build_model(blob["kind"], blob["network"], blob["sample_shape"], blob["sigma_min"],
-                        blob.get("preconditioning"))
+    args = (blob["kind"], blob["network"], blob["sample_shape"], blob["sigma_min"], blob.get("preconditioning"))
+    try:
+        with torch.device("meta"):
+            wanted = {k: tuple(v.shape) for k, v in build_model(*args).state_dict().items()}
+    except Exception as err:  # network values no network is built from
+        raise CheckpointError(f"{path}: network={str(blob['network'])[:80]} builds no model: {err}") from None
+    found = {k: tuple(v.shape) for k, v in blob["state_dict"].items()}
+    if found != wanted:
+        odd = sorted(set(found) ^ set(wanted)) or [k for k in wanted if found[k] != wanted[k]]
+        raise CheckpointError(f"{path}: its network values do not fit its state_dict (first difference: "
+                              f"{odd[0]!r})")
+    model = build_model(*args)
     model.load_state_dict(blob["state_dict"])
     return model.eval()

@@ -29,7 +29,17 @@ from pathlib import Path
 
 import fsspec
 
-from cmt_core.artifacts import MANIFEST, STORE_DIR, artifact_lock, file_hash, publish, publish_text, read_manifest
+from cmt_core.artifacts import (
+    MANIFEST,
+    STORE_DIR,
+    ManifestError,
+    artifact_lock,
+    file_hash,
+    manifest_problem,
+    publish,
+    publish_text,
+    read_manifest,
+)
 
 log = logging.getLogger("cmt")
 Location = Path | str  # a local folder (Path) or a URL (str)
@@ -75,12 +85,19 @@ def default_mirror(url: str) -> Path:
 
 
 def remote_manifest(url: str) -> dict | None:
-    """The manifest of the complete artifact at ``url``, or None (absent, or not JSON)."""
+    """The manifest of the complete artifact at ``url``, or None (absent); ``ManifestError`` when the object is
+    there but is not JSON or not of a manifest's shape."""
     fs, path = filesystem(url)
     try:
-        return json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        manifest = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
+    except FileNotFoundError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ManifestError(f"{url}/{MANIFEST} is not JSON") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ManifestError(f"{url}/{MANIFEST}: {problem}")
+    return manifest
 
 
 def remove_manifest(url: str) -> None:
@@ -147,8 +164,11 @@ def fetch_artifact(url: str, local: Path) -> dict:
     if manifest is None:
         raise FileNotFoundError(f"{url} holds no complete artifact (no {MANIFEST})")
     local = Path(local)
-    if read_manifest(local) == manifest:
-        return manifest
+    try:
+        if read_manifest(local) == manifest:
+            return manifest
+    except ManifestError:  # a damaged mirror copy: fetched again below
+        pass
     fs, path = filesystem(url)
     with artifact_lock(local, f"{local}: another process is fetching {url}; waiting"):
         local.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from cmt_core.config import PipelineConfig, yaml_problem
+from cmt_core.errors import brief
 
 
 def _toy() -> dict:
@@ -197,15 +198,18 @@ PRESETS = {"toy": _toy, "digits": _digits, "toy-meanflow": _toy_meanflow, "digit
 
 def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key.path=value")
+        raise ValueError(f"override {brief(text)} is not of the form key.path=value")
     key, value = text.split("=", 1)
     keys = key.strip().split(".")
     if not all(keys):
-        raise ValueError(f"override {text!r}: {key.strip()!r} is not a dotted key path such as midtrain.train.lr")
+        raise ValueError(f"override {brief(text)}: {brief(key.strip())} is not a dotted key path such as "
+                         "midtrain.train.lr")
     try:
         return keys, yaml.safe_load(value)
     except yaml.YAMLError as err:
-        raise ValueError(f"override {text!r}: the value is not valid YAML ({yaml_problem(err)})") from None
+        raise ValueError(f"override {brief(text)}: the value is not valid YAML ({yaml_problem(err)})") from None
+    except RecursionError:
+        raise ValueError(f"override {brief(text)}: the value nests deeper than any config value") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -216,7 +220,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for depth, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is a value, not a section")
+                raise ValueError(f"override {brief(text)}: {'.'.join(keys[:depth + 1])} is a value, not a section")
         node[keys[-1]] = value
     return raw
 

@@ -3,18 +3,26 @@
 ``repair_store(store)`` recomputes the bad or missing shards of ``<root>/rollouts/<id>/store.zarr`` from their
 seeds, under the artifact's lock, with the teacher and rollout settings its manifest records, so the recomputed
 shards equal the lost ones; then it verifies the store and publishes the artifact again.
+
+A repair that cannot be done leaves what it found: the manifest, the teacher artifact and the teacher itself are
+checked (the teacher loaded and asked to denoise) before anything is touched, and a failure while recomputing puts
+back the manifest, the store's attributes and the done markers of the shards it had reset.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from cmt_core import object_storage as remote
-from cmt_core.artifacts import MANIFEST, artifact_lock, read_manifest, write_manifest
+from cmt_core.artifacts import MANIFEST, artifact_lock, publish, read_manifest, write_manifest
 from cmt_core.config import PipelineConfig
-from cmt_core.errors import StageError
-from cmt_core.stages import solve_rollouts
-from cmt_core.trajectories.verify import reset_bad_shards, verify_store
+from cmt_core.data import load_data
+from cmt_core.errors import StageError, describe
+from cmt_core.stages import rollout_teacher, solve_rollouts
+from cmt_core.trajectories.store import open_store
+from cmt_core.trajectories.verify import mark_verified, reset_bad_shards
 
 
 def _config_of(values: dict) -> PipelineConfig:
@@ -31,9 +39,22 @@ def _config_of(values: dict) -> PipelineConfig:
     return PipelineConfig.model_validate(nested)
 
 
+def _check_teacher(c: PipelineConfig, teacher: Path) -> None:
+    """The teacher of ``c`` loads from the artifact folder ``teacher`` and denoises two zero samples."""
+    try:
+        denoiser = rollout_teacher(c, teacher)()
+        with torch.no_grad():
+            out = denoiser(torch.zeros(2, *load_data(c.data).sample_shape), torch.ones(2))
+        if not torch.isfinite(out).all():
+            raise ValueError("it answers inf or NaN")
+    except Exception as err:  # a damaged model file, a teacher that no longer loads
+        raise ValueError(f"its teacher (artifact {teacher}) cannot be used: {describe(err)}; nothing was changed. "
+                         "Rerun the teacher stage first") from err
+
+
 def repair_store(store: Path) -> list[int]:
     """Recompute the bad or missing shards of the store of a rollouts artifact and publish the artifact again;
-    returns the shards recomputed (module docstring)."""
+    returns the shards recomputed (module docstring). Raises ``ValueError`` (nothing changed) when it cannot."""
     if remote.is_url(store):
         raise ValueError(f"{store}: --repair works on a local store; for one on object storage rerun the pipeline "
                          "after removing the rollouts manifest: the stage recomputes only the bad shards")
@@ -43,17 +64,32 @@ def repair_store(store: Path) -> list[int]:
     if manifest is None or manifest.get("stage") != "rollouts":
         raise ValueError(f"{store} is not the store of a complete rollouts artifact (no rollouts manifest in "
                          f"{folder}): --repair recomputes shards from that manifest; rerun the rollouts stage instead")
-    teacher = folder.parent.parent / "teacher" / manifest["inputs"]["teacher"]
+    teacher = folder.parent.parent / "teacher" / manifest["inputs"].get("teacher", "")
     if read_manifest(teacher) is None:
         raise ValueError(f"{store}: its teacher artifact {teacher} is not complete; rerun the teacher stage first")
-    c = _config_of(manifest["config"])
+    try:
+        c = _config_of(manifest["config"])
+    except ValueError as err:
+        raise ValueError(f"{folder / MANIFEST}: its config is not a valid pipeline config: {describe(err)}") from None
+    _check_teacher(c, teacher)
     with artifact_lock(folder, f"rollouts: another process is writing {folder}; waiting"):
-        (folder / MANIFEST).unlink(missing_ok=True)  # incomplete while it is repaired
-        bad = reset_bad_shards(store)
-        solve_rollouts(c, store, teacher)
-        report = verify_store(store)
-        if not report.ok:
-            raise StageError(f"rollouts: {store} still fails verification after the repair: {report.summary()}")
-        write_manifest(folder, "rollouts", manifest["artifact_id"], manifest["config"], manifest["inputs"],
-                       manifest["metrics"], manifest["seconds"], manifest.get("device"))
+        saved, attrs = (folder / MANIFEST).read_bytes(), dict(open_store(store, partial=True).attrs)
+        bad = []
+        try:
+            (folder / MANIFEST).unlink()  # incomplete while it is repaired
+            bad = reset_bad_shards(store)
+            solve_rollouts(c, store, teacher)
+            report = mark_verified(store)
+            if not report.ok:
+                raise StageError(f"rollouts: {store} still fails verification after the repair: "
+                                 f"{report.summary().splitlines()[-1]}")
+            write_manifest(folder, "rollouts", manifest["artifact_id"], manifest["config"], manifest["inputs"],
+                           manifest["metrics"], manifest["seconds"], manifest.get("device"))
+        except BaseException:
+            group = open_store(store, partial=True).group
+            group.update_attributes(attrs)
+            for shard in bad:
+                group["shard_done"][shard] = 1
+            publish(folder / MANIFEST, lambda tmp: tmp.write_bytes(saved))
+            raise
     return bad

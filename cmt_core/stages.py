@@ -13,23 +13,27 @@ its method trains on, and scores it with its method's sampler; no body names a m
 * ``posttrain``: the post-training method (``posttrain.method``) from CMT, teacher or random weights.
 * ``evaluation``: the results table and report.
 
-Training stages keep the EMA model ``train.keep`` selects and record its scores and its 2-step sigma.
+Training stages keep the EMA model ``train.keep`` selects and record its scores and its 2-step sigma. Each stage
+says what makes its outputs unsound (``Stage.sound``: inf or NaN weights, a store that does not verify, scores that
+are not finite): the engine checks it before marking the stage complete and before reusing it.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import pickle
 from pathlib import Path
 
 import torch
 
-from cmt_core.artifacts import MODEL_FILE, STORE_DIR, read_manifest
-from cmt_core.checkpoint import read_training_log
+from cmt_core import object_storage as remote
+from cmt_core.artifacts import FEATURES_DIR, MODEL_FILE, STORE_DIR, read_manifest
+from cmt_core.checkpoint import CheckpointError, load_file, read_training_log
 from cmt_core.config import NetworkConfig, TrainConfig
 from cmt_core.data import Data, load_data
 from cmt_core.engine import Plan, Stage, StageContext, make_plan
-from cmt_core.errors import InputFileError, first_line
+from cmt_core.errors import InputFileError, brief, describe
 from cmt_core.evaluation.evaluator import Evaluator
 from cmt_core.evaluation.scoring import Scorer
 from cmt_core.evaluation.table import ScoredModel, results_table
@@ -39,7 +43,7 @@ from cmt_core.teachers import LOADED, PROGRAMS, edm_teacher, load_teacher, teach
 from cmt_core.training import train
 from cmt_core.trajectories.dask_rollouts import run_rollouts
 from cmt_core.trajectories.pairs import StorePairs
-from cmt_core.trajectories.verify import reset_bad_shards
+from cmt_core.trajectories.verify import mark_verified, reset_bad_shards, store_problem
 
 TEACHER_METHOD = "edm"  # the objective of a teacher pre-trained here
 
@@ -55,7 +59,7 @@ def method_of(cfg, stage: str) -> Method:
 
 def _scorer(ctx: StageContext, data: Data) -> Scorer:
     c = ctx.cfg
-    evaluator = Evaluator(data, c.eval, ctx.local_root / "features", c.data)
+    evaluator = Evaluator(data, c.eval, ctx.local_root / FEATURES_DIR, c.data)
     return Scorer(data, c.eval, evaluator, ctx.runtime.device, c.rollout.solver.sigma_max, c.rollout.solver.sigma_min)
 
 
@@ -115,7 +119,7 @@ def _teacher(ctx: StageContext) -> dict:
             edm = edm_teacher(c.teacher.path, data.sample_shape)
         except (pickle.UnpicklingError, ValueError, OSError, EOFError) as err:
             raise InputFileError(f"teacher.path={str(c.teacher.path)!r} is not a usable EDM network pickle: "
-                                 f"{first_line(err)}") from err
+                                 f"{describe(err)}") from err
         if runtime.is_main:
             network = NetworkConfig(**edm.network).model_dump(mode="json")
             save_model(ctx.path / MODEL_FILE, edm.model, "denoiser", network, edm.sample_shape)
@@ -131,13 +135,20 @@ def _teacher(ctx: StageContext) -> dict:
     return {"weights": True, "final_loss": result.history[-1]["loss"] if result.history else None}
 
 
+def rollout_teacher(c, teacher: Path) -> functools.partial:
+    """The picklable factory of the denoiser that solves the rollouts of ``c`` (a config or a ``ConfigView``), from
+    the teacher artifact folder ``teacher``: each rollout worker builds the teacher where it runs."""
+    t = c.teacher
+    return functools.partial(teacher_denoiser, t.source, t.path and str(t.path), t.target,
+                             load_data(c.data).distribution, teacher / MODEL_FILE)
+
+
 def solve_rollouts(c, store, teacher: Path, progress=None) -> None:
-    """Fill (or finish) the store at ``store`` with the trajectories ``c`` (a config or a ``ConfigView``)
-    describes, solved by the teacher whose artifact folder is ``teacher``."""
-    data, t, r = load_data(c.data), c.teacher, c.rollout
-    factory = functools.partial(teacher_denoiser, t.source, t.path and str(t.path), t.target, data.distribution,
-                                teacher / MODEL_FILE)
-    run_rollouts(factory, store, r.num_trajectories, data.sample_shape, r, teacher_id=teacher.name, progress=progress)
+    """Fill (or finish) the store at ``store`` with the trajectories ``c`` describes, solved by the teacher whose
+    artifact folder is ``teacher``."""
+    shape, r = load_data(c.data).sample_shape, c.rollout
+    run_rollouts(rollout_teacher(c, teacher), store, r.num_trajectories, shape, r, teacher_id=teacher.name,
+                 progress=progress)
 
 
 def _rollouts(ctx: StageContext) -> dict:
@@ -149,6 +160,9 @@ def _rollouts(ctx: StageContext) -> dict:
         progress = None if ctx.progress is None else (lambda done, total: ctx.progress(done, total, {}))
         reset_bad_shards(ctx.store())
         solve_rollouts(c, ctx.store(), ctx.input("teacher"), progress)
+        report = mark_verified(ctx.store())  # every chunk read back before the store is published
+        if not report.ok:
+            raise ValueError(f"the store does not verify after its rollouts: {report.summary().splitlines()[-1]}")
     return {"num_trajectories": c.rollout.num_trajectories, "time_points": c.rollout.solver.steps + 1,
             "store": STORE_DIR}
 
@@ -243,6 +257,43 @@ def _evaluation(ctx: StageContext) -> dict:
                          {"preset": c.preset, "device": str(runtime.device)}, seconds)
 
 
+# --------------------------------------------------------------------------------------------- soundness
+
+
+def _unsound_model(folder: Path) -> str | None:
+    """What is wrong with the model file in ``folder``: unreadable, or a tensor with inf or NaN."""
+    file = folder / MODEL_FILE
+    try:
+        state = load_file(file)["state_dict"]
+    except (CheckpointError, OSError, KeyError, TypeError) as err:
+        return f"{file} cannot be used: {describe(err)}"
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    return f"{file}: {len(bad)} weight tensors hold inf or NaN (first: {bad[0]})" if bad else None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _sound_teacher(folder: Path, location, metrics: dict) -> str | None:
+    return _unsound_model(folder) if metrics.get("weights") else None
+
+
+def _sound_rollouts(folder: Path, location, metrics: dict) -> str | None:
+    """The store verified (every chunk finite, every checksum right) and its metadata what it claims."""
+    return store_problem(remote.join(location, STORE_DIR))
+
+
+def _sound_training(folder: Path, location, metrics: dict) -> str | None:
+    """Finite weights, finite scores, and the positive 2-step sigma the evaluation samples with."""
+    for key in ("score_1step", "score_2step"):
+        if metrics.get(key) is not None and not _number(metrics[key]):
+            return f"metrics.{key}={brief(metrics[key])} is not a finite number"
+    if not (_number(metrics.get("mid_sigma")) and metrics["mid_sigma"] > 0):
+        return f"metrics.mid_sigma={brief(metrics.get('mid_sigma'))} is not a positive number"
+    return _unsound_model(folder)
+
+
 # ---------------------------------------------------------------------------------------------- the graph
 
 TEACHER = ("teacher.source", "teacher.path", "teacher.target")  # which teacher the ODE uses
@@ -266,15 +317,16 @@ def _loaded_precision(cfg) -> tuple[str, ...]:
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("teacher", reads=("data", *DENOISER_NETWORK, *TEACHER, "teacher.p_mean", "teacher.p_std", *TEACHER_TRAINING,
                             *PRECISION),
-          needs=lambda cfg: (), work=_teacher, trains=True, omit=_loaded_precision),
+          needs=lambda cfg: (), work=_teacher, trains=True, omit=_loaded_precision, sound=_sound_teacher),
     Stage("rollouts", reads=("data", *TEACHER, "rollout.solver", "rollout.num_trajectories", "rollout.batch_size",
                              "rollout.seed", "rollout.store"),
-          needs=lambda cfg: ("teacher",), work=_rollouts, uses=("rollout.cluster",)),
+          needs=lambda cfg: ("teacher",), work=_rollouts, uses=("rollout.cluster",), sound=_sound_rollouts),
     Stage("midtrain", reads=("data", "network", *SIGMAS, "midtrain", *SCORING, *PRECISION),
-          needs=lambda cfg: ("teacher", "rollouts"), work=_midtrain, uses=TRAINING_USES, trains=True),
+          needs=lambda cfg: ("teacher", "rollouts"), work=_midtrain, uses=TRAINING_USES, trains=True,
+          sound=_sound_training),
     Stage("posttrain", reads=("data", "network", *TEACHER, *SIGMAS, "posttrain", *SCORING, *PRECISION),
           needs=lambda cfg: ("teacher", "midtrain") if cfg.posttrain.init == "cmt" else ("teacher",),
-          work=_posttrain, uses=TRAINING_USES, trains=True),
+          work=_posttrain, uses=TRAINING_USES, trains=True, sound=_sound_training),
     Stage("evaluation", reads=("data", "network", *TEACHER, "teacher.sampler", *SIGMAS, "midtrain.form",
                                "posttrain.method", "posttrain.init", "eval"),
           needs=lambda cfg: ("teacher", "rollouts", "midtrain", "posttrain"), work=_evaluation,

@@ -99,6 +99,30 @@ def selection_score(keep: str, metrics: dict, start: dict, tolerance: float = 0.
     return float(sum(metrics[k] / max(start[k], 1e-12) for k in keys))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resume_problem(values: dict, steps: int) -> str | None:
+    """What makes a checkpoint's plain fields unusable for a run of ``steps`` steps (they come from a file: a step
+    outside the run, a best-model record of another shape), or None."""
+    step, best = values.get("step"), values.get("best")
+    if not _is_int(step) or not 0 <= step <= steps:
+        return f"field step={str(step)[:40]} is not a step of this run (0 to {steps})"
+    if not isinstance(best, dict) or set(best) != {"step", "score", "start"}:
+        return "field best is not a record of step, score and start"
+    if best["step"] is not None and not (_is_int(best["step"]) and 0 <= best["step"] <= step):
+        return f"field best.step={str(best['step'])[:40]} is not a step before {step}"
+    if not isinstance(best["score"], (int, float)) or isinstance(best["score"], bool) or math.isnan(best["score"]):
+        return "field best.score is not a number"
+    start = best["start"]
+    scores = ("score_1step", "score_2step")
+    if start is not None and not (isinstance(start, dict) and all(
+            isinstance(start.get(k), (int, float)) and math.isfinite(start[k]) for k in scores)):
+        return "field best.start is not a record of two finite scores"
+    return None
+
+
 def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     kind = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
     return kind(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -149,7 +173,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
     ckpt_path, best_path, log_path = run_dir / CHECKPOINT_FILE, run_dir / BEST_FILE, run_dir / LOG_FILE
     checkpoint = CheckpointIO(model=model, ema=ema.model, optimizer=opt)
     start, best = 0, {"step": None, "score": math.inf, "start": None}
-    resumed = checkpoint.load(ckpt_path, map_location=runtime.device)
+    resumed = checkpoint.load(ckpt_path, map_location=runtime.device, check=lambda v: resume_problem(v, cfg.steps))
     if resumed is not None:
         start, best = resumed["step"], resumed["best"]
         logger.info("%s: resuming from step %d of %d (%s)", desc, start, cfg.steps, run_dir)

@@ -9,7 +9,15 @@ from __future__ import annotations
 import sys
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
-from cmt_core.cli import config_error, config_from_args, config_parser, failure_exit, print_results, setup_logging
+from cmt_core.cli import (
+    config_error,
+    config_from_args,
+    config_parser,
+    console_logging,
+    failure_exit,
+    print_results,
+    setup_logging,
+)
 from cmt_core.preflight import preflight
 from cmt_core.stages import STAGES, plan
 from flows.parameters import trust_paths
@@ -19,20 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser("cmt-flow", "run the cmt-pipeline Prefect flow")
     parser.add_argument("--ddp-processes", type=int, default=1, help="processes per training stage (torchrun when > 1)")
     args = parser.parse_args(argv)
+    console_logging()
     try:
         cfg = config_from_args(args)
     except ValueError as err:
         return config_error(err)
-    resolved = plan(cfg)
+    log_file = None  # every path is handled below, where a failure is one line and an exit code
     try:
-        preflight(resolved, resolved.needed(STAGES))
-    except Exception as err:
-        return failure_exit(err)
-    trust_paths(cfg)  # typed in the user's own shell: the flow may use them (flows.parameters.confine)
-    log_file = setup_logging(cfg.local_root, "flow")
-    from flows.pipeline import cmt_pipeline
+        resolved = plan(cfg)
+        preflight(resolved, resolved.needed(STAGES))  # nothing is written for bad input, not even a log file
+        log_file = setup_logging(cfg.local_root, "flow")
+        trust_paths(cfg)  # typed in the user's own shell: the flow may use them (flows.parameters.confine)
+        from flows.pipeline import cmt_pipeline
 
-    try:
         results = cmt_pipeline(preset=cfg.preset if cfg.preset != "custom" else "digits", config=cfg,
                                ddp_processes=args.ddp_processes)
     except Exception as err:  # a stage failed (StageError: stage, folder, cause, next step) or read a bad file

@@ -34,6 +34,7 @@ from pydantic import Field
 
 from cmt_core.cli import config_message
 from cmt_core.config import PATH_FIELDS, PipelineConfig
+from cmt_core.errors import brief, describe
 from cmt_core.object_storage import is_url
 from cmt_core.presets import PRESETS, resolve_config
 
@@ -78,7 +79,10 @@ def confine(field: str, value: str | Path) -> None:
             raise ValueError(f"{field}={str(value)!r} is not under an allowed URL prefix {prefixes}; extend "
                              f"{ALLOWED_URLS_ENV} (URL prefixes separated by spaces) on the machine that runs the flow")
         return
-    resolved, roots = Path(value).resolve(), allowed_roots()
+    try:
+        resolved, roots = Path(value).resolve(), allowed_roots()
+    except (OSError, RuntimeError, ValueError) as err:  # a link loop, a NUL byte, a name over the limit
+        raise ValueError(f"{field}={brief(str(value))} cannot be resolved: {describe(err)}") from None
     if not any(resolved == root or root in resolved.parents for root in roots):
         raise ValueError(f"{field}={str(value)!r} resolves to {resolved}, outside the allowed roots "
                          f"{[str(r) for r in roots]}; use a path inside them or extend {ALLOWED_ROOTS_ENV} "

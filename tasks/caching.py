@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cmt_core.artifacts import RESULTS_DIR
 from cmt_core.config import PipelineConfig
 
 RESULTS_ENV = "CMT_PREFECT_RESULTS"
-RESULTS_DIR = "prefect-results"
 
 
 def artifact_cache_key(stage: str) -> Callable[[Any, dict], str]:

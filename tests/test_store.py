@@ -5,6 +5,7 @@ import torch
 from cmt_core.cli import main as cli_main
 from cmt_core.config import SolverConfig, StoreConfig
 from cmt_core.data.synthetic import GaussianMixture
+from cmt_core.trajectories.layout import sizing
 from cmt_core.trajectories.rollout import rollout, trajectory_seed
 from cmt_core.trajectories.store import (
     BFLOAT16_BITS,
@@ -15,7 +16,6 @@ from cmt_core.trajectories.store import (
     missing_shards,
     open_store,
     reset_shards,
-    sizing,
     write_shard,
 )
 from cmt_core.trajectories.verify import verify_store

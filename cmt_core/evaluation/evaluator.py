@@ -11,7 +11,11 @@ inception_path, fid_mode).
 * 2-D points ``(N, 2)``: ``sliced_wasserstein`` and ``energy_distance`` against ``eval_cfg.num_samples``
   held-out points.
 
-``floor()`` is what a perfect generator would score with this many samples: images, held-out vs training split;
+Without a held-out split (``data.heldout_fraction=0``, as the paper's recipes score against every training image,
+``fid50k_full``) images are scored against the training split, which ``info()`` says.
+
+``floor()`` is what a perfect generator would score with this many samples: images, held-out vs training split
+(none without a held-out split);
 2-D, two fresh samples of the data distribution. Every metric is lower-is-better.
 """
 
@@ -53,10 +57,11 @@ class Evaluator:
         self.cache_dir = Path(cache_dir)
         self.device = torch.device(device)
         self.is_points = data.is_points
+        self.reference_split = "heldout" if len(data.heldout) else "train"  # what samples are scored against
         if self.is_points:
             self.extractor = None
             self.metric_name = POINT_METRICS[0]
-            self.reference = data.heldout.read(slice(0, eval_cfg.num_samples))
+            self.reference = getattr(data, self.reference_split).read(slice(0, eval_cfg.num_samples))
             return
         self.extractor = feature_extractor(data_cfg or data.name, eval_cfg, self.cache_dir, self.device)
         held = getattr(self.extractor, "heldout_images", None)
@@ -94,11 +99,13 @@ class Evaluator:
         if self.is_points:
             return self._point_metrics(samples, self.reference)
         stats = feature_stats(self.features(samples))
-        return {self.metric_name: frechet_distance_from_stats(stats, self._split_stats("heldout"))}
+        return {self.metric_name: frechet_distance_from_stats(stats, self._split_stats(self.reference_split))}
 
     def floor(self) -> dict[str, float]:
         """The same metrics for real data: held-out vs training split (images) or two fresh samples (2-D)."""
         if not self.is_points:
+            if self.reference_split != "heldout":
+                return {}
             fd = frechet_distance_from_stats(self._split_stats("heldout"), self._split_stats("train"))
             return {self.metric_name: fd}
         n = len(self.reference)
@@ -110,7 +117,9 @@ class Evaluator:
     def info(self) -> dict:
         """What the numbers mean: extractor / metrics, reference size, samples scored, device."""
         base = {"num_samples": self.cfg.num_samples, "device": str(self.device),
-                "reference": f"held-out split ({len(self.reference if self.is_points else self.data.heldout)} samples)"}
+                "reference": f"held-out split ({len(self.reference)} samples)" if self.is_points else
+                f"{self.reference_split.replace('heldout', 'held-out')} split "
+                f"({len(getattr(self.data, self.reference_split))} samples)"}
         if self.is_points:
             return {"metrics": list(POINT_METRICS), **base}
         return {**self.extractor.info(), **base}

@@ -58,7 +58,7 @@ def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teac
 
     rows.append({"model": "data (held-out vs train)", "NFE": 0, **evaluator.floor()})
     keys.append("data")
-    grids["data"] = data.heldout.read(slice(0, 2000 if evaluator.is_points else 64))
+    grids["data"] = getattr(data, evaluator.reference_split).read(slice(0, 2000 if evaluator.is_points else 64))
 
     results = [s.teacher(teacher, teacher_solver) for s in scorers]
     nfe = function_evaluations(teacher_solver.name, make_grid(teacher_solver))

@@ -11,7 +11,7 @@ The distance compares model-space tensors, except LPIPS, which compares images a
 
 from cmt_core.data import POINT_DATA
 from cmt_core.encoders import decoded
-from cmt_core.errors import InputFileError, first_line
+from cmt_core.errors import InputFileError, describe
 from cmt_core.methods.registry import Method, register
 from cmt_core.objectives.cmt import CMTLoss
 from cmt_core.objectives.distances import make_distance
@@ -26,7 +26,7 @@ def _loss(form: str):
             distance = make_distance(m.distance, m.huber_c, m.lpips_backbone)
         except (ValueError, OSError, RuntimeError) as err:  # an unreadable or foreign weights file
             raise InputFileError(f"midtrain.lpips_backbone={str(m.lpips_backbone)!r} is not a usable VGG16 weights "
-                                 f"file: {first_line(err)}") from err
+                                 f"file: {describe(err)}") from err
         return CMTLoss(form, decoded(distance, inputs.encoder) if m.distance == "lpips" else distance)
     return build
 

@@ -124,7 +124,9 @@ class _Cluster:
     ``MALLOC_TRIM_THRESHOLD_`` for workers is dropped: it turns off glibc's adaptive mmap threshold, so
     every large tensor is mmap-ed and freed again, and torch ran rollouts 2x slower in the workers.
     The nanny writes the workers' variables (OMP_NUM_THREADS=1, ...) into this process's environment;
-    they are restored on exit so that later subprocesses (torchrun, ...) do not inherit them.
+    they are restored on exit so that later subprocesses (torchrun, ...) do not inherit them. The workers' own logs
+    are silenced: a task's failure reaches the driver as its exception (and its traceback, which the run's log file
+    keeps), not as worker lines on the terminal.
     """
 
     def __init__(self, cfg):
@@ -148,7 +150,7 @@ class _Cluster:
             self.environ = dict(os.environ)
             try:
                 self.cluster = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=self.cfg.threads_per_worker,
-                                            processes=True, dashboard_address=None,
+                                            processes=True, dashboard_address=None, silence_logs=logging.CRITICAL,
                                             resources={"GPU": 1} if self.cfg.gpu_resource else None)
             except BaseException:
                 self._restore()

@@ -26,7 +26,7 @@ Storage dtypes: float32 (exact), float16, bfloat16. Zarr has no bfloat16 data ty
 stored as their raw bits in a uint16 array (attribute ``states_encoding = "bfloat16-bits"``) and converted
 back on read; every read returns float32.
 
-Sizes (uncompressed ``states``; ``sizing`` computes them; float noise compresses by a few percent at most):
+Sizes (uncompressed ``states``; ``layout.sizing`` computes them; float noise compresses by a few percent at most):
 
 ==========================================  =========  ===========  ==========  ==========
 run                                          states     float32      16-bit      per traj (fp32)
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -62,9 +61,10 @@ from zarr.experimental.cache_store import CacheStore
 from zarr.storage import FsspecStore, MemoryStore, WrapperStore
 
 from cmt_core.artifacts import package_versions
+from cmt_core.errors import describe
 from cmt_core.object_storage import filesystem, is_url, location, sizes
+from cmt_core.trajectories.layout import FORMAT, StoreMetadataError, check_layout
 
-FORMAT = "cmt-trajectory-store/1"
 BFLOAT16_BITS = "bfloat16-bits"  # states_encoding of a bfloat16 store: raw uint16 bits, view as torch.bfloat16
 _BF16_NAN_BITS = 0x7FC0
 REMOTE_CACHE_BYTES = 2 << 30  # memory for the byte ranges read from a store at a URL (``open_store``)
@@ -84,13 +84,8 @@ class CorruptChunkError(RuntimeError):
     """A chunk failed its checksum or could not be decoded."""
 
 
-# ----------------------------------------------------------------------------------------------- sizes
-def sizing(sample_shape, num_states: int = 17, num_trajectories: int = 1, dtype: str = "float32",
-           keep_indices=None) -> dict:
-    """Uncompressed size of ``states``: ``{"states", "bytes_per_trajectory", "total_bytes"}``."""
-    kept = num_states if keep_indices is None else len(keep_indices)
-    per = kept * math.prod(sample_shape) * (4 if dtype == "float32" else 2)
-    return {"states": kept, "bytes_per_trajectory": per, "total_bytes": per * num_trajectories}
+class NonFiniteStatesError(ValueError):
+    """Trajectories handed to ``write_shard`` hold inf or NaN: the store refuses them."""
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -321,19 +316,31 @@ def _move_into_place(tmp: Path, path) -> None:
     fs.pipe_file(f"{root}/zarr.json", (tmp / "zarr.json").read_bytes(), mode="create")
 
 
+def remove_store(path) -> None:
+    """Delete the store at the folder or URL ``path``, root metadata first (it is no store the moment that goes)."""
+    if is_url(path):
+        fs, root = filesystem(path)
+        fs.rm_file(f"{root}/zarr.json")
+        fs.rm(root, recursive=True)
+        return
+    (Path(path) / "zarr.json").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def store_exists(path) -> bool:
     """True when a store (complete or not) is at the folder or URL ``path``."""
     if is_url(path):
         fs, root = filesystem(path)
         return fs.exists(f"{root}/zarr.json")
-    return (Path(path) / "zarr.json").exists()
+    return (Path(path) / "zarr.json").is_file()  # a FIFO or a folder there is no store (and is never read)
 
 
 def write_shard(store, shard_index: int, states: torch.Tensor, cond: dict | None = None) -> None:
     """Write shard ``shard_index`` whole (its states and its trajectories' conditioning), then mark it done.
 
     ``states``: ``(shard size, T + 1, *sample_shape)`` solver trajectories (the store applies its
-    ``keep_indices``) or ``(shard size, K, ...)`` already reduced; ``cond``: ``(shard size, ...)`` per entry the
+    ``keep_indices``) or ``(shard size, K, ...)`` already reduced, every value finite in the store's dtype
+    (``NonFiniteStatesError`` otherwise, before anything is written); ``cond``: ``(shard size, ...)`` per entry the
     store was created with. The caller must own the shard: two writers of one shard lose data silently in zarr 3.
     """
     store = store if isinstance(store, TrajectoryStore) else open_store(store, partial=True)
@@ -346,11 +353,19 @@ def write_shard(store, shard_index: int, states: torch.Tensor, cond: dict | None
     expected = (stop - start, *store.states.shape[1:])
     if tuple(states.shape) != expected:
         raise ValueError(f"shard {shard_index} needs states of shape {expected}, got {tuple(states.shape)}")
+    dtype = store.attrs["dtype"]
+    stored = states.to(getattr(torch, dtype))
+    if not torch.isfinite(stored).all():  # a diverged ODE is never stored: nothing of the shard is written
+        traj, time = (~torch.isfinite(stored.flatten(2))).any(-1).nonzero()[0].tolist()
+        cause = ("the teacher's ODE diverged there" if not torch.isfinite(states[traj, time]).all() else
+                 f"its values overflow the store's dtype, {dtype}")
+        raise NonFiniteStatesError(f"shard {shard_index}: trajectory {start + traj} is non-finite at time index {time} "
+                                   f"(sigma {float(store.grid[time]):.4g}): {cause}; nothing of the shard was written")
     cond = dict(cond or {})
     if set(cond) != set(store.cond_names):
         raise ValueError(f"shard {shard_index} needs the conditioning {sorted(store.cond_names)}, got {sorted(cond)}")
     # Every written chunk holds data: skip zarr's comparison of each chunk with the fill value.
-    store.states.with_config({"write_empty_chunks": True})[start:stop] = encode_states(states, store.attrs["dtype"])
+    store.states.with_config({"write_empty_chunks": True})[start:stop] = encode_states(states, dtype)
     for name, values in cond.items():
         array = store.group[f"cond/{name}"]
         if tuple(values.shape) != (stop - start, *array.shape[1:]):
@@ -440,7 +455,8 @@ class WholeObjectStore(WrapperStore):
 
 def open_store(path, partial: bool = False, cache_bytes: int = REMOTE_CACHE_BYTES) -> TrajectoryStore:
     """Open the store at the folder or URL ``path``; raises ``IncompleteStoreError`` unless it is complete or
-    ``partial`` (opened for writing) is asked for.
+    ``partial`` (opened for writing) is asked for, and ``StoreMetadataError`` when its metadata lies
+    (``cmt_core.trajectories.layout``).
 
     A URL is read through zarr's ``FsspecStore``; a complete one (read-only) through a cache in memory, as the page
     cache does for a local store. A store whose objects total at most ``cache_bytes`` (one listing tells) is read
@@ -458,10 +474,15 @@ def open_store(path, partial: bool = False, cache_bytes: int = REMOTE_CACHE_BYTE
             where = WholeObjectStore(remote, objects)
         else:
             where = CacheStore(remote, cache_store=MemoryStore(), max_size=cache_bytes)
-    group = zarr.open_group(where, mode="r+" if partial else "r")
-    attrs = dict(group.attrs)
-    if attrs.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a trajectory store of format {FORMAT!r} (format: {attrs.get('format')!r})")
+    try:
+        group = zarr.open_group(where, mode="r+" if partial else "r")
+        attrs = dict(group.attrs)
+        arrays = {name: (array.shape, array.chunks) for name, array in group.arrays()}
+        if "cond" in group:
+            arrays.update({f"cond/{name}": (a.shape, a.chunks) for name, a in group["cond"].arrays()})
+    except Exception as err:  # unreadable or malformed zarr metadata
+        raise StoreMetadataError(f"{path}: its zarr metadata (zarr.json) cannot be read: {describe(err)}") from None
+    check_layout(path, attrs, arrays)
     if not partial and not attrs.get("complete", False):
         done = int(np.count_nonzero(group["shard_done"][:]))
         raise IncompleteStoreError(

@@ -4,17 +4,29 @@
 written chunk of the states and of the trajectories' conditioning: a chunk that fails its crc32c checksum or its
 codec, or holds non-finite values (an absent chunk reads as NaN, the fill value), is reported with its shard.
 ``reset_bad_shards(path)`` forgets the bad and missing shards of a store marked complete, so that a rollout rerun
-recomputes exactly those from their seeds (``cmt store verify --repair``, ``cmt_core.repair``).
+recomputes exactly those from their seeds (``cmt store verify --repair``, ``cmt_core.repair``). ``mark_verified``
+records a full verification in the store (the rollouts stage does it before publishing), and ``store_problem``
+says whether a complete store can be reused.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from cmt_core.trajectories.store import CorruptChunkError, missing_shards, open_store, reset_shards, store_exists
+from cmt_core.errors import describe
+from cmt_core.trajectories.layout import StoreMetadataError
+from cmt_core.trajectories.store import (
+    CorruptChunkError,
+    missing_shards,
+    open_store,
+    remove_store,
+    reset_shards,
+    store_exists,
+)
 
 log = logging.getLogger("cmt")
 
@@ -57,7 +69,7 @@ def verify_store(path) -> VerifyReport:
     try:
         store = open_store(path, partial=True)
     except Exception as err:  # unreadable metadata is a finding, not a crash
-        return VerifyReport(str(path), False, error=f"{type(err).__name__}: {err}")
+        return VerifyReport(str(path), False, error=describe(err))
     missing = missing_shards(store)
     report = VerifyReport(str(path), store.complete, store.num_shards, store.num_chunks, missing)
     skip = set(missing)
@@ -78,8 +90,18 @@ def verify_store(path) -> VerifyReport:
 
 def reset_bad_shards(path) -> list[int]:
     """Reset the shards of a store marked complete that fail ``verify_store`` (damaged or missing chunks), so
-    that the rollouts recompute them from their seeds; returns them. A store still being written is left alone."""
-    if not store_exists(path) or not open_store(path, partial=True).complete:
+    that the rollouts recompute them from their seeds; returns them. A store still being written is left alone; a
+    store whose metadata cannot be trusted (``StoreMetadataError``) is removed, named in a warning: every part of it
+    is recomputed from its seeds."""
+    if not store_exists(path):
+        return []
+    try:
+        store = open_store(path, partial=True)
+    except StoreMetadataError as err:
+        log.warning("rollouts: %s; removing the store, its trajectories are recomputed from their seeds", err)
+        remove_store(path)
+        return []
+    if not store.complete:
         return []
     report = verify_store(path)
     bad = sorted(set(report.bad_shards) | set(report.missing_shards))
@@ -87,3 +109,34 @@ def reset_bad_shards(path) -> list[int]:
         log.warning("rollouts: %s has %d bad or missing shards %s; recomputing them", path, len(bad), bad[:10])
         reset_shards(path, bad)
     return bad
+
+
+VERIFIED = "verified"  # store attribute: every chunk was read back and found finite when the store was published
+
+
+def mark_verified(path) -> VerifyReport:
+    """``verify_store``; a sound store is marked ``verified`` (with its chunk count and the time), so reusing it
+    later needs no second full read (its chunks keep their checksums)."""
+    report = verify_store(path)
+    if report.ok:
+        open_store(path, partial=True).group.update_attributes(
+            {VERIFIED: {"chunks": report.num_chunks, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+    return report
+
+
+def store_problem(path) -> str | None:
+    """What makes the complete store at ``path`` unsound, in one line, or None: its metadata must hold
+    (``cmt_core.trajectories.layout``), and it must have been verified when it was published, or (a store
+    published before that was recorded) verify now."""
+    try:
+        store = open_store(path)
+    except Exception as err:  # lying metadata, an incomplete store
+        return describe(err)
+    if store.attrs.get(VERIFIED):
+        return None
+    report = verify_store(path)
+    if report.ok:
+        return None
+    first = report.bad_chunks[0] if report.bad_chunks else None
+    return (f"{len(report.bad_chunks)} bad chunks, first chunk {first['chunk']}: {first['error']}" if first
+            else report.summary().replace("\n", "; "))
