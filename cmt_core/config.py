@@ -144,6 +144,34 @@ class TrainConfig(StrictModel):
     keep_tolerance: float = Field(0.05, ge=0.0, le=1.0, description="keep='both': 'no worse than step 0' allows this "
                                   "relative excess, the evaluation's own noise (FD of 2,000 samples: about 5%)")
     seed: int = Field(0, ge=0)
+    # a power-function EMA's relative std lies in (0, 1 / sqrt(12)) (``cmt_core.phema.MAX_STD``)
+    ema_stds: tuple[Annotated[float, Field(gt=0.0, lt=12 ** -0.5)], ...] = Field(
+        (), max_length=16, description="EDM2's power-function EMAs of these relative stds (each in (0, 0.2887), "
+        "e.g. [0.05, 0.1]) instead of ema_decay's exponential EMA; the first is the one scored and kept (unless "
+        "posthoc_std); empty: the exponential EMA")
+    ema_snapshot_every: int | None = Field(
+        None, ge=1, description="with ema_stds: write every tracked EMA every N steps (and at the last) to "
+        "<run>/train/phema/ for post-hoc reconstruction; None: no snapshots")
+    posthoc_std: float | None = Field(
+        None, gt=0.0, lt=12 ** -0.5, description="with ema_stds and ema_snapshot_every: the EMA scored, kept and "
+        "returned is the power-function EMA of this relative std reconstructed from the snapshots; None: the first "
+        "of ema_stds")
+
+    @model_validator(mode="after")
+    def _ema_options(self) -> TrainConfig:
+        if len(set(self.ema_stds)) != len(self.ema_stds):
+            raise ValueError(f"ema_stds must be distinct relative stds, got {list(self.ema_stds)}")
+        if self.ema_snapshot_every is not None and not self.ema_stds:
+            raise ValueError(f"ema_snapshot_every={self.ema_snapshot_every} snapshots power-function EMAs: it needs "
+                             "ema_stds (e.g. [0.05, 0.1])")
+        if self.posthoc_std is not None and (not self.ema_stds or self.ema_snapshot_every is None):
+            raise ValueError(f"posthoc_std={self.posthoc_std} is reconstructed from snapshots of power-function "
+                             "EMAs: it needs ema_stds and ema_snapshot_every")
+        if self.posthoc_std is not None and self.eval_every is not None \
+                and self.eval_every % self.ema_snapshot_every != 0:
+            raise ValueError(f"eval_every={self.eval_every} must be a multiple of ema_snapshot_every="
+                             f"{self.ema_snapshot_every} with posthoc_std: the post-hoc EMA is evaluated at snapshots")
+        return self
 
 
 class TeacherConfig(StrictModel):

@@ -17,18 +17,29 @@ Safety: a non-finite loss stops the run with ``NonFiniteLossError`` and the last
 untouched; with ``evaluate`` the EMA model is scored at 1 and 2 steps every ``cfg.eval_every`` steps (and at
 step 0), and the one ``cfg.keep`` selects (``selection_score``) is kept in ``best.pt`` and returned, so a run
 never ends worse than its best evaluation (with ``keep="both"``: never worse than its start on either).
+
+EMA: ``cfg.ema_decay``'s exponential EMA, or with ``cfg.ema_stds`` EDM2's power-function EMAs of those relative
+stds (``cmt_core.phema``; training progress counted in steps), all of them in the checkpoint's ``ema`` field.
+``cfg.ema_snapshot_every``: every tracked EMA is written every that many steps and at the last step to
+``run_dir/phema/ema-<step>.pt`` (``snapshot_path``), from which ``posthoc_ema`` reconstructs the EMA of any std
+at a snapshot's step. The EMA model that is scored, kept and returned ("the scored EMA") is the power-function
+EMA of the first std, or with ``cfg.posthoc_std`` its post-hoc reconstruction from the snapshots up to that step
+(evaluations fall on snapshot steps; at step 0 every EMA is the initial model).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -38,14 +49,16 @@ from cmt_core.checkpoint import (
     BEST_FILE,
     CHECKPOINT_FILE,
     LOG_FILE,
+    CheckpointError,
     CheckpointIO,
     atomic_save,
     load_file,
     read_training_log,
 )
 from cmt_core.data.sources import BatchSource, move_batch
-from cmt_core.ema import EMA
+from cmt_core.ema import EMA, make_ema
 from cmt_core.objectives.base import StepRandom
+from cmt_core.phema import PowerFunctionEMA, combine_state_dicts, solve_posthoc_coefficients
 from cmt_core.rng import Stream, seed_of
 from cmt_core.runtime import Runtime
 
@@ -61,7 +74,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    model: nn.Module  # EMA weights: the best evaluated ones when ``evaluate`` was given, else the last
+    model: nn.Module  # the scored EMA's weights: the best evaluated ones when ``evaluate`` was given, else the last
     best_step: int | None = None
     best_score: float | None = None  # its ``selection_score``
     best_metrics: dict = field(default_factory=dict)  # its evaluation
@@ -128,8 +141,8 @@ def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     return kind(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def train_step(model: nn.Module, objective, batch: dict, cfg, step: int, opt: torch.optim.Optimizer, ema: EMA,
-               runtime: Runtime, wrapped: nn.Module | None = None) -> tuple[float, float]:
+def train_step(model: nn.Module, objective, batch: dict, cfg, step: int, opt: torch.optim.Optimizer,
+               ema: EMA | PowerFunctionEMA, runtime: Runtime, wrapped: nn.Module | None = None) -> tuple[float, float]:
     """Optimisation step ``step`` of ``model`` on this rank's ``batch`` (on the device); returns the loss averaged
     over ranks and the gradient norm before clipping.
 
@@ -155,8 +168,98 @@ def train_step(model: nn.Module, objective, batch: dict, cfg, step: int, opt: to
         raise NonFiniteLossError(f"non-finite loss {reported.item()} at step {step}")
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     opt.step()
-    ema.update(model)
+    ema.update(model, step + 1)
     return reported.item(), float(grad_norm)
+
+
+SNAPSHOT_DIR = "phema"
+_SNAPSHOT_NAME = re.compile(r"ema-(\d{9})\.pt")
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    """Where the snapshot of every tracked power-function EMA after ``step`` steps lives:
+    ``run_dir/phema/ema-<step, 9 digits>.pt``, a ``torch.save`` file of ``{"step": int, "stds": [float, ...],
+    "emas": [state dict per std], "buffers": [names of the keys an EMA copies rather than averages]}``."""
+    return Path(run_dir) / SNAPSHOT_DIR / f"ema-{step:09d}.pt"
+
+
+def snapshot_steps(run_dir: Path) -> list[int]:
+    """The steps of the snapshots under ``run_dir``, in increasing order."""
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    if not folder.is_dir():
+        return []
+    found = (_SNAPSHOT_NAME.fullmatch(p.name) for p in folder.iterdir())
+    return sorted(int(m.group(1)) for m in found if m is not None)
+
+
+def save_snapshot(run_dir: Path, step: int, ema: PowerFunctionEMA) -> None:
+    """Write the snapshot of every EMA of ``ema`` after ``step`` steps, atomically (``snapshot_path``)."""
+    snapshot_path(run_dir, step).parent.mkdir(exist_ok=True)
+    atomic_save({"step": step, "stds": list(ema.stds), "emas": [m.state_dict() for m in ema.models],
+                 "buffers": [name for name, _ in ema.model.named_buffers()]}, snapshot_path(run_dir, step))
+
+
+def _read_snapshot(path: Path, step: int, stds: list[float] | None, map_location) -> dict:
+    """A snapshot file, its fields checked (it is read from a file anyone may have edited); ``CheckpointError``
+    naming it when it is not the snapshot of ``step`` of the EMAs of ``stds`` (None: any)."""
+    blob = load_file(path, map_location)
+    if not isinstance(blob, dict) or set(blob) != {"step", "stds", "emas", "buffers"}:
+        raise CheckpointError(f"{path} is not an EMA snapshot (step, stds, emas, buffers)")
+    found = blob["stds"]
+    if blob["step"] != step or not _is_int(blob["step"]):
+        raise CheckpointError(f"{path} holds step {str(blob['step'])[:40]}, its name says {step}")
+    if not (isinstance(found, list) and found and all(isinstance(s, float) for s in found)
+            and isinstance(blob["emas"], list) and len(blob["emas"]) == len(found)
+            and all(isinstance(e, dict) for e in blob["emas"])):
+        raise CheckpointError(f"{path} does not hold one EMA state dict per std")
+    if stds is not None and found != stds:
+        raise CheckpointError(f"{path} holds the EMAs of stds {str(found)[:80]}, the other snapshots {stds}")
+    if not (isinstance(blob["buffers"], list) and all(isinstance(b, str) for b in blob["buffers"])):
+        raise CheckpointError(f"{path}: field buffers is not a list of names")
+    return blob
+
+
+def posthoc_ema(run_dir: Path, std: float, step: int | None = None, steps: list[int] | None = None,
+                map_location="cpu") -> dict:
+    """The state dict of the power-function EMA of relative std ``std`` after ``step`` steps (None: the last
+    snapshot's), reconstructed from the EMA snapshots of the run in ``run_dir`` (``snapshot_path``) by
+    ``cmt_core.phema.solve_posthoc_coefficients`` / ``combine_state_dicts``.
+
+    ``steps``: the snapshots used (None: every one at or before ``step``); one must be at ``step``. Every snapshot
+    must hold the EMAs of the same stds. A missing snapshot raises ``FileNotFoundError``, a damaged or foreign one
+    ``CheckpointError``, both naming the file."""
+    if steps is None:
+        available = snapshot_steps(run_dir)
+        if step is None and not available:
+            raise FileNotFoundError(f"no EMA snapshots in {Path(run_dir) / SNAPSHOT_DIR}")
+        step = available[-1] if step is None else step
+        steps = [s for s in available if s <= step]
+    steps = sorted(steps)
+    if not steps:
+        raise FileNotFoundError(f"no EMA snapshots at or before step {step} in {Path(run_dir) / SNAPSHOT_DIR}")
+    step = steps[-1] if step is None else step
+    if step not in steps or steps[0] < 1 or steps[-1] > step:
+        raise ValueError(f"reconstructing after step {step} needs a snapshot at that step and none after it "
+                         f"(steps >= 1), got snapshots at {steps[:5]}...{steps[-3:]}")
+    for s in steps:
+        if not snapshot_path(run_dir, s).is_file():
+            raise FileNotFoundError(f"EMA snapshot {snapshot_path(run_dir, s)} is missing: post-hoc EMA after "
+                                    f"step {step} needs it")
+    held = [_read_snapshot(snapshot_path(run_dir, steps[0]), steps[0], None, map_location)]
+    stds, buffers = held[0]["stds"], held[0]["buffers"]
+    in_ofs, in_std = np.repeat(steps, len(stds)), np.tile(stds, len(steps))
+    coefficients = solve_posthoc_coefficients(in_ofs, in_std, step, std)[:, 0]
+
+    def state_dicts():  # one snapshot file in memory at a time
+        for s in steps:
+            blob = held.pop() if held else _read_snapshot(snapshot_path(run_dir, s), s, stds, map_location)
+            yield from blob["emas"]
+
+    try:
+        return combine_state_dicts(state_dicts(), coefficients, copy_keys=buffers)
+    except ValueError as err:
+        raise CheckpointError(f"EMA snapshots in {Path(run_dir) / SNAPSHOT_DIR} do not fit together: {err}") \
+            from err
 
 
 def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
@@ -168,10 +271,11 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.to(runtime.device).train()
-    ema = EMA(model, cfg.ema_decay)
+    ema = make_ema(model, cfg.ema_decay, cfg.ema_stds)
+    power = isinstance(ema, PowerFunctionEMA)
     opt = make_optimizer(cfg, model.parameters())
     ckpt_path, best_path, log_path = run_dir / CHECKPOINT_FILE, run_dir / BEST_FILE, run_dir / LOG_FILE
-    checkpoint = CheckpointIO(model=model, ema=ema.model, optimizer=opt)
+    checkpoint = CheckpointIO(model=model, ema=ema if power else ema.model, optimizer=opt)
     start, best = 0, {"step": None, "score": math.inf, "start": None}
     resumed = checkpoint.load(ckpt_path, map_location=runtime.device, check=lambda v: resume_problem(v, cfg.steps))
     if resumed is not None:
@@ -179,8 +283,26 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
         logger.info("%s: resuming from step %d of %d (%s)", desc, start, cfg.steps, run_dir)
     saved = {"step": start if resumed is not None else None}  # the last checkpoint on disk
     history = read_training_log(log_path, up_to=start)
-    if runtime.is_main:  # drop lines written after the checkpoint we resume from
+    if runtime.is_main:  # drop lines (and EMA snapshots) written after the checkpoint we resume from
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        for late in (s for s in snapshot_steps(run_dir) if s > start):
+            snapshot_path(run_dir, late).unlink()
+    every = cfg.ema_snapshot_every if power else None
+    posthoc = {"module": None}  # the module the post-hoc EMA is loaded into
+
+    def snapshots_until(step: int) -> list[int]:
+        return [*range(every, step + 1, every), *([step] if step % every else [])]
+
+    def scored_model(step: int) -> nn.Module:
+        """The scored EMA after ``step`` steps (see the module docstring)."""
+        if cfg.posthoc_std is None or step == 0:
+            return ema.model
+        runtime.barrier()  # the main process wrote the snapshots
+        state = posthoc_ema(run_dir, cfg.posthoc_std, step, snapshots_until(step), map_location=runtime.device)
+        if posthoc["module"] is None:
+            posthoc["module"] = copy.deepcopy(ema.model)
+        posthoc["module"].load_state_dict(state)
+        return posthoc["module"]
 
     wrapped = model
     if runtime.distributed and not getattr(objective, "uses_jvp", False):
@@ -195,7 +317,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
 
     def run_evaluation(step: int) -> dict:
         started = time.perf_counter()
-        metrics = {k: float(v) for k, v in evaluate(ema.model).items()}
+        scored = scored_model(step)
+        metrics = {k: float(v) for k, v in evaluate(scored).items()}
         spent["eval"] += time.perf_counter() - started
         if best["start"] is None:
             best["start"] = {k: metrics[k] for k in ("score_1step", "score_2step")}
@@ -203,7 +326,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
         if score < best["score"]:
             best.update(step=step, score=score)
             if runtime.is_main:
-                atomic_save({"ema": ema.model.state_dict(), "step": step, "metrics": metrics}, best_path)
+                atomic_save({"ema": scored.state_dict(), "step": step, "metrics": metrics}, best_path)
         return {f"eval_{k}": v for k, v in metrics.items()}
 
     def log(row: dict) -> None:
@@ -231,6 +354,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
                                          "raise grad_clip.") from None
             running.append(loss)
             done = step + 1
+            if every is not None and runtime.is_main and (done % every == 0 or done == cfg.steps):
+                save_snapshot(run_dir, done, ema)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 row = {"step": done, "loss": sum(running) / len(running), "lr": opt.param_groups[0]["lr"],
                        "grad_norm": grad_norm, "seconds": time.perf_counter() - t0}
@@ -247,11 +372,16 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
     finally:
         bar.close()
 
-    result = TrainResult(ema.model, history=history)
+    kept = None
+    if evaluate is not None and best["step"] is not None and best_path.exists():
+        kept = load_file(best_path, map_location=runtime.device)
+    final = ema.model
+    if kept is None and cfg.posthoc_std is not None and stop == cfg.steps:
+        final = scored_model(stop)  # the post-hoc EMA at the end of the run
+    result = TrainResult(final, history=history)
     if evaluate is not None and best["step"] is not None:
-        if best_path.exists():
-            kept = load_file(best_path, map_location=runtime.device)
-            ema.model.load_state_dict(kept["ema"])
+        if kept is not None:
+            final.load_state_dict(kept["ema"])
             result.best_metrics = kept["metrics"]
         result.best_step, result.best_score = best["step"], best["score"]
     return result

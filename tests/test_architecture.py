@@ -138,6 +138,12 @@ SPECIAL = {
     "network.kind": {"network.kind": "unet"},
     # the teacher samples with Heun, which has no lower_order_final: a multistep sampler that has it
     "teacher.sampler.lower_order_final": {"teacher.sampler.name": "dpm3m", "teacher.sampler.lower_order_final": True},
+    # the power-function EMA's fields take effect together
+    **{f"{s}.train.ema_stds": {f"{s}.train.ema_stds": [0.05, 0.1]} for s in ("teacher", "midtrain", "posttrain")},
+    **{f"{s}.train.ema_snapshot_every": {f"{s}.train.ema_stds": [0.05, 0.1], f"{s}.train.ema_snapshot_every": 10}
+       for s in ("teacher", "midtrain", "posttrain")},
+    **{f"{s}.train.posthoc_std": {f"{s}.train.ema_stds": [0.05, 0.1], f"{s}.train.ema_snapshot_every": 10,
+                                  f"{s}.train.posthoc_std": 0.07} for s in ("teacher", "midtrain", "posttrain")},
 }
 
 

@@ -12,7 +12,6 @@ says whether a complete store can be reused.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -115,12 +114,12 @@ VERIFIED = "verified"  # store attribute: every chunk was read back and found fi
 
 
 def mark_verified(path) -> VerifyReport:
-    """``verify_store``; a sound store is marked ``verified`` (with its chunk count and the time), so reusing it
-    later needs no second full read (its chunks keep their checksums)."""
+    """``verify_store``; a sound store is marked ``verified`` (with the number of chunks read back), so reusing it
+    later needs no second full read (its chunks keep their checksums). The mark holds no time: identical runs
+    write identical stores."""
     report = verify_store(path)
     if report.ok:
-        open_store(path, partial=True).group.update_attributes(
-            {VERIFIED: {"chunks": report.num_chunks, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+        open_store(path, partial=True).group.update_attributes({VERIFIED: {"chunks": report.num_chunks}})
     return report
 
 
