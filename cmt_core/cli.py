@@ -39,7 +39,7 @@ from cmt_core.methods import names
 from cmt_core.preflight import check_root, preflight
 from cmt_core.presets import PRESETS, resolve_config
 from cmt_core.runtime import Runtime, torchrun_command
-from cmt_core.stages import STAGES, TRAINING_STAGES, plan
+from cmt_core.stages import PIPELINE, STAGES, TRAINING_STAGES, plan
 
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     log_file = None  # every path is handled below, where a failure is one line and an exit code
     try:
         resolved = plan(cfg)  # once for the run, handed to every stage
-        targets = [args.name] if args.command == "stage" else resolved.needed(STAGES)
+        targets = [args.name] if args.command == "stage" else resolved.needed(PIPELINE)
         preflight(resolved, targets)  # nothing is written for bad input, not even a log file
         log_file = setup_logging(cfg.local_root, args.command)
         runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)

@@ -32,7 +32,7 @@ DistanceName = Literal[methods.DISTANCES]  # the per-sample distances (``cmt_cor
 INPUT_FILES = {"data.path": None, "teacher.path": "file", "midtrain.lpips_backbone": "file",
                "eval.inception_path": "file"}
 PATH_FIELDS = ("artifact_root", "cache_root", *INPUT_FILES)
-DATA_PATH_KIND = {"npz": "file", "image_folder": "dir", "cifar10": "dir"}
+DATA_PATH_KIND = {"npz": "file", "image_folder": None, "cifar10": "dir"}  # None: a folder or a .zip archive
 
 
 def registered(stage: str):
@@ -64,7 +64,8 @@ class DataConfig(StrictModel):
     """
 
     name: Literal[DATA_NAMES] = "digits"
-    path: Path | None = Field(None, description="local file or folder for npz / image_folder / cifar10")
+    path: Path | None = Field(None, description="local file or folder for npz / image_folder (a folder, or EDM "
+                              "dataset_tool's .zip) / cifar10")
     resolution: int | None = Field(None, ge=4, le=1024, description="resize images to this size (None: native)")
     num_modes: int = Field(8, ge=1, le=1024, description="gaussian_mixture: number of components on a circle")
     mode_radius: float = Field(2.0, gt=0, description="gaussian_mixture: radius of the circle of means")
@@ -72,18 +73,27 @@ class DataConfig(StrictModel):
     checker_cells: int = Field(4, ge=2, le=64, description="checkerboard: cells per side")
     seed: int = Field(0, ge=0, description="seed of the train / held-out split")
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of images kept for evaluation")
+    num_classes: int = Field(0, ge=0, le=100_000, description="class-conditional: the number of classes of the "
+                             "data's labels (digits, cifar10: 10; gaussian_mixture: its modes dealt to this many "
+                             "classes); every label must lie in [0, num_classes); 0: unconditional, labels unused")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
         if self.name in FILE_DATA and self.path is None:
             raise ValueError(f"data.path is required for data.name={self.name!r}")
+        if self.name == "checkerboard" and self.num_classes:
+            raise ValueError(f"data.num_classes={self.num_classes}: the checkerboard has no classes (use 0)")
+        if self.name == "gaussian_mixture" and self.num_classes > self.num_modes:
+            raise ValueError(f"data.num_classes={self.num_classes} exceeds data.num_modes={self.num_modes}: each "
+                             "class needs a mode of the mixture")
         return self
 
 
 class NetworkConfig(StrictModel):
     """Raw network wrapped by the EDM preconditioning (``cmt_core.preconditioning``)."""
 
-    kind: Literal["mlp", "unet"] = "mlp"
+    kind: Literal["mlp", "unet", "edm2"] = Field("mlp", description="mlp; unet: EDM's DDPM++ U-Net; edm2: "
+                                                "EDM2's magnitude-preserving U-Net")
     width: int = Field(256, ge=1, le=8192, description="mlp hidden width / unet base channels")
     depth: int = Field(4, ge=1, le=64, description="mlp hidden layers / unet residual blocks per resolution")
     channel_mult: tuple[int, ...] = Field((1, 2, 2), min_length=1, description="unet channel multipliers")
@@ -94,6 +104,14 @@ class NetworkConfig(StrictModel):
     consistency_boundary: Literal["always", "evaluation"] = Field(
         "always", description="consistency models: the boundary form f(x, sigma_min) = x in training too, or "
         "only at evaluation with EDM's scalings in training (ECT, the CMT reference)")
+
+    @model_validator(mode="after")
+    def _edm2_embedding(self) -> NetworkConfig:
+        if self.kind == "edm2" and self.emb_dim % self.width:
+            raise ValueError(f"network.emb_dim={self.emb_dim} must be a multiple of network.width={self.width} for "
+                             f"network.kind='edm2' (EDM2's embedding is width x channel_mult_emb wide; its default: "
+                             f"width x max(channel_mult) = {self.width * max(self.channel_mult)})")
+        return self
 
 
 class SolverConfig(StrictModel):
@@ -129,7 +147,11 @@ class TrainConfig(StrictModel):
     optimizer: Literal["adam", "radam"] = "radam"
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam's moment decays, each in [0, 1)")
     weight_decay: float = Field(0.0, ge=0.0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    lr_schedule: Literal["constant", "linear", "cosine", "rsqrt"] = Field(
+        "linear", description="after the warm-up: constant, linear or cosine decay to final_lr_fraction * lr, or "
+        "rsqrt: lr / sqrt(max(step / lr_decay_steps, 1)) (EDM2's inverse square root decay)")
+    lr_decay_steps: int | None = Field(None, ge=1, description="lr_schedule='rsqrt': the step where the decay "
+                                       "starts (EDM2's ref_batches)")
     warmup_steps: int = Field(0, ge=0)
     final_lr_fraction: float = Field(0.0, ge=0.0, le=1.0, description="lr at the end of linear / cosine decay")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
@@ -144,6 +166,9 @@ class TrainConfig(StrictModel):
     keep_tolerance: float = Field(0.05, ge=0.0, le=1.0, description="keep='both': 'no worse than step 0' allows this "
                                   "relative excess, the evaluation's own noise (FD of 2,000 samples: about 5%)")
     seed: int = Field(0, ge=0)
+    label_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="class-conditional data: the fraction of each "
+                                 "batch's labels replaced by the unconditional class (an all-zero row), as EDM / "
+                                 "EDM2 train a network for classifier-free guidance; 0: none")
     # a power-function EMA's relative std lies in (0, 1 / sqrt(12)) (``cmt_core.phema.MAX_STD``)
     ema_stds: tuple[Annotated[float, Field(gt=0.0, lt=12 ** -0.5)], ...] = Field(
         (), max_length=16, description="EDM2's power-function EMAs of these relative stds (each in (0, 0.2887), "
@@ -159,6 +184,9 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _ema_options(self) -> TrainConfig:
+        if (self.lr_schedule == "rsqrt") != (self.lr_decay_steps is not None):
+            raise ValueError(f"lr_decay_steps={self.lr_decay_steps} goes with lr_schedule='rsqrt' and only with it "
+                             f"(lr_schedule={self.lr_schedule!r})")
         if len(set(self.ema_stds)) != len(self.ema_stds):
             raise ValueError(f"ema_stds must be distinct relative stds, got {list(self.ema_stds)}")
         if self.ema_snapshot_every is not None and not self.ema_stds:
@@ -203,6 +231,43 @@ class TeacherConfig(StrictModel):
             raise ValueError(f"teacher.source='callable' imports and runs teacher.target={self.target!r} with this "
                              "process's rights; set teacher.allow_code=true to allow it, for code you trust")
         return self
+
+
+class GuideConfig(StrictModel):
+    """The guide network ``g`` of autoguidance: a denoiser of the same data and classes, weaker than the teacher
+    (EDM2's recipe: a smaller network trained for a shorter time), pre-trained here with the teacher's objective
+    or loaded like the teacher (our model file, or an EDM / EDM2 network pickle read without running its code)."""
+
+    source: Literal["pretrain", "checkpoint", "edm_pickle"] = "pretrain"
+    path: Path | None = Field(None, description="source='checkpoint' / 'edm_pickle': the guide's file")
+    width: int | None = Field(None, ge=1, le=8192, description="pretrain: the guide's network.width (None: the "
+                              "teacher's)")
+    depth: int | None = Field(None, ge=1, le=64, description="pretrain: the guide's network.depth (None: the "
+                              "teacher's)")
+    train: TrainConfig = TrainConfig(steps=1000, lr=1e-3, optimizer="adam", ema_decay=0.999)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> GuideConfig:
+        if self.source != "pretrain" and self.path is None:
+            raise ValueError(f"guidance.guide.path is required for guidance.guide.source={self.source!r}")
+        return self
+
+
+class GuidanceConfig(StrictModel):
+    """Guidance of a class-conditional teacher (``cmt_core.guidance``): D_w(x) = g(x).lerp(D(x), w), with ``g`` the
+    teacher's unconditional branch (``cfg``: classifier-free guidance, the teacher trained with label dropout) or
+    a separate guide network (``autoguidance``, ``guide``). One definition wherever the teacher is used: its
+    rollouts (``rollout_scale``), ECD's teacher step and the teacher's own sampling in the evaluation (``scale``)."""
+
+    kind: Literal["none", "cfg", "autoguidance"] = "none"
+    scale: float = Field(1.0, ge=0.0, le=100.0, description="w of ECD's teacher step and of the teacher's samples "
+                         "in the evaluation; 1: unguided (D itself)")
+    rollout_scale: float = Field(1.0, ge=0.0, le=100.0, description="w of the rollouts' teacher (the reference's "
+                                 "ImageNet rollouts: 1, unguided)")
+    sweep: tuple[Annotated[float, Field(ge=0.0, le=100.0)], ...] = Field(
+        (), max_length=32, description="evaluation: the teacher also scored at each of these w (FD against class "
+        "accuracy)")
+    guide: GuideConfig = GuideConfig()
 
 
 class StoreConfig(StrictModel):
@@ -294,6 +359,10 @@ class ECTConfig(StrictModel):
                                 "for t <= anchor_sigma the target is the mid-trained model's own f(x_t, t) (a frozen "
                                 "copy), so post-training keeps the map mid-training learned there and tunes above "
                                 "it; 0: ECT / ECD as published (the boundary f(x, sigma_min) = x alone)")
+    weighting: Literal["inverse_dt", "snr_plus_k"] = Field(
+        "inverse_dt", description="the loss weight: 1 / (t - r) (ECT's, the reference's CIFAR-10 / FFHQ / AFHQ "
+        "loss) or snr_plus_k (t^2 + sigma_data^2) / (t sigma_data)^2 = 1 / t^2 + 1 / sigma_data^2 (the "
+        "reference's ImageNet-512 ECT / ECD loss, its wt='snrpk')")
 
 
 class MeanFlowConfig(StrictModel):
@@ -373,6 +442,7 @@ class PipelineConfig(StrictModel):
     rollout: RolloutConfig = RolloutConfig()
     midtrain: MidTrainConfig = MidTrainConfig()
     posttrain: PostTrainConfig = PostTrainConfig()
+    guidance: GuidanceConfig = GuidanceConfig()
     eval: EvalConfig = EvalConfig()
     launch: LaunchConfig = LaunchConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -409,14 +479,15 @@ class PipelineConfig(StrictModel):
     def _consistent(self) -> PipelineConfig:
         if self.teacher.source == "exact" and self.data.name not in POINT_DATA:
             raise ValueError(f"teacher.source='exact' needs 2-D synthetic data, not data.name={self.data.name!r}")
-        if self.network.kind == "unet" and self.data.name in POINT_DATA:
-            raise ValueError("network.kind='unet' needs image data; use 'mlp' for 2-D data")
+        if self.network.kind != "mlp" and self.data.name in POINT_DATA:
+            raise ValueError(f"network.kind={self.network.kind!r} needs image data; use 'mlp' for 2-D data")
         if self.teacher.source in PROGRAMS:
             for field, init in (("midtrain.init", self.midtrain.init), ("posttrain.init", self.posttrain.init)):
                 if init == "teacher":
                     raise ValueError(f"{field}='teacher' needs the teacher's network weights, and "
                                      f"teacher.source={self.teacher.source!r} has none of ours; use init='random' or "
                                      "a checkpoint / edm_pickle / pretrain teacher")
+        self._conditioning()
         for rules in dict.fromkeys(m.rules for m in methods.METHODS.values()):  # each rule once, in order
             rules(self)
         mid, post = methods.get_method(self.midtrain.form), methods.get_method(self.posttrain.method)
@@ -426,6 +497,33 @@ class PipelineConfig(StrictModel):
                              f"midtrain.form that trains one ({', '.join(repr(f) for f in forms)}), not "
                              f"{mid.name!r}")
         return self
+
+
+    def _conditioning(self) -> None:
+        """Labels, label dropout and guidance fit together: guidance and label dropout need class labels, a scale
+        needs a kind of guidance, classifier-free guidance a teacher with an unconditional branch."""
+        g, classes = self.guidance, self.data.num_classes
+        for section in ("teacher", "midtrain", "posttrain"):
+            rate = getattr(self, section).train.label_dropout
+            if rate and not classes:
+                raise ValueError(f"{section}.train.label_dropout={rate} drops class labels: it needs class-conditional "
+                                 "data (data.num_classes > 0)")
+        if g.kind == "none":
+            for field, value, neutral in (("scale", g.scale, 1.0), ("rollout_scale", g.rollout_scale, 1.0),
+                                          ("sweep", list(g.sweep), [])):
+                if value != neutral:
+                    raise ValueError(f"guidance.{field}={value} guides the teacher: it needs guidance.kind 'cfg' or "
+                                     "'autoguidance'")
+            return
+        if not classes:
+            raise ValueError(f"guidance.kind={g.kind!r} guides a class-conditional teacher: it needs "
+                             "data.num_classes > 0 (the data's classes)")
+        if self.teacher.source in PROGRAMS:
+            raise ValueError(f"guidance.kind={g.kind!r}: a teacher.source={self.teacher.source!r} teacher is "
+                             "unconditional (it takes no class labels)")
+        if g.kind == "cfg" and self.teacher.source == "pretrain" and not self.teacher.train.label_dropout:
+            raise ValueError("guidance.kind='cfg' guides with the teacher's unconditional branch: a teacher "
+                             "pre-trained here needs teacher.train.label_dropout > 0 (EDM trains it with 0.1)")
 
 
 def save_yaml(cfg: PipelineConfig, path: str | Path) -> None:

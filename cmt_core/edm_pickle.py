@@ -1,11 +1,11 @@
 """EDM network pickles, read without running any of their code.
 
-An EDM network pickle (EDM's ``edm-cifar10-32x32-uncond-vp.pkl``, a ``network-snapshot-*.pkl`` of EDM, ECT or
-CMT) is a plain pickle of ``{"ema": <network>, "loss_fn": ..., "augment_pipe": ..., "dataset_kwargs": {...}}``.
-EDM's ``torch_utils.persistence`` writes every instance of its classes as a call of its reconstructor on a
-record holding the source code of the class's whole module, the class name and the instance's ``__dict__``
-(constructor arguments, parameters, buffers, submodules). Unpickling such a file the ordinary way executes
-that source code, and any global a pickle names can be called.
+An EDM network pickle (EDM's ``edm-cifar10-32x32-uncond-vp.pkl`` or ``-cond-vp.pkl``, a ``network-snapshot-*.pkl``
+of EDM, ECT or CMT) is a plain pickle of ``{"ema": <network>, "loss_fn": ..., "augment_pipe": ...,
+"dataset_kwargs": {...}}``. EDM's ``torch_utils.persistence`` writes every instance of its classes as a call of
+its reconstructor on a record holding the source code of the class's whole module, the class name and the
+instance's ``__dict__`` (constructor arguments, parameters, buffers, submodules). Unpickling such a file the
+ordinary way executes that source code, and any global a pickle names can be called.
 
 ``EDMUnpickler`` resolves only the globals the format needs, each to a harmless stand-in:
 
@@ -16,9 +16,11 @@ that source code, and any global a pickle names can be called.
 * ``torch.nn.ModuleDict`` -> ``ModuleRecord``; ``collections.OrderedDict``; EDM's ``EasyDict`` -> ``dict``.
 
 Any other global raises ``ForbiddenGlobal`` naming it, before anything of it runs. ``load_edm_network`` then
-maps the ``ema`` network onto ours: SongUNet at its DDPM++ configuration onto ``cmt_core.networks.unet.UNet``
-(same parameter names), ``EDMPrecond`` / ``VPPrecond`` onto ``Denoiser`` / ``VPDenoiser``; any other class,
-constructor argument or setting our network does not implement is refused by name.
+maps the ``ema`` network onto ours: SongUNet at its DDPM++ configuration, unconditional or class-conditional
+(``label_dim > 0``: its ``map_label`` layer), onto ``cmt_core.networks.unet.UNet`` (same parameter names),
+``EDMPrecond`` / ``VPPrecond`` onto ``Denoiser`` / ``VPDenoiser``; any other class, constructor argument or setting
+our network does not implement is refused by name. SongUNet's ``label_dropout`` (a training-time setting) is
+accepted and ignored: our networks never drop labels, the training loop drops them for whole batches.
 """
 
 from __future__ import annotations
@@ -159,8 +161,8 @@ SONGUNET_DEFAULTS = {
     "decoder_type": "standard", "resample_filter": [1, 1],
 }
 SONGUNET_REQUIRED = ("img_resolution", "in_channels", "out_channels")
-# The settings of SongUNet that our U-Net implements (its DDPM++ configuration, unconditional).
-DDPMPP = {"label_dim": 0, "embedding_type": "positional", "channel_mult_noise": 1, "encoder_type": "standard",
+# The settings of SongUNet that our U-Net implements (its DDPM++ configuration).
+DDPMPP = {"embedding_type": "positional", "channel_mult_noise": 1, "encoder_type": "standard",
           "decoder_type": "standard", "resample_filter": [1, 1]}
 # The arguments of each supported preconditioning class besides those it passes on to SongUNet. Their
 # sampling bounds (sigma_min, sigma_max, epsilon_t) are not part of the denoiser, and use_fp16 is an execution
@@ -175,9 +177,9 @@ PRECONDITIONING_ARGS = {
 
 @dataclass
 class EDMNetwork:
-    """An EDM network as ours: the denoiser (eval mode), its network values (architecture and, for ``EDMPrecond``,
-    ``sigma_data``: the fields of a ``NetworkConfig``), sample shape ``(C, H, W)``, and the name of the EDM
-    preconditioning class it came from."""
+    """An EDM network as ours: the denoiser (eval mode), its network values (architecture, ``label_dim`` when the
+    network is class-conditional, and, for ``EDMPrecond``, ``sigma_data``: the values ``build_model`` takes), sample
+    shape ``(C, H, W)``, and the name of the EDM preconditioning class it came from."""
 
     model: nn.Module
     network: dict
@@ -206,10 +208,15 @@ def edm_network(precond) -> EDMNetwork:
     if unknown:
         raise ValueError(f"unknown {name} arguments {sorted(unknown)}")
     args = _songunet_args(unet.init_kwargs())
+    settings = precond.state  # the instance's attributes: the constructor's values, defaults included
+    if settings.get("label_dim", 0) != args["label_dim"]:
+        raise ValueError(f"{name} label_dim={settings.get('label_dim')!r} differs from its SongUNet's "
+                         f"label_dim={args['label_dim']}")
     architecture = dict(kind="unet", width=args["model_channels"], depth=args["num_blocks"],
                         channel_mult=tuple(args["channel_mult"]), attention_resolutions=tuple(args["attn_resolutions"]),
                         dropout=args["dropout"], emb_dim=args["model_channels"] * args["channel_mult_emb"])
-    settings = precond.state  # the instance's attributes: the constructor's values, defaults included
+    if args["label_dim"]:  # only then: the network values of an unconditional network are as they always were
+        architecture["label_dim"] = args["label_dim"]
     if name == "EDMPrecond":
         network = {**architecture, "sigma_data": float(settings["sigma_data"])}
         preconditioning = {"name": "edm"}
@@ -243,6 +250,8 @@ def _songunet_args(kwargs: dict) -> dict:
                              f"our U-Net is DDPM++ ({key}={supported!r})")
     if args["out_channels"] != args["in_channels"]:
         raise ValueError(f"SongUNet out_channels={args['out_channels']} differs from in_channels={args['in_channels']}")
+    if isinstance(args["label_dim"], bool) or not isinstance(args["label_dim"], int) or args["label_dim"] < 0:
+        raise ValueError(f"SongUNet label_dim={args['label_dim']!r} is not a non-negative integer")
     return args
 
 

@@ -4,7 +4,8 @@ Kinds: ``denoiser`` (teacher, one time; EDM's or EDM's VP preconditioning), ``co
 boundary form at ``sigma_min``), ``flow_map`` (two times: flow map / Mean Flow). A model file holds the kind,
 the ``network`` mapping (the architecture values ``cmt_core.networks.build.ARCHITECTURE`` plus the
 preconditioning's ``sigma_data`` and ``consistency_boundary``: a ``NetworkConfig`` dumped by the stage that saved
-it), the sample shape, ``sigma_min`` (consistency models and flow maps; None otherwise), the denoiser's
+it, with ``label_dim`` only for a class-conditional model, so files of unconditional ones read as before), the
+sample shape, ``sigma_min`` (consistency models and flow maps; None otherwise), the denoiser's
 ``preconditioning`` (denoisers; None otherwise) and the weights, so ``load_model`` rebuilds it without the
 pipeline config. It holds nothing but plain values and tensors, and is read with ``weights_only=True``.
 """
@@ -29,10 +30,11 @@ NUM_TIMES = {"denoiser": 1, "consistency": 1, "flow_map": 2}
 
 def build_model(kind: str, network: Mapping, sample_shape, sigma_min: float | None = None,
                 preconditioning: dict | None = None) -> nn.Module:
-    """An untrained model of ``kind``; ``network``: the architecture values (``ARCHITECTURE``), ``sigma_data`` and,
-    for consistency models, ``consistency_boundary``; ``sigma_min`` (the boundary time) is required for consistency
-    models and is a flow map's clean end (``FlowMap``: jumps below it are conditioned on it; None: no floor);
-    ``preconditioning`` names a denoiser's wrapper (``cmt_core.preconditioning.make_denoiser``; None: EDM's)."""
+    """An untrained model of ``kind``; ``network``: the architecture values (``ARCHITECTURE``; a missing
+    ``label_dim`` is 0, unconditional), ``sigma_data`` and, for consistency models, ``consistency_boundary``;
+    ``sigma_min`` (the boundary time) is required for consistency models and is a flow map's clean end
+    (``FlowMap``: jumps below it are conditioned on it; None: no floor); ``preconditioning`` names a denoiser's
+    wrapper (``cmt_core.preconditioning.make_denoiser``; None: EDM's)."""
     if kind not in NUM_TIMES:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(NUM_TIMES)}")
     architecture = {k: network[k] for k in ARCHITECTURE if k in network}

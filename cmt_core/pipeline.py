@@ -4,7 +4,7 @@
     from cmt_core.pipeline import run_pipeline, run_stage
 
     cfg = get_preset("toy", ["posttrain.train.steps=500"], artifact_root="artifacts")
-    results = run_pipeline(cfg)            # every stage, complete ones reused
+    results = run_pipeline(cfg)            # the whole run, complete stages reused
     run_stage(cfg, "midtrain")             # one stage (its inputs must be complete)
 
 Both are entry points: they check their inputs (``cmt_core.preflight``) before anything runs. Orchestrators that
@@ -17,7 +17,7 @@ from __future__ import annotations
 from cmt_core.engine import Plan, Progress, StageResult, compute_stage
 from cmt_core.preflight import preflight
 from cmt_core.runtime import Runtime
-from cmt_core.stages import STAGES, plan
+from cmt_core.stages import PIPELINE, plan
 
 
 def run_stage(cfg, stage: str, runtime: Runtime | None = None, progress: Progress | None = None,
@@ -38,7 +38,7 @@ def compute_targets(resolved: Plan, targets, runtime: Runtime | None = None) -> 
     return {stage: compute_stage(resolved, stage, runtime) for stage in resolved.needed(targets)}
 
 
-def run_pipeline(cfg, runtime: Runtime | None = None, targets=tuple(STAGES)) -> dict[str, StageResult]:
+def run_pipeline(cfg, runtime: Runtime | None = None, targets=PIPELINE) -> dict[str, StageResult]:
     """``targets`` and the stages they need, in order; complete artifacts are reused. Every file the stages
     to compute read is checked (``preflight``) before the first one starts."""
     resolved = plan(cfg)

@@ -9,14 +9,14 @@ verified twice). It checks:
   kernel file system (``/proc``, ``/sys``, ``/dev``...); the artifact root a folder this process can create and
   write, whose own folders (``logs``, ``features``, the stages') are folders if they exist; each file or folder a
   field names (``cmt_core.config.INPUT_FILES``) of the kind it is read as: a regular file (never a FIFO, a device
-  or a socket, which are refused, not read) or a folder;
+  or a socket, which are refused, not read) or a folder (an image folder's ``data.path``: a folder or a ``.zip``);
 * the device exists;
 * values (``check_values``): the solvers' noise-level grids finite, positive and strictly decreasing in float32,
   their squares finite (EDM's scalings square sigma); the evaluation's sigmas finite in float32; ECT's step
   1/q^(stage + 1) above float32's resolution for the whole run (else t - r rounds to 0);
 * the data (``check_data``): it reads, its training split is not empty, and its held-out split holds at least 2
   samples to score against (or is empty on purpose, ``heldout_fraction=0``: scored against the training split, as
-  the recipes' ``fid50k_full`` does);
+  the recipes' ``fid50k_full`` does); with ``data.num_classes`` > 0 every sample has a label in [0, num_classes);
 * memory (``check_memory``): what the stages hold at once (a rollout shard and batch per worker, the trajectory
   loader's decoded chunks, the network with its EMA, optimizer and gradients, the evaluation's samples) against
   the memory this machine has available;
@@ -40,6 +40,7 @@ from cmt_core import object_storage as remote
 from cmt_core.artifacts import FEATURES_DIR, LOGS_DIR, RESULTS_DIR
 from cmt_core.config import DATA_PATH_KIND, INPUT_FILES, DataConfig, TeacherConfig
 from cmt_core.data import Data, load_data
+from cmt_core.data.datasets import ClassLabelError
 from cmt_core.engine import Plan, complete_result
 from cmt_core.errors import PreflightError, brief, describe
 from cmt_core.methods import get_method
@@ -177,7 +178,21 @@ def _check_files(cfg, plan: Plan, todo: list[str]) -> None:
         for key in path.split("."):
             value = value[key]
         if value is not None and any(plan.stages[s].declares(path) for s in todo):
-            check_path(path, value, kind or DATA_PATH_KIND.get(cfg.data.name, "file"))
+            resolved = check_path(path, value, kind or DATA_PATH_KIND.get(cfg.data.name, "file"))
+            if path == "data.path" and cfg.data.name == "image_folder":
+                _check_image_source(value, resolved)
+
+
+def _check_image_source(value, resolved: Path) -> None:
+    """An image folder's ``data.path`` (``resolved`` by ``check_path``) is a folder or a regular ``.zip`` file."""
+    shown = f"data.path={brief(str(value))}"
+    if not resolved.exists():
+        raise PreflightError(f"{shown} does not exist; put the image folder or .zip archive there or set data.path "
+                             "to where it is")
+    mode = resolved.stat().st_mode
+    if not stat.S_ISDIR(mode) and not (stat.S_ISREG(mode) and resolved.suffix.lower() == ".zip"):
+        raise PreflightError(f"{shown} is a {_kind_of(mode)}, not a folder or a .zip archive; data.name="
+                             "'image_folder' reads a folder of PNG / JPEG images or EDM dataset_tool's .zip")
 
 
 # ----------------------------------------------------------------------------------------------------- values
@@ -367,6 +382,8 @@ def _check_inputs(data_json: str, teacher_json: str | None) -> tuple[int, ...]:
     data_cfg = DataConfig.model_validate_json(data_json)
     try:
         data = load_data(data_cfg)
+    except ClassLabelError as err:  # labels missing or out of range: the message names data.num_classes
+        raise PreflightError(str(err)) from err
     except Exception as err:  # an unreadable data file or folder
         raise PreflightError(f"data.path={brief(str(data_cfg.path))} cannot be read as data.name="
                              f"{data_cfg.name!r}: {describe(err)}") from err

@@ -72,6 +72,20 @@ def _digits() -> dict:
     }
 
 
+def _digits_cond() -> dict:
+    """``digits`` made class-conditional: the teacher learns D(x, t, c) with 10% of its labels dropped to the
+    unconditional class, and is guided by classifier-free guidance at ``DIGITS_GUIDANCE``, in its rollouts (CMT
+    mid-trains on the guided flow), ECD's teacher step and its own samples; the evaluation also scores the teacher
+    at every scale of the sweep (FD against class accuracy). Every number beyond ``digits``' is our choice."""
+    cfg = _merge(_digits(), {"data": {"num_classes": 10}, "teacher": {"train": {"label_dropout": 0.1}}})
+    cfg["guidance"] = {"kind": "cfg", "scale": DIGITS_GUIDANCE, "rollout_scale": DIGITS_GUIDANCE,
+                       "sweep": [1.0, 1.5, 2.0, 3.0, 4.0]}
+    return cfg
+
+
+DIGITS_GUIDANCE = 2.0  # digits-cond's guidance scale
+
+
 def _meanflow(base: dict, midtrain: dict, posttrain: dict) -> dict:
     """``base`` (``toy`` / ``digits``) with flow-map mid-training, then Mean Flow post-training from it: the same
     teacher and rollouts (shared artifacts), a ``FlowMap`` mid-trained on d(f(x_t, t, s), x_s) (the ``mf`` form's
@@ -191,7 +205,8 @@ def _faces64(name: str, q: float) -> dict:
                                     sampler_steps=40), q=q)
 
 
-PRESETS = {"toy": _toy, "digits": _digits, "toy-meanflow": _toy_meanflow, "digits-meanflow": _digits_meanflow,
+PRESETS = {"toy": _toy, "digits": _digits, "digits-cond": _digits_cond, "toy-meanflow": _toy_meanflow,
+           "digits-meanflow": _digits_meanflow,
            "cifar10": _cifar10, "cifar10-tiny": lambda: _cifar10(tiny=True),
            "ffhq64": lambda: _faces64("ffhq-64x64", q=512.0), "afhq64": lambda: _faces64("afhqv2-64x64", q=1024.0)}
 

@@ -11,6 +11,7 @@ back the manifest, the store's attributes and the done markers of the shards it 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from cmt_core import object_storage as remote
 from cmt_core.artifacts import MANIFEST, artifact_lock, publish, read_manifest, write_manifest
 from cmt_core.config import PipelineConfig
 from cmt_core.data import load_data
-from cmt_core.errors import StageError, describe
+from cmt_core.errors import StageError, brief, describe
 from cmt_core.stages import rollout_teacher, solve_rollouts
 from cmt_core.trajectories.store import open_store
 from cmt_core.trajectories.verify import mark_verified, reset_bad_shards
@@ -39,10 +40,12 @@ def _config_of(values: dict) -> PipelineConfig:
     return PipelineConfig.model_validate(nested)
 
 
-def _check_teacher(c: PipelineConfig, teacher: Path) -> None:
-    """The teacher of ``c`` loads from the artifact folder ``teacher`` and denoises two zero samples."""
+def _check_teacher(c: PipelineConfig, inputs: dict[str, Path]) -> None:
+    """The (guided) teacher of ``c`` loads from the input artifact folders ``inputs`` and denoises two zero
+    samples."""
+    teacher = inputs["teacher"]
     try:
-        denoiser = rollout_teacher(c, teacher)()
+        denoiser = rollout_teacher(c, inputs)()
         with torch.no_grad():
             out = denoiser(torch.zeros(2, *load_data(c.data).sample_shape), torch.ones(2))
         if not torch.isfinite(out).all():
@@ -64,21 +67,28 @@ def repair_store(store: Path) -> list[int]:
     if manifest is None or manifest.get("stage") != "rollouts":
         raise ValueError(f"{store} is not the store of a complete rollouts artifact (no rollouts manifest in "
                          f"{folder}): --repair recomputes shards from that manifest; rerun the rollouts stage instead")
-    teacher = folder.parent.parent / "teacher" / manifest["inputs"].get("teacher", "")
-    if read_manifest(teacher) is None:
-        raise ValueError(f"{store}: its teacher artifact {teacher} is not complete; rerun the teacher stage first")
+    if not (set(manifest["inputs"]) <= {"teacher", "guide"}
+            and all(re.fullmatch(r"[0-9a-f]{1,64}", v) for v in manifest["inputs"].values())):
+        raise ValueError(f"{folder / MANIFEST}: inputs {brief(manifest['inputs'])} are not a rollouts artifact's "
+                         "(teacher and guide artifact ids)")
+    inputs = {stage: folder.parent.parent / stage / str(artifact) for stage, artifact in manifest["inputs"].items()}
+    for stage, path in inputs.items():
+        if read_manifest(path) is None:
+            raise ValueError(f"{store}: its {stage} artifact {path} is not complete; rerun the {stage} stage first")
+    if "teacher" not in inputs:
+        raise ValueError(f"{folder / MANIFEST} names no teacher artifact among its inputs: not a rollouts manifest")
     try:
         c = _config_of(manifest["config"])
     except ValueError as err:
         raise ValueError(f"{folder / MANIFEST}: its config is not a valid pipeline config: {describe(err)}") from None
-    _check_teacher(c, teacher)
+    _check_teacher(c, inputs)
     with artifact_lock(folder, f"rollouts: another process is writing {folder}; waiting"):
         saved, attrs = (folder / MANIFEST).read_bytes(), dict(open_store(store, partial=True).attrs)
         bad = []
         try:
             (folder / MANIFEST).unlink()  # incomplete while it is repaired
             bad = reset_bad_shards(store)
-            solve_rollouts(c, store, teacher)
+            solve_rollouts(c, store, inputs)
             report = mark_verified(store)
             if not report.ok:
                 raise StageError(f"rollouts: {store} still fails verification after the repair: "

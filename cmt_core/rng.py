@@ -39,6 +39,7 @@ class Stream(IntEnum):
     TRAJECTORY_NOISE = 5
     STORE_ORDER = 6
     TRAJECTORY_LABEL = 7
+    LABEL_DROPOUT = 8
 
 
 def seed_of(stream: Stream, seed: int, *keys: int) -> int:

@@ -60,7 +60,8 @@ def method_of(cfg, stage: str) -> Method:
 def _scorer(ctx: StageContext, data: Data) -> Scorer:
     c = ctx.cfg
     evaluator = Evaluator(data, c.eval, ctx.local_root / FEATURES_DIR, c.data)
-    return Scorer(data, c.eval, evaluator, ctx.runtime.device, c.rollout.solver.sigma_max, c.rollout.solver.sigma_min)
+    return Scorer(data, c.eval, evaluator, ctx.runtime.device, c.rollout.solver.sigma_max, c.rollout.solver.sigma_min,
+                  num_classes=data.num_classes)
 
 
 def _teacher_weights(ctx: StageContext) -> torch.nn.Module:
@@ -71,16 +72,43 @@ def _teacher_weights(ctx: StageContext) -> torch.nn.Module:
     return load_model(path)
 
 
-def _denoiser_network(c) -> dict:
-    """The network values of the teacher's model file, from the network fields the teacher reads."""
-    fields = [path.split(".")[1] for path in DENOISER_NETWORK]
-    return NetworkConfig(**{f: getattr(c.network, f) for f in fields}).model_dump(mode="json")
+def network_values(network: dict, num_classes: int) -> dict:
+    """A model file's ``network`` mapping: the ``NetworkConfig`` fields of ``network`` (a dict of network values,
+    a config's or a loaded network's) dumped as JSON values, plus ``label_dim`` for a class-conditional model (the
+    key is absent from unconditional models' files)."""
+    values = NetworkConfig(**{k: v for k, v in network.items() if k in NetworkConfig.model_fields})
+    return {**values.model_dump(mode="json"), **({"label_dim": num_classes} if num_classes else {})}
 
 
-def _teacher_of(c, data: Data, teacher: Path) -> torch.nn.Module:
-    """The denoiser that solves the ODE, from the teacher artifact folder ``teacher`` (``teacher_denoiser``)."""
+def _network(c) -> dict:
+    """The network values of the few-step models' files."""
+    return network_values(c.network.model_dump(mode="json"), c.data.num_classes)
+
+
+def _denoiser_network(c, width: int | None = None, depth: int | None = None) -> dict:
+    """The network values of a denoiser's model file (the teacher's; a guide's with its own ``width`` and
+    ``depth``), from the network fields a denoiser reads."""
+    fields = {f: getattr(c.network, f) for f in (path.split(".")[1] for path in DENOISER_NETWORK)}
+    fields.update({k: v for k, v in (("width", width), ("depth", depth)) if v is not None})
+    return network_values(fields, c.data.num_classes)
+
+
+def _guide_weights(c, inputs: dict[str, Path], scale: float) -> Path | None:
+    """The guide's model file when guidance at ``scale`` calls a guide network (autoguidance, ``scale`` != 1)."""
+    return inputs["guide"] / MODEL_FILE if uses_guide(c, scale) else None
+
+
+def uses_guide(c, scale: float) -> bool:
+    """Whether a teacher guided at ``scale`` under ``c`` calls the guide network."""
+    return c.guidance.kind == "autoguidance" and scale != 1.0
+
+
+def _teacher_of(c, data: Data, inputs: dict[str, Path], scale: float = 1.0) -> torch.nn.Module:
+    """The denoiser that solves the ODE, from the input artifact folders ``inputs`` (the teacher's, the guide's),
+    guided at ``scale`` by ``guidance.kind`` (``teacher_denoiser``)."""
     t = c.teacher
-    return teacher_denoiser(t.source, t.path, t.target, data.distribution, teacher / MODEL_FILE)
+    return teacher_denoiser(t.source, t.path, t.target, data.distribution, inputs["teacher"] / MODEL_FILE,
+                            c.guidance.kind, scale, _guide_weights(c, inputs, scale))
 
 
 def _batches(method: Method, ctx: StageContext, data: Data, seed: int):
@@ -100,55 +128,88 @@ def _loss_inputs(ctx: StageContext, data: Data, **extra) -> LossInputs:
 
 
 def _teacher(ctx: StageContext) -> dict:
-    """The teacher's network weights (``model.pt``): EDM pre-training, a loaded checkpoint, or an EDM network
-    pickle converted once (later stages load ``model.pt``, never the pickle).
+    """The teacher's network weights (``model.pt``): EDM pre-training, a loaded checkpoint, or an EDM / EDM2
+    network pickle converted once (later stages load ``model.pt``, never the pickle).
 
     With the exact 2-D teacher, rollouts use the closed-form denoiser and the weights pre-trained here are
     what 'teacher initialisation' starts from. TorchScript / callable teachers have no weights of ours."""
-    c, runtime = ctx.cfg, ctx.runtime
+    c = ctx.cfg
     if c.teacher.source in PROGRAMS:
         return {"weights": False}
+    return _denoiser(ctx, "teacher", c.teacher.source, c.teacher.path, _denoiser_network(c), c.teacher.train)
+
+
+def _guide(ctx: StageContext) -> dict:
+    """The guide network of autoguidance (``model.pt``): a smaller, shorter-trained denoiser pre-trained here with
+    the teacher's objective (``guidance.guide``: its width, depth and training), or loaded as the teacher is."""
+    g, c = ctx.cfg.guidance.guide, ctx.cfg
+    return _denoiser(ctx, "guidance.guide", g.source, g.path, _denoiser_network(c, g.width, g.depth), g.train)
+
+
+def _denoiser(ctx: StageContext, section: str, source: str, path, network: dict, train_cfg) -> dict:
+    """A denoiser's model file: loaded from ``path`` (``source`` 'checkpoint' or 'edm_pickle') or pre-trained here
+    with EDM's objective on ``network`` and ``train_cfg``; ``section`` names the config section in errors."""
+    c, runtime = ctx.cfg, ctx.runtime
     data = load_data(c.data)
-    if c.teacher.source == "checkpoint":
-        model = load_teacher("checkpoint", c.teacher.path)
+    if source == "checkpoint":
+        model = load_teacher("checkpoint", path)
+        _check_classes(section, path, model_classes(model), data.num_classes)
         if runtime.is_main:
-            save_model(ctx.path / MODEL_FILE, model, "denoiser", _denoiser_network(c), data.sample_shape)
+            save_model(ctx.path / MODEL_FILE, model, "denoiser", network, data.sample_shape)
         return {"weights": True}
-    if c.teacher.source == "edm_pickle":
+    if source == "edm_pickle":
         try:
-            edm = edm_teacher(c.teacher.path, data.sample_shape)
+            edm = edm_teacher(path, data.sample_shape)
         except (pickle.UnpicklingError, ValueError, OSError, EOFError) as err:
-            raise InputFileError(f"teacher.path={str(c.teacher.path)!r} is not a usable EDM network pickle: "
+            raise InputFileError(f"{section}.path={str(path)!r} is not a usable EDM / EDM2 network pickle: "
                                  f"{describe(err)}") from err
+        _check_classes(section, path, edm.network.get("label_dim", 0), data.num_classes)
         if runtime.is_main:
-            network = NetworkConfig(**edm.network).model_dump(mode="json")
-            save_model(ctx.path / MODEL_FILE, edm.model, "denoiser", network, edm.sample_shape)
+            save_model(ctx.path / MODEL_FILE, edm.model, "denoiser", network_values(edm.network, data.num_classes),
+                       edm.sample_shape)
         return {"weights": True, "edm_class": edm.precond_class}
     method = method_of(c, "teacher")
-    torch.manual_seed(c.teacher.train.seed)  # the initial weights, like every other random number, from a seed
-    model = build_model(method.kind, _denoiser_network(c), data.sample_shape)
+    torch.manual_seed(train_cfg.seed)  # the initial weights, like every other random number, from a seed
+    model = build_model(method.kind, network, data.sample_shape)
     loss = method.build_loss(c, LossInputs(None, None, c.network.sigma_data, encoder=data.encoder))
-    result = train(model, loss, data.source(c.teacher.train.seed), c.teacher.train, ctx.path / "train", runtime,
-                   desc="teacher", progress=ctx.progress)
+    result = train(model, loss, data.source(train_cfg.seed), train_cfg, ctx.path / "train", runtime,
+                   desc=section.split(".")[-1], progress=ctx.progress)
     if runtime.is_main:
-        save_model(ctx.path / MODEL_FILE, result.model, method.kind, _denoiser_network(c), data.sample_shape)
+        save_model(ctx.path / MODEL_FILE, result.model, method.kind, network, data.sample_shape)
     return {"weights": True, "final_loss": result.history[-1]["loss"] if result.history else None}
 
 
-def rollout_teacher(c, teacher: Path) -> functools.partial:
+def model_classes(model: torch.nn.Module) -> int:
+    """The number of classes a model's raw network is conditioned on (0: unconditional)."""
+    return getattr(model.raw, "label_dim", 0) or 0
+
+
+def _check_classes(section: str, path, label_dim: int, num_classes: int) -> None:
+    """A loaded denoiser must take the data's classes: as many, or none for unconditional data."""
+    if label_dim != num_classes:
+        what = f"is conditioned on {label_dim} classes" if label_dim else "is unconditional"
+        raise InputFileError(f"{section}.path={str(path)!r}: the network {what}, but data.num_classes="
+                             f"{num_classes}")
+
+
+def rollout_teacher(c, inputs: dict[str, Path]) -> functools.partial:
     """The picklable factory of the denoiser that solves the rollouts of ``c`` (a config or a ``ConfigView``), from
-    the teacher artifact folder ``teacher``: each rollout worker builds the teacher where it runs."""
-    t = c.teacher
+    the input artifact folders ``inputs`` (the teacher's; the guide's when the rollouts are autoguided), guided at
+    ``guidance.rollout_scale``: each rollout worker builds the teacher where it runs."""
+    t, scale = c.teacher, c.guidance.rollout_scale
+    guide = _guide_weights(c, inputs, scale)
     return functools.partial(teacher_denoiser, t.source, t.path and str(t.path), t.target,
-                             load_data(c.data).distribution, teacher / MODEL_FILE)
+                             load_data(c.data).distribution, inputs["teacher"] / MODEL_FILE, c.guidance.kind, scale,
+                             guide)
 
 
-def solve_rollouts(c, store, teacher: Path, progress=None) -> None:
-    """Fill (or finish) the store at ``store`` with the trajectories ``c`` describes, solved by the teacher whose
-    artifact folder is ``teacher``."""
-    shape, r = load_data(c.data).sample_shape, c.rollout
-    run_rollouts(rollout_teacher(c, teacher), store, r.num_trajectories, shape, r, teacher_id=teacher.name,
-                 progress=progress)
+def solve_rollouts(c, store, inputs: dict[str, Path], progress=None) -> None:
+    """Fill (or finish) the store at ``store`` with the trajectories ``c`` describes, solved by the teacher of the
+    input artifact folders ``inputs`` (``rollout_teacher``); a class-conditional teacher solves each trajectory for
+    a uniformly drawn class."""
+    data, r = load_data(c.data), c.rollout
+    run_rollouts(rollout_teacher(c, inputs), store, r.num_trajectories, data.sample_shape, r,
+                 teacher_id=inputs["teacher"].name, progress=progress, num_classes=data.num_classes)
 
 
 def _rollouts(ctx: StageContext) -> dict:
@@ -159,7 +220,7 @@ def _rollouts(ctx: StageContext) -> dict:
     if ctx.runtime.is_main:
         progress = None if ctx.progress is None else (lambda done, total: ctx.progress(done, total, {}))
         reset_bad_shards(ctx.store())
-        solve_rollouts(c, ctx.store(), ctx.input("teacher"), progress)
+        solve_rollouts(c, ctx.store(), ctx.inputs, progress)
         report = mark_verified(ctx.store())  # every chunk read back before the store is published
         if not report.ok:
             raise ValueError(f"the store does not verify after its rollouts: {report.summary().splitlines()[-1]}")
@@ -173,7 +234,7 @@ def _midtrain(ctx: StageContext) -> dict:
     c = ctx.cfg
     data, method = load_data(c.data), method_of(c, "midtrain")
     torch.manual_seed(c.midtrain.train.seed)
-    model = build_model(method.kind, c.network.model_dump(mode="json"), data.sample_shape, c.rollout.solver.sigma_min)
+    model = build_model(method.kind, _network(c), data.sample_shape, c.rollout.solver.sigma_min)
     if c.midtrain.init == "teacher":
         init_from(model, _teacher_weights(ctx))
     source = _batches(method, ctx, data, c.midtrain.train.seed)
@@ -190,7 +251,7 @@ def _train_few_step(ctx: StageContext, data: Data, model, method: Method, loss, 
                    evaluate=scorer.training_evaluate(method.sampler) if train_cfg.eval_every else None,
                    desc=desc, progress=ctx.progress)
     if ctx.runtime.is_main:
-        save_model(ctx.path / MODEL_FILE, result.model, method.kind, ctx.cfg.network.model_dump(mode="json"),
+        save_model(ctx.path / MODEL_FILE, result.model, method.kind, _network(ctx.cfg),
                    data.sample_shape)
     kept = result.best_metrics
     mid_sigma = kept["mid_sigma"] if "mid_sigma" in kept else scorer.mid_sigma_for(method.sampler, result.model)
@@ -208,13 +269,12 @@ def _posttrain(ctx: StageContext) -> dict:
     if p.init == "cmt":
         model = load_model(ctx.input("midtrain") / MODEL_FILE).train()
     else:
-        model = build_model(method.kind, c.network.model_dump(mode="json"), data.sample_shape,
-                            c.rollout.solver.sigma_min)
+        model = build_model(method.kind, _network(c), data.sample_shape, c.rollout.solver.sigma_min)
         if p.init == "teacher":
             init_from(model, _teacher_weights(ctx))
     teacher = None
     if "teacher" in method.needs:
-        teacher = _teacher_of(c, data, ctx.input("teacher")).to(runtime.device).eval()
+        teacher = _teacher_of(c, data, ctx.inputs, c.guidance.scale).to(runtime.device).eval()
     midtrained = None
     if p.init == "cmt" and "midtrained" in method.needs:  # a frozen copy, loaded if the loss asks for it
         midtrained = lambda: load_model(ctx.input("midtrain") / MODEL_FILE).to(runtime.device)
@@ -224,22 +284,23 @@ def _posttrain(ctx: StageContext) -> dict:
 
 
 def _evaluation(ctx: StageContext) -> dict:
-    """The results table: data floor, teacher at its NFE, CMT and post-trained models at 1 and 2 steps."""
+    """The results table: data floor, teacher at its NFE (guided at ``guidance.scale``, and at each scale of
+    ``guidance.sweep``), CMT and post-trained models at 1 and 2 steps."""
     c, runtime = ctx.cfg, ctx.runtime
     if not runtime.is_main:
         return {}
     data = load_data(c.data)
     smin, smax = c.rollout.solver.sigma_min, c.rollout.solver.sigma_max
     first = _scorer(ctx, data)
-    scorers = [first] + [Scorer(data, c.eval, first.evaluator, runtime.device, smax, smin, seed_set=k)
-                         for k in range(1, c.eval.num_seed_sets)]
+    scorers = [first] + [Scorer(data, c.eval, first.evaluator, runtime.device, smax, smin, seed_set=k,
+                                num_classes=data.num_classes) for k in range(1, c.eval.num_seed_sets)]
     weights = ctx.input("teacher") / MODEL_FILE
-    teacher = _teacher_of(c, data, ctx.input("teacher")).to(runtime.device).eval()
+    teacher = _teacher_of(c, data, ctx.inputs, c.guidance.scale).to(runtime.device).eval()
     solver = c.teacher.sampler.model_copy(update={"sigma_max": smax})
     mid, post = method_of(c, "midtrain"), method_of(c, "posttrain")
     baseline = None
     if weights.exists():
-        untrained = init_from(build_model(mid.kind, c.network.model_dump(mode="json"), data.sample_shape, smin),
+        untrained = init_from(build_model(mid.kind, _network(c), data.sample_shape, smin),
                               load_model(weights))
         baseline = ScoredModel("teacher-initialised, untrained", "baseline", mid.sampler, untrained.to(runtime.device))
 
@@ -251,10 +312,12 @@ def _evaluation(ctx: StageContext) -> dict:
     trained = [ScoredModel("CMT (mid-trained)", "midtrain", mid.sampler, *kept("midtrain")),
                ScoredModel(f"{post.name.upper()} from {c.posttrain.init}", "posttrain", post.sampler,
                            *kept("posttrain"))]
-    curves = {s: read_training_log(ctx.input(s)) for s in TRAINING_STAGES}
+    curves = {s: read_training_log(ctx.input(s)) for s in TRAINING_STAGES if s in ctx.inputs}
     seconds = {s: (read_manifest(folder) or {}).get("seconds") for s, folder in ctx.inputs.items()}
+    g = c.guidance
+    sweep = {w: _teacher_of(c, data, ctx.inputs, w).to(runtime.device).eval() for w in g.sweep}
     return results_table(ctx.path, scorers, teacher, solver, baseline, trained, curves,
-                         {"preset": c.preset, "device": str(runtime.device)}, seconds)
+                         {"preset": c.preset, "device": str(runtime.device)}, seconds, g.kind, g.scale, sweep)
 
 
 # --------------------------------------------------------------------------------------------- soundness
@@ -307,6 +370,10 @@ EVALUATION_ONLY = ("eval_every", "keep", "keep_tolerance")
 TEACHER_TRAINING = tuple(f"teacher.train.{f}" for f in TrainConfig.model_fields if f not in EVALUATION_ONLY)
 TRAINING_USES = ("eval.batch_size",)
 PRECISION = ("precision",)  # bf16 autocast changes what a training stage computes (ids hold the effective one)
+GUIDE_TRAINING = tuple(f"guidance.guide.train.{f}" for f in TrainConfig.model_fields if f not in EVALUATION_ONLY)
+GUIDE = ("guidance.guide.source", "guidance.guide.path", "guidance.guide.width", "guidance.guide.depth")
+ROLLOUT_GUIDANCE = ("guidance.kind", "guidance.rollout_scale")
+TEACHER_GUIDANCE = ("guidance.kind", "guidance.scale")
 
 
 def _loaded_precision(cfg) -> tuple[str, ...]:
@@ -314,25 +381,58 @@ def _loaded_precision(cfg) -> tuple[str, ...]:
     return PRECISION if cfg.teacher.source in LOADED else ()
 
 
+def _loaded_guide(cfg) -> tuple[str, ...]:
+    """A guide read from a file is the same in any precision and with any training settings."""
+    return (*PRECISION, *GUIDE_TRAINING) if cfg.guidance.guide.source != "pretrain" else ()
+
+
+def _unguided_rollouts(cfg) -> tuple[str, ...]:
+    """Rollouts at scale 1 are the teacher's own, whatever the kind of guidance."""
+    return ROLLOUT_GUIDANCE if cfg.guidance.rollout_scale == 1.0 else ()
+
+
+def _teacher_step(cfg) -> bool:
+    """Whether post-training calls the teacher (ECD's teacher step)."""
+    return "teacher" in method_of(cfg, "posttrain").needs
+
+
+def _unguided_posttrain(cfg) -> tuple[str, ...]:
+    """Guidance changes post-training only through a teacher step at a scale other than 1."""
+    return TEACHER_GUIDANCE if not _teacher_step(cfg) or cfg.guidance.scale == 1.0 else ()
+
+
+def _guide_of(cfg, *scales: float) -> tuple[str, ...]:
+    """("guide",) when a teacher guided at any of ``scales`` calls the guide network."""
+    return ("guide",) if any(uses_guide(cfg, w) for w in scales) else ()
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("teacher", reads=("data", *DENOISER_NETWORK, *TEACHER, "teacher.p_mean", "teacher.p_std", *TEACHER_TRAINING,
                             *PRECISION),
           needs=lambda cfg: (), work=_teacher, trains=True, omit=_loaded_precision, sound=_sound_teacher),
-    Stage("rollouts", reads=("data", *TEACHER, "rollout.solver", "rollout.num_trajectories", "rollout.batch_size",
-                             "rollout.seed", "rollout.store"),
-          needs=lambda cfg: ("teacher",), work=_rollouts, uses=("rollout.cluster",), sound=_sound_rollouts),
+    Stage("guide", reads=("data", *DENOISER_NETWORK, *GUIDE, "teacher.p_mean", "teacher.p_std", *GUIDE_TRAINING,
+                          *PRECISION),
+          needs=lambda cfg: (), work=_guide, trains=True, omit=_loaded_guide, sound=_sound_teacher),
+    Stage("rollouts", reads=("data", *TEACHER, *ROLLOUT_GUIDANCE, "rollout.solver", "rollout.num_trajectories",
+                             "rollout.batch_size", "rollout.seed", "rollout.store"),
+          needs=lambda cfg: ("teacher", *_guide_of(cfg, cfg.guidance.rollout_scale)), work=_rollouts,
+          uses=("rollout.cluster",), omit=_unguided_rollouts, sound=_sound_rollouts),
     Stage("midtrain", reads=("data", "network", *SIGMAS, "midtrain", *SCORING, *PRECISION),
           needs=lambda cfg: ("teacher", "rollouts"), work=_midtrain, uses=TRAINING_USES, trains=True,
           sound=_sound_training),
-    Stage("posttrain", reads=("data", "network", *TEACHER, *SIGMAS, "posttrain", *SCORING, *PRECISION),
-          needs=lambda cfg: ("teacher", "midtrain") if cfg.posttrain.init == "cmt" else ("teacher",),
-          work=_posttrain, uses=TRAINING_USES, trains=True, sound=_sound_training),
-    Stage("evaluation", reads=("data", "network", *TEACHER, "teacher.sampler", *SIGMAS, "midtrain.form",
-                               "posttrain.method", "posttrain.init", "eval"),
-          needs=lambda cfg: ("teacher", "rollouts", "midtrain", "posttrain"), work=_evaluation,
-          uses=("preset",)),
+    Stage("posttrain", reads=("data", "network", *TEACHER, *TEACHER_GUIDANCE, *SIGMAS, "posttrain", *SCORING,
+                              *PRECISION),
+          needs=lambda cfg: ("teacher", *(("midtrain",) if cfg.posttrain.init == "cmt" else ()),
+                             *(_guide_of(cfg, cfg.guidance.scale) if _teacher_step(cfg) else ())),
+          work=_posttrain, uses=TRAINING_USES, trains=True, omit=_unguided_posttrain, sound=_sound_training),
+    Stage("evaluation", reads=("data", "network", *TEACHER, *TEACHER_GUIDANCE, "guidance.sweep", "teacher.sampler",
+                               *SIGMAS, "midtrain.form", "posttrain.method", "posttrain.init", "eval"),
+          needs=lambda cfg: ("teacher", "rollouts", "midtrain", "posttrain",
+                             *_guide_of(cfg, cfg.guidance.scale, *cfg.guidance.sweep)),
+          work=_evaluation, uses=("preset",)),
 )}
 TRAINING_STAGES = tuple(name for name, s in STAGES.items() if s.trains)
+PIPELINE = ("evaluation",)  # a whole run: the evaluation and the stages it needs (the guide only when used)
 
 
 def plan(cfg) -> Plan:

@@ -1,10 +1,11 @@
 """Teachers: a denoiser ``D(x, t: (B,), cond=None) -> x_0 estimate`` (an ``nn.Module``).
 
 Sources: the exact denoiser of a 2-D synthetic distribution (class-conditional when the distribution has
-classes); EDM pre-training here; our own model file; an EDM network pickle (``cmt_core.edm_pickle``; the teacher
-stage stores it as our model file once); a TorchScript file computing ``D(x, sigma)``; or ``module:callable``
-returning a denoiser module ``D(x, sigma)``. TorchScript and callable teachers are unconditional: they refuse a
-non-empty ``cond`` rather than ignore it. Every function here takes plain values (the source's name, paths).
+classes); EDM pre-training here; our own model file; an EDM network pickle or an EDM2 snapshot pickle
+(``cmt_core.edm_pickle``, ``cmt_core.edm2_pickle``; the teacher stage stores it as our model file once); a
+TorchScript file computing ``D(x, sigma)``; or ``module:callable`` returning a denoiser module ``D(x, sigma)``.
+TorchScript and callable teachers are unconditional: they refuse a non-empty ``cond`` rather than ignore it. Every
+function here takes plain values (the source's name, paths).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 from torch import nn
 
 from cmt_core.conditioning import Cond, check_known, to_device
-from cmt_core.edm_pickle import EDMNetwork, load_edm_network
+from cmt_core.edm2_pickle import EDM2Network, load_edm2_network, read_edm2_pickle
+from cmt_core.edm_pickle import EDMNetwork, edm_network
+from cmt_core.guidance import guided
 from cmt_core.models import load_model
 
 SOURCES = ("exact", "pretrain", "checkpoint", "edm_pickle", "torchscript", "callable")
@@ -74,18 +77,37 @@ def load_teacher(source: str, path=None, target: str | None = None, distribution
     raise ValueError(f"teacher.source={source!r} is not loaded as it is: the teacher stage makes its model file")
 
 
-def edm_teacher(path, sample_shape) -> EDMNetwork:
-    """The EDM network pickle at ``path`` as our denoiser, checked to denoise samples of ``sample_shape``."""
-    edm = load_edm_network(path)
+def edm_teacher(path, sample_shape) -> EDMNetwork | EDM2Network:
+    """The EDM network pickle or EDM2 snapshot pickle at ``path`` as our denoiser, checked to denoise samples of
+    ``sample_shape``. Either result has the fields the teacher stage uses: ``model`` (the denoiser, eval mode),
+    ``network`` (the values ``build_model`` rebuilds it from: ``kind`` 'unet' or 'edm2', ``label_dim`` (EDM2's
+    always, EDM's when > 0), ``sigma_data`` except for VP), ``sample_shape`` and ``precond_class``.
+
+    The pickle is read without running any of its code (EDM2's reader: EDM's format plus numpy arrays of numbers;
+    any other global raises ``ForbiddenGlobal`` naming it). An ``ema`` of EDM2's class ``Precond`` is an EDM2
+    snapshot, loaded by ``load_edm2_network`` (which reads the file again); anything else is mapped as an EDM
+    network (``EDMPrecond`` / ``VPPrecond``; other classes refused by name)."""
+    data = read_edm2_pickle(path)
+    if not isinstance(data, dict) or "ema" not in data:
+        raise ValueError(f"{path} is not an EDM network or EDM2 snapshot pickle: no 'ema' entry")
+    if getattr(data["ema"], "class_name", None) == "Precond":
+        del data  # not held in memory twice
+        edm = load_edm2_network(path)
+    else:
+        edm = edm_network(data["ema"])
     if edm.sample_shape != tuple(sample_shape):
         raise ValueError(f"the EDM network at {path} denoises samples of shape {edm.sample_shape}, "
                          f"the data has shape {tuple(sample_shape)}")
     return edm
 
 
-def teacher_denoiser(source: str, path, target: str | None, distribution, weights: Path) -> nn.Module:
+def teacher_denoiser(source: str, path, target: str | None, distribution, weights: Path, guidance: str = "none",
+                     scale: float = 1.0, guide_weights: Path | None = None) -> nn.Module:
     """The denoiser that solves the ODE: the model file at ``weights`` (the teacher artifact's) for ``pretrain``
-    and ``edm_pickle``, otherwise ``load_teacher`` (the exact denoiser of ``distribution``, a file, a callable)."""
-    if source in ("pretrain", "edm_pickle"):
-        return load_model(weights)
-    return load_teacher(source, path, target, distribution)
+    and ``edm_pickle``, otherwise ``load_teacher`` (the exact denoiser of ``distribution``, a file, a callable);
+    guided (``cmt_core.guidance.guided``) by ``guidance`` ('none' | 'cfg' | 'autoguidance') at ``scale``, an
+    autoguided one by the guide's model file ``guide_weights``."""
+    teacher = load_model(weights) if source in ("pretrain", "edm_pickle") else load_teacher(source, path, target,
+                                                                                           distribution)
+    guide = load_model(guide_weights) if guidance == "autoguidance" and scale != 1.0 else None
+    return guided(teacher, guidance, scale, guide)

@@ -12,6 +12,8 @@ steps give the same weights as 2N steps straight, on one process or on DDP ranks
 Checkpoints (``cmt_core.checkpoint``): model, EMA, optimizer, step and best score every
 ``cfg.checkpoint_every`` steps; the log rows after the checkpoint a run resumes from are dropped. A row's
 ``seconds`` is the wall time since this call began, ``eval_seconds`` the part of it spent evaluating.
+``cfg.label_dropout`` > 0: the batches' class labels are dropped to the unconditional class at that rate
+(``cmt_core.data.sources.LabelDropout``, seeded by ``cfg.seed`` and the step).
 
 Safety: a non-finite loss stops the run with ``NonFiniteLossError`` and the last good checkpoint is left
 untouched; with ``evaluate`` the EMA model is scored at 1 and 2 steps every ``cfg.eval_every`` steps (and at
@@ -55,7 +57,7 @@ from cmt_core.checkpoint import (
     load_file,
     read_training_log,
 )
-from cmt_core.data.sources import BatchSource, move_batch
+from cmt_core.data.sources import BatchSource, LabelDropout, move_batch
 from cmt_core.ema import EMA, make_ema
 from cmt_core.objectives.base import StepRandom
 from cmt_core.phema import PowerFunctionEMA, combine_state_dicts, solve_posthoc_coefficients
@@ -82,9 +84,12 @@ class TrainResult:
 
 
 def learning_rate(cfg, step: int) -> float:
-    """Warm-up then constant / linear / cosine decay to ``final_lr_fraction * lr``."""
+    """Warm-up then constant / linear / cosine decay to ``final_lr_fraction * lr``, or EDM2's inverse square root
+    decay ``lr / sqrt(max(step / lr_decay_steps, 1))``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "rsqrt":
+        return cfg.lr / math.sqrt(max(step / cfg.lr_decay_steps, 1.0))
     progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
     low = cfg.final_lr_fraction
     if cfg.lr_schedule == "linear":
@@ -270,6 +275,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
     ``until`` ends this call after that many steps (a slice of the run: checkpointed, resumable)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.label_dropout:
+        source = LabelDropout(source, cfg.label_dropout, cfg.seed)
     model.to(runtime.device).train()
     ema = make_ema(model, cfg.ema_decay, cfg.ema_stds)
     power = isinstance(ema, PowerFunctionEMA)

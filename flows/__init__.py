@@ -7,10 +7,10 @@ Deployments of every flow are declared in ``prefect.yaml`` at the repository roo
 import tasks  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
 from flows.compare import cmt_compare  # noqa: E402
 from flows.pipeline import cmt_pipeline, run_stages  # noqa: E402
-from flows.stages import cmt_evaluation, cmt_midtrain, cmt_posttrain, cmt_rollouts, cmt_teacher  # noqa: E402
+from flows.stages import cmt_evaluation, cmt_guide, cmt_midtrain, cmt_posttrain, cmt_rollouts, cmt_teacher  # noqa: E402
 
-FLOWS = {"pipeline": cmt_pipeline, "teacher": cmt_teacher, "rollouts": cmt_rollouts, "midtrain": cmt_midtrain,
-         "posttrain": cmt_posttrain, "evaluation": cmt_evaluation, "compare": cmt_compare}
+FLOWS = {"pipeline": cmt_pipeline, "teacher": cmt_teacher, "guide": cmt_guide, "rollouts": cmt_rollouts,
+         "midtrain": cmt_midtrain, "posttrain": cmt_posttrain, "evaluation": cmt_evaluation, "compare": cmt_compare}
 
-__all__ = ["FLOWS", "cmt_compare", "cmt_evaluation", "cmt_midtrain", "cmt_pipeline", "cmt_posttrain", "cmt_rollouts",
-           "cmt_teacher", "run_stages"]
+__all__ = ["FLOWS", "cmt_compare", "cmt_evaluation", "cmt_guide", "cmt_midtrain", "cmt_pipeline", "cmt_posttrain",
+           "cmt_rollouts", "cmt_teacher", "run_stages"]

@@ -19,7 +19,7 @@ from cmt_core.cli import (
     setup_logging,
 )
 from cmt_core.preflight import preflight
-from cmt_core.stages import STAGES, plan
+from cmt_core.stages import PIPELINE, plan
 from flows.parameters import trust_paths
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     log_file = None  # every path is handled below, where a failure is one line and an exit code
     try:
         resolved = plan(cfg)
-        preflight(resolved, resolved.needed(STAGES))  # nothing is written for bad input, not even a log file
+        preflight(resolved, resolved.needed(PIPELINE))  # nothing is written for bad input, not even a log file
         log_file = setup_logging(cfg.local_root, "flow")
         trust_paths(cfg)  # typed in the user's own shell: the flow may use them (flows.parameters.confine)
         from flows.pipeline import cmt_pipeline

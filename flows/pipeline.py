@@ -15,7 +15,7 @@ import tasks  # noqa: F401  (sets Prefect's environment defaults before prefect 
 from cmt_core.config import PipelineConfig
 from cmt_core.engine import StageResult
 from cmt_core.preflight import preflight
-from cmt_core.stages import STAGES, TRAINING_STAGES, plan
+from cmt_core.stages import PIPELINE, TRAINING_STAGES, plan
 from flows.parameters import ARGS_DOC, DdpProcesses, PresetName, flow_config
 from tasks.reporting import publish_evaluation, publish_stage_summary, publish_training_report
 from tasks.stages import run_stage_task
@@ -57,6 +57,6 @@ def stage_flow(name: str, targets: list[str], summary: str, example: str):
     return flow(name=name)(run)
 
 
-cmt_pipeline = stage_flow("cmt-pipeline", list(STAGES),
+cmt_pipeline = stage_flow("cmt-pipeline", list(PIPELINE),
                           "Teacher -> rollouts -> mid-training (CMT) -> post-training -> evaluation; "
                           "complete stages are reused.", "midtrain.train.lr=1e-4")

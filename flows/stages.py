@@ -1,4 +1,5 @@
-"""One flow per stage: ``cmt-teacher``, ``cmt-rollouts``, ``cmt-midtrain``, ``cmt-posttrain``, ``cmt-evaluation``.
+"""One flow per stage: ``cmt-teacher``, ``cmt-guide``, ``cmt-rollouts``, ``cmt-midtrain``, ``cmt-posttrain``,
+``cmt-evaluation``.
 
 A stage flow runs its stage and, first, whatever the stage needs that is not complete yet (complete inputs
 are reused at once), so each can be started on its own: e.g. mid-training on more DDP processes, or
@@ -11,6 +12,8 @@ from flows.pipeline import stage_flow
 
 cmt_teacher = stage_flow("cmt-teacher", ["teacher"], "The teacher: EDM pre-training (or a loaded / exact teacher).",
                          "teacher.train.steps=8000")
+cmt_guide = stage_flow("cmt-guide", ["guide"], "The guide network of autoguidance: a smaller, shorter-trained "
+                       "denoiser pre-trained here, or loaded.", "guidance.guide.train.steps=2000")
 cmt_rollouts = stage_flow("cmt-rollouts", ["rollouts"],
                           "Teacher ODE rollouts on dask: a LocalCluster, or the scheduler at "
                           "`rollout.cluster.address`.",

@@ -119,6 +119,7 @@ def get(obj, path: str):
     return obj
 
 
+TRAINED = ("teacher", "guidance.guide", "midtrain", "posttrain")  # the sections with a TrainConfig
 # Fields whose generic change would break a cross-field rule of the base config: a valid alternative set.
 SPECIAL = {
     "teacher.source": {"teacher.source": "checkpoint", "teacher.path": "teacher.pt"},
@@ -136,14 +137,17 @@ SPECIAL = {
     "posttrain.method": {"posttrain.method": "meanflow", "midtrain.form": "mf", "posttrain.ect.anchor_sigma": 0.0},
     "posttrain.init": {"posttrain.init": "teacher", "posttrain.ect.anchor_sigma": 0.0},
     "network.kind": {"network.kind": "unet"},
+    "guidance.guide.source": {"guidance.guide.source": "checkpoint", "guidance.guide.path": "guide.pt"},
     # the teacher samples with Heun, which has no lower_order_final: a multistep sampler that has it
     "teacher.sampler.lower_order_final": {"teacher.sampler.name": "dpm3m", "teacher.sampler.lower_order_final": True},
+    **{f"{s}.train.lr_decay_steps": {f"{s}.train.lr_schedule": "rsqrt", f"{s}.train.lr_decay_steps": 7}
+       for s in TRAINED},
     # the power-function EMA's fields take effect together
-    **{f"{s}.train.ema_stds": {f"{s}.train.ema_stds": [0.05, 0.1]} for s in ("teacher", "midtrain", "posttrain")},
+    **{f"{s}.train.ema_stds": {f"{s}.train.ema_stds": [0.05, 0.1]} for s in TRAINED},
     **{f"{s}.train.ema_snapshot_every": {f"{s}.train.ema_stds": [0.05, 0.1], f"{s}.train.ema_snapshot_every": 10}
-       for s in ("teacher", "midtrain", "posttrain")},
+       for s in TRAINED},
     **{f"{s}.train.posthoc_std": {f"{s}.train.ema_stds": [0.05, 0.1], f"{s}.train.ema_snapshot_every": 10,
-                                  f"{s}.train.posthoc_std": 0.07} for s in ("teacher", "midtrain", "posttrain")},
+                                  f"{s}.train.posthoc_std": 0.07} for s in TRAINED},
 }
 
 
@@ -185,9 +189,19 @@ def dependants(cfg, stages: set[str]) -> set[str]:
     return {name for name in STAGES if set(plan(cfg).needed([name])) & stages}
 
 
+CONDITIONAL = ("teacher.train.label_dropout", "midtrain.train.label_dropout", "posttrain.train.label_dropout",
+               "guidance.guide.train.label_dropout", "guidance.kind", "guidance.scale", "guidance.rollout_scale",
+               "guidance.sweep")
+
+
 def special(base: PipelineConfig, path: str) -> dict | None:
-    """``SPECIAL``, plus the data fields, whose valid alternatives depend on the preset's kind of data."""
+    """``SPECIAL``, plus the data fields, whose valid alternatives depend on the preset's kind of data, and the
+    fields that need class-conditional data (label dropout, guidance: autoguidance, which any teacher takes)."""
     points = base.data.name in ("gaussian_mixture", "checkerboard")
+    if path in CONDITIONAL:
+        value = {"label_dropout": 0.1, "kind": "autoguidance", "scale": 2.0, "rollout_scale": 2.0, "sweep": [2.0]}
+        guided = {"guidance.kind": "autoguidance"} if path.startswith("guidance.") else {}
+        return {"data.num_classes": 4 if points else 10, **guided, path: value[path.split(".")[-1]]}
     if path == "network.kind" and points:
         return {}  # 2-D data has one network kind; the image presets cover this field
     if path in ("data.name", "data.path"):
@@ -248,6 +262,8 @@ def test_changing_a_field_changes_the_ids_of_exactly_the_stages_that_read_it_and
                                      "rollout.cluster.address", "rollout.cluster.workers",
                                      "rollout.cluster.threads_per_worker", "rollout.cluster.gpu_resource",
                                      "teacher.train.eval_every", "teacher.train.keep", "teacher.train.keep_tolerance",
+                                     "guidance.guide.train.eval_every", "guidance.guide.train.keep",
+                                     "guidance.guide.train.keep_tolerance",
                                      "teacher.allow_code", "launch.nodes", "launch.procs_per_node",
                                      "launch.rdzv_endpoint", "launch.rdzv_id", "launch.max_restarts"])
 
@@ -268,7 +284,8 @@ def test_every_preset_plans_every_stage_in_dependency_order():
         cfg = get_preset(name)
         assert list(plan(cfg).ids) == list(STAGES)
         order = plan(cfg).needed(["evaluation"])
-        assert order == list(STAGES)
+        guided = cfg.guidance.kind == "autoguidance"  # the guide runs only for autoguidance
+        assert order == [s for s in STAGES if s != "guide" or guided]
         for stage, s in STAGES.items():
             assert all(order.index(dep) < order.index(stage) for dep in s.needs(cfg))
 

@@ -82,12 +82,12 @@ class ClassMeanDenoiser(torch.nn.Module):
 
 
 def test_a_digits_store_carries_its_labels_and_training_batches_return_them(tmp_path):
-    data = load_data(DataConfig(name="digits"))
-    assert data.num_classes == 10
-    batch = data.source(seed=1, labels=True).batch(0, 32)
+    data = load_data(DataConfig(name="digits", num_classes=10))
+    assert data.num_classes == 10 and load_data(DataConfig(name="digits")).num_classes == 0
+    batch = data.source(seed=1).batch(0, 32)  # a conditional data set's batches carry their labels
     idx = data.source(seed=1).sampler.indices(0, 32)
     assert torch.equal(batch["cond"]["class_labels"].argmax(1), data.train.labels(idx))
-    assert data.source(seed=1).batch(0, 32)["cond"] == {}  # labels are kept, and used when asked for
+    assert data.source(seed=1, labels=False).batch(0, 32)["cond"] == {}
 
     class_means = torch.stack([data.train.read(data.train.labels(slice(None)) == c).mean(0) for c in range(10)])
     cfg = RolloutConfig(solver=SolverConfig(steps=4), num_trajectories=40, batch_size=8,

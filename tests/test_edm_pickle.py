@@ -200,7 +200,6 @@ def test_payload_inside_a_tensor_storage_is_refused_by_the_weights_only_reader(t
 @pytest.mark.parametrize(("change", "message"), [
     ({"embedding_type": "fourier"}, "embedding_type='fourier' is not supported"),
     ({"resample_filter": [1, 3, 3, 1]}, "resample_filter=.* is not supported"),
-    ({"label_dim": 10}, "label_dim=10 is not supported"),
     ({"fancy_option": True}, r"unknown \w+ arguments \['fancy_option'\]"),
 ])
 def test_songunet_settings_our_unet_lacks_are_refused_by_name(tmp_path, edm_modules, change, message):

@@ -46,6 +46,8 @@ def files(tmp_path_factory):
     (folder / "loop2").symlink_to(folder / "loop1")
     np.savez(folder / "zero.npz", images=np.zeros((0, 8, 8, 1), dtype=np.uint8))
     np.savez(folder / "one.npz", images=np.zeros((1, 8, 8, 1), dtype=np.uint8))
+    np.savez(folder / "unlabelled.npz", images=np.zeros((20, 8, 8, 1), dtype=np.uint8))  # digits-like, no labels
+    np.savez(folder / "labels9.npz", images=np.zeros((20, 8, 8, 1), dtype=np.uint8), labels=np.arange(20) % 10)
     (folder / "garbage.pt").write_bytes(b"not a checkpoint at all")
     torch.save({"weights": RunsCode()}, folder / "runs_code.pt")
     torch.save({"classifier.0.weight": torch.zeros(3)}, folder / "not_vgg.pth")
@@ -98,6 +100,11 @@ RUN_CASES = {
                                       "over the file system's limit"),
     "image folder holding a FIFO only": ("paths", "digits", ["data.name=image_folder",
                                                             "data.path={files}/pipe_images"], "no PNG / JPEG"),
+    "image folder path that is a plain file": ("paths", "digits", ["data.name=image_folder",
+                                                                  "data.path={files}/garbage.pt"],
+                                               "not a folder or a .zip archive"),
+    "image folder path that is a FIFO": ("paths", "digits", ["data.name=image_folder", "data.path={files}/fifo"],
+                                         "FIFO (named pipe), not a folder or a .zip archive"),
     "teacher file is a FIFO": ("paths", "toy", _checkpoint_teacher("fifo"), "teacher.path"),
     "teacher file is a folder": ("paths", "toy", _checkpoint_teacher("a_folder"), "not a regular file"),
     "LPIPS backbone is a FIFO": ("paths", "cifar10-tiny", ["data.path={files}/cifar-10-batches-py",
@@ -119,6 +126,13 @@ RUN_CASES = {
     "data file with no images": ("values", "digits", ["data.name=npz", "data.path={files}/zero.npz"], "no samples"),
     "data file with one image": ("values", "digits", ["data.name=npz", "data.path={files}/one.npz"],
                                  "data.heldout_fraction"),
+    "class labels beyond data.num_classes": ("values", "digits", ["data.name=npz", "data.path={files}/labels9.npz",
+                                                                  "data.num_classes=5"],
+                                             "data.num_classes=5, but the labels of"),
+    "class labels asked of data without them": ("values", "digits", ["data.name=npz",
+                                                                     "data.path={files}/unlabelled.npz",
+                                                                     "data.num_classes=10"],
+                                                "data.num_classes=10 asks for class labels, but the npz file"),
     "store chunks larger than memory": ("values", "toy", ["rollout.store.chunk_trajectories=1000000000",
                                                           "rollout.num_trajectories=1000000000"],
                                         "rollout.store.chunk_trajectories"),

@@ -178,8 +178,8 @@ def test_invalid_parameters_are_rejected_when_the_run_is_created(prefect_server,
 def test_prefect_yaml_deploys_every_flow_with_an_inactive_nightly_schedule():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     flows = {load_flow_from_entrypoint(str(ROOT / d["entrypoint"])).name: d for d in spec["deployments"]}
-    assert sorted(flows) == ["cmt-compare", "cmt-evaluation", "cmt-midtrain", "cmt-pipeline", "cmt-posttrain",
-                             "cmt-rollouts", "cmt-teacher"]
+    assert sorted(flows) == ["cmt-compare", "cmt-evaluation", "cmt-guide", "cmt-midtrain", "cmt-pipeline",
+                             "cmt-posttrain", "cmt-rollouts", "cmt-teacher"]
     assert all(d["work_pool"]["name"] == POOL for d in flows.values())
     assert all(d["parameters"] == {"preset": "digits"} for name, d in flows.items() if name != "cmt-compare")
     assert flows["cmt-compare"]["parameters"] == {"comparison": {"preset": "toy", "seeds": 3}}

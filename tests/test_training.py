@@ -126,6 +126,12 @@ def test_learning_rate_schedules():
     assert learning_rate(cfg, 0) == pytest.approx(0.1)
     assert learning_rate(cfg, 10) == pytest.approx(1.0)
     assert learning_rate(cfg, 100) == pytest.approx(0.1)
+    # EDM2's inverse square root decay: lr / sqrt(max(step / ref, 1)) after its ramp-up
+    edm2 = TrainConfig(steps=10**6, lr=0.01, warmup_steps=5120, lr_schedule="rsqrt", lr_decay_steps=35000)
+    assert learning_rate(edm2, 20000) == pytest.approx(0.01)
+    assert learning_rate(edm2, 140000) == pytest.approx(0.01 / 2)
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        TrainConfig(lr_schedule="rsqrt")
 
 
 def test_dataset_source_epochs_cover_every_sample_once_across_ranks():

@@ -1,8 +1,11 @@
 """Data the pipeline learns: ``load_data(cfg) -> Data``.
 
 ``Data.train`` / ``Data.heldout`` are map-style data sets (``cmt_core.data.datasets``) in the model's space
-(images in [-1, 1] as ``(C, H, W)``, 2-D points as ``(2,)``), read by index, with class labels where the source
-has them (digits, CIFAR-10: ``num_classes`` 10). ``Data.encoder`` maps the sample space (what evaluation, grids
+(images in [-1, 1] as ``(C, H, W)``, 2-D points as ``(2,)``), read by index. ``DataConfig.num_classes`` > 0 makes
+the data class-conditional: every sample then has a label ``(N,)`` int64 in [0, num_classes) (``ClassLabelError``
+says why one is missing or out of range) and training batches carry them; 0 drops the labels of every source
+(digits, CIFAR-10, an ``.npz``'s ``labels``, an image folder's), so an unconditional run reads exactly the same
+samples in the same order and split. ``Data.encoder`` maps the sample space (what evaluation, grids
 and image distances see) to the model space (what training, rollouts and the store hold) and back
 (``cmt_core.encoders``; the identity for pixels and 2-D points). Synthetic distributions also carry
 ``distribution`` (with an exact ``denoise``) and train on fresh samples every step.
@@ -53,9 +56,11 @@ class Data:
     def exact_denoiser(self):
         return None if self.distribution is None else self.distribution.denoise
 
-    def source(self, seed: int = 0, labels: bool = False) -> BatchSource:
+    def source(self, seed: int = 0, labels: bool | None = None) -> BatchSource:
         """Training batches ``{"x": (B, *sample_shape), "cond"}``: fresh samples (synthetic) or epochs of ``train``;
-        ``labels``: the batches carry their class labels (``cond["class_labels"]``)."""
+        ``labels`` (None: when the data has classes): the batches carry their one-hot class labels
+        (``cond["class_labels"]`` ``(B, num_classes)``)."""
+        labels = self.num_classes > 0 if labels is None else labels
         if self.distribution is not None:
             return SyntheticSource(self.distribution, seed, labels)
         return DatasetSource(self.train, seed, labels)
@@ -69,16 +74,24 @@ def heldout_split(n: int, seed: int, heldout_fraction: float) -> tuple[torch.Ten
     return perm[n_held:], perm[:n_held]
 
 
+def _points(dist, n: int, g: torch.Generator, num_classes: int) -> TensorDataset:
+    """``n`` samples of ``dist`` (with ``num_classes`` > 0: and their classes; the same draws either way)."""
+    if not num_classes:
+        return TensorDataset(dist.sample(n, g))
+    return TensorDataset(*dist.sample_labelled(n, g), num_classes)
+
+
 def load_data(cfg) -> Data:
-    """Load (or sample) the data named by ``cfg`` (a ``DataConfig``); the split is deterministic in ``cfg.seed``."""
+    """Load (or sample) the data named by ``cfg`` (a ``DataConfig``); the split is deterministic in ``cfg.seed``.
+    With ``cfg.num_classes`` > 0 the data carries labels in [0, num_classes) or ``ClassLabelError`` says why not."""
     if cfg.name in POINT_DATA:
-        dist = (GaussianMixture(cfg.num_modes, cfg.mode_radius, cfg.mode_std) if cfg.name == "gaussian_mixture"
-                else Checkerboard(cfg.checker_cells))
+        dist = (GaussianMixture(cfg.num_modes, cfg.mode_radius, cfg.mode_std, cfg.num_classes)
+                if cfg.name == "gaussian_mixture" else Checkerboard(cfg.checker_cells))
         g = torch.Generator().manual_seed(cfg.seed)
-        train = TensorDataset(dist.sample(SYNTHETIC_TRAIN_SIZE, g))
-        return Data(cfg.name, train, TensorDataset(dist.sample(SYNTHETIC_TRAIN_SIZE, g)), dist)
+        train = _points(dist, SYNTHETIC_TRAIN_SIZE, g, cfg.num_classes)
+        return Data(cfg.name, train, _points(dist, SYNTHETIC_TRAIN_SIZE, g, cfg.num_classes), dist)
     from cmt_core.data import images
 
-    whole = images.load_image_dataset(cfg.name, cfg.path, cfg.resolution)
+    whole = images.load_image_dataset(cfg.name, cfg.path, cfg.resolution, cfg.num_classes)
     train, held = heldout_split(len(whole), cfg.seed, cfg.heldout_fraction)
     return Data(cfg.name, whole.subset(train), whole.subset(held))

@@ -6,7 +6,11 @@ A ``Dataset`` answers ``read(indices) -> (n, *sample_shape)`` float32 samples in
 view (the train / held-out split), ``batches(size)`` reads it in order.
 
 * ``TensorDataset``: samples (and labels) held in memory: the embedded digits, CIFAR-10, an ``.npz``, 2-D data.
-* ``ImageFolderDataset``: image files decoded when read; only their paths and headers are held.
+* ``ImageFolderDataset``: image files (a folder or a zip archive) decoded when read; only their names, headers and
+  labels are held.
+
+Labels that do not fit ``DataConfig.num_classes`` (missing, malformed, outside [0, num_classes)) raise
+``ClassLabelError``, one sentence naming the field and where the labels come from.
 
 Training reads data sets through ``cmt_core.data.sources.DatasetSource`` and its ``EpochSampler`` (an infinite,
 seeded order of every sample, edm2's ``InfiniteSampler`` drawn from the named rng streams).
@@ -29,11 +33,34 @@ def as_indices(index, size: int) -> torch.Tensor:
     return idx % max(size, 1)
 
 
+class ClassLabelError(ValueError):
+    """The data's class labels do not fit ``data.num_classes``: the message names the field and the source."""
+
+
+def labels_error(num_classes: int, problem: str) -> ClassLabelError:
+    """``data.num_classes=N asks for class labels, but <problem>``."""
+    return ClassLabelError(f"data.num_classes={num_classes} asks for class labels, but {problem}")
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, source: str) -> torch.Tensor:
+    """``labels`` ``(N,)`` int64, or ``ClassLabelError`` unless every one lies in ``[0, num_classes)``; ``source``
+    names them (``"the labels of <file>"``)."""
+    if labels.numel() and int(labels.min()) < 0:
+        raise ClassLabelError(f"data.num_classes={num_classes}, but {source} go down to {int(labels.min())} (they "
+                              f"must lie in [0, {num_classes}))")
+    if labels.numel() and int(labels.max()) >= num_classes:
+        raise ClassLabelError(f"data.num_classes={num_classes}, but {source} reach {int(labels.max())} (they must "
+                              f"lie in [0, {num_classes}))")
+    return labels
+
+
 class Dataset:
-    """Base of the data sets: subclasses define ``__len__``, ``_read`` and (with classes) ``_labels``."""
+    """Base of the data sets: subclasses define ``__len__``, ``_read`` and, with classes, ``class_labels`` ``(N,)``
+    int64 (or their own ``_labels``)."""
 
     sample_shape: tuple[int, ...]
     num_classes: int = 0  # 0: the data set has no class labels
+    class_labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -42,7 +69,9 @@ class Dataset:
         raise NotImplementedError
 
     def _labels(self, idx: torch.Tensor) -> torch.Tensor:
-        raise ValueError(f"{type(self).__name__} has no class labels")
+        if self.class_labels is None:
+            raise ValueError(f"{type(self).__name__} has no class labels")
+        return self.class_labels[idx]
 
     def read(self, indices) -> torch.Tensor:
         """Samples ``(n, *sample_shape)`` float32 at ``indices`` (any order, repeats allowed)."""
@@ -83,11 +112,6 @@ class TensorDataset(Dataset):
 
     def _read(self, idx: torch.Tensor) -> torch.Tensor:
         return self.samples[idx]
-
-    def _labels(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.class_labels is None:
-            return super()._labels(idx)
-        return self.class_labels[idx]
 
 
 class Subset(Dataset):

@@ -6,7 +6,8 @@ channel, ``cmt_core.conditioning``; empty for an unconditional run). The data po
 no iterator state needs saving. Every source slices one global batch, so 1 and N ranks see the same samples.
 
 * ``DatasetSource``: a map-style data set read in the order of an ``EpochSampler``;
-* ``SyntheticSource``: fresh samples of a 2-D distribution each step.
+* ``SyntheticSource``: fresh samples of a 2-D distribution each step;
+* ``LabelDropout``: another source with a fraction of its class labels replaced by the unconditional class.
 """
 
 from __future__ import annotations
@@ -95,3 +96,28 @@ class SyntheticSource:
             return {"x": self.distribution.sample(batch_size, g)[rows], "cond": {}}
         x, labels = self.distribution.sample_labelled(batch_size, g)
         return {"x": x[rows], "cond": conditioning.class_cond(labels[rows], self.distribution.num_classes)}
+
+
+class LabelDropout:
+    """``source``'s batches with each sample's ``class_labels`` row replaced by the all-zero row (the
+    "unconditional" class, ``cmt_core.conditioning``) with probability ``rate``, as EDM and EDM2 train a network
+    for classifier-free guidance: one model learns D(x, t, c) and D(x, t, no class).
+
+    EDM drops labels inside its network, drawing from the training process's global generator; here the mask of
+    the whole global batch is drawn from the stream ``LABEL_DROPOUT`` keyed by (seed, step) and each rank keeps its
+    slice, so the dropped samples are a function of the step, the same for any number of ranks and on resume. A
+    batch without ``class_labels`` passes unchanged."""
+
+    def __init__(self, source: BatchSource, rate: float, seed: int = 0):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"label dropout rate must lie in [0, 1), got {rate}")
+        self.source, self.rate, self.seed = source, rate, seed
+
+    def batch(self, step, batch_size, rank=0, world=1):
+        batch = self.source.batch(step, batch_size, rank, world)
+        labels = batch["cond"].get(conditioning.CLASS_LABELS)
+        if labels is None or self.rate == 0:
+            return batch
+        dropped = torch.rand(batch_size, generator=generator(Stream.LABEL_DROPOUT, self.seed, step))
+        kept = (dropped >= self.rate)[rank_slice(batch_size, rank, world)].to(labels.dtype)
+        return {**batch, "cond": {**batch["cond"], conditioning.CLASS_LABELS: labels * kept[:, None]}}

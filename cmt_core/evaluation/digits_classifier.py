@@ -54,8 +54,12 @@ class DigitsCNN(nn.Module):
             x = F.adaptive_avg_pool2d(x, (8, 8))
         return self.conv(x)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Penultimate ``features: (B, FEATURE_DIM)`` -> logits ``(B, 10)``."""
+        return self.head(F.relu(features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.features(x)))
+        return self.logits(self.features(x))
 
 
 @contextlib.contextmanager
@@ -108,7 +112,8 @@ def accuracy(net: DigitsCNN, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class DigitsClassifierFeatures:
-    """Penultimate ``(N, 64)`` features of a digit CNN trained on the training split; metric ``FD-digits``.
+    """Penultimate ``(N, 64)`` features of a digit CNN trained on the training split; metric ``FD-digits``; its
+    predicted classes (``predict``) give conditional samples' ``class_accuracy``.
 
     ``cache_dir/digits_classifier_{split}.pt`` (state dict) and ``.json`` (held-out accuracy) are reused when
     present; ``trained_now`` says whether this construction trained the network.
@@ -151,6 +156,12 @@ class DigitsClassifierFeatures:
         if images.shape[1] != 1:
             raise ValueError(f"the digits classifier takes grey images, got {images.shape[1]} channels")
         return self.net.features(images.to(self.device, torch.float32)).cpu().numpy()
+
+    @torch.no_grad()
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """The classes ``(N,)`` int64 the network assigns to images whose features ``(N, 64)`` (``__call__``) are
+        given."""
+        return self.net.logits(torch.as_tensor(features, device=self.device)).argmax(1).cpu().numpy()
 
     def info(self) -> dict:
         return {"extractor": self.name, "feature_dim": self.dim, "heldout_accuracy": self.heldout_accuracy,

@@ -1,7 +1,9 @@
 """The evaluation report: ``report.md`` (results table, run info, figures), ``metrics.json`` and PNG figures.
 
 Numbers are rounded once to ``SIGNIFICANT_DIGITS`` significant digits; ``metrics.json`` stores the rounded
-values and ``report.md`` prints them with the same format, so both show the same numbers.
+values and ``report.md`` prints them with the same format, so both show the same numbers. The table's columns are
+the rows' metrics (a conditional run's class metrics beside the Frechet distance); the training curves draw the
+higher-is-better metrics (``class_accuracy``, in percent) apart from the distances.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+from cmt_core.evaluation.evaluator import HIGHER_IS_BETTER  # noqa: E402
 
 SIGNIFICANT_DIGITS = 4
 MAX_GRID_IMAGES = 64
@@ -93,11 +97,15 @@ def save_sample_figure(path: Path, samples: torch.Tensor, title: str) -> None:
 
 def save_curve_figure(path: Path, rows: list[dict], title: str) -> None:
     """Training log rows (``step``, ``loss``, optional ``eval_<metric>_1step`` / ``eval_<metric>_2step``) -> loss
-    vs step and, if any, the 1-step and 2-step metrics vs step."""
+    vs step and, if any, the 1-step and 2-step metrics vs step: the lower-is-better ones in one panel, the
+    higher-is-better ones (``HIGHER_IS_BETTER``) in another."""
     # eval_score_* repeat the metric that selects checkpoints under another name
     eval_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval_")
                                    and k.endswith(("_1step", "_2step")) and not k.startswith("eval_score_")))
-    fig, axes = plt.subplots(1, 2 if eval_keys else 1, figsize=(10 if eval_keys else 5, 4), squeeze=False)
+    higher = [k for k in eval_keys if k.removeprefix("eval_").rsplit("_", 1)[0] in HIGHER_IS_BETTER]
+    panels = [(name, keys) for name, keys in (("evaluation", [k for k in eval_keys if k not in higher]),
+                                              ("evaluation, higher is better", higher)) if keys]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 * (1 + len(panels)), 4), squeeze=False)
     loss_rows = [r for r in rows if r.get("loss") is not None]
     ax = axes[0, 0]
     ax.plot([r["step"] for r in loss_rows], [r["loss"] for r in loss_rows])
@@ -106,14 +114,13 @@ def save_curve_figure(path: Path, rows: list[dict], title: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"{title}: loss")
-    if eval_keys:
-        ax = axes[0, 1]
-        for k in eval_keys:
+    for ax, (name, keys) in zip(axes[0, 1:], panels):
+        for k in keys:
             pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=k.removeprefix("eval_"))
         ax.set_xlabel("step")
-        ax.set_title(f"{title}: evaluation")
+        ax.set_title(f"{title}: {name}")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

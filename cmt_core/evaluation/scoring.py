@@ -4,7 +4,8 @@
 run (``num_classes`` > 0) a uniform class label per sample from the same seed, samples a model with ``k`` steps
 (its method's few-step sampler, ``cmt_core.samplers``), decodes the samples to the sample space
 (``data.encoder``) and scores them with the data's ``Evaluator`` (Frechet distance under its extractor's name,
-or 2-D distances).
+or 2-D distances; a conditional run's samples also by the class they were drawn for: the per-class Frechet
+distance and, on digits, ``class_accuracy``).
 With an exact teacher it also reports ``flow_map_error``: the mean l2 distance between the model's
 sample and the true ODE endpoint from the same noise (a fine DPM-Solver++(3M) solve of the exact ODE).
 
@@ -32,7 +33,8 @@ class Scorer:
     """Scores models from ``eval_cfg.num_samples`` fixed noises at ``sigma_max`` (``eval_cfg``: an ``EvalConfig``).
 
     ``sigma_min`` is the end of the few-step samplers' grids (the models' boundary time); ``num_classes`` > 0: a
-    conditional run, each noise with a uniform class label (``cond``)."""
+    conditional run, each noise with a uniform class label (``labels``: ``(N,)`` int64, None unconditional; ``cond``:
+    their one-hot rows)."""
 
     def __init__(self, data, eval_cfg, evaluator, device: torch.device, sigma_max: float, sigma_min: float,
                  seed_set: int = 0, num_classes: int = 0):
@@ -43,8 +45,8 @@ class Scorer:
         n = eval_cfg.num_samples
         g = torch.Generator().manual_seed(self.seed)
         self.x_T = torch.randn(n, *data.sample_shape, generator=g) * self.sigma_max
-        labels = torch.randint(num_classes, (n,), generator=g) if num_classes else None
-        self.cond = conditioning.class_cond(labels, num_classes)
+        self.labels = torch.randint(num_classes, (n,), generator=g) if num_classes else None
+        self.cond = conditioning.class_cond(self.labels, num_classes)
         self.exact = None
         if data.exact_denoiser is not None:
             name, steps, end = EXACT_REFERENCE
@@ -72,9 +74,9 @@ class Scorer:
                           .float().cpu() for i in range(0, len(self.x_T), bs)])
 
     def metrics(self, samples: torch.Tensor) -> dict:
-        """Metrics of model-space ``samples``: scored decoded (``data.encoder``), the flow-map error in the model's
-        space."""
-        out = dict(self.evaluator.score(self.data.encoder.decode(samples)))
+        """Metrics of model-space ``samples`` (one per noise, in order): scored decoded (``data.encoder``) and, in a
+        conditional run, by the classes of their noises; the flow-map error in the model's space."""
+        out = dict(self.evaluator.score(self.data.encoder.decode(samples), self.labels))
         if self.exact is not None:
             out["flow_map_error"] = flow_map_error(samples, self.exact)
         return out

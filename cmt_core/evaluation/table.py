@@ -2,7 +2,9 @@
 
 Rows: the data floor, the teacher at its NFE, the teacher-initialised few-step model before any training
 (the baseline CMT replaces), then each trained model at 1 and 2 steps (2 steps at its own intermediate
-sigma, named in the row); with several seed sets every figure is a mean with its spread beside it.
+sigma, named in the row); with several seed sets every figure is a mean with its spread beside it. A conditional
+run's rows also carry the class metrics beside the Frechet distance (the per-class distance and, on digits,
+``class_accuracy``, the one higher-is-better column), the data row those of the held-out images.
 Models, curves and timings come in as arguments (the stage that calls ``results_table`` loads them from its
 input artifacts). Sample grids show decoded samples (``data.encoder``).
 """
@@ -18,6 +20,7 @@ from torch import nn
 
 from cmt_core.evaluation.report import write_report
 from cmt_core.evaluation.scoring import Scorer
+from cmt_core.guidance import GuidedDenoiser
 from cmt_core.solvers import function_evaluations
 from cmt_core.time_grids import make_grid
 
@@ -44,28 +47,37 @@ def aggregate(per_set: list[dict]) -> dict:
 
 def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teacher_solver,
                   baseline: ScoredModel | None, trained: list[ScoredModel], curves: dict[str, list[dict]],
-                  run_info: dict, stage_seconds: dict) -> dict:
+                  run_info: dict, stage_seconds: dict, guidance: str = "none", scale: float = 1.0,
+                  sweep: dict | None = None) -> dict:
     """Score the teacher, the untrained ``baseline`` (1 step) and ``trained`` models (1 and 2 steps) with
     every scorer (one per seed set), then write the report into ``out_dir``; returns ``metrics.json``, whose
     ``by_key`` names the rows ``data``, ``teacher``, the baseline's key and ``<key>_1step`` / ``<key>_2step``.
 
-    ``teacher_solver``: the ``SolverConfig`` the teacher samples with; ``curves``: training-log rows per stage;
-    ``run_info``: what the report states first (preset, device); ``stage_seconds``: the earlier stages' wall times
-    (this call adds ``evaluation``)."""
+    ``teacher_solver``: the ``SolverConfig`` the teacher samples with; ``guidance``, ``scale``: the kind of
+    guidance (``cmt_core.guidance``) and the scale ``teacher`` is guided at, named in its row; ``sweep``: the
+    teacher guided at other scales, ``{w: denoiser}``, each a row ``teacher_w<w>`` (a guided teacher's NFE counts
+    both of its calls per step); ``curves``: training-log rows per stage; ``run_info``: what the
+    report states first (preset, device); ``stage_seconds``: the earlier stages' wall times (this call adds
+    ``evaluation``)."""
     t0 = time.perf_counter()
     evaluator, data = scorers[0].evaluator, scorers[0].evaluator.data
+    by_class = scorers[0].labels is not None
     rows, keys, grids = [], [], {}
 
-    rows.append({"model": "data (held-out vs train)", "NFE": 0, **evaluator.floor()})
+    rows.append({"model": "data (held-out vs train)", "NFE": 0, **evaluator.floor(by_class)})
     keys.append("data")
     grids["data"] = getattr(data, evaluator.reference_split).read(slice(0, 2000 if evaluator.is_points else 64))
 
-    results = [s.teacher(teacher, teacher_solver) for s in scorers]
     nfe = function_evaluations(teacher_solver.name, make_grid(teacher_solver))
-    rows.append({"model": f"teacher ({teacher_solver.name}, {teacher_solver.steps} steps)", "NFE": nfe,
-                 **aggregate([m for m, _ in results])})
-    keys.append("teacher")
-    grids["teacher"] = data.encoder.decode(results[0][1])
+    solver = f"{teacher_solver.name}, {teacher_solver.steps} steps"
+    for key, w, denoiser in [("teacher", scale, teacher), *((f"teacher_w{w:g}", w, d) for w, d in
+                                                             (sweep or {}).items())]:
+        results = [s.teacher(denoiser, teacher_solver) for s in scorers]
+        label = "" if guidance == "none" else f", {guidance} w={w:g}"
+        calls = 2 if isinstance(denoiser, GuidedDenoiser) else 1
+        rows.append({"model": f"teacher ({solver}{label})", "NFE": nfe * calls, **aggregate([m for m, _ in results])})
+        keys.append(key)
+        grids[key] = data.encoder.decode(results[0][1])
 
     if baseline is not None:
         metrics = aggregate([s.few_step(baseline.sampler, baseline.model, 1)[0] for s in scorers])
@@ -84,5 +96,5 @@ def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teac
 
     info = {**run_info, "num_samples": len(scorers[0].x_T), "seed_sets": len(scorers),
             "primary_metric": scorers[0].primary, "data_metric": evaluator.metric_name, "2-step sigma": mid_sigmas,
-            "seconds": {**stage_seconds, "evaluation": time.perf_counter() - t0}, **evaluator.info()}
+            "seconds": {**stage_seconds, "evaluation": time.perf_counter() - t0}, **evaluator.info(by_class)}
     return write_report(out_dir, rows, grids, {k: v for k, v in curves.items() if v}, info, keys)

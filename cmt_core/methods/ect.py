@@ -19,7 +19,8 @@ def _loss(distill: bool):
         return ECTLoss(inputs.sigma_min, inputs.sigma_max, t_sampling=e.t_sampling, p_mean=e.p_mean, p_std=e.p_std,
                        k=e.k, b=e.b, q=e.q, stage_steps=e.stage_steps, start_stage=e.start_stage, huber_c=e.huber_c,
                        anchor_sigma=e.anchor_sigma, teacher=inputs.teacher if distill else None,
-                       teacher_solver=p.ecd_solver, anchor=anchor)
+                       teacher_solver=p.ecd_solver, anchor=anchor, weighting=e.weighting,
+                       sigma_data=inputs.sigma_data)
     return build
 
 

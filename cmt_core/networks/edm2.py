@@ -55,7 +55,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cmt_core.conditioning import CLASS_LABELS, Cond, check_known
-from cmt_core.networks.embedding import LaterTimeMLP, check_times
+from cmt_core.networks.embedding import LaterTimeMLP, check_times, label_input
 
 MP_SILU_SCALE = 0.596  # the root-mean-square of silu(x) for x ~ N(0, 1)
 
@@ -315,15 +315,8 @@ class EDM2UNet(nn.Module):
         for k, later in enumerate(self.emb_later, start=1):
             emb = emb + later(self.emb_fourier(c_noise[:, k]))
         if self.emb_label is not None:
-            labels = (cond or {}).get(CLASS_LABELS)
-            batch = c_noise.shape[0]
-            if labels is None:
-                labels = torch.zeros(batch, self.label_dim, device=c_noise.device)
-            elif tuple(labels.shape) != (batch, self.label_dim):
-                raise ValueError(f"class_labels must be (B, {self.label_dim}) = ({batch}, {self.label_dim}), "
-                                 f"got {tuple(labels.shape)}")
-            labels = labels.to(torch.float32)
-            emb = mp_sum(emb, self.emb_label(labels * math.sqrt(self.label_dim)), t=self.label_balance)
+            labels = label_input(cond, self.label_dim, c_noise.shape[0], c_noise.device)
+            emb = mp_sum(emb, self.emb_label(labels), t=self.label_balance)
         return mp_silu(emb)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:

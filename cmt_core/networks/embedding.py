@@ -5,6 +5,8 @@ through an MLP of its sinusoidal features; every further time (a flow map's seco
 its own ``LaterTimeMLP``, whose last layer starts at zero. A model with two times initialised from a one-time
 model's weights therefore computes exactly that model's function (teacher initialisation,
 ``cmt_core.models.init_from``).
+
+A class-conditional network (``label_dim > 0``) reads ``cond["class_labels"]`` through ``label_input``.
 """
 
 import math
@@ -12,11 +14,26 @@ import math
 import torch
 from torch import nn
 
+from cmt_core.conditioning import CLASS_LABELS, Cond
+
 
 def check_times(c_noise: torch.Tensor, num_times: int) -> None:
     """Raise unless ``c_noise`` is ``(B, num_times)``."""
     if c_noise.ndim != 2 or c_noise.shape[1] != num_times:
         raise ValueError(f"c_noise must be (B, {num_times}), got {tuple(c_noise.shape)}")
+
+
+def label_input(cond: Cond | None, label_dim: int, batch: int, device) -> torch.Tensor:
+    """The input of a class-conditional network's label layer: ``cond["class_labels"]`` (float one-hot rows
+    ``(batch, label_dim)``; an all-zero row is the "unconditional" class) in float32, times ``sqrt(label_dim)``
+    (EDM's and EDM2's scaling: one-hot rows of unit root-mean-square). A missing entry is all-zero rows, as EDM's
+    and EDM2's preconditioning feed without labels; another shape raises ``ValueError``."""
+    labels = (cond or {}).get(CLASS_LABELS)
+    if labels is None:
+        return torch.zeros(batch, label_dim, device=device)
+    if tuple(labels.shape) != (batch, label_dim):
+        raise ValueError(f"class_labels must be (B, {label_dim}) = ({batch}, {label_dim}), got {tuple(labels.shape)}")
+    return labels.to(device, torch.float32) * math.sqrt(label_dim)
 
 
 class FourierEmbedding(nn.Module):

@@ -3,9 +3,10 @@
 Layout for ``L = len(channel_mult)`` resolutions ``R, R/2, ..., R/2^(L-1)``. Parameter names are SongUNet's,
 so an EDM network's weights load by name (``cmt_core.edm_pickle``):
 
-* mapping: ``c_noise[:, 0]`` -> positional features (``model_channels`` wide) -> ``map_layer0``, SiLU,
-  ``map_layer1`` -> SiLU -> ``emb`` (``emb_dim`` wide), the conditioning of every residual block. Each further
-  time adds its own MLP (``map_later``, zero at init) before the last SiLU (``cmt_core.networks.embedding``);
+* mapping: ``c_noise[:, 0]`` -> positional features (``model_channels`` wide) [+ ``map_label`` of the class
+  labels] -> ``map_layer0``, SiLU, ``map_layer1`` -> SiLU -> ``emb`` (``emb_dim`` wide), the conditioning of every
+  residual block. Each further time adds its own MLP (``map_later``, zero at init) before the last SiLU
+  (``cmt_core.networks.embedding``);
 * ``enc``: a 3x3 conv (``{R}x{R}_conv``); per resolution ``num_blocks`` residual blocks (``_block{i}``,
   self-attention at ``attn_resolutions``), after a downsampling block (``_down``) below the top resolution;
 * ``dec``: at the lowest resolution a block with self-attention and a plain one (``_in0``, ``_in1``); per
@@ -13,8 +14,15 @@ so an EDM network's weights load by name (``cmt_core.edm_pickle``):
   concatenation of the running features and one encoder output, the last with self-attention at
   ``attn_resolutions``; at full resolution GroupNorm, SiLU and a 3x3 conv (``_aux_norm``, ``_aux_conv``).
 
+Class labels (``label_dim > 0``), as SongUNet's: ``cond["class_labels"]`` (float one-hot ``(B, label_dim)``, an
+all-zero row being the "unconditional" class) times ``sqrt(label_dim)`` through ``map_label`` (Linear
+``label_dim -> model_channels``), added to the first time's positional features. A missing entry is all-zero rows
+(as EDM's ``EDMPrecond`` feeds without labels); an unconditional network refuses ``class_labels``. SongUNet's
+``label_dropout`` is not done here: the training loop drops labels for whole batches, so a loaded EDM network's
+setting of it is accepted and ignored.
+
 What SongUNet offers and this network does not (a loaded EDM network that uses any of it is refused):
-class labels, NCSN++'s Fourier embedding / residual encoder / skip decoder, other resampling filters than
+NCSN++'s Fourier embedding / residual encoder / skip decoder, other resampling filters than
 [1, 1] (here: 2x2 average pooling and nearest upsampling, the same operations). The augmentation-label input
 is left out: EDM feeds it only while training with augmentation, so it never changes a sample, and our
 pipeline trains without augmentation (as the reference does).
@@ -34,8 +42,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cmt_core.conditioning import Cond, check_known
-from cmt_core.networks.embedding import LaterTimeMLP, PositionalEmbedding, check_times
+from cmt_core.conditioning import CLASS_LABELS, Cond, check_known
+from cmt_core.networks.embedding import LaterTimeMLP, PositionalEmbedding, check_times, label_input
 
 SKIP_SCALE = math.sqrt(0.5)  # keeps the variance of (branch + skip) close to that of its inputs
 SMALL_INIT = 1e-5  # residual branches start close to zero while gradients still reach every weight
@@ -125,21 +133,24 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """``net(x: (B, C, H, W), c_noise: (B, num_times), cond) -> (B, C, H, W)`` (unconditional: ``cond`` empty).
+    """``net(x: (B, C, H, W), c_noise: (B, num_times), cond) -> (B, C, H, W)``; ``cond`` holds at most
+    ``class_labels`` ``(B, label_dim)`` when ``label_dim > 0``, nothing otherwise.
 
     ``H = W = img_resolution`` must be divisible by ``2 ** (len(channel_mult) - 1)``.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, model_channels: int, channel_mult: tuple[int, ...],
                  num_blocks: int, attn_resolutions: tuple[int, ...], dropout: float, emb_dim: int,
-                 num_times: int = 1):
+                 num_times: int = 1, label_dim: int = 0):
         super().__init__()
         levels = len(channel_mult)
         if img_resolution % 2 ** (levels - 1):
             raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{levels - 1} "
                              f"(channel_mult={tuple(channel_mult)})")
         self.img_resolution, self.in_channels, self.num_times = img_resolution, in_channels, num_times
+        self.label_dim = label_dim
         self.map_noise = PositionalEmbedding(model_channels)
+        self.map_label = _init(nn.Linear(label_dim, model_channels)) if label_dim else None
         self.map_layer0 = _init(nn.Linear(model_channels, emb_dim))
         self.map_layer1 = _init(nn.Linear(emb_dim, emb_dim))
         self.map_later = nn.ModuleList(LaterTimeMLP(model_channels, emb_dim) for _ in range(num_times - 1))
@@ -182,8 +193,11 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         check_times(c_noise, self.num_times)
-        check_known(cond, (), "this U-Net")
-        h = self.map_layer1(F.silu(self.map_layer0(self.map_noise(c_noise[:, 0]))))
+        check_known(cond, (CLASS_LABELS,) if self.label_dim else (), "this U-Net")
+        h = self.map_noise(c_noise[:, 0])
+        if self.map_label is not None:
+            h = h + self.map_label(label_input(cond, self.label_dim, x.shape[0], x.device))
+        h = self.map_layer1(F.silu(self.map_layer0(h)))
         for k, mlp in enumerate(self.map_later, start=1):
             h = h + mlp(self.map_noise(c_noise[:, k]))
         emb = F.silu(h)  # (B, emb_dim)

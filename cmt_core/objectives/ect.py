@@ -5,11 +5,18 @@ r = t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)) clamped at 0, with stage = sta
 so t - r shrinks as training goes on (a consistency model from mid-training starts at a later stage: its
 first, large-dt stages would undo the mid-training). With shared noise e:
 ECT: x_t = y + t e, x_r = y + r e;  ECD: x_r is one teacher solver step from x_t to r.
-loss = d(f(x_t, t), sg f(x_r, r)) / (t - r), the target being x_r itself where r = 0 (ECT: y; ECD: the
-teacher's step to 0, i.e. its denoised estimate); both passes use the same dropout mask.
+loss = w(t, r) d(f(x_t, t), sg f(x_r, r)), the target being x_r itself where r = 0 (ECT: y; ECD: the
+teacher's step to 0, i.e. its denoised estimate); both passes use the same dropout mask. The weight
+(``weighting``): ``inverse_dt`` 1 / (t - r), ECT's and the reference's CIFAR-10 / FFHQ / AFHQ losses; ``snr_plus_k``
+(t^2 + sigma_data^2) / (t sigma_data)^2 = 1 / t^2 + 1 / sigma_data^2, the reference's ImageNet-512 ECT / ECD
+losses (sony/cmt ``imagenet512/training/loss.py``, ``wt='snrpk'``).
 As in the reference (locuslab/ect, ``ECMLoss``), d is per sample, over all its dimensions: the l2 norm
 ||f(x_t, t) - f(x_r, r)|| when ``huber_c = 0``, else pseudo-Huber sqrt(||.||^2 + c^2) - c with c = ``huber_c``.
-Every network call (and ECD's teacher step) gets the batch's conditioning ``batch["cond"]``.
+Every network call (and ECD's teacher step) gets the batch's conditioning ``batch["cond"]``; a guided teacher
+(``cmt_core.guidance``) makes ECD's teacher step guided, as the reference's ImageNet-512 ECD (``ECDGuidLoss``).
+The student pass runs first and the target pass after it with EDM2's forced weight normalisation switched off
+(``forced_weight_norm``), as the reference's ``disable_forced_wn``: the student pass has just normalised the
+weights, and normalising them again would give the target slightly different ones.
 
 The CMT boundary (``anchor_sigma`` > 0, with ``anchor`` a frozen copy of the mid-trained model; a deliberate
 deviation from ECT, off by default and in the paper's recipes): for t <= anchor_sigma the target is
@@ -28,9 +35,15 @@ import math
 
 import torch
 
+from cmt_core.networks.edm2 import forced_weight_norm
 from cmt_core.objectives.distances import l2_norm, pseudo_huber
 from cmt_core.preconditioning import bcast
 from cmt_core.solvers import solve
+
+WEIGHTINGS = {
+    "inverse_dt": lambda t, r, sigma_data: 1 / (t - r),
+    "snr_plus_k": lambda t, r, sigma_data: (t**2 + sigma_data**2) / (t * sigma_data) ** 2,
+}
 
 
 class ECTLoss:
@@ -40,9 +53,12 @@ class ECTLoss:
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, *, t_sampling: str = "lognormal",
                  p_mean: float = -1.1, p_std: float = 2.0, k: float = 8.0, b: float = 1.0, q: float = 2.0,
                  stage_steps: int = 1000, start_stage: int = 0, huber_c: float = 0.0, anchor_sigma: float = 0.0,
-                 teacher=None, teacher_solver: str = "heun", anchor=None):
+                 teacher=None, teacher_solver: str = "heun", anchor=None, weighting: str = "inverse_dt",
+                 sigma_data: float = 0.5):
         if t_sampling not in ("lognormal", "log_uniform"):
             raise ValueError(f"t_sampling must be 'lognormal' or 'log_uniform', got {t_sampling!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)}, got {weighting!r}")
         if anchor_sigma > 0 and anchor is None:
             raise ValueError("ect.anchor_sigma > 0 needs the anchor model (a frozen copy of the mid-trained model)")
         self.sigma_min, self.sigma_max, self.t_sampling = sigma_min, sigma_max, t_sampling
@@ -53,6 +69,7 @@ class ECTLoss:
         if self.anchor is not None:
             self.anchor.requires_grad_(False)
         self.distance = functools.partial(pseudo_huber, c=huber_c) if huber_c > 0 else l2_norm
+        self.weight = functools.partial(WEIGHTINGS[weighting], sigma_data=sigma_data)
 
     def r_of_t(self, t: torch.Tensor, step: int) -> torch.Tensor:
         decay = 1.0 / self.q ** (self.start_stage + step // self.stage_steps + 1)
@@ -69,6 +86,8 @@ class ECTLoss:
         noise = rng.randn(*y.shape[1:])
         x_t = y + bcast(t, y) * noise
         dropout_seed = rng.seed()
+        torch.manual_seed(dropout_seed)
+        pred = model(x_t, t, cond=cond)  # first: a training-mode pass applies EDM2's forced weight normalisation
         with torch.no_grad():
             if self.teacher is not None:
                 r = torch.where(r < self.sigma_min, torch.zeros_like(r), r)  # below the model's range: jump to 0
@@ -76,11 +95,10 @@ class ECTLoss:
             else:
                 x_r = y + bcast(r, y) * noise
             torch.manual_seed(dropout_seed)
-            target = torch.where(bcast(r, y) > 0, model(x_r, r.clamp(min=self.sigma_min), cond=cond), x_r)
+            with forced_weight_norm(model, False):  # the weights the student pass used, not normalised again
+                target = torch.where(bcast(r, y) > 0, model(x_r, r.clamp(min=self.sigma_min), cond=cond), x_r)
             if self.anchor is not None:  # the CMT boundary: in the model's mode, with the same dropout mask
                 self.anchor.train(model.training)
                 torch.manual_seed(dropout_seed)
                 target = torch.where(bcast(t <= self.anchor_sigma, y), self.anchor(x_t, t, cond=cond), target)
-        torch.manual_seed(dropout_seed)
-        pred = model(x_t, t, cond=cond)
-        return self.distance(pred, target) / (t - r)
+        return self.distance(pred, target) * self.weight(t, r)

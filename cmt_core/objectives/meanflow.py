@@ -32,12 +32,15 @@ the same times to 2e-16), so the Mean Flow paper's (-0.4, 1.0) carries over unch
 (tau in [0.002, 0.988]); the reference's tau runs over (0, 1).
 The batch's conditioning ``batch["cond"]`` goes to every network call (it is held fixed along the JVP).
 ``torch.func.jvp`` cannot run through a DDP wrapper: this objective sets ``uses_jvp`` and the training
-loop hands it the bare module and all-reduces its gradients.
+loop hands it the bare module and all-reduces its gradients. An EDM2 network's forced weight normalisation is
+applied once before the JVP and switched off inside it (``cmt_core.networks.edm2.apply_forced_weight_norm``): the
+same weights as a training-mode pass, without the in-place write ``torch.func`` refuses.
 """
 
 import torch
 
 from cmt_core.conditioning import Cond
+from cmt_core.networks.edm2 import apply_forced_weight_norm, forced_weight_norm
 from cmt_core.objectives.distances import mean_squared_error, squared_l2
 from cmt_core.preconditioning import as_batch, bcast
 
@@ -93,6 +96,12 @@ class MeanFlowLoss:
         y, cond = batch["x"], batch.get("cond")
         t, r = self.sample_times(rng)
         e = rng.randn(*y.shape[1:])
+        if flow_map.training:  # EDM2's forced weight normalisation once, outside the JVP (which refuses its write)
+            apply_forced_weight_norm(flow_map)
+        with forced_weight_norm(flow_map, False):
+            return self._loss(flow_map, y, cond, t, r, e)
+
+    def _loss(self, flow_map, y, cond, t, r, e) -> torch.Tensor:
         if self.time == "tau":
             tau_t, tau_r = t / (1 + t), r / (1 + r)
             z = (1 - bcast(tau_t, y)) * y + bcast(tau_t, y) * e
