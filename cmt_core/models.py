@@ -49,6 +49,11 @@ def build_model(kind: str, network: Mapping, sample_shape, sigma_min: float | No
     return FlowMap(raw, sigma_data, sigma_min)
 
 
+def label_dim_of(model: nn.Module) -> int:
+    """The number of classes a model's raw network is conditioned on (0: unconditional, or not a model of ours)."""
+    return getattr(getattr(model, "raw", None), "label_dim", 0) or 0
+
+
 def init_from(model: nn.Module, source: nn.Module) -> nn.Module:
     """Copy ``source``'s raw-network weights into ``model`` (a 1-time net into a 2-time one is allowed:
     the extra time embedding keeps its zero initialisation, so the function is unchanged)."""

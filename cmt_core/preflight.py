@@ -22,7 +22,8 @@ verified twice). It checks:
   the memory this machine has available;
 * files read by late stages, read now (``check_late_files``): the LPIPS backbone (a VGG16 state dict) and the
   Inception weights, loaded without running any code;
-* a teacher read from a file or code loads and answers a probe ``D(x, sigma)`` of the data's shape.
+* a teacher (and an autoguidance guide) read from a file or code loads and answers a probe ``D(x, sigma)`` of the
+  data's shape; a network of ours takes the data's classes.
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ import torch
 
 from cmt_core import object_storage as remote
 from cmt_core.artifacts import FEATURES_DIR, LOGS_DIR, RESULTS_DIR
-from cmt_core.config import DATA_PATH_KIND, INPUT_FILES, DataConfig, TeacherConfig
+from cmt_core.config import DATA_PATH_KIND, INPUT_FILES, DataConfig, GuideConfig, TeacherConfig
 from cmt_core.data import Data, load_data
 from cmt_core.data.datasets import ClassLabelError
 from cmt_core.engine import Plan, complete_result
 from cmt_core.errors import PreflightError, brief, describe
 from cmt_core.methods import get_method
+from cmt_core.models import label_dim_of
 from cmt_core.runtime import uses_cuda
-from cmt_core.teachers import LOADED, edm_teacher, load_teacher
+from cmt_core.teachers import LOADED, PROGRAMS, edm_teacher, load_teacher
 from cmt_core.time_grids import make_grid
 
 # file systems whose files are the kernel's, not data: never read, never written
@@ -333,26 +335,31 @@ def check_late_files(cfg, todo: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- all
-def _probe_teacher(t: TeacherConfig, data: Data) -> None:
-    """Load the teacher ``t`` names and ask it to denoise two zero samples at sigma = 1: it must answer a
-    finite tensor of the samples' shape."""
-    field, value = ("teacher.target", t.target) if t.source == "callable" else ("teacher.path", str(t.path))
+def _probe_denoiser(section: str, source: str, path, target: str | None, data: Data) -> None:
+    """Load the denoiser a ``section`` ('teacher', 'guidance.guide') names and ask it to denoise two zero samples at
+    sigma = 1: it must answer a finite tensor of the samples' shape, and a network of ours must take the data's
+    classes (as many, or none for unconditional data)."""
+    field, value = (f"{section}.target", target) if source == "callable" else (f"{section}.path", str(path))
     x = torch.zeros(2, *data.sample_shape)
     try:
-        if t.source == "edm_pickle":
-            net = edm_teacher(t.path, data.sample_shape).model
+        if source == "edm_pickle":
+            net = edm_teacher(path, data.sample_shape).model
         else:
-            net = load_teacher(t.source, t.path, t.target, data.distribution)
+            net = load_teacher(source, path, target, data.distribution)
         with torch.no_grad():
             out = net(x, torch.ones(2))
     except Exception as err:  # any failure to load or run it is bad input, reported on one line
-        raise PreflightError(f"{field}={brief(value)} cannot be used as the teacher (teacher.source={t.source!r}): "
-                             f"{describe(err)}") from err
+        raise PreflightError(f"{field}={brief(value)} cannot be used as the {section.split('.')[-1]} ({section}."
+                             f"source={source!r}): {describe(err)}") from err
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape) or not torch.isfinite(out).all():
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise PreflightError(f"{field}={brief(value)} is not a denoiser D(x, sigma) of this data: for x of shape "
                              f"{tuple(x.shape)} it answered {got}" + ("" if not isinstance(out, torch.Tensor) or
                                                                       torch.isfinite(out).all() else " (non-finite)"))
+    classes = label_dim_of(net)
+    if source not in PROGRAMS and classes != data.num_classes:
+        what = f"is conditioned on {classes} classes" if classes else "is unconditional"
+        raise PreflightError(f"{field}={brief(value)}: the network {what}, but data.num_classes={data.num_classes}")
 
 
 def preflight(plan: Plan, stages) -> None:
@@ -369,16 +376,18 @@ def preflight(plan: Plan, stages) -> None:
     _check_files(cfg, plan, todo)
     check_values(cfg, todo)
     probe = cfg.teacher.source in LOADED and any(plan.stages[s].declares("teacher.source") for s in todo)
-    shape = _check_inputs(cfg.data.model_dump_json(), cfg.teacher.model_dump_json() if probe else None)
+    guide = cfg.guidance.guide.source != "pretrain" and "guide" in todo
+    shape = _check_inputs(cfg.data.model_dump_json(), cfg.teacher.model_dump_json() if probe else None,
+                          cfg.guidance.guide.model_dump_json() if guide else None)
     check_memory(cfg, todo, shape)
     check_late_files(cfg, todo)
 
 
 @functools.lru_cache(maxsize=16)
-def _check_inputs(data_json: str, teacher_json: str | None) -> tuple[int, ...]:
-    """Read the data (``check_data``) and probe the teacher (``teacher_json`` None: no probe); returns the sample
-    shape. Each pair is checked once per process (entry points that check several configs share it), a failure
-    every time."""
+def _check_inputs(data_json: str, teacher_json: str | None, guide_json: str | None = None) -> tuple[int, ...]:
+    """Read the data (``check_data``) and probe the teacher and the guide read from files (``teacher_json`` /
+    ``guide_json`` None: no probe); returns the sample shape. Each combination is checked once per process (entry
+    points that check several configs share it), a failure every time."""
     data_cfg = DataConfig.model_validate_json(data_json)
     try:
         data = load_data(data_cfg)
@@ -389,5 +398,9 @@ def _check_inputs(data_json: str, teacher_json: str | None) -> tuple[int, ...]:
                              f"{data_cfg.name!r}: {describe(err)}") from err
     check_data(data_cfg, data)
     if teacher_json is not None:
-        _probe_teacher(TeacherConfig.model_validate_json(teacher_json), data)
+        t = TeacherConfig.model_validate_json(teacher_json)
+        _probe_denoiser("teacher", t.source, t.path, t.target, data)
+    if guide_json is not None:
+        g = GuideConfig.model_validate_json(guide_json)
+        _probe_denoiser("guidance.guide", g.source, g.path, None, data)
     return data.sample_shape

@@ -38,7 +38,7 @@ from cmt_core.evaluation.evaluator import Evaluator
 from cmt_core.evaluation.scoring import Scorer
 from cmt_core.evaluation.table import ScoredModel, results_table
 from cmt_core.methods import LossInputs, Method, get_method
-from cmt_core.models import build_model, init_from, load_model, save_model
+from cmt_core.models import build_model, init_from, label_dim_of, load_model, save_model
 from cmt_core.teachers import LOADED, PROGRAMS, edm_teacher, load_teacher, teacher_denoiser
 from cmt_core.training import train
 from cmt_core.trajectories.dask_rollouts import run_rollouts
@@ -153,7 +153,7 @@ def _denoiser(ctx: StageContext, section: str, source: str, path, network: dict,
     data = load_data(c.data)
     if source == "checkpoint":
         model = load_teacher("checkpoint", path)
-        _check_classes(section, path, model_classes(model), data.num_classes)
+        _check_classes(section, path, label_dim_of(model), data.num_classes)
         if runtime.is_main:
             save_model(ctx.path / MODEL_FILE, model, "denoiser", network, data.sample_shape)
         return {"weights": True}
@@ -177,11 +177,6 @@ def _denoiser(ctx: StageContext, section: str, source: str, path, network: dict,
     if runtime.is_main:
         save_model(ctx.path / MODEL_FILE, result.model, method.kind, network, data.sample_shape)
     return {"weights": True, "final_loss": result.history[-1]["loss"] if result.history else None}
-
-
-def model_classes(model: torch.nn.Module) -> int:
-    """The number of classes a model's raw network is conditioned on (0: unconditional)."""
-    return getattr(model.raw, "label_dim", 0) or 0
 
 
 def _check_classes(section: str, path, label_dim: int, num_classes: int) -> None:

@@ -27,6 +27,8 @@ from cmt_core.trajectories.verify import VERIFIED
 from tests.test_bad_inputs import MARKER, RunsCode
 from tests.test_config import write_fake_cifar10
 from tests.test_distances import write_random_vgg16
+from tests.test_edm2 import tiny, trained_looking, write_edm2_pickle
+from tests.test_edm_pickle import install_edm_module_stand_ins
 
 TOY = ["teacher.train.steps=20", "rollout.num_trajectories=128", "rollout.batch_size=64",
        "rollout.store.chunk_trajectories=16", "rollout.store.shard_chunks=2", "rollout.cluster.workers=1",
@@ -56,6 +58,8 @@ def files(tmp_path_factory):
     os.mkfifo(folder / "pipe_images" / "x.png")
     (folder / "a_folder").mkdir()
     write_fake_cifar10(folder)
+    with pytest.MonkeyPatch.context() as patch:  # an EDM2 snapshot of 3x8x8 images with 5 classes
+        write_edm2_pickle(folder / "edm2_8px.pkl", trained_looking(tiny()), install_edm_module_stand_ins(patch))
     for name, change in (("bogus_kind", {"kind": "bogus"}), ("huge_shape", {"sample_shape": [10**9]}),
                          ("wrong_width", {"network": {"width": 32}})):
         blob = torch.load(_teacher_file(folder), weights_only=True)
@@ -133,6 +137,18 @@ RUN_CASES = {
                                                                      "data.path={files}/unlabelled.npz",
                                                                      "data.num_classes=10"],
                                                 "data.num_classes=10 asks for class labels, but the npz file"),
+    "the conditional preset on data without labels": ("values", "digits-cond", ["data.name=npz",
+                                                                                 "data.path={files}/unlabelled.npz"],
+                                                      "data.num_classes=10 asks for class labels, but the npz file"),
+    "guidance of an unconditional teacher": ("values", "digits", ["guidance.kind=cfg"],
+                                             "guidance.kind='cfg' guides a class-conditional teacher"),
+    "an unconditional teacher file for class-conditional data": ("values", "toy", [*_checkpoint_teacher("teacher.pt"),
+                                                                                   "data.num_classes=4"],
+                                                                 "is unconditional, but data.num_classes=4"),
+    "an EDM2 pickle of another resolution": ("values", "cifar10-tiny", ["data.path={files}/cifar-10-batches-py",
+                                                                        "teacher.source=edm_pickle",
+                                                                        "teacher.path={files}/edm2_8px.pkl"],
+                                             "denoises samples of shape (3, 8, 8), the data has shape (3, 32, 32)"),
     "store chunks larger than memory": ("values", "toy", ["rollout.store.chunk_trajectories=1000000000",
                                                           "rollout.num_trajectories=1000000000"],
                                         "rollout.store.chunk_trajectories"),

@@ -33,7 +33,10 @@ Conditional samples (image data with classes; ``labels``: the class each sample 
   ``FD-digits`` uses, trained on the training split only) assigns to the class they were drawn for. Chance is
   100 / num_classes.
 
-2-D points have no per-class metrics: their ``labels`` are not scored.
+2-D points have no per-class metrics: their ``labels`` are not scored; nor are those of data with more than
+``MAX_CLASSES_SCORED`` classes (ImageNet's 1,000: 50 samples a class from 50,000 give no meaningful distance in
+Inception's 2,048 dimensions, and 1,000 covariance square roots would cost more than the rest of the evaluation),
+which report the overall distance only (``scores_by_class``).
 
 ``floor()`` is what a perfect generator would score with this many samples: images, held-out vs training split
 (none without a held-out split);
@@ -62,6 +65,7 @@ POINT_METRICS = ("sliced_wasserstein", "energy_distance")
 CLASS_ACCURACY = "class_accuracy"
 HIGHER_IS_BETTER = frozenset({CLASS_ACCURACY})  # every other metric is lower-is-better
 MIN_SAMPLES_PER_CLASS = 2  # fewer samples of a class have no covariance: the class is left out of the mean
+MAX_CLASSES_SCORED = 100  # more classes: no per-class metrics (module docstring)
 SPLIT_NAMES = {"heldout": "held-out", "train": "training"}
 
 
@@ -186,9 +190,16 @@ class Evaluator:
         out = {self.metric_name: frechet_distance_from_stats(feature_stats(feats),
                                                              self._split_stats(self.reference_split))}
         if labels is not None:
-            out.update(self._class_metrics(feats, self._check_labels(labels, len(samples)),
-                                           self.class_reference_split))
+            labels = self._check_labels(labels, len(samples))
+            if self.scores_by_class:
+                out.update(self._class_metrics(feats, labels, self.class_reference_split))
         return out
+
+    @property
+    def scores_by_class(self) -> bool:
+        """Whether conditional samples get the per-class metrics: image data with 1 to ``MAX_CLASSES_SCORED``
+        classes."""
+        return not self.is_points and 0 < self.data.num_classes <= MAX_CLASSES_SCORED
 
     def floor(self, by_class: bool = False) -> dict[str, float]:
         """The same metrics for real data: held-out vs training split (images) or two fresh samples (2-D).

@@ -61,7 +61,7 @@ def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teac
     ``evaluation``)."""
     t0 = time.perf_counter()
     evaluator, data = scorers[0].evaluator, scorers[0].evaluator.data
-    by_class = scorers[0].labels is not None
+    by_class = scorers[0].labels is not None and evaluator.scores_by_class
     rows, keys, grids = [], [], {}
 
     rows.append({"model": "data (held-out vs train)", "NFE": 0, **evaluator.floor(by_class)})
