@@ -177,6 +177,21 @@ def _cmt_recipe(data: dict, channel_mult: list[int], teacher: dict, q: float) ->
     }
 
 
+TINY_TRAINING = {"batch_size": 8, "checkpoint_every": 2, "log_every": 1}  # the tiny presets' training loops
+
+
+def _tiny_stages(cfg: dict, dim: int) -> None:
+    """A recipe's rollouts, mid- and post-training and evaluation cut to a few steps on a CPU (in place), with an
+    offline stand-in for LPIPS (no VGG16 weights here): pseudo-Huber with iCT's c = 0.00054 sqrt(dim)."""
+    cfg["rollout"].update(num_trajectories=16, batch_size=8)
+    cfg["rollout"]["solver"]["steps"] = 4
+    cfg["rollout"]["store"] = {"dtype": "float16", "chunk_trajectories": 4, "shard_chunks": 2}
+    cfg["midtrain"]["train"].update(TINY_TRAINING, steps=3, eval_every=None)
+    cfg["midtrain"].update(distance="pseudo_huber", huber_c=0.00054 * dim**0.5, lpips_backbone=None)
+    cfg["posttrain"]["train"].update(TINY_TRAINING, steps=3, eval_every=None)
+    cfg["eval"].update(num_samples=16, batch_size=8)
+
+
 # torchvision's ImageNet VGG16 weights, LPIPS's backbone: a local file (nothing is downloaded)
 VGG16_WEIGHTS = "weights/vgg16-397923af.pth"
 
@@ -186,19 +201,11 @@ def _cifar10(tiny: bool = False) -> dict:
                       _edm_teacher("edm-cifar10-32x32-uncond-vp.pkl", batch_size=512, lr=1e-3,
                                    ema_decay=0.99929, sampler_steps=18), q=4096.0)
     if tiny:
-        small = {"batch_size": 8, "checkpoint_every": 2, "log_every": 1}
         cfg["network"].update(width=16, channel_mult=[1, 2], depth=1, emb_dim=32)
         cfg["data"]["heldout_fraction"] = 0.2
         cfg["teacher"].update(source="pretrain", path=None)  # offline: a tiny teacher pre-trained here
-        cfg["teacher"]["train"].update(small, steps=3, warmup_steps=0)
-        cfg["rollout"].update(num_trajectories=16, batch_size=8)
-        cfg["rollout"]["solver"]["steps"] = 4
-        cfg["rollout"]["store"] = {"dtype": "float16", "chunk_trajectories": 4, "shard_chunks": 2}
-        cfg["midtrain"]["train"].update(small, steps=3, eval_every=None)
-        # offline stand-in for LPIPS (no VGG16 weights here): pseudo-Huber with iCT's c = 0.00054 sqrt(dim)
-        cfg["midtrain"].update(distance="pseudo_huber", huber_c=0.00054 * (3 * 32 * 32) ** 0.5, lpips_backbone=None)
-        cfg["posttrain"]["train"].update(small, steps=3, eval_every=None)
-        cfg["eval"].update(num_samples=16, batch_size=8)
+        cfg["teacher"]["train"].update(TINY_TRAINING, steps=3, warmup_steps=0)
+        _tiny_stages(cfg, 3 * 32 * 32)
     return cfg
 
 
@@ -261,22 +268,15 @@ def _imagenet64(tiny: bool = False) -> dict:
                  "fid_mode": "legacy_tensorflow"},
     }
     if tiny:
-        small = {"batch_size": 8, "checkpoint_every": 2, "log_every": 1}
         cfg["data"]["resolution"] = 16
         cfg["network"].update(width=16, channel_mult=[1, 2], depth=1, attention_resolutions=[], emb_dim=32)
         for section in (cfg["teacher"], cfg["guidance"]["guide"]):  # offline: pre-trained here, briefly
             section.update(source="pretrain", path=None)
-            section["train"].update(small, steps=4, warmup_steps=0, lr_decay_steps=2, ema_snapshot_every=2)
+            section["train"].update(TINY_TRAINING, steps=4, warmup_steps=0, lr_decay_steps=2, ema_snapshot_every=2)
         cfg["guidance"]["guide"]["width"] = 8
         cfg["teacher"]["sampler"]["steps"] = 4
-        cfg["rollout"].update(num_trajectories=16, batch_size=8)
-        cfg["rollout"]["solver"]["steps"] = 4
-        cfg["rollout"]["store"] = {"dtype": "float16", "chunk_trajectories": 4, "shard_chunks": 2}
-        cfg["midtrain"]["train"].update(small, steps=3, eval_every=None)
-        # offline stand-in for LPIPS (no VGG16 weights here): pseudo-Huber with iCT's c = 0.00054 sqrt(dim)
-        cfg["midtrain"].update(distance="pseudo_huber", huber_c=0.00054 * (3 * 16 * 16) ** 0.5, lpips_backbone=None)
-        cfg["posttrain"]["train"].update(small, steps=3, eval_every=None)
-        cfg["eval"].update(num_samples=16, batch_size=8, fid_mode="clean")
+        _tiny_stages(cfg, 3 * 16 * 16)
+        cfg["eval"]["fid_mode"] = "clean"
     return cfg
 
 

@@ -15,7 +15,12 @@ def _flow_paths_allowed(tmp_path_factory):
     yield
 
 
+# Several test processes share 2 cores: one thread each avoids OpenMP spin-wait stalls (up to 7x slower), from
+# the first module-scoped fixture on; a test that changes it is reset after.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
-    torch.set_num_threads(1)  # several test processes share 2 cores: avoid OpenMP spin-wait stalls
+    torch.set_num_threads(1)
     yield

@@ -16,15 +16,6 @@ from cmt_core.evaluation.table import results_table
 PER_CLASS = "FD-digits per class"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors here are tiny; on a shared 2-core machine a second thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("class_metrics_cache")

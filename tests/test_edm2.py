@@ -8,8 +8,6 @@ none of EDM2's code is involved. The comparison with NVlabs/edm2's own code is a
 import copy
 import os
 import pickle
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -30,6 +28,7 @@ from cmt_core.networks.edm2 import (
 )
 from cmt_core.networks.embedding import LaterTimeMLP
 from cmt_core.preconditioning import Denoiser
+from tests.test_edm_pickle import Persistent, install_edm_module_stand_ins
 
 SHAPE = (3, 8, 8)
 CLASSES = 5
@@ -204,32 +203,8 @@ def test_target_pass_without_forced_normalisation_uses_the_student_pass_weights(
 
 @pytest.fixture
 def edm2_modules(monkeypatch):
-    """Stand-ins for the modules an EDM2 pickle refers to (``torch_utils.persistence``, ``dnnlib.util``), so that
-    pickle can write references to them; reading never needs them."""
-
-    def reconstruct(meta):
-        raise AssertionError("EDM2's reconstructor must never be called")
-
-    persistence = types.ModuleType("torch_utils.persistence")
-    reconstruct.__module__, reconstruct.__qualname__ = persistence.__name__, "_reconstruct_persistent_obj"
-    persistence._reconstruct_persistent_obj = reconstruct
-    util = types.ModuleType("dnnlib.util")
-    util.EasyDict = type("EasyDict", (dict,), {"__module__": util.__name__})
-    for module in (types.ModuleType("torch_utils"), persistence, types.ModuleType("dnnlib"), util):
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-    return types.SimpleNamespace(reconstruct=reconstruct, EasyDict=util.EasyDict)
-
-
-class Persistent:
-    """Pickles the way ``torch_utils.persistence`` pickles an instance of one of its classes."""
-
-    def __init__(self, reconstruct, class_name: str, state: dict, module_src: str):
-        self.reconstruct, self.class_name, self.state, self.module_src = reconstruct, class_name, state, module_src
-
-    def __reduce__(self):
-        meta = {"type": "class", "version": 6, "module_src": self.module_src, "class_name": self.class_name,
-                "state": self.state}
-        return self.reconstruct, (meta,)
+    """Stand-ins for the modules an EDM2 pickle refers to (EDM's: ``torch_utils.persistence``, ``dnnlib.util``)."""
+    return install_edm_module_stand_ins(monkeypatch)
 
 
 def as_edm2(module: nn.Module, reconstruct, module_src: str, init_kwargs: dict | None = None):

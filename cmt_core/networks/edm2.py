@@ -56,6 +56,7 @@ from torch.nn import functional as F
 
 from cmt_core.conditioning import CLASS_LABELS, Cond, check_known
 from cmt_core.networks.embedding import LaterTimeMLP, check_times, label_input
+from cmt_core.networks.unet import resample
 
 MP_SILU_SCALE = 0.596  # the root-mean-square of silu(x) for x ~ N(0, 1)
 
@@ -161,15 +162,6 @@ def apply_forced_weight_norm(model: nn.Module) -> None:
             layer.weight.copy_(normalize(layer.weight.to(torch.float32)))
 
 
-def _resample(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """EDM2's resampling with its default [1, 1] filter: 2x2 average pooling ('down'), nearest 2x ('up')."""
-    if mode == "down":
-        return F.avg_pool2d(x, 2)
-    if mode == "up":
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    return x
-
-
 class Block(nn.Module):
     """EDM2's U-Net block ``(x: (B, in, H, W), emb: (B, emb_channels)) -> (B, out, H', W')``.
 
@@ -197,7 +189,7 @@ class Block(nn.Module):
         self.attn_proj = MPConv(out_channels, out_channels, (1, 1)) if self.num_heads else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        x = _resample(x, self.resample_mode)
+        x = resample(x, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)

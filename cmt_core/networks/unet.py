@@ -80,8 +80,9 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return GroupNorm32(groups, channels, eps=1e-6)
 
 
-def _resample(x: torch.Tensor, mode: str | None) -> torch.Tensor:
-    """``"down"``: 2x2 average pooling; ``"up"``: nearest 2x upsampling; ``None``: identity."""
+def resample(x: torch.Tensor, mode: str | None) -> torch.Tensor:
+    """``"down"``: 2x2 average pooling; ``"up"``: nearest 2x upsampling; anything else (None, EDM2's "keep"):
+    identity. EDM's and EDM2's resampling with their default [1, 1] filter are these operations."""
     if mode == "down":
         return F.avg_pool2d(x, 2)
     if mode == "up":
@@ -116,10 +117,10 @@ class ResBlock(nn.Module):
             self.proj = _init(nn.Conv2d(out_channels, out_channels, 1), SMALL_INIT)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv0(_resample(F.silu(self.norm0(x)), self.resample))
+        h = self.conv0(resample(F.silu(self.norm0(x)), self.resample))
         h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
         h = self.conv1(self.dropout(h))
-        x = (h + self.skip(_resample(x, self.resample))) * SKIP_SCALE
+        x = (h + self.skip(resample(x, self.resample))) * SKIP_SCALE
         if self.attention:
             x = (x + self._attend(x)) * SKIP_SCALE
         return x
