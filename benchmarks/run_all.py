@@ -2,7 +2,7 @@
 
 Run them on an otherwise idle machine: they report ratios measured within one run, but other processes
 sharing the cores still distort them. The results benchmarks, which train many models (``presets.py``,
-``compare.py``, ``ablations.py``: tens of minutes each on 2 cores), are run on their own.
+``compare.py``, ``ablations.py``, ``guidance.py``: tens of minutes each on 2 cores), are run on their own.
 """
 
 import subprocess

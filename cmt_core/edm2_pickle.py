@@ -137,7 +137,11 @@ class EDM2Network:
 def load_edm2_network(path: Path) -> EDM2Network:
     """The ``ema`` network of the EDM2 snapshot pickle at ``path`` as our denoiser, computing what EDM2's
     ``Precond`` computes in float32 (up to floating-point rounding), for sigma >= 1e-3 (our ``c_noise`` floor)."""
-    data = read_edm2_pickle(path)
+    return edm2_snapshot(read_edm2_pickle(path), path)
+
+
+def edm2_snapshot(data, path) -> EDM2Network:
+    """``load_edm2_network`` of a snapshot already read (``read_edm2_pickle``) from ``path`` (named in errors)."""
     if not isinstance(data, dict) or "ema" not in data:
         raise ValueError(f"{path} is not an EDM2 snapshot pickle: no 'ema' entry")
     result = edm2_precond_network(data["ema"])

@@ -310,7 +310,7 @@ def _evaluation(ctx: StageContext) -> dict:
     curves = {s: read_training_log(ctx.input(s)) for s in TRAINING_STAGES if s in ctx.inputs}
     seconds = {s: (read_manifest(folder) or {}).get("seconds") for s, folder in ctx.inputs.items()}
     g = c.guidance
-    sweep = {w: _teacher_of(c, data, ctx.inputs, w).to(runtime.device).eval() for w in g.sweep}
+    sweep = {w: _teacher_of(c, data, ctx.inputs, w).to(runtime.device).eval() for w in g.sweep if w != g.scale}
     return results_table(ctx.path, scorers, teacher, solver, baseline, trained, curves,
                          {"preset": c.preset, "device": str(runtime.device)}, seconds, g.kind, g.scale, sweep)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cmt_core.conditioning import Cond, check_known, to_device
-from cmt_core.edm2_pickle import EDM2Network, load_edm2_network, read_edm2_pickle
+from cmt_core.edm2_pickle import EDM2Network, edm2_snapshot, read_edm2_pickle
 from cmt_core.edm_pickle import EDMNetwork, edm_network
 from cmt_core.guidance import guided
 from cmt_core.models import load_model
@@ -85,14 +85,13 @@ def edm_teacher(path, sample_shape) -> EDMNetwork | EDM2Network:
 
     The pickle is read without running any of its code (EDM2's reader: EDM's format plus numpy arrays of numbers;
     any other global raises ``ForbiddenGlobal`` naming it). An ``ema`` of EDM2's class ``Precond`` is an EDM2
-    snapshot, loaded by ``load_edm2_network`` (which reads the file again); anything else is mapped as an EDM
-    network (``EDMPrecond`` / ``VPPrecond``; other classes refused by name)."""
+    snapshot (``cmt_core.edm2_pickle.edm2_snapshot``); anything else is mapped as an EDM network (``EDMPrecond`` /
+    ``VPPrecond``; other classes refused by name)."""
     data = read_edm2_pickle(path)
     if not isinstance(data, dict) or "ema" not in data:
         raise ValueError(f"{path} is not an EDM network or EDM2 snapshot pickle: no 'ema' entry")
     if getattr(data["ema"], "class_name", None) == "Precond":
-        del data  # not held in memory twice
-        edm = load_edm2_network(path)
+        edm = edm2_snapshot(data, path)
     else:
         edm = edm_network(data["ema"])
     if edm.sample_shape != tuple(sample_shape):

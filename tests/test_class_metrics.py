@@ -109,6 +109,18 @@ def test_without_a_classifier_only_the_per_class_distance_is_reported(tmp_path):
     assert evaluator.score(images[300:], (labels[300:] + 1) % 4)["FD-pixels per class"] > 0.1
 
 
+def test_data_of_more_than_a_hundred_classes_reports_the_overall_distance_only(tmp_path):
+    # ImageNet's 1,000 classes: no meaningful per-class distance from 50 samples a class, and 1,000 square roots
+    labels = torch.arange(404) % 101
+    images = torch.randn(404, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    data = Data("npz", TensorDataset(images[:300], labels[:300], 101), TensorDataset(images[300:], labels[300:], 101))
+    evaluator = Evaluator(data, EvalConfig(), tmp_path)
+    assert not evaluator.scores_by_class
+    assert list(evaluator.score(images[300:], labels[300:])) == ["FD-pixels"]
+    with pytest.raises(ValueError, match=r"\[0, 101\)"):  # the labels are still checked
+        evaluator.score(images[300:], labels[300:] + 101)
+
+
 def _class_means(digits):
     """A teacher that denoises every noise to the mean training image of its class (all-zero rows: the mean)."""
     images, labels = digits.train.all(), digits.train.labels(slice(None))

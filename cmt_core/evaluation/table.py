@@ -55,7 +55,8 @@ def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teac
 
     ``teacher_solver``: the ``SolverConfig`` the teacher samples with; ``guidance``, ``scale``: the kind of
     guidance (``cmt_core.guidance``) and the scale ``teacher`` is guided at, named in its row; ``sweep``: the
-    teacher guided at other scales, ``{w: denoiser}``, each a row ``teacher_w<w>`` (a guided teacher's NFE counts
+    teacher guided at other scales (``scale`` itself is the row ``teacher``), ``{w: denoiser}``, each a row
+    ``teacher_w<w>`` (a guided teacher's NFE counts
     both of its calls per step); ``curves``: training-log rows per stage; ``run_info``: what the
     report states first (preset, device); ``stage_seconds``: the earlier stages' wall times (this call adds
     ``evaluation``)."""
