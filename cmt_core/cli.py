@@ -6,6 +6,10 @@
     cmt config --preset toy > toy.yaml          # print a preset as YAML to edit (with its store size)
     cmt store verify PATH [--repair]            # check a trajectory store (a folder or s3://...); --repair: local
     cmt compare --preset toy --seeds 3          # CMT vs teacher vs random initialisation (cmt_core.comparison)
+    cmt sample MODEL --out DIR -n 50000 --steps 2   # draw images from a trained generator (cmt_core.sampling)
+    cmt export MODEL --out DIR                  # safetensors + generator.json, read by cmt_core.load_generator
+    cmt fid SAMPLES --ref REF [--inception PATH]    # FID / FD-digits / FD-pixels against reference statistics
+    cmt watch --preset digits                   # score the latest checkpoint of every training stage of a run
 
 The terminal shows progress bars, this package's messages and other libraries' warnings; everything
 (dask's INFO logs included) goes to the run's log file ``<artifact_root>/logs/<time>-<command>.log`` (under an
@@ -258,6 +262,69 @@ def _launch(cfg, stage: str) -> int:
     return subprocess.run(command).returncode
 
 
+def _sample(args) -> int:
+    """``cmt sample``: draw a generator's images to files (``cmt_core.sampling``); exit code 2 for a bad request or
+    a folder that is not a generator, one line naming it."""
+    from pydantic import ValidationError
+
+    from cmt_core.sampling import SampleJob, check_job, run_sampling
+
+    given = {"model": args.model, "out": args.out, "num_samples": args.num_samples, "steps": args.steps,
+             "seed": args.seed, "class_label": args.class_label, "labels_file": args.labels, "format": args.format,
+             "batch_size": args.batch_size, "artifact_root": args.artifact_root, "device": args.device}
+    try:
+        job = SampleJob(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        print(config_message(err).replace("invalid configuration", "invalid sampling request"), file=sys.stderr)
+        return 2
+    try:
+        checked = check_job(job)  # nothing is written (nor logged) for a bad request
+        runtime = Runtime.detect(job.device)
+        summary = run_sampling(job, runtime, checked)
+    except Exception as err:  # GeneratorError (bad model, steps, labels, out): exit 2; anything else: 1
+        return failure_exit(err, None, args.debug)
+    if runtime.is_main:
+        rate = summary["images_per_s"]
+        print(f"{job.num_samples} images ({job.steps} step{'s' if job.steps > 1 else ''}) in {job.out}: "
+              f"{summary['drawn']} drawn now in {summary['seconds']:.1f}s"
+              + (f" ({rate:.1f} images/s per process on {summary['device']})" if rate else "")
+              + (f"; {summary['npz']}" if summary["npz"] else ""))
+    return 0
+
+
+def _export(args) -> int:
+    """``cmt export``: write a generator as safetensors weights and a JSON description (``cmt_core.generator``)."""
+    from cmt_core.generator import export_generator, open_generator
+
+    try:
+        folder = export_generator(open_generator(args.model, args.artifact_root), args.out)
+    except Exception as err:  # GeneratorError (not a generator, out is a file): exit 2; anything else: 1
+        return failure_exit(err, None, args.debug)
+    print(f"exported generator: {folder} (load with cmt_core.load_generator({str(folder)!r}))")
+    return 0
+
+
+def _watch(args) -> int:
+    """``cmt watch``: each training stage of the run the options describe, scored from its latest checkpoint (its
+    kept model when finished; ``cmt_core.watch``); one line per stage."""
+    from cmt_core.watch import watch
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        return config_error(err)
+    try:
+        rows = watch(plan(cfg), Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads))
+    except Exception as err:
+        return failure_exit(err, None, args.debug)
+    for row in rows:
+        scores = "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k.endswith(("_1step", "_2step", "_teacher")))
+        where = f" ({row['scored']})" if "scored" in row else ""
+        print(f"{row['stage']:<10} {row['state']:<12} step {row['step']}/{row['steps']}{where}  {scores}"
+              + (f"  error: {row['error']}" if "error" in row else ""))
+    return 0
+
+
 def _store(args) -> int:
     """``cmt store verify PATH [--repair]``: the store's report; exit code 0 when it is sound (after a repair)."""
     from cmt_core.trajectories.verify import verify_store
@@ -281,6 +348,84 @@ def _store(args) -> int:
     return 0 if report.ok else 1
 
 
+def _fid(args) -> int:
+    """``cmt fid SAMPLES --ref REF``: the Frechet distance between an image set and reference statistics
+    (``cmt_core.evaluation.reference``) in the feature space of ``--inception`` weights (``FID (<mode>)``) or, without
+    them, of the offline extractor for the images (``FD-digits`` for 8x8 grey images, else ``FD-pixels``); one line
+    and a JSON line on stdout. Every input is checked before anything is computed or written: a bad one is one line on
+    stderr naming it, exit code 2."""
+    from cmt_core.artifacts import FEATURES_DIR
+    from cmt_core.config import EvalConfig, PipelineConfig
+    from cmt_core.evaluation.features import extractor_kind, feature_extractor
+    from cmt_core.evaluation.frechet import feature_stats, frechet_distance_from_stats, save_stats
+    from cmt_core.evaluation.reference import data_name, image_features, open_reference, read_images, reference_stats
+    from cmt_core.preflight import check_path
+    from cmt_core.runtime import uses_cuda
+
+    def _path_kind(path: str) -> str:
+        """What ``check_path`` requires a path to be: the folder it is, else a regular file."""
+        return "dir" if os.path.isdir(path) else "file"
+
+    try:
+        cfg = PipelineConfig(**({"artifact_root": args.artifact_root} if args.artifact_root else {}))
+        eval_cfg = EvalConfig(inception_path=args.inception, fid_mode=args.mode or "clean")
+    except ValueError as err:
+        return config_error(err)
+    try:
+        for flag, value in (("--num", args.num), ("--batch-size", args.batch_size)):
+            if value is not None and value < 1:
+                raise PreflightError(f"{flag}={value}: give a positive number of images")
+        if args.mode is not None and args.inception is None:
+            raise PreflightError(f"--mode={args.mode} says how Inception weights run; give them with --inception PATH")
+        if args.device == "cuda" and not uses_cuda("auto"):
+            raise PreflightError("--device=cuda but this machine has no usable CUDA device; use --device auto or cpu")
+        samples = read_images(check_path("SAMPLES", args.samples, _path_kind(args.samples)), "SAMPLES")
+        n = len(samples) if args.num is None else args.num
+        if n > len(samples):
+            raise PreflightError(f"--num={n}, but SAMPLES={brief(args.samples)} holds {len(samples)} images")
+        if n < 2:
+            what = f"--num={n}" if args.num is not None else f"SAMPLES={brief(args.samples)} holds 1 image"
+            raise PreflightError(f"{what}: a Frechet distance needs at least 2 samples")
+        samples = samples.subset(range(n)) if n < len(samples) else samples
+        if args.inception is not None:
+            check_path("--inception", args.inception, "file")
+        data = data_name(samples.sample_shape)
+        ref = check_path("--ref", args.ref, _path_kind(args.ref))
+        open_reference(ref, "--ref", extractor_kind(data, eval_cfg), samples.sample_shape)
+        check_root(cfg)
+        out = None if args.save_ref is None else check_path("--save-ref", args.save_ref)
+        if out is not None and out.is_dir():
+            raise PreflightError(f"--save-ref={brief(args.save_ref)} is a folder; give the .npz file to write")
+        device = "cuda" if uses_cuda(args.device) else "cpu"
+        try:
+            extractor = feature_extractor(data, eval_cfg, cfg.local_root / FEATURES_DIR, device)
+        except Exception as err:
+            if args.inception is None:
+                raise
+            raise PreflightError(f"--inception={brief(args.inception)} is not usable Inception weights for --mode "
+                                 f"{eval_cfg.fid_mode}: {describe(err)}") from err
+        batch = args.batch_size or eval_cfg.batch_size
+        stats = feature_stats(image_features(samples, extractor, batch, "SAMPLES", args.samples))
+        reference = reference_stats(ref, "--ref", extractor, samples.sample_shape, cfg.local_root / FEATURES_DIR,
+                                    batch)
+        value = frechet_distance_from_stats(stats, reference.stats)
+        if out is not None:
+            save_stats(out, reference.stats)
+    except Exception as err:  # bad input (PreflightError, InputFileError): exit 2; anything else: 1
+        return failure_exit(err, None, args.debug)
+    info = extractor.info()
+    details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
+                        if k != "extractor")
+    print(f"{extractor.name}: {value:.6g} ({n} samples vs reference {args.ref} ({reference.source}), extractor "
+          f"{details}, device {device})")
+    print(json.dumps({"metric": extractor.name, "value": value, "num_samples": n,
+                      "samples": str(Path(args.samples).resolve()), "reference": str(ref),
+                      "reference_source": reference.source,
+                      "reference_cache": None if reference.cache is None else str(reference.cache),
+                      "saved_reference": None if out is None else str(out), "device": device, **info}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmt", description="Consistency mid-training pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,6 +441,47 @@ def main(argv: list[str] | None = None) -> int:
     store.add_argument("path")
     store.add_argument("--repair", action="store_true", help="recompute bad or missing shards from their seeds "
                        "(the store of a rollouts artifact), then verify again")
+    fid = sub.add_parser("fid", help="Frechet distance of an image set to reference statistics: FID with Inception "
+                         "weights (--inception), else FD-digits (8x8 grey images) or FD-pixels")
+    fid.add_argument("samples", help="a folder of PNG images (EDM's layout: searched recursively) or an .npz whose "
+                     "arr_0 is uint8 (N, H, W, C)")
+    fid.add_argument("--ref", required=True, help="a mu/sigma .npz (EDM's fid-refs), or images as SAMPLES, whose "
+                     "statistics are cached in the artifact root's features folder")
+    fid.add_argument("--inception", help="local clean-fid Inception weights (inception-2015-12-05.pt; for "
+                     "legacy_pytorch pytorch-fid's .pth): the metric is FID")
+    fid.add_argument("--mode", choices=["clean", "legacy_tensorflow", "legacy_pytorch"],
+                     help="how the --inception weights run, as clean-fid's modes (default clean)")
+    fid.add_argument("--num", type=int, help="score the first N samples (default: all)")
+    fid.add_argument("--batch-size", type=int, help="images per feature batch (default 500)")
+    fid.add_argument("--artifact-root", help="where reference statistics and the digits classifier are cached "
+                     "(its features folder; default artifacts)")
+    fid.add_argument("--save-ref", metavar="OUT.npz", help="also write the reference statistics as a mu/sigma .npz")
+    fid.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    fid.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too")
+    add_config_args(sub.add_parser("watch", help="score the latest checkpoint of every training stage of a run "
+                                   "(the kept model when finished); starts nothing"))
+    sample = sub.add_parser("sample", help="draw N images from a trained generator to PNG files and/or an .npz "
+                            "(under torchrun: sharded over the processes)")
+    sample.add_argument("model", help="an exported generator's folder, a midtrain / posttrain artifact folder, or "
+                        "the artifact id of one under --artifact-root")
+    sample.add_argument("--out", required=True, help="output folder")
+    sample.add_argument("-n", "--num-samples", type=int, help="images 0 .. N-1 (default 50000)")
+    sample.add_argument("--steps", type=int, help="network calls per image (default 1)")
+    sample.add_argument("--seed", type=int, help="noise seed (default 0): image i's noise depends on (seed, i) only")
+    sample.add_argument("--class", dest="class_label", type=int, help="class-conditional: every image this class")
+    sample.add_argument("--labels", help="class-conditional: a .npy or text file of one class per image")
+    sample.add_argument("--format", choices=["png", "npz", "both"], help="PNG folder (EDM's layout), samples.npz "
+                        "(uint8 NHWC, the ADM evaluator's format) or both (default png)")
+    sample.add_argument("--batch-size", type=int, help="images per network call (default 256; multiples of 64)")
+    sample.add_argument("--artifact-root", help="where artifact ids are looked up (default artifacts)")
+    sample.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    sample.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too")
+    export = sub.add_parser("export", help="write a trained generator as safetensors weights + generator.json")
+    export.add_argument("model", help="a midtrain / posttrain artifact folder, its artifact id, or an exported "
+                        "generator")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--artifact-root", default="artifacts", help="where artifact ids are looked up")
+    export.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too")
     compare = sub.add_parser("compare", help="post-train from CMT, teacher and random weights and compare")
     defaults = {name: field.default for name, field in CompareConfig.model_fields.items()}
     compare.add_argument("--preset", default=defaults["preset"], choices=sorted(PRESETS))
@@ -322,6 +508,14 @@ def main(argv: list[str] | None = None) -> int:
         return _compare(args)
     if args.command == "store":
         return _store(args)
+    if args.command == "fid":
+        return _fid(args)
+    if args.command == "sample":
+        return _sample(args)
+    if args.command == "watch":
+        return _watch(args)
+    if args.command == "export":
+        return _export(args)
     try:
         cfg = config_from_args(args)
     except ValueError as err:  # pydantic's ValidationError is a ValueError: name the bad fields

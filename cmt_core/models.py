@@ -102,25 +102,30 @@ def _fields_problem(blob) -> str | None:
 
 
 def load_model(path: Path, map_location="cpu") -> nn.Module:
-    """Rebuild a model written by ``save_model`` (eval mode). The file's fields are checked first (a file anyone may
-    have edited), and its network is built on the meta device and compared with its weights before any memory is
-    allocated; a file that is unreadable or whose fields or weights do not fit raises ``CheckpointError`` naming
-    the field."""
-    blob = load_file(path, map_location)
+    """Rebuild a model written by ``save_model`` (eval mode); a file that is unreadable or whose fields or weights
+    do not fit raises ``CheckpointError`` naming the field (``model_from_fields``)."""
+    return model_from_fields(load_file(path, map_location), path)
+
+
+def model_from_fields(blob, where) -> nn.Module:
+    """The model (eval mode) of a model file's fields ``blob`` (``save_model``'s mapping, or the same fields read
+    from another format, e.g. an exported generator's JSON and safetensors weights). The fields are checked first
+    (a file anyone may have edited), and the network is built on the meta device and compared with the weights
+    before any memory is allocated; ``CheckpointError`` names ``where`` and the field that does not fit."""
     problem = _fields_problem(blob)
     if problem:
-        raise CheckpointError(f"{path}: {problem}")
+        raise CheckpointError(f"{where}: {problem}")
     # Files written before VP teachers existed have no "preconditioning": their denoisers are EDM's.
     args = (blob["kind"], blob["network"], blob["sample_shape"], blob["sigma_min"], blob.get("preconditioning"))
     try:
         with torch.device("meta"):
             wanted = {k: tuple(v.shape) for k, v in build_model(*args).state_dict().items()}
     except Exception as err:  # network values no network is built from
-        raise CheckpointError(f"{path}: network={str(blob['network'])[:80]} builds no model: {err}") from None
+        raise CheckpointError(f"{where}: network={str(blob['network'])[:80]} builds no model: {err}") from None
     found = {k: tuple(v.shape) for k, v in blob["state_dict"].items()}
     if found != wanted:
         odd = sorted(set(found) ^ set(wanted)) or [k for k in wanted if found[k] != wanted[k]]
-        raise CheckpointError(f"{path}: its network values do not fit its state_dict (first difference: "
+        raise CheckpointError(f"{where}: its network values do not fit its state_dict (first difference: "
                               f"{odd[0]!r})")
     model = build_model(*args)
     model.load_state_dict(blob["state_dict"])

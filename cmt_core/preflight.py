@@ -21,7 +21,8 @@ verified twice). It checks:
   loader's decoded chunks, the network with its EMA, optimizer and gradients, the evaluation's samples) against
   the memory this machine has available;
 * files read by late stages, read now (``check_late_files``): the LPIPS backbone (a VGG16 state dict) and the
-  Inception weights, loaded without running any code;
+  Inception weights, loaded without running any code; the evaluation's ``eval.reference_stats``
+  (``check_reference_stats``): statistics of the extractor's dimension, or images it can compare with the data's;
 * a teacher (and an autoguidance guide) read from a file or code loads and answers a probe ``D(x, sigma)`` of the
   data's shape; a network of ours takes the data's classes.
 """
@@ -43,7 +44,9 @@ from cmt_core.config import DATA_PATH_KIND, INPUT_FILES, DataConfig, GuideConfig
 from cmt_core.data import Data, load_data
 from cmt_core.data.datasets import ClassLabelError
 from cmt_core.engine import Plan, complete_result
-from cmt_core.errors import PreflightError, brief, describe
+from cmt_core.errors import InputFileError, PreflightError, brief, describe
+from cmt_core.evaluation.features import extractor_kind
+from cmt_core.evaluation.reference import open_reference
 from cmt_core.methods import get_method
 from cmt_core.models import label_dim_of
 from cmt_core.runtime import uses_cuda
@@ -334,6 +337,26 @@ def check_late_files(cfg, todo: list[str]) -> None:
                                  f"not (1, {FEATURE_DIM}): not clean-fid's Inception")
 
 
+def check_reference_stats(cfg, todo: list[str], sample_shape: tuple[int, ...]) -> None:
+    """``eval.reference_stats``, when the evaluation is computed: a regular file or a folder (``check_path``), read
+    as the evaluation will read it but without computing anything (``reference.open_reference``): a mu/sigma ``.npz``
+    of the dimension of the extractor's features for samples of ``sample_shape`` (C, H, W), finite, or images the
+    extractor can compare with those samples; image data only."""
+    path = cfg.eval.reference_stats
+    if path is None or "evaluation" not in todo:
+        return
+    field = "eval.reference_stats"
+    resolved = check_path(field, path, "dir" if os.path.isdir(path) else "file")
+    try:
+        kind = extractor_kind(cfg.data.name, cfg.eval)
+    except ValueError as err:  # 2-D points
+        raise PreflightError(f"{field}={brief(str(path))}: {err}; set it only for image data") from err
+    try:
+        open_reference(resolved, field, kind, sample_shape)
+    except InputFileError as err:
+        raise PreflightError(str(err)) from err
+
+
 # ------------------------------------------------------------------------------------------------------- all
 def _probe_denoiser(section: str, source: str, path, target: str | None, data: Data) -> None:
     """Load the denoiser a ``section`` ('teacher', 'guidance.guide') names and ask it to denoise two zero samples at
@@ -381,6 +404,7 @@ def preflight(plan: Plan, stages) -> None:
                           cfg.guidance.guide.model_dump_json() if guide else None)
     check_memory(cfg, todo, shape)
     check_late_files(cfg, todo)
+    check_reference_stats(cfg, todo, shape)
 
 
 @functools.lru_cache(maxsize=16)

@@ -19,6 +19,9 @@ PAIR_TARGET        step                             CMT target indices j of a st
 TRAJECTORY_NOISE   trajectory                       x_T of one teacher trajectory
 STORE_ORDER        epoch [, buffer + 1]             chunk order and in-buffer shuffle of the store loader
 TRAJECTORY_LABEL   trajectory                       the class label of one conditional teacher trajectory
+LABEL_DROPOUT      step                             which rows of a training batch lose their class label
+SAMPLE_BLOCK       block                            the noises and labels of images 1000 b .. 1000 b + 999
+                                                    drawn by ``cmt sample`` (``cmt_core.generator``)
 =================  ===============================  =====================================================
 """
 
@@ -40,6 +43,7 @@ class Stream(IntEnum):
     STORE_ORDER = 6
     TRAJECTORY_LABEL = 7
     LABEL_DROPOUT = 8
+    SAMPLE_BLOCK = 9
 
 
 def seed_of(stream: Stream, seed: int, *keys: int) -> int:

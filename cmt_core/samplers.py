@@ -16,6 +16,8 @@ given the rows' conditioning ``cond`` (``cmt_core.conditioning``; None or empty 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from cmt_core.conditioning import Cond
@@ -26,21 +28,24 @@ from cmt_core.time_grids import karras_grid
 
 @torch.no_grad()
 def sample_consistency(model, x_T: torch.Tensor, sigma_max: float, mid_sigmas=(), generator=None,
-                       cond: Cond | None = None) -> torch.Tensor:
-    """Multistep consistency sampling; ``len(mid_sigmas) + 1`` network calls."""
+                       cond: Cond | None = None, noises: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Multistep consistency sampling; ``len(mid_sigmas) + 1`` network calls. The re-noising noise of
+    intermediate step k is ``noises[k]`` (``(B, *sample_shape)``) when given, else drawn from ``generator``."""
     x = model(x_T, sigma_max, cond=cond)
-    for s in mid_sigmas:
-        noise = torch.randn(x.shape, generator=generator).to(x.device)
-        x = model(x + s * noise, s, cond=cond)
+    for k, s in enumerate(mid_sigmas):
+        noise = noises[k] if noises is not None else torch.randn(x.shape, generator=generator)
+        x = model(x + s * noise.to(x.device), s, cond=cond)
     return x
 
 
-def _consistency(model, x_T, steps: int, sigma_max: float, sigma_min: float, mid_sigma: float, generator, cond):
+def _consistency(model, x_T, steps: int, sigma_max: float, sigma_min: float, mid_sigma: float, generator, cond,
+                 noises):
     mids = karras_grid(steps - 2, sigma_min, mid_sigma).tolist() if steps > 2 else [mid_sigma] * (steps - 1)
-    return sample_consistency(model, x_T, sigma_max, mids[: steps - 1], generator, cond)
+    return sample_consistency(model, x_T, sigma_max, mids[: steps - 1], generator, cond, noises)
 
 
-def _flow_map(model, x_T, steps: int, sigma_max: float, sigma_min: float, mid_sigma: float, generator, cond):
+def _flow_map(model, x_T, steps: int, sigma_max: float, sigma_min: float, mid_sigma: float, generator, cond,
+              noises):
     grid = karras_grid(steps - 1, sigma_min, mid_sigma) if steps > 1 else torch.zeros(1, dtype=torch.float64)
     grid[-1] = 0.0  # the Karras grid's last point, sigma_min, becomes the jump to the data
     return meanflow.sample(model, x_T, torch.cat([torch.tensor([float(sigma_max)], dtype=grid.dtype), grid]), cond)
@@ -51,11 +56,15 @@ FEW_STEP_SAMPLERS = {"consistency": _consistency, "flow_map": _flow_map}
 
 @torch.no_grad()
 def sample(sampler: str, model, x_T: torch.Tensor, steps: int, sigma_max: float, sigma_min: float,
-           mid_sigma: float, generator: torch.Generator | None = None, cond: Cond | None = None) -> torch.Tensor:
-    """``steps``-step samples ``(B, *sample_shape)`` of ``model`` with the sampler ``sampler`` (see above)."""
+           mid_sigma: float, generator: torch.Generator | None = None, cond: Cond | None = None,
+           noises: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """``steps``-step samples ``(B, *sample_shape)`` of ``model`` with the sampler ``sampler`` (see above).
+
+    Re-noising samplers draw step k's noise from ``generator``, or take ``noises[k]`` (``(B, *sample_shape)``,
+    ``steps - 1`` of them) when given (``cmt_core.generator``: noise that is a function of each image's index)."""
     if sampler not in FEW_STEP_SAMPLERS:
         raise ValueError(f"no few-step sampler {sampler!r}; expected one of {sorted(FEW_STEP_SAMPLERS)}")
-    return FEW_STEP_SAMPLERS[sampler](model, x_T, steps, sigma_max, sigma_min, mid_sigma, generator, cond)
+    return FEW_STEP_SAMPLERS[sampler](model, x_T, steps, sigma_max, sigma_min, mid_sigma, generator, cond, noises)
 
 
 @torch.no_grad()

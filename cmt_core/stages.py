@@ -13,7 +13,9 @@ its method trains on, and scores it with its method's sampler; no body names a m
 * ``posttrain``: the post-training method (``posttrain.method``) from CMT, teacher or random weights.
 * ``evaluation``: the results table and report.
 
-Training stages keep the EMA model ``train.keep`` selects and record its scores and its 2-step sigma. Each stage
+Training stages keep the EMA model ``train.keep`` selects and record its scores and its 2-step sigma; each writes
+its TensorBoard event log into ``<its folder>/tensorboard`` (``cmt_core.events``: losses, evaluations and, for
+images, the 1-step and 2-step sample grids of each evaluation). Each stage
 says what makes its outputs unsound (``Stage.sound``: inf or NaN weights, a store that does not verify, scores that
 are not finite): the engine checks it before marking the stage complete and before reusing it.
 """
@@ -35,8 +37,10 @@ from cmt_core.data import Data, load_data
 from cmt_core.engine import Plan, Stage, StageContext, make_plan
 from cmt_core.errors import InputFileError, brief, describe
 from cmt_core.evaluation.evaluator import Evaluator
+from cmt_core.evaluation.report import MAX_GRID_IMAGES, grid_cells
 from cmt_core.evaluation.scoring import Scorer
 from cmt_core.evaluation.table import ScoredModel, results_table
+from cmt_core.events import EVENTS_DIR, EventLog
 from cmt_core.methods import LossInputs, Method, get_method
 from cmt_core.models import build_model, init_from, label_dim_of, load_model, save_model
 from cmt_core.teachers import LOADED, PROGRAMS, edm_teacher, load_teacher, teacher_denoiser
@@ -57,11 +61,39 @@ def method_of(cfg, stage: str) -> Method:
 # ------------------------------------------------------------------------------------------- shared pieces
 
 
-def _scorer(ctx: StageContext, data: Data) -> Scorer:
-    c = ctx.cfg
-    evaluator = Evaluator(data, c.eval, ctx.local_root / FEATURES_DIR, c.data)
-    return Scorer(data, c.eval, evaluator, ctx.runtime.device, c.rollout.solver.sigma_max, c.rollout.solver.sigma_min,
-                  num_classes=data.num_classes)
+def stage_scorer(cfg, local_root: Path, device, data: Data, reference_stats: Path | None = None,
+                 kind: type[Scorer] = Scorer) -> Scorer:
+    """The scorer (a ``kind``) of a stage of ``cfg`` whose artifact root is ``local_root`` (feature statistics are
+    cached in its ``features`` folder); ``reference_stats``: what the evaluation stage measures the overall distance
+    against (``eval.reference_stats``), None for training stages, whose checkpoints are chosen against the held-out
+    split."""
+    evaluator = Evaluator(data, cfg.eval, local_root / FEATURES_DIR, cfg.data, reference_stats=reference_stats)
+    return kind(data, cfg.eval, evaluator, device, cfg.rollout.solver.sigma_max, cfg.rollout.solver.sigma_min,
+                num_classes=data.num_classes)
+
+
+class _GridScorer(Scorer):
+    """A ``Scorer`` that also keeps, for image data, the grid cells of its last few-step evaluation at each number of
+    steps (``grids["1step"]``, ``grids["2step"]``: ``(n, C, H', W')`` in [0, 1]): its first ``MAX_GRID_IMAGES``
+    samples decoded to the sample space, as the report's grids draw them (``report.grid_cells``), framed in white; a
+    training stage's event log tiles them. Keeping them changes no score."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grids: dict[str, torch.Tensor] = {}
+
+    def few_step(self, sampler: str, model, steps: int, mid_sigma: float | None = None) -> tuple[dict, torch.Tensor]:
+        metrics, samples = super().few_step(sampler, model, steps, mid_sigma)
+        images = self.data.encoder.decode(samples[:MAX_GRID_IMAGES])
+        if images.ndim == 4:
+            cells, scale = grid_cells(images)
+            self.grids[f"{steps}step"] = torch.nn.functional.pad(cells, [max(1, scale // 2)] * 4, value=1.0)
+        return metrics, samples
+
+
+def _events(ctx: StageContext, images: dict[str, torch.Tensor] | None = None) -> EventLog:
+    """The stage's TensorBoard event log, ``<its folder>/tensorboard``, written by the main process."""
+    return EventLog(ctx.path / EVENTS_DIR, ctx.runtime.is_main, images)
 
 
 def _teacher_weights(ctx: StageContext) -> torch.nn.Module:
@@ -173,7 +205,7 @@ def _denoiser(ctx: StageContext, section: str, source: str, path, network: dict,
     model = build_model(method.kind, network, data.sample_shape)
     loss = method.build_loss(c, LossInputs(None, None, c.network.sigma_data, encoder=data.encoder))
     result = train(model, loss, data.source(train_cfg.seed), train_cfg, ctx.path / "train", runtime,
-                   desc=section.split(".")[-1], progress=ctx.progress)
+                   desc=section.split(".")[-1], progress=ctx.progress, events=_events(ctx))
     if runtime.is_main:
         save_model(ctx.path / MODEL_FILE, result.model, method.kind, network, data.sample_shape)
     return {"weights": True, "final_loss": result.history[-1]["loss"] if result.history else None}
@@ -241,10 +273,10 @@ def _train_few_step(ctx: StageContext, data: Data, model, method: Method, loss, 
     """Train a few-step model, scored at 1 and 2 steps every ``train_cfg.eval_every`` steps with its method's
     sampler, and save the EMA model ``train_cfg.keep`` selects; the manifest records its scores and its 2-step
     sigma (``mid_sigma``)."""
-    scorer = _scorer(ctx, data)
+    scorer = stage_scorer(ctx.cfg, ctx.local_root, ctx.runtime.device, data, kind=_GridScorer)
     result = train(model, loss, source, train_cfg, ctx.path / "train", ctx.runtime,
                    evaluate=scorer.training_evaluate(method.sampler) if train_cfg.eval_every else None,
-                   desc=desc, progress=ctx.progress)
+                   desc=desc, progress=ctx.progress, events=_events(ctx, scorer.grids))
     if ctx.runtime.is_main:
         save_model(ctx.path / MODEL_FILE, result.model, method.kind, _network(ctx.cfg),
                    data.sample_shape)
@@ -286,7 +318,7 @@ def _evaluation(ctx: StageContext) -> dict:
         return {}
     data = load_data(c.data)
     smin, smax = c.rollout.solver.sigma_min, c.rollout.solver.sigma_max
-    first = _scorer(ctx, data)
+    first = stage_scorer(c, ctx.local_root, runtime.device, data, c.eval.reference_stats)
     scorers = [first] + [Scorer(data, c.eval, first.evaluator, runtime.device, smax, smin, seed_set=k,
                                 num_classes=data.num_classes) for k in range(1, c.eval.num_seed_sets)]
     weights = ctx.input("teacher") / MODEL_FILE

@@ -15,6 +15,10 @@ Checkpoints (``cmt_core.checkpoint``): model, EMA, optimizer, step and best scor
 ``cfg.label_dropout`` > 0: the batches' class labels are dropped to the unconditional class at that rate
 (``cmt_core.data.sources.LabelDropout``, seeded by ``cfg.seed`` and the step).
 
+Event log: with ``events`` (``cmt_core.events.EventLog``) every log row also goes to the run's TensorBoard event
+files, which drop their events after the checkpoint a run resumes from as the log drops its rows; they are closed
+when the call ends or fails, and change nothing the run computes (no random number, no weight).
+
 Safety: a non-finite loss stops the run with ``NonFiniteLossError`` and the last good checkpoint is left
 untouched; with ``evaluate`` the EMA model is scored at 1 and 2 steps every ``cfg.eval_every`` steps (and at
 step 0), and the one ``cfg.keep`` selects (``selection_score``) is kept in ``best.pt`` and returned, so a run
@@ -59,6 +63,7 @@ from cmt_core.checkpoint import (
 )
 from cmt_core.data.sources import BatchSource, LabelDropout, move_batch
 from cmt_core.ema import EMA, make_ema
+from cmt_core.events import EventLog
 from cmt_core.objectives.base import StepRandom
 from cmt_core.phema import PowerFunctionEMA, combine_state_dicts, solve_posthoc_coefficients
 from cmt_core.rng import Stream, seed_of
@@ -269,10 +274,11 @@ def posthoc_ema(run_dir: Path, std: float, step: int | None = None, steps: list[
 
 def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
           runtime: Runtime, evaluate: Evaluate | None = None, desc: str = "train",
-          progress: Progress | None = None, until: int | None = None) -> TrainResult:
+          progress: Progress | None = None, until: int | None = None, events: EventLog | None = None) -> TrainResult:
     """Train ``model`` in place; returns the EMA model (see the module docstring).
 
-    ``until`` ends this call after that many steps (a slice of the run: checkpointed, resumable)."""
+    ``until`` ends this call after that many steps (a slice of the run: checkpointed, resumable); ``events``: the
+    event log each row also goes to."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.label_dropout:
@@ -341,16 +347,20 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
         if runtime.is_main:
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        if events is not None:
+            events.write(row)
         if progress is not None:
             progress(row["step"], cfg.steps, row)
 
     t0, spent = time.perf_counter(), {"eval": 0.0}
-    if evaluate is not None and start == 0 and cfg.steps > 0:
-        log({"step": 0, **run_evaluation(0)})
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not runtime.is_main, dynamic_ncols=True)
     running = []
     stop = cfg.steps if until is None else min(until, cfg.steps)
-    try:  # the bar is closed before a failure is reported
+    if events is not None:  # the rows after the checkpoint are dropped, the checkpoint's own are kept
+        events.open(start + 1 if resumed is not None else 0)
+    try:  # the bar and the event log are closed before a failure is reported
+        if evaluate is not None and start == 0 and cfg.steps > 0:
+            log({"step": 0, **run_evaluation(0)})
         for step in range(start, stop):
             batch = move_batch(source.batch(step, cfg.batch_size, runtime.rank, runtime.world), runtime.device)
             try:
@@ -378,6 +388,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
                 save_checkpoint(done)
     finally:
         bar.close()
+        if events is not None:
+            events.close()
 
     kept = None
     if evaluate is not None and best["step"] is not None and best_path.exists():

@@ -16,9 +16,10 @@ The API checks every typed value against the schema when a run is created (an un
 pydantic models before any stage starts, and the error names the field.
 
 Paths from parameters are confined (``flow_config``): ``artifact_root``, ``data.path``, ``teacher.path``,
-``midtrain.lpips_backbone``, ``eval.inception_path`` (and a comparison's ``out_dir``) must resolve, symlinks and
-``..`` followed, inside one of the allowed roots: the folders in ``CMT_ALLOWED_ROOTS`` (separated by ``:``) on
-the machine that runs the flow, by default its working directory. An ``artifact_root`` on object storage
+``midtrain.lpips_backbone``, ``eval.inception_path``, ``eval.reference_stats`` (and a comparison's ``out_dir``,
+the paths of ``cmt-sample``'s job) must resolve, symlinks and ``..`` followed, inside one of the allowed roots:
+the folders in ``CMT_ALLOWED_ROOTS`` (separated by ``:``) on the machine that runs the flow, by default its
+working directory. An ``artifact_root`` on object storage
 (``s3://bucket/prefix``) must lie under one of the URL prefixes in ``CMT_ALLOWED_URLS`` (separated by spaces;
 none by default) and ``cache_root``, its local mirror, inside an allowed root. Anyone who can create a flow run
 chooses these values; the roots are the folders and buckets they may read and write with the worker's rights.

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cmt_core", "tasks", "flows")
 LAYER = {"cmt_core": 0, "tasks": 1, "flows": 2}  # orchestration -> stages -> method: imports point down
 # the extras' modules: never imported at module level in cmt_core
-OPTIONAL = ("prefect", "dask", "distributed", "cleanfid", "torchvision", "scipy", "lpips")
+OPTIONAL = ("prefect", "dask", "distributed", "cleanfid", "torchvision", "scipy", "lpips", "tensorboard")
 
 
 def module_name(path: Path) -> str:

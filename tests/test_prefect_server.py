@@ -179,13 +179,15 @@ def test_prefect_yaml_deploys_every_flow_with_an_inactive_nightly_schedule():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     flows = {load_flow_from_entrypoint(str(ROOT / d["entrypoint"])).name: d for d in spec["deployments"]}
     assert sorted(flows) == ["cmt-compare", "cmt-evaluation", "cmt-guide", "cmt-midtrain", "cmt-pipeline",
-                             "cmt-posttrain", "cmt-rollouts", "cmt-teacher"]
+                             "cmt-posttrain", "cmt-rollouts", "cmt-sample", "cmt-teacher", "cmt-watch"]
     assert all(d["work_pool"]["name"] == POOL for d in flows.values())
-    assert all(d["parameters"] == {"preset": "digits"} for name, d in flows.items() if name != "cmt-compare")
+    assert all(d["parameters"] == {"preset": "digits"} for name, d in flows.items()
+               if name not in ("cmt-compare", "cmt-sample"))
     assert flows["cmt-compare"]["parameters"] == {"comparison": {"preset": "toy", "seeds": 3}}
+    assert flows["cmt-sample"]["parameters"]["job"]["num_samples"] == 50000
     schedules = {name: d["schedules"] for name, d in flows.items() if d["schedules"]}
-    assert list(schedules) == ["cmt-evaluation"]
-    assert [s["active"] for s in schedules["cmt-evaluation"]] == [False]
+    assert list(schedules) == ["cmt-watch"]
+    assert [s["active"] for s in schedules["cmt-watch"]] == [False]
 
 
 def test_server_with_api_authentication_refuses_requests_without_the_secret(tmp_path):

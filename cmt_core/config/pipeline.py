@@ -29,7 +29,8 @@ from cmt_core.teachers import PROGRAMS
 # what flows confine to their allowed roots, beside the artifact root and its mirror
 INPUT_FILES = {"data.path": None, "teacher.path": "file", "guidance.guide.path": "file",
                "midtrain.lpips_backbone": "file", "eval.inception_path": "file"}
-PATH_FIELDS = ("artifact_root", "cache_root", *INPUT_FILES)
+# eval.reference_stats: a file or a folder, checked by preflight.check_reference_stats
+PATH_FIELDS = ("artifact_root", "cache_root", *INPUT_FILES, "eval.reference_stats")
 DATA_PATH_KIND = {"npz": "file", "image_folder": None, "cifar10": "dir"}  # None: a folder or a .zip archive
 
 

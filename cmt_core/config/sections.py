@@ -393,6 +393,10 @@ class EvalConfig(StrictModel):
     num_seed_sets: int = Field(1, ge=1, le=16)
     inception_path: Path | None = Field(None, description="local inception-2015-12-05.pt (FID); None: offline")
     fid_mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = "clean"
+    reference_stats: Path | None = Field(None, description="what the evaluation's overall distance is measured "
+                                         "against instead of the held-out split: a mu/sigma .npz (EDM's fid-refs) "
+                                         "or images (a folder of PNGs, an .npz whose arr_0 is uint8 NHWC), "
+                                         "cmt_core.evaluation.reference; None: the held-out split")
 
 
 class LaunchConfig(StrictModel):

@@ -48,6 +48,13 @@ def to_model_range(pixels: np.ndarray, max_value: float) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pixels, dtype=np.float32) / max_value * 2 - 1)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 of the same shape: ``x * 127.5 + 128`` clipped to [0, 255] and rounded down (EDM's
+    convention when it saves images). ``to_model_range(u, 255)`` is the centre of the bin that maps back to ``u``, so
+    uint8 -> [-1, 1] -> uint8 is exact."""
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
 def resize(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
     """``(N, C, H, W)`` -> ``(N, C, r, r)``: centre crop to a square, then antialiased bilinear resize."""
     if resolution is None or images.shape[-2:] == (resolution, resolution):

@@ -4,6 +4,8 @@
   feature space they use (``FID (clean)`` only with real Inception weights; ``FD-digits``, ``FD-pixels`` otherwise);
   ``floor()``: what real data scores.
 * ``frechet``: Frechet distance via clean-fid, with cached reference statistics.
+* ``reference``: image sets (PNG folders, ``arr_0`` npz) and reference statistics (mu/sigma npz, or computed from
+  images and cached) read from files: ``cmt fid`` and ``eval.reference_stats``.
 * ``features``: the extractors (``inception``, ``digits_classifier``, ``pixels``) and ``feature_extractor``.
 * ``distances_2d``: sliced Wasserstein, energy distance and flow-map error for 2-D data.
 * ``report``: ``write_report`` (report.md, metrics.json, PNG figures) and ``png_data_url``.

@@ -120,6 +120,12 @@ class DigitsClassifierFeatures:
     """
 
     name = "FD-digits"
+    any_size = False  # a digits classifier compares 8x8 digits: images of another shape are refused, not pooled
+
+    @staticmethod
+    def feature_dim(sample_shape: tuple[int, ...]) -> int:
+        """``FEATURE_DIM`` (64)."""
+        return FEATURE_DIM
 
     def __init__(self, cache_dir: str | Path, seed: int = 0, heldout_fraction: float = 0.2,
                  device: str | torch.device = "cpu"):

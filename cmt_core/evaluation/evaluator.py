@@ -15,6 +15,12 @@ inception_path, fid_mode).
 Without a held-out split (``data.heldout_fraction=0``, as the paper's recipes score against every training image,
 ``fid50k_full``) images are scored against the training split, which ``info()`` says.
 
+With ``reference_stats`` (the evaluation stage passes ``eval.reference_stats``: a mu/sigma ``.npz`` such as EDM's
+``fid-refs``, or a folder / ``.npz`` of images, ``cmt_core.evaluation.reference``) the overall distance is measured
+against those statistics instead of a split's, and ``floor()`` is the reference split's distance to them;
+``info()`` names the file. The per-class metrics keep their splits (statistics have no classes). Training stages
+pass none: their checkpoints are chosen against the held-out split, never against the statistics reported.
+
 Conditional samples (image data with classes; ``labels``: the class each sample was drawn for) also get:
 
 * ``<metric_name> per class`` (e.g. ``FD-digits per class``): the mean over classes of the Frechet distance
@@ -60,6 +66,7 @@ from cmt_core.evaluation.digits_classifier import DigitsClassifierFeatures
 from cmt_core.evaluation.distances_2d import energy_distance, sliced_wasserstein
 from cmt_core.evaluation.features import extract_features, feature_extractor
 from cmt_core.evaluation.frechet import Stats, cached_stats, feature_stats, frechet_distance_from_stats
+from cmt_core.evaluation.reference import Reference, reference_stats
 
 POINT_METRICS = ("sliced_wasserstein", "energy_distance")
 CLASS_ACCURACY = "class_accuracy"
@@ -83,16 +90,21 @@ class Evaluator:
     ``data_cfg`` (a ``DataConfig``) gives the train / held-out split the digits classifier must be trained on
     (default: the default split); a mismatch with ``data.heldout`` is an error, since the classifier must not see
     held-out images. ``classifier``: the digits classifier behind ``class_accuracy`` (None for other data).
+    ``reference_stats``: statistics (or images) the overall distance is measured against instead of the reference
+    split (module docstring); image data only.
     """
 
     def __init__(self, data: Data, eval_cfg, cache_dir: str | Path, data_cfg=None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", reference_stats: str | Path | None = None):
         self.data, self.cfg = data, eval_cfg
         self.cache_dir = Path(cache_dir)
         self.device = torch.device(device)
         self.is_points = data.is_points
         self.reference_split = "heldout" if len(data.heldout) else "train"  # what samples are scored against
+        self.reference_path = None if reference_stats is None else Path(reference_stats)
         if self.is_points:
+            if self.reference_path is not None:
+                raise ValueError(f"reference statistics score images; {data.name!r} is 2-D point data")
             self.extractor = self.classifier = None
             self.metric_name = POINT_METRICS[0]
             self.reference = getattr(data, self.reference_split).read(slice(0, eval_cfg.num_samples))
@@ -128,6 +140,19 @@ class Evaluator:
     def _split_stats(self, split: str) -> Stats:
         """Feature statistics of a split (``"heldout"`` or ``"train"``)."""
         return self._dataset_stats(split, getattr(self.data, split))
+
+    @cached_property
+    def _reference_file(self) -> Reference:
+        """The statistics of ``reference_stats`` in this feature space (images': computed once, cached)."""
+        return reference_stats(self.reference_path, "eval.reference_stats", self.extractor, self.data.sample_shape,
+                               self.cache_dir, self.cfg.batch_size)
+
+    def _reference_stats(self) -> Stats:
+        """What the overall distance is measured against: the ``reference_stats`` file's, else the reference
+        split's statistics."""
+        if self.reference_path is None:
+            return self._split_stats(self.reference_split)
+        return self._reference_file.stats
 
     def _split_labels(self, split: str) -> np.ndarray:
         """Class labels ``(len(split),)`` int64 of a split."""
@@ -180,15 +205,14 @@ class Evaluator:
         return out
 
     def score(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
-        """Metrics of ``samples`` (``(N, *sample_shape)``) against the held-out split, e.g. ``{"FD-digits": 3.2}``;
-        with ``labels`` (int64 ``(N,)``, the classes the samples were drawn for; images only) also the per-class
-        Frechet distance and, on digits, ``class_accuracy`` (module docstring)."""
+        """Metrics of ``samples`` (``(N, *sample_shape)``) against the held-out split (or ``reference_stats``), e.g.
+        ``{"FD-digits": 3.2}``; with ``labels`` (int64 ``(N,)``, the classes the samples were drawn for; images only)
+        also the per-class Frechet distance and, on digits, ``class_accuracy`` (module docstring)."""
         self._check_shape(samples)
         if self.is_points:
             return self._point_metrics(samples, self.reference)
         feats = self.features(samples)
-        out = {self.metric_name: frechet_distance_from_stats(feature_stats(feats),
-                                                             self._split_stats(self.reference_split))}
+        out = {self.metric_name: frechet_distance_from_stats(feature_stats(feats), self._reference_stats())}
         if labels is not None:
             labels = self._check_labels(labels, len(samples))
             if self.scores_by_class:
@@ -202,15 +226,16 @@ class Evaluator:
         return not self.is_points and 0 < self.data.num_classes <= MAX_CLASSES_SCORED
 
     def floor(self, by_class: bool = False) -> dict[str, float]:
-        """The same metrics for real data: held-out vs training split (images) or two fresh samples (2-D).
+        """The same metrics for real data: held-out vs training split (images; with ``reference_stats``: the
+        reference split vs those statistics) or two fresh samples (2-D).
 
         ``by_class`` (image data with classes): also the class metrics of the held-out images with their labels,
         each class against the training images of that class."""
         if not self.is_points:
-            if self.reference_split != "heldout":
+            if self.reference_path is None and self.reference_split != "heldout":
                 return {}
-            out = {self.metric_name: frechet_distance_from_stats(self._split_stats("heldout"),
-                                                                 self._split_stats("train"))}
+            against = self._split_stats("train") if self.reference_path is None else self._reference_stats()
+            out = {self.metric_name: frechet_distance_from_stats(self._split_stats(self.reference_split), against)}
             if by_class:
                 feats = self._dataset_features(self.data.heldout)
                 out.update(self._class_metrics(feats, self._split_labels("heldout"), "train"))
@@ -221,13 +246,25 @@ class Evaluator:
         g = torch.Generator().manual_seed(self.cfg.seed)
         return self._point_metrics(self.data.distribution.sample(n, g), self.data.distribution.sample(n, g))
 
+    @property
+    def floor_label(self) -> str:
+        """The name of ``floor()``'s row in the results table."""
+        if self.reference_path is None:
+            return "data (held-out vs train)"
+        return f"data ({SPLIT_NAMES[self.reference_split]} split vs reference statistics)"
+
     def info(self, by_class: bool = False) -> dict:
-        """What the numbers mean: extractor / metrics, reference size, samples scored, device; ``by_class`` (image
-        data with classes): also what the class metrics are."""
-        base = {"num_samples": self.cfg.num_samples, "device": str(self.device),
-                "reference": f"held-out split ({len(self.reference)} samples)" if self.is_points else
-                f"{self.reference_split.replace('heldout', 'held-out')} split "
-                f"({len(getattr(self.data, self.reference_split))} samples)"}
+        """What the numbers mean: extractor / metrics, reference (a split and its size, or the ``reference_stats``
+        file and what it holds), samples scored, device; ``by_class`` (image data with classes): also what the class
+        metrics are."""
+        if self.reference_path is not None:
+            reference = f"eval.reference_stats {self.reference_path} ({self._reference_file.source})"
+        elif self.is_points:
+            reference = f"held-out split ({len(self.reference)} samples)"
+        else:
+            reference = (f"{self.reference_split.replace('heldout', 'held-out')} split "
+                         f"({len(getattr(self.data, self.reference_split))} samples)")
+        base = {"num_samples": self.cfg.num_samples, "device": str(self.device), "reference": reference}
         if self.is_points:
             return {"metrics": list(POINT_METRICS), **base}
         return {**self.extractor.info(), **base, **(self._class_info() if by_class else {})}

@@ -8,6 +8,8 @@ carries a ``name`` that names the metric wherever it is reported, so a number is
 * ``FD-pixels``: ``PixelFeatures``, downsampled pixels, for other image data offline.
 
 ``cache_key`` identifies the feature space, so cached reference statistics are never reused across spaces.
+``extractor_kind`` makes the choice; its class gives the feature dimension for images of a shape and whether images
+of different sizes are comparable (Inception's, which resizes every image to 299 x 299) without being built.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from cmt_core.evaluation.pixels import PixelFeatures
 class FeatureExtractor(Protocol):
     name: str
     cache_key: str
+    any_size: bool  # whether images of any size are comparable (their features do not depend on it)
+
+    @staticmethod
+    def feature_dim(sample_shape: tuple[int, ...]) -> int: ...
 
     def __call__(self, images: torch.Tensor) -> np.ndarray: ...
 
@@ -43,19 +49,31 @@ def extract_features(extractor: FeatureExtractor, images, batch_size: int = 500)
         return np.concatenate([extractor(batch) for batch in batches])
 
 
+def extractor_kind(data: str, eval_cfg) -> type:
+    """The extractor class for image data named ``data`` (``eval_cfg``: an ``EvalConfig``; inception_path): the one
+    place the choice is made. ``InceptionFeatures`` when ``eval_cfg.inception_path`` is set; otherwise
+    ``DigitsClassifierFeatures`` for ``digits`` and ``PixelFeatures`` for any other image data. Each class tells,
+    without being built, the dimension of its features (``feature_dim(sample_shape)``) and whether it compares images
+    of any size (``any_size``)."""
+    if data in POINT_DATA:
+        raise ValueError(f"{data!r} is 2-D point data: it is scored with distances_2d, not image features")
+    if eval_cfg.inception_path is not None:
+        return InceptionFeatures
+    return DigitsClassifierFeatures if data == "digits" else PixelFeatures
+
+
 def feature_extractor(data, eval_cfg, cache_dir: str | Path, device: str | torch.device = "cpu") -> FeatureExtractor:
     """The extractor for image data ``data``: its name, or its ``DataConfig`` (name, seed, heldout_fraction), whose
     split seeds the digits classifier; ``eval_cfg``: an ``EvalConfig`` (inception_path, fid_mode).
 
-    Inception when ``eval_cfg.inception_path`` is set; otherwise the digits classifier for ``digits`` (trained
-    on the split of ``data``, cached in ``cache_dir``) and downsampled pixels for any other image data.
+    The class is ``extractor_kind``'s: Inception from ``eval_cfg.inception_path``; the digits classifier trained on
+    the split of ``data`` (cached in ``cache_dir``); downsampled pixels.
     """
     name = data if isinstance(data, str) else data.name
-    if name in POINT_DATA:
-        raise ValueError(f"{name!r} is 2-D point data: it is scored with distances_2d, not image features")
-    if eval_cfg.inception_path is not None:
+    kind = extractor_kind(name, eval_cfg)
+    if kind is InceptionFeatures:
         return InceptionFeatures(eval_cfg.inception_path, eval_cfg.fid_mode, device)
-    if name == "digits":
+    if kind is DigitsClassifierFeatures:
         split = {} if isinstance(data, str) else {"seed": data.seed, "heldout_fraction": data.heldout_fraction}
         return DigitsClassifierFeatures(cache_dir, device=device, **split)
     return PixelFeatures(device=device)

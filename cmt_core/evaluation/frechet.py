@@ -54,9 +54,14 @@ def load_stats(path: str | Path) -> Stats:
         return f["mu"], f["sigma"]
 
 
+def stats_file(cache_dir: str | Path, key: str) -> Path:
+    """Where ``cached_stats`` keeps the statistics cached under ``key``."""
+    return Path(cache_dir) / f"fd_stats_{key}.npz"
+
+
 def cached_stats(cache_dir: str | Path, key: str, compute_feats: Callable[[], np.ndarray]) -> Stats:
-    """Statistics stored as ``cache_dir/fd_stats_{key}.npz``; ``compute_feats() -> (N, D)`` runs only on a miss."""
-    path = Path(cache_dir) / f"fd_stats_{key}.npz"
+    """Statistics stored as ``stats_file(cache_dir, key)``; ``compute_feats() -> (N, D)`` runs only on a miss."""
+    path = stats_file(cache_dir, key)
     if path.exists():
         return load_stats(path)
     stats = feature_stats(compute_feats())

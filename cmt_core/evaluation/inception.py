@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmt_core.data.images import to_uint8
+
 FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
 FEATURE_DIM = 2048
 
@@ -38,7 +40,7 @@ def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
         images = images.repeat(1, 3, 1, 1)
     if images.shape[1] != 3:
         raise ValueError(f"Inception features need 1 or 3 channels, got {images.shape[1]}")
-    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return to_uint8(images)
 
 
 def _file_digest(path: Path) -> str:
@@ -76,7 +78,15 @@ def _pytorch_fid_pool_features(state_dict_path: Path) -> torch.nn.Module:
 
 
 class InceptionFeatures:
-    """2048-d Inception features of ``(N, C, H, W)`` images in [-1, 1]; the metric is ``FID (<mode>)``."""
+    """2048-d Inception features of ``(N, C, H, W)`` images in [-1, 1]; the metric is ``FID (<mode>)``. Every image
+    is resized to 299 x 299 first, so images of any size are comparable (``any_size``)."""
+
+    any_size = True
+
+    @staticmethod
+    def feature_dim(sample_shape: tuple[int, ...]) -> int:
+        """2048, for images of any shape."""
+        return FEATURE_DIM
 
     def __init__(self, path: str | Path, mode: FidMode = "clean", device: str | torch.device = "cpu"):
         self.path = Path(path).expanduser()

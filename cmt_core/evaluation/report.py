@@ -71,6 +71,14 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def grid_cells(samples: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The cells of a sample grid: the first ``MAX_GRID_IMAGES`` images ``(N, C, H, W)`` in [-1, 1] clamped, mapped to
+    [0, 1] and enlarged ``scale`` times (nearest neighbour) to at least ``MIN_CELL_PIXELS``; and ``scale``."""
+    images = samples[:MAX_GRID_IMAGES].clamp(-1, 1) * 0.5 + 0.5
+    scale = max(1, math.ceil(MIN_CELL_PIXELS / images.shape[-1]))
+    return torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest"), scale
+
+
 def save_sample_figure(path: Path, samples: torch.Tensor, title: str) -> None:
     """Images ``(N, C, H, W)`` in [-1, 1] tiled in a grid, first ``MAX_GRID_IMAGES``; points ``(N, 2)`` scattered."""
     samples = samples.detach().cpu().float()
@@ -78,9 +86,7 @@ def save_sample_figure(path: Path, samples: torch.Tensor, title: str) -> None:
     if samples.ndim == 4:
         from torchvision.utils import make_grid  # the [fid] extra; 2-D runs draw scatter plots without it
 
-        images = samples[:MAX_GRID_IMAGES].clamp(-1, 1) * 0.5 + 0.5
-        scale = max(1, math.ceil(MIN_CELL_PIXELS / images.shape[-1]))
-        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+        images, scale = grid_cells(samples)
         grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=scale, pad_value=1.0)
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.axis("off")

@@ -65,7 +65,7 @@ def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teac
     by_class = scorers[0].labels is not None and evaluator.scores_by_class
     rows, keys, grids = [], [], {}
 
-    rows.append({"model": "data (held-out vs train)", "NFE": 0, **evaluator.floor(by_class)})
+    rows.append({"model": evaluator.floor_label, "NFE": 0, **evaluator.floor(by_class)})
     keys.append("data")
     grids["data"] = getattr(data, evaluator.reference_split).read(slice(0, 2000 if evaluator.is_points else 64))
 

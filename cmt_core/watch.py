@@ -1,0 +1,130 @@
+"""Progress of a long run, read from its artifact folders while it trains: ``watch(plan, runtime)``.
+
+For each training stage of the run's plan it reports the stage's state and scores its model:
+
+* ``finished``: the artifact is complete; the kept model (``model.pt``) is scored, at its stage's 2-step sigma;
+* ``running`` (another process holds the artifact's lock) or ``stopped`` (nobody does: a run that was interrupted
+  and not resumed yet): the EMA weights of the latest checkpoint (``train/checkpoint.pt``: the exponential EMA, or
+  the power-function EMA of the first std) are scored, 2-step at ``eval.mid_sigma`` (a running stage has not chosen
+  its sigma yet);
+* ``not started``: no checkpoint yet; nothing is scored.
+
+Few-step models (mid- and post-training) are scored at 1 and 2 steps by the stage's own ``Scorer`` (the same
+noises, metrics and names as the training log's evaluations); a teacher pre-trained here by its ODE sampler
+(``teacher.sampler``). The guide of autoguidance reports its progress only. Nothing is written into the artifact
+folders and no stage is started: a run in progress is only read (the checkpoint is replaced atomically by the run,
+so a read sees the old one or the new one).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from cmt_core.artifacts import LOCK_SUFFIX, MODEL_FILE, read_manifest
+from cmt_core.checkpoint import CHECKPOINT_FILE, CheckpointError, load_file, read_training_log
+from cmt_core.data import load_data
+from cmt_core.engine import Plan
+from cmt_core.errors import describe
+from cmt_core.models import build_model, load_model
+from cmt_core.runtime import Runtime
+from cmt_core.stages import PIPELINE, TRAINING_STAGES, _denoiser_network, _network, method_of, stage_scorer
+
+
+def is_locked(folder: Path) -> bool:
+    """Whether a process holds the lock of the artifact folder ``folder`` (``cmt_core.artifacts.artifact_lock``)."""
+    from filelock import FileLock, Timeout
+
+    lock_file = Path(str(folder) + LOCK_SUFFIX)
+    if not lock_file.exists():
+        return False
+    lock = FileLock(str(lock_file))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _checkpoint_ema(path: Path) -> tuple[dict, int]:
+    """The scored EMA's state dict and the step of a training checkpoint."""
+    blob = load_file(path)
+    ema, step = blob.get("ema") if isinstance(blob, dict) else None, blob.get("step")
+    if isinstance(ema, dict) and isinstance(ema.get("emas"), list):  # power-function EMAs: the first std's
+        ema = ema["emas"][0]
+    if not isinstance(ema, dict) or not isinstance(step, int):
+        raise CheckpointError(f"{path} is not a training checkpoint (ema, step)")
+    return ema, step
+
+
+def _state(plan: Plan, stage: str) -> tuple[str, Path]:
+    folder = plan.path(stage)
+    if read_manifest(folder) is not None:
+        return "finished", folder
+    if not (folder / "train" / CHECKPOINT_FILE).exists():
+        return "not started", folder
+    return ("running" if is_locked(folder) else "stopped"), folder
+
+
+def _model(plan: Plan, stage: str, state: str, folder: Path, shape) -> tuple[torch.nn.Module, int | None, float]:
+    """The model to score, the step it is from (None: the kept model) and its 2-step sigma."""
+    c = plan.cfg
+    if state == "finished":
+        manifest = read_manifest(folder)
+        return load_model(folder / MODEL_FILE), manifest["metrics"].get("best_step"), \
+            manifest["metrics"].get("mid_sigma", c.eval.mid_sigma)
+    method = method_of(c, stage) if stage != "guide" else method_of(c, "teacher")
+    network = _denoiser_network(c) if method.kind == "denoiser" else _network(c)
+    model = build_model(method.kind, network, shape, None if method.kind == "denoiser" else
+                        c.rollout.solver.sigma_min)
+    ema, step = _checkpoint_ema(folder / "train" / CHECKPOINT_FILE)
+    model.load_state_dict(ema)
+    return model.eval(), step, c.eval.mid_sigma
+
+
+def _train_cfg(plan: Plan, stage: str):
+    c = plan.cfg
+    return {"teacher": c.teacher.train, "guide": c.guidance.guide.train, "midtrain": c.midtrain.train,
+            "posttrain": c.posttrain.train}[stage]
+
+
+def watch(plan: Plan, runtime: Runtime) -> list[dict]:
+    """One row per training stage of ``plan`` (module docstring): ``stage``, ``state``, ``step`` / ``steps``,
+    the last logged ``loss``, ``scored`` (``checkpoint <step>``, ``kept model``) and the metrics, e.g.
+    ``FD-digits_1step``, ``FD-digits_2step`` (a teacher: ``<metric>_teacher``); ``error`` when its files could not
+    be read."""
+    c = plan.cfg
+    data = load_data(c.data)
+    scorer = None
+    rows = []
+    for stage in (s for s in plan.needed(PIPELINE) if s in TRAINING_STAGES):
+        state, folder = _state(plan, stage)
+        log = read_training_log(folder)
+        row = {"stage": stage, "artifact_id": plan.ids[stage], "state": state,
+               "step": log[-1]["step"] if log else 0, "steps": _train_cfg(plan, stage).steps,
+               "loss": next((r["loss"] for r in reversed(log) if "loss" in r), math.nan)}
+        rows.append(row)
+        if state == "not started" or stage == "guide" or (state == "finished" and not (folder / MODEL_FILE).exists()):
+            continue  # nothing to score: the guide, or a teacher without weights of ours (exact, TorchScript)
+        try:
+            model, step, mid = _model(plan, stage, state, folder, data.sample_shape)
+        except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as err:
+            row["error"] = describe(err)
+            continue
+        row["scored"] = "kept model" if state == "finished" else f"checkpoint {step}"
+        scorer = scorer or stage_scorer(c, c.local_root, runtime.device, data)
+        model = model.to(runtime.device)
+        if stage == "teacher":
+            solver = c.teacher.sampler.model_copy(update={"sigma_max": c.rollout.solver.sigma_max})
+            metrics, _ = scorer.teacher(model, solver)
+            row.update({f"{k}_teacher": v for k, v in metrics.items()})
+            continue
+        sampler = method_of(c, stage).sampler
+        one, _ = scorer.few_step(sampler, model, 1)
+        two, _ = scorer.few_step(sampler, model, 2, mid)
+        row.update({"mid_sigma": mid, **{f"{k}_1step": v for k, v in one.items()},
+                    **{f"{k}_2step": v for k, v in two.items()}})
+    return rows
