@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["eval_speed.py", "store.py", "pipeline.py", "gradient_bias.py"]
+SCRIPTS = ["eval_speed.py", "store.py", "pipeline.py", "gradient_bias.py", "sampling.py"]
 
 if __name__ == "__main__":
     for script in SCRIPTS:
