@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from cmt_core.artifacts import publish, publish_text
 from cmt_core.data.images import to_uint8
+from cmt_core.encoders import IDENTITY
 from cmt_core.generator import BLOCK, MAX_STEPS, Generator, GeneratorError, open_generator
 from cmt_core.runtime import Runtime
 
@@ -158,6 +159,8 @@ def check_job(job: SampleJob) -> tuple[Generator, torch.Tensor | None]:
     checked (model, steps, labels, output folder) before anything is written; ``GeneratorError`` names the field."""
     _check_out(job.out)
     gen = open_generator(job.model, job.artifact_root)
+    if gen.encoder.name == IDENTITY.name:  # samples are the model's (a latent model's are checked once decoded)
+        _check_images(torch.empty(0, *gen.sample_shape))
     gen.check_steps(job.steps)
     given = read_labels(job.labels_file, job.num_samples) if job.labels_file is not None else job.class_label
     return gen, gen.check_labels(given, job.num_samples)

@@ -194,7 +194,15 @@ def test_bad_requests_are_one_line_naming_what_is_wrong(stage_folder, tmp_path, 
     teacher = stage_folder.parent.parent / "teacher"
     assert "'teacher' artifact" in _one_line(capsys, ["sample", str(next(p for p in teacher.iterdir()
                                                                             if p.is_dir())), "--out", "o"])
+    points = {"kind": "mlp", "width": 16, "depth": 1, "emb_dim": 8, "sigma_data": 0.5}  # a 2-D generator
+    export_generator(Generator(build_model("flow_map", points, (2,), 0.002), "flow_map", points, (2,), 80.0, 0.8),
+                     tmp_path / "points")
+    assert "writes images" in _one_line(capsys, ["sample", str(tmp_path / "points"), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+    done = subprocess.run([sys.executable, "-m", "cmt_core.cli", "sample", str(stage_folder), "--out",
+                           str(tmp_path / "out"), "-n", "0"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "invalid sampling request: num_samples: Input should be greater than or equal to 1 (got 0)"]
 
 
 def test_a_damaged_or_foreign_export_is_one_error_naming_the_file(tmp_path):
