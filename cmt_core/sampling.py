@@ -52,8 +52,8 @@ class SampleJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str = Field(description="an exported generator's folder, a midtrain / posttrain artifact folder, or "
-                       "the artifact id of one under artifact_root")
+    model: str = Field(min_length=1, description="an exported generator's folder, a midtrain / posttrain artifact "
+                       "folder, or the artifact id of one under artifact_root")
     out: Path = Field(description="the output folder (PNG files, samples.npz, sampling.json)")
     num_samples: int = Field(50_000, ge=1, le=MAX_SAMPLES, description="images 0 .. num_samples - 1")
     steps: int = Field(1, ge=1, le=MAX_STEPS, description="network calls per image")

@@ -175,6 +175,14 @@ def test_invalid_parameters_are_rejected_when_the_run_is_created(prefect_server,
     assert f"Validation failed for field '{field}'" in rejected.value.response.text
 
 
+def test_the_sample_deployment_asks_for_the_model_when_a_run_is_created(prefect_server, deployed):
+    prefect_server.cli("--no-prompt", "deploy", "--name", "cmt-sample/digits", cwd=ROOT)
+    with prefect_server.client_settings(), pytest.raises(PrefectHTTPStatusError) as rejected:
+        run_deployment("cmt-sample/digits", timeout=0)
+    response = rejected.value.response
+    assert response.status_code == 409 and "'model' is a required property" in response.text
+
+
 def test_prefect_yaml_deploys_every_flow_with_an_inactive_nightly_schedule():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     flows = {load_flow_from_entrypoint(str(ROOT / d["entrypoint"])).name: d for d in spec["deployments"]}
