@@ -295,7 +295,8 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
         start, best = resumed["step"], resumed["best"]
         logger.info("%s: resuming from step %d of %d (%s)", desc, start, cfg.steps, run_dir)
     saved = {"step": start if resumed is not None else None}  # the last checkpoint on disk
-    history = read_training_log(log_path, up_to=start)
+    # the rows up to the checkpoint resumed from; none without one (the step-0 evaluation is logged again)
+    history = read_training_log(log_path, up_to=start if resumed is not None else -1)
     if runtime.is_main:  # drop lines (and EMA snapshots) written after the checkpoint we resume from
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
         for late in (s for s in snapshot_steps(run_dir) if s > start):

@@ -111,6 +111,19 @@ def test_a_resumed_run_shows_each_step_once(tmp_path):
     assert_events_match_log(read_events(folder), rows)  # step 15 of the failed run is dropped, not shown twice
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_logs_step_0_once(tmp_path):
+    cfg = TrainConfig(steps=10, batch_size=8, log_every=5, checkpoint_every=10, eval_every=5)
+
+    def exploding(net, batch, rng):
+        return EDMLoss()(net, batch, rng) * (math.inf if rng.step == 7 else 1.0)
+
+    with pytest.raises(NonFiniteLossError):  # rows 0 and 5 written, no checkpoint
+        train(small_model(), exploding, SyntheticSource(GaussianMixture()), cfg, tmp_path, CPU,
+              evaluate=constant_scores)
+    train(small_model(), EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, CPU, evaluate=constant_scores)
+    assert [r["step"] for r in read_training_log(tmp_path / "metrics.jsonl")] == [0, 5, 10]
+
+
 def test_training_runs_without_tensorboard_and_writes_no_event_files(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the extra were not installed
     cfg = TrainConfig(steps=10, batch_size=8, log_every=5, eval_every=5)
