@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from prefect import flow
 
-    from cmt_core.cli import config_message
+    from cmt_core.errors import config_message
     from cmt_core.presets import resolve_config
     from flows import cmt_pipeline
     from flows.parameters import trust_paths

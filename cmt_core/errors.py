@@ -6,12 +6,18 @@
 * ``StageError``: a stage failed while computing; the message names the stage, its folder, the cause and the next
   step; exit code 1.
 
-In every case nothing was marked complete: a rerun resumes from the stage's checkpoints.
+In every case nothing was marked complete: a rerun resumes from the stage's checkpoints. Every command line
+(``cmt``, ``cmt-flow``) answers through ``failure_exit`` (and ``config_error`` for a bad configuration): one line
+on stderr, the traceback in the run's log file.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
+import traceback
+from pathlib import Path
 
 
 class PreflightError(ValueError):
@@ -57,3 +63,64 @@ def describe(err: BaseException) -> str:
     line = first_line(err).replace("\r", " ")
     line = line if len(line) <= MAX_LINE else line[:MAX_LINE] + "..."
     return f"{type(err).__name__}: {line}"
+
+
+# --------------------------------------------------------------------------------- how the command lines answer
+
+
+def config_message(err: ValueError) -> str:
+    """An invalid configuration as one line naming each bad field, its problem and the value given. ``err``
+    is pydantic's ``ValidationError`` (a ``ValueError``) or a plain ``ValueError``."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        problems = [(f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "")
+                    + e["msg"].removeprefix("Value error, ").replace("\n", " ")
+                    + ("" if isinstance(e["input"], dict) else f" (got {brief(e['input'])})")  # a section: its rule
+                    for e in err.errors()]
+    else:
+        problems = [str(err).replace("\n", " ")]
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def config_error(err: ValueError) -> int:
+    """``config_message`` on stderr; the exit code 2."""
+    print(config_message(err), file=sys.stderr)
+    return 2
+
+
+def input_error(err: Exception, log_file: Path | None = None) -> int:
+    """Bad input (a missing or unusable file, found before or while a stage reads it): one line naming the
+    field on stderr, the traceback only in the run's log file; the exit code 2."""
+    if log_file is not None:
+        logging.getLogger("traceback").info("invalid input", exc_info=err)  # not shown on the console
+    print(f"invalid input: {_line(err)}" + (f" (details: {log_file})" if log_file else ""), file=sys.stderr)
+    return 2
+
+
+def _line(err: Exception) -> str:
+    """The message of one of our errors (they name what is wrong) or the type and cause of any other, one line."""
+    if isinstance(err, (PreflightError, InputFileError, StageError)):
+        return str(err).replace("\n", " ")
+    return describe(err)
+
+
+def runtime_error(err: Exception, log_file: Path | None, debug: bool = False) -> int:
+    """A failure while a stage computed: one line on stderr (``StageError`` names the stage, its folder, the
+    cause and the next step), the traceback in the run's log file (and on stderr with ``debug``); exit code 1."""
+    logging.getLogger("traceback").info("run failed", exc_info=err)  # not shown on the console
+    if debug:
+        traceback.print_exception(err)
+    print(f"failed: {_line(err)}" + (f" (details: {log_file})" if log_file else ""), file=sys.stderr)
+    return 1
+
+
+def failure_exit(err: Exception, log_file: Path | None = None, debug: bool = False) -> int:
+    """The one answer of every command to an exception out of a run: bad input found before anything ran
+    (``PreflightError``) or while a stage read a file (``InputFileError``): exit 2; anything else: a stage
+    failed (``StageError``), exit 1 (``input_error``, ``runtime_error``)."""
+    if isinstance(err, PreflightError):
+        return input_error(err)
+    if isinstance(err, InputFileError):  # the stage stopped before marking anything complete
+        return input_error(err, log_file)
+    return runtime_error(err, log_file, debug)

@@ -9,15 +9,8 @@ from __future__ import annotations
 import sys
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
-from cmt_core.cli import (
-    config_error,
-    config_from_args,
-    config_parser,
-    console_logging,
-    failure_exit,
-    print_results,
-    setup_logging,
-)
+from cmt_core.cli import config_from_args, config_parser, console_logging, print_results, setup_logging
+from cmt_core.errors import config_error, failure_exit
 from cmt_core.preflight import preflight
 from cmt_core.stages import PIPELINE, plan
 from flows.parameters import trust_paths

@@ -12,8 +12,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
-from cmt_core.cli import config_message
 from cmt_core.comparison import CompareConfig, arm_config, run_comparison
+from cmt_core.errors import config_message
 from flows.parameters import confine, confine_config
 from tasks.reporting import artifact_key, embed_images
 

@@ -33,9 +33,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from cmt_core.cli import config_message
 from cmt_core.config import PATH_FIELDS, PipelineConfig
-from cmt_core.errors import brief, describe
+from cmt_core.errors import brief, config_message, describe
 from cmt_core.object_storage import is_url
 from cmt_core.presets import PRESETS, resolve_config
 
@@ -122,7 +121,7 @@ def flow_config(preset: str, overrides, config: PipelineConfig | None, artifact_
                 ddp_processes: int = 1) -> PipelineConfig:
     """The validated, confined config of a flow's parameters (``ddp_processes > 1`` sets
     ``launch.procs_per_node``); a bad value raises ``ValueError`` with the same one-line message the command
-    line prints (``cmt_core.cli.config_message``)."""
+    line prints (``cmt_core.errors.config_message``)."""
     if ddp_processes > 1:
         overrides = [*overrides, f"launch.procs_per_node={ddp_processes}"]
     try:

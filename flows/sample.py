@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
-from cmt_core.cli import config_message
+from cmt_core.errors import config_message
 from cmt_core.runtime import Runtime
 from cmt_core.sampling import SampleJob, run_sampling
 from flows.parameters import confine

@@ -17,9 +17,9 @@ import yaml  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cmt_core.cli import config_message  # noqa: E402
 from cmt_core.cli import main as cmt  # noqa: E402
 from cmt_core.config import PipelineConfig, load_yaml, save_yaml  # noqa: E402
+from cmt_core.errors import config_message  # noqa: E402
 from cmt_core.presets import get_preset  # noqa: E402
 from cmt_core.stages import plan  # noqa: E402
 
