@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 import tasks  # noqa: F401  (Prefect environment defaults before prefect is imported)
 from cmt_core.errors import config_message
 from cmt_core.runtime import Runtime
-from cmt_core.sampling import SampleJob, run_sampling
+from cmt_core.sampling import GRID_FILE, SampleJob, run_sampling
 from flows.parameters import confine
 from tasks.reporting import artifact_key, brief, library_logs_to
 
@@ -51,7 +51,7 @@ def cmt_sample(job: SampleJob) -> dict:
     create_table_artifact([{k: summary[k] for k in ("num_samples", "steps", "seed", "drawn", "seconds",
                                                     "images_per_s", "device", "out", "npz")}],
                           key=artifact_key("cmt", "sample"), description=f"cmt-sample: {job.model}")
-    grid = job.out / "grid.png"
+    grid = job.out / GRID_FILE
     if grid.is_file():
         from cmt_core.evaluation.report import png_data_url
 
