@@ -42,6 +42,9 @@ STORE_DIR = "store.zarr"  # the trajectory store: recorded by size only, its chu
 MODEL_FILE = "model.pt"  # a teacher's or training stage's model (``cmt_core.models.save_model``)
 # the folders an artifact root holds beside the stages' own: run logs, feature statistics, Prefect's results
 LOGS_DIR, FEATURES_DIR, RESULTS_DIR = "logs", "features", "prefect-results"
+# a training stage's TensorBoard event files (``cmt_core.events``): a view of the run, like its logs, so not a result
+# the manifest records (their names and records hold wall times; deleting them leaves the artifact complete)
+EVENTS_DIR = "tensorboard"
 LOCK_SUFFIX = ".lock"
 PACKAGES = ("torch", "zarr", "dask", "numcodecs", "prefect", "pydantic", "clean-fid", "numpy")
 
@@ -167,12 +170,15 @@ def file_hash(path: Path) -> str:
 
 
 def file_records(folder: Path) -> dict[str, dict]:
-    """``{relative path: {"bytes", "sha256"}}`` of every file under ``folder`` but the manifest, lock files and
-    temporary files; files of the trajectory store (``STORE_DIR``) get no sha256."""
+    """``{relative path: {"bytes", "sha256"}}`` of every file under ``folder`` but the manifest, lock files,
+    temporary files and the event log (``EVENTS_DIR``); files of the trajectory store (``STORE_DIR``) get no
+    sha256."""
     folder, records = Path(folder), {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel == MANIFEST or path.name.startswith(".") or path.name.endswith((".tmp", LOCK_SUFFIX)):
+            continue
+        if rel.split("/")[0] == EVENTS_DIR:
             continue
         records[rel] = {"bytes": path.stat().st_size}
         if rel.split("/")[0] != STORE_DIR:

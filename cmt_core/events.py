@@ -4,7 +4,8 @@
 through ``torch.utils.tensorboard.SummaryWriter``, on the main process only (``enabled``: ``runtime.is_main``).
 ``cmt_core.training.train`` opens it at the first step the call may log, writes each row of ``metrics.jsonl`` to
 it (``write``) and closes it when the call ends or fails. Every training stage (teacher and guide pre-training,
-mid-training, post-training) logs into ``<its artifact folder>/tensorboard`` (``EVENTS_DIR``), beside ``train/``.
+mid-training, post-training) logs into ``<its artifact folder>/tensorboard`` (``cmt_core.artifacts.EVENTS_DIR``),
+beside ``train/``.
 
 Tags, at the row's step (``step``: optimisation steps done; 0 is the evaluation before the first step):
 
@@ -26,7 +27,9 @@ the rows and images it is given: it draws no random number and touches no model.
 
 Without the ``tensorboard`` package (the optional ``[tensorboard]`` extra) it writes nothing and says so in one
 INFO line. To watch: ``tensorboard --logdir <artifact_root>`` lists every run as
-``<stage>/<artifact id>/tensorboard``.
+``<stage>/<artifact id>/tensorboard``. The event files are a view of the run, as its logs are: the manifest does not
+record them (``cmt_core.artifacts.file_records``), so deleting them leaves the artifact complete, and under an
+object-storage root they stay in the local mirror (``tensorboard --logdir <cache_root>``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger("cmt")
-EVENTS_DIR = "tensorboard"  # the event log's folder inside a training stage's artifact folder
 TIME_KEYS = ("seconds", "eval_seconds")
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cmt_core import object_storage as remote
-from cmt_core.artifacts import FEATURES_DIR, MODEL_FILE, STORE_DIR, read_manifest
+from cmt_core.artifacts import EVENTS_DIR, FEATURES_DIR, MODEL_FILE, STORE_DIR, read_manifest
 from cmt_core.checkpoint import CheckpointError, load_file, read_training_log
 from cmt_core.config import NetworkConfig, TrainConfig
 from cmt_core.data import Data, load_data
@@ -40,7 +40,7 @@ from cmt_core.evaluation.evaluator import Evaluator
 from cmt_core.evaluation.report import MAX_GRID_IMAGES, grid_cells
 from cmt_core.evaluation.scoring import Scorer
 from cmt_core.evaluation.table import ScoredModel, results_table
-from cmt_core.events import EVENTS_DIR, EventLog
+from cmt_core.events import EventLog
 from cmt_core.methods import LossInputs, Method, get_method
 from cmt_core.models import build_model, init_from, label_dim_of, load_model, save_model
 from cmt_core.teachers import LOADED, PROGRAMS, edm_teacher, load_teacher, teacher_denoiser

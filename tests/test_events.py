@@ -1,19 +1,22 @@
 """TensorBoard event files of the training stages: the scalars match metrics.jsonl, image runs draw sample grids at
 their evaluations, a resumed run shows each step once, and training runs without tensorboard."""
 
+import json
 import logging
 import math
+import shutil
 import sys
 import time
 
 import pytest
 import torch
 
+from cmt_core.artifacts import EVENTS_DIR, MANIFEST
 from cmt_core.checkpoint import read_training_log
 from cmt_core.config import NetworkConfig, TrainConfig
 from cmt_core.data.sources import SyntheticSource
 from cmt_core.data.synthetic import GaussianMixture
-from cmt_core.events import EVENTS_DIR, EventLog, tag
+from cmt_core.events import EventLog, tag
 from cmt_core.models import build_model
 from cmt_core.objectives.edm import EDMLoss
 from cmt_core.pipeline import run_pipeline
@@ -66,6 +69,12 @@ def test_a_toy_run_logs_its_training_rows_and_evaluations(tmp_path):
     assert sorted(scalars(events, "eval/score_2step")) == [0, 10, 20]
     assert sorted(scalars(events, "train/loss")) == [10, 20]
     assert events.Tags()["images"] == []  # 2-D points: no sample grids
+    # a view of the run, not a result: the manifest does not record the event files, and without them the artifact
+    # is still complete and reused
+    assert not [f for f in json.loads((results["posttrain"].path / MANIFEST).read_text())["files"]
+                if f.startswith(EVENTS_DIR)]
+    shutil.rmtree(results["posttrain"].path / EVENTS_DIR)
+    assert run_pipeline(cfg, CPU, targets=("posttrain",))["posttrain"].cached
 
 
 def test_an_image_run_draws_its_one_and_two_step_samples_at_each_evaluation(tmp_path):

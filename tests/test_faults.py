@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cmt_core.artifacts import EVENTS_DIR
+
 pytestmark = pytest.mark.slow
 
 SMALL = ["teacher.train.steps=200", "teacher.train.checkpoint_every=40", "teacher.train.log_every=20",
@@ -59,11 +61,13 @@ def _without_timings(value):
 
 def contents(root: Path) -> dict[str, object]:
     """Every result file under ``root``: bytes, or for JSON the values without timings (reports and plots,
-    which print timings, the run logs and damaged checkpoints set aside as ``*.corrupt`` are left out)."""
+    which print timings, the run logs, TensorBoard event files and damaged checkpoints set aside as ``*.corrupt`` are
+    left out)."""
     out = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel.startswith("logs/") or path.suffix in (".lock", ".md", ".png", ".corrupt"):
+        if rel.startswith("logs/") or EVENTS_DIR in rel.split("/") or path.suffix in (".lock", ".md", ".png",
+                                                                                     ".corrupt"):
             continue
         if path.suffix == ".json":
             out[rel] = _without_timings(json.loads(path.read_text()))
