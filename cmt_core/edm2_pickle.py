@@ -4,7 +4,7 @@ An EDM2 snapshot (``network-snapshot-*.pkl`` of NVlabs/edm2's training loop, or 
 such as ``edm2-img64-s-1073741-0.075.pkl``) is a plain pickle of ``{"ema": <Precond>, "encoder": <Encoder>,
 "dataset_kwargs": {...}, "loss_fn": <EDM2Loss>}`` (a ``dnnlib.EasyDict``), written by the same
 ``torch_utils.persistence`` mechanism as EDM's pickles (``cmt_core.edm_pickle`` describes it); the network's
-weights are float16. ``EDM2Unpickler`` resolves the globals of EDM's format (``cmt_core.edm_pickle.STAND_INS``)
+weights are float16. ``read_edm2_pickle`` resolves the globals of EDM's format (``cmt_core.edm_pickle.STAND_INS``)
 plus those of numpy arrays of numbers (EDM2's latent encoder keeps its whitening ``scale`` and ``bias`` as float32
 arrays), each to a harmless stand-in; any other global raises ``ForbiddenGlobal`` naming it, before anything of
 it runs, and the classes' source code recorded in the pickle is never looked at.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from cmt_core.edm_pickle import STAND_INS, ForbiddenGlobal, PersistentObject, _state_dict
+from cmt_core.edm_pickle import STAND_INS, PersistentObject, _state_dict, read_allowed
 from cmt_core.networks.edm2 import edm2_network
 from cmt_core.preconditioning import Denoiser
 
@@ -78,22 +78,11 @@ ARRAY_STAND_INS = {
 EDM2_STAND_INS = {**STAND_INS, **ARRAY_STAND_INS}
 
 
-class EDM2Unpickler(pickle.Unpickler):
-    """Unpickles an EDM2 snapshot into plain data (``PersistentObject`` / ``ModuleRecord`` trees of dicts, lists,
-    numbers, strings, tensors and ``ArrayRecord`` s). Refuses every global outside ``EDM2_STAND_INS``."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return EDM2_STAND_INS[(module, name)]
-        except KeyError:
-            raise ForbiddenGlobal(f"refused global {module}.{name}: an EDM2 snapshot pickle does not need it "
-                                  "(nothing of it was run)") from None
-
-
 def read_edm2_pickle(path: Path):
-    """The captured contents of an EDM2 snapshot pickle (a dict with an ``"ema"`` network, usually)."""
-    with open(path, "rb") as f:
-        return EDM2Unpickler(f).load()
+    """The captured contents of an EDM2 snapshot pickle (a dict with an ``"ema"`` network, usually): plain
+    ``PersistentObject`` / ``ModuleRecord`` trees of dicts, lists, numbers, strings, tensors and ``ArrayRecord`` s;
+    every global outside ``EDM2_STAND_INS`` is refused (``cmt_core.edm_pickle.AllowListUnpickler``)."""
+    return read_allowed(path, EDM2_STAND_INS, "an EDM2 snapshot pickle")
 
 
 # ------------------------------------------------------------------------------ mapping onto our network

@@ -7,7 +7,7 @@ its reconstructor on a record holding the source code of the class's whole modul
 instance's ``__dict__`` (constructor arguments, parameters, buffers, submodules). Unpickling such a file the
 ordinary way executes that source code, and any global a pickle names can be called.
 
-``EDMUnpickler`` resolves only the globals the format needs, each to a harmless stand-in:
+``AllowListUnpickler`` resolves only the globals the format needs, each to a harmless stand-in:
 
 * the persistence reconstructor -> ``PersistentObject`` (class name and ``__dict__``; the source is dropped unread);
 * torch's tensor and parameter rebuilders -> plain tensors on storages read by ``torch.load(weights_only=True)``;
@@ -133,22 +133,32 @@ STAND_INS = {
 }
 
 
-class EDMUnpickler(pickle.Unpickler):
-    """Unpickles an EDM network pickle into plain data: ``PersistentObject`` / ``ModuleRecord`` trees of
-    dicts, lists, numbers, strings and tensors. Refuses every global outside ``STAND_INS``."""
+class AllowListUnpickler(pickle.Unpickler):
+    """Unpickles into plain data: every global the file names is looked up in ``stand_ins`` (``(module, name)`` ->
+    a harmless stand-in, e.g. ``STAND_INS``) and any other is refused with ``ForbiddenGlobal``, naming the global and
+    ``what`` the file should be. Nothing of the file runs."""
+
+    def __init__(self, file, stand_ins: dict, what: str):
+        super().__init__(file)
+        self.stand_ins, self.what = stand_ins, what
 
     def find_class(self, module: str, name: str):
         try:
-            return STAND_INS[(module, name)]
+            return self.stand_ins[(module, name)]
         except KeyError:
-            raise ForbiddenGlobal(f"refused global {module}.{name}: an EDM network pickle does not need it "
+            raise ForbiddenGlobal(f"refused global {module}.{name}: {self.what} does not need it "
                                   "(nothing of it was run)") from None
+
+
+def read_allowed(path: Path, stand_ins: dict, what: str):
+    """The contents of the pickle at ``path`` read by ``AllowListUnpickler``."""
+    with open(path, "rb") as f:
+        return AllowListUnpickler(f, stand_ins, what).load()
 
 
 def read_edm_pickle(path: Path):
     """The captured contents of an EDM network pickle (usually a dict with an ``"ema"`` network)."""
-    with open(path, "rb") as f:
-        return EDMUnpickler(f).load()
+    return read_allowed(path, STAND_INS, "an EDM network pickle")
 
 
 # ------------------------------------------------------------------------------ mapping onto our network

@@ -112,12 +112,12 @@ def network_values(network: dict, num_classes: int) -> dict:
     return {**values.model_dump(mode="json"), **({"label_dim": num_classes} if num_classes else {})}
 
 
-def _network(c) -> dict:
+def few_step_network(c) -> dict:
     """The network values of the few-step models' files."""
     return network_values(c.network.model_dump(mode="json"), c.data.num_classes)
 
 
-def _denoiser_network(c, width: int | None = None, depth: int | None = None) -> dict:
+def denoiser_network(c, width: int | None = None, depth: int | None = None) -> dict:
     """The network values of a denoiser's model file (the teacher's; a guide's with its own ``width`` and
     ``depth``), from the network fields a denoiser reads."""
     fields = {f: getattr(c.network, f) for f in (path.split(".")[1] for path in DENOISER_NETWORK)}
@@ -168,14 +168,14 @@ def _teacher(ctx: StageContext) -> dict:
     c = ctx.cfg
     if c.teacher.source in PROGRAMS:
         return {"weights": False}
-    return _denoiser(ctx, "teacher", c.teacher.source, c.teacher.path, _denoiser_network(c), c.teacher.train)
+    return _denoiser(ctx, "teacher", c.teacher.source, c.teacher.path, denoiser_network(c), c.teacher.train)
 
 
 def _guide(ctx: StageContext) -> dict:
     """The guide network of autoguidance (``model.pt``): a smaller, shorter-trained denoiser pre-trained here with
     the teacher's objective (``guidance.guide``: its width, depth and training), or loaded as the teacher is."""
     g, c = ctx.cfg.guidance.guide, ctx.cfg
-    return _denoiser(ctx, "guidance.guide", g.source, g.path, _denoiser_network(c, g.width, g.depth), g.train)
+    return _denoiser(ctx, "guidance.guide", g.source, g.path, denoiser_network(c, g.width, g.depth), g.train)
 
 
 def _denoiser(ctx: StageContext, section: str, source: str, path, network: dict, train_cfg) -> dict:
@@ -261,7 +261,7 @@ def _midtrain(ctx: StageContext) -> dict:
     c = ctx.cfg
     data, method = load_data(c.data), method_of(c, "midtrain")
     torch.manual_seed(c.midtrain.train.seed)
-    model = build_model(method.kind, _network(c), data.sample_shape, c.rollout.solver.sigma_min)
+    model = build_model(method.kind, few_step_network(c), data.sample_shape, c.rollout.solver.sigma_min)
     if c.midtrain.init == "teacher":
         init_from(model, _teacher_weights(ctx))
     source = _batches(method, ctx, data, c.midtrain.train.seed)
@@ -278,7 +278,7 @@ def _train_few_step(ctx: StageContext, data: Data, model, method: Method, loss, 
                    evaluate=scorer.training_evaluate(method.sampler) if train_cfg.eval_every else None,
                    desc=desc, progress=ctx.progress, events=_events(ctx, scorer.grids))
     if ctx.runtime.is_main:
-        save_model(ctx.path / MODEL_FILE, result.model, method.kind, _network(ctx.cfg),
+        save_model(ctx.path / MODEL_FILE, result.model, method.kind, few_step_network(ctx.cfg),
                    data.sample_shape)
     kept = result.best_metrics
     mid_sigma = kept["mid_sigma"] if "mid_sigma" in kept else scorer.mid_sigma_for(method.sampler, result.model)
@@ -296,7 +296,7 @@ def _posttrain(ctx: StageContext) -> dict:
     if p.init == "cmt":
         model = load_model(ctx.input("midtrain") / MODEL_FILE).train()
     else:
-        model = build_model(method.kind, _network(c), data.sample_shape, c.rollout.solver.sigma_min)
+        model = build_model(method.kind, few_step_network(c), data.sample_shape, c.rollout.solver.sigma_min)
         if p.init == "teacher":
             init_from(model, _teacher_weights(ctx))
     teacher = None
@@ -327,7 +327,7 @@ def _evaluation(ctx: StageContext) -> dict:
     mid, post = method_of(c, "midtrain"), method_of(c, "posttrain")
     baseline = None
     if weights.exists():
-        untrained = init_from(build_model(mid.kind, _network(c), data.sample_shape, smin),
+        untrained = init_from(build_model(mid.kind, few_step_network(c), data.sample_shape, smin),
                               load_model(weights))
         baseline = ScoredModel("teacher-initialised, untrained", "baseline", mid.sampler, untrained.to(runtime.device))
 

@@ -7,7 +7,8 @@ For each training stage of the run's plan it reports the stage's state and score
   and not resumed yet): the EMA weights of the latest checkpoint (``train/checkpoint.pt``: the exponential EMA, or
   the power-function EMA of the first std) are scored, 2-step at ``eval.mid_sigma`` (a running stage has not chosen
   its sigma yet);
-* ``not started``: no checkpoint yet; nothing is scored.
+* ``not started``: no checkpoint yet; nothing is scored;
+* ``damaged``: a manifest that is not one (``error`` names it); the other stages are still scored.
 
 Few-step models (mid- and post-training) are scored at 1 and 2 steps by the stage's own ``Scorer`` (the same
 noises, metrics and names as the training log's evaluations); a teacher pre-trained here by its ODE sampler
@@ -23,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from cmt_core.artifacts import LOCK_SUFFIX, MODEL_FILE, read_manifest
-from cmt_core.checkpoint import CHECKPOINT_FILE, CheckpointError, load_file, read_training_log
+from cmt_core.artifacts import LOCK_SUFFIX, MODEL_FILE, ManifestError, read_manifest
+from cmt_core.checkpoint import CHECKPOINT_FILE, CheckpointError, load_file, previous, read_training_log
 from cmt_core.data import load_data
 from cmt_core.engine import Plan
 from cmt_core.errors import describe
 from cmt_core.models import build_model, load_model
 from cmt_core.runtime import Runtime
-from cmt_core.stages import PIPELINE, TRAINING_STAGES, _denoiser_network, _network, method_of, stage_scorer
+from cmt_core.stages import PIPELINE, TRAINING_STAGES, denoiser_network, few_step_network, method_of, stage_scorer
 
 
 def is_locked(folder: Path) -> bool:
@@ -50,8 +51,13 @@ def is_locked(folder: Path) -> bool:
 
 
 def _checkpoint_ema(path: Path) -> tuple[dict, int]:
-    """The scored EMA's state dict and the step of a training checkpoint."""
-    blob = load_file(path)
+    """The scored EMA's state dict and the step of the latest training checkpoint at ``path``: the run replaces it
+    by moving it to ``previous(path)`` and publishing the new one, so between the two the previous one is read."""
+    try:
+        blob = load_file(path)
+    except FileNotFoundError:
+        path = previous(path)
+        blob = load_file(path)
     ema, step = blob.get("ema") if isinstance(blob, dict) else None, blob.get("step")
     if isinstance(ema, dict) and isinstance(ema.get("emas"), list):  # power-function EMAs: the first std's
         ema = ema["emas"][0]
@@ -60,24 +66,28 @@ def _checkpoint_ema(path: Path) -> tuple[dict, int]:
     return ema, step
 
 
-def _state(plan: Plan, stage: str) -> tuple[str, Path]:
+def _state(plan: Plan, stage: str) -> tuple[str, Path, dict | None]:
+    """The stage's state (module docstring), its folder and its manifest (None unless finished)."""
     folder = plan.path(stage)
-    if read_manifest(folder) is not None:
-        return "finished", folder
-    if not (folder / "train" / CHECKPOINT_FILE).exists():
-        return "not started", folder
-    return ("running" if is_locked(folder) else "stopped"), folder
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return "finished", folder, manifest
+    checkpoint = folder / "train" / CHECKPOINT_FILE
+    if not (checkpoint.exists() or previous(checkpoint).exists()):
+        return "not started", folder, None
+    return ("running" if is_locked(folder) else "stopped"), folder, None
 
 
-def _model(plan: Plan, stage: str, state: str, folder: Path, shape) -> tuple[torch.nn.Module, int | None, float]:
-    """The model to score, the step it is from (None: the kept model) and its 2-step sigma."""
+def _model(plan: Plan, stage: str, folder: Path, manifest: dict | None, shape) -> tuple[torch.nn.Module, int | None,
+                                                                                         float]:
+    """The model to score (the kept one of a finished stage, whose ``manifest`` is given, else the EMA of the latest
+    checkpoint), the step it is from and its 2-step sigma."""
     c = plan.cfg
-    if state == "finished":
-        manifest = read_manifest(folder)
-        return load_model(folder / MODEL_FILE), manifest["metrics"].get("best_step"), \
-            manifest["metrics"].get("mid_sigma", c.eval.mid_sigma)
-    method = method_of(c, stage) if stage != "guide" else method_of(c, "teacher")
-    network = _denoiser_network(c) if method.kind == "denoiser" else _network(c)
+    if manifest is not None:
+        metrics = manifest["metrics"]
+        return load_model(folder / MODEL_FILE), metrics.get("best_step"), metrics.get("mid_sigma", c.eval.mid_sigma)
+    method = method_of(c, stage)
+    network = denoiser_network(c) if method.kind == "denoiser" else few_step_network(c)
     model = build_model(method.kind, network, shape, None if method.kind == "denoiser" else
                         c.rollout.solver.sigma_min)
     ema, step = _checkpoint_ema(folder / "train" / CHECKPOINT_FILE)
@@ -101,7 +111,12 @@ def watch(plan: Plan, runtime: Runtime) -> list[dict]:
     scorer = None
     rows = []
     for stage in (s for s in plan.needed(PIPELINE) if s in TRAINING_STAGES):
-        state, folder = _state(plan, stage)
+        try:
+            state, folder, manifest = _state(plan, stage)
+        except ManifestError as err:  # a manifest there that is not one: named in the row, the others still scored
+            rows.append({"stage": stage, "artifact_id": plan.ids[stage], "state": "damaged", "step": None,
+                         "steps": _train_cfg(plan, stage).steps, "error": str(err)})
+            continue
         log = read_training_log(folder)
         row = {"stage": stage, "artifact_id": plan.ids[stage], "state": state,
                "step": log[-1]["step"] if log else 0, "steps": _train_cfg(plan, stage).steps,
@@ -110,7 +125,7 @@ def watch(plan: Plan, runtime: Runtime) -> list[dict]:
         if state == "not started" or stage == "guide" or (state == "finished" and not (folder / MODEL_FILE).exists()):
             continue  # nothing to score: the guide, or a teacher without weights of ours (exact, TorchScript)
         try:
-            model, step, mid = _model(plan, stage, state, folder, data.sample_shape)
+            model, step, mid = _model(plan, stage, folder, manifest, data.sample_shape)
         except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as err:
             row["error"] = describe(err)
             continue

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from cmt_core.edm2_pickle import ForbiddenGlobal, load_edm2_network, read_edm2_pickle
+from cmt_core.edm2_pickle import load_edm2_network, read_edm2_pickle
+from cmt_core.edm_pickle import ForbiddenGlobal
 from cmt_core.models import init_from
 from cmt_core.networks.edm2 import (
     EDM2UNet,

@@ -81,3 +81,20 @@ def test_the_watch_flow_posts_the_metrics_and_a_killed_run_reads_as_stopped(runn
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert _rows(resolved)["midtrain"]["state"] == "stopped"
+
+
+def test_a_damaged_manifest_is_named_in_its_row_and_the_other_stages_are_still_read(running, tmp_path, capsys):
+    import shutil
+
+    from cmt_core.artifacts import MANIFEST
+    from cmt_core.cli import main
+
+    resolved, _ = running
+    root = tmp_path / "copy"
+    shutil.copytree(resolved.cfg.artifact_root, root, ignore=shutil.ignore_patterns("midtrain", "*.lock"))
+    (next((root / "teacher").iterdir()) / MANIFEST).write_text("[1, 2]")
+    assert main(["watch", "--preset", "toy", "--artifact-root", str(root), *(a for s in LONG for a in ("--set", s))]) \
+        == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("teacher    damaged") and "manifest" in out[0]
+    assert out[1].startswith("midtrain   not started") and out[2].startswith("posttrain  not started")
