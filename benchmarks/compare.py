@@ -1,4 +1,5 @@
-"""The initialisation comparison on ``toy`` and ``digits``: ``benchmarks/results/init_comparison_<preset>.*``.
+"""The initialisation comparison on ``toy`` and ``digits``: ``benchmarks/results/init_comparison_<preset>.*``, and
+with ``--targets`` the savings at a target quality: ``benchmarks/results/savings_<preset>.*``.
 
 Runs ``cmt_core.comparison.run_comparison`` (the ``cmt-compare`` flow's body) with 3 seeds on each preset, at
 these budgets (the same for every initialisation):
@@ -7,10 +8,17 @@ these budgets (the same for every initialisation):
   that the diffusion- and random-initialised paths have room to converge);
 * ``digits``: the preset's 2,000 post-training steps at batch 256, evaluated every 500.
 
+With ``--targets`` (e.g. ``--targets '2step<=1.1x' '1step<=1.5x'``) it runs ``cmt_core.savings.run_savings``
+instead, with the vanilla ECT arm, each arm until it meets every target or its cap (``--cap-factor`` times the CMT
+path's cost). The CMT arm's own post-training cap and the cadence (``SAVINGS``): ``toy`` 2,000 steps evaluated
+every 50, ``digits`` 8,000 evaluated every 250 (four times the presets' post-training, at a constant learning
+rate); the other arms' cadences follow from their caps.
+
 Artifacts go to ``artifacts/bench-presets``, shared with ``benchmarks/presets.py`` (its CMT arms are the presets'
-own runs), so a rerun computes only what is missing.
+own runs), so a rerun computes only what is missing, and an interrupted run resumes from its arms' checkpoints.
 
     .venv/bin/python benchmarks/compare.py [--presets toy digits] [--seeds 3] [--workers 2]
+    .venv/bin/python benchmarks/compare.py --targets '2step<=1.1x' '1step<=1.5x' [--presets toy]
 """
 
 from __future__ import annotations
@@ -23,25 +31,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BUDGETS = {"toy": {"posttrain_steps": 1200, "eval_every": 200}, "digits": {}}
+SAVINGS = {"toy": {"posttrain_steps": 2000, "eval_every": 50}, "digits": {"posttrain_steps": 8000, "eval_every": 250}}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from cmt_core.comparison import CompareConfig, markdown, run_comparison
+    from cmt_core.comparison import INITS, CompareConfig
+    from cmt_core.comparison import markdown as comparison_markdown
+    from cmt_core.comparison import run_comparison
+    from cmt_core.savings import markdown as savings_markdown
+    from cmt_core.savings import run_savings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(BUDGETS), choices=sorted(BUDGETS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--targets", nargs="+", default=[], help="the savings mode's targets")
+    parser.add_argument("--cap-factor", type=float, default=10.0)
     parser.add_argument("--artifact-root", type=Path, default=ROOT / "artifacts" / "bench-presets")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     out = {}
     for preset in args.presets:
         t0 = time.perf_counter()
-        cc = CompareConfig(preset=preset, seeds=args.seeds, workers=args.workers, artifact_root=args.artifact_root,
-                           out_dir=args.out, **BUDGETS[preset])
-        out[preset] = run_comparison(cc, report=lambda line: print(line, flush=True))
-        print(markdown(out[preset]))
+        common = {"preset": preset, "seeds": args.seeds, "workers": args.workers, "artifact_root": args.artifact_root,
+                  "out_dir": args.out}
+        if args.targets:
+            cc = CompareConfig(**common, **SAVINGS[preset], inits=(*INITS, "ect"), targets=args.targets,
+                               cap_factor=args.cap_factor)
+            out[preset] = run_savings(cc, report=lambda line: print(line, flush=True))
+            print(savings_markdown(out[preset]))
+        else:
+            cc = CompareConfig(**common, **BUDGETS[preset])
+            out[preset] = run_comparison(cc, report=lambda line: print(line, flush=True))
+            print(comparison_markdown(out[preset]))
         print(f"{preset}: {(time.perf_counter() - t0) / 60:.1f} minutes", flush=True)
     return out
 

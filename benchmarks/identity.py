@@ -37,7 +37,8 @@ from pathlib import Path
 
 PRESETS = ("toy", "digits", "toy-meanflow", "digits-meanflow", "cifar10-tiny")
 STAGES = ("teacher", "rollouts", "midtrain", "posttrain", "evaluation")
-TIMING_KEYS = {"seconds", "eval_seconds", "created", "completed", "rollout_runs", "versions", "written_at", "finished"}
+TIMING_KEYS = {"seconds", "eval_seconds", "resumed_from", "created", "completed", "rollout_runs", "versions",
+               "written_at", "finished"}
 SKIPPED = ("manifest.json",)  # ids, provenance and timings: its metrics are compared apart
 
 

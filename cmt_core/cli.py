@@ -6,6 +6,7 @@
     cmt config --preset toy > toy.yaml          # print a preset as YAML to edit (with its store size)
     cmt store verify PATH [--repair]            # check a trajectory store (a folder or s3://...); --repair: local
     cmt compare --preset toy --seeds 3          # CMT vs teacher vs random initialisation (cmt_core.comparison)
+    cmt compare --preset toy --inits cmt teacher random ect --target '2step<=1.1x'   # cost to a quality (savings)
     cmt sample MODEL --out DIR -n 50000 --steps 2   # draw images from a trained generator (cmt_core.sampling)
     cmt export MODEL --out DIR                  # safetensors + generator.json, read by cmt_core.load_generator
     cmt fid SAMPLES --ref REF [--inception PATH]    # FID / FD-digits / FD-pixels against reference statistics
@@ -50,6 +51,7 @@ from cmt_core.methods import names
 from cmt_core.preflight import check_root, preflight
 from cmt_core.presets import PRESETS, resolve_config
 from cmt_core.runtime import Runtime, torchrun_command
+from cmt_core.savings import run_savings
 from cmt_core.stages import PIPELINE, STAGES, TRAINING_STAGES, plan
 
 
@@ -172,7 +174,8 @@ def _compare(args) -> int:
     try:
         cc = CompareConfig(preset=args.preset, methods=args.methods, inits=args.inits, seeds=args.seeds,
                            posttrain_steps=args.posttrain_steps, eval_every=args.eval_every, overrides=args.set,
-                           workers=args.workers, artifact_root=args.artifact_root, out_dir=args.out,
+                           targets=args.target, cap_factor=args.cap_factor, workers=args.workers,
+                           artifact_root=args.artifact_root, out_dir=args.out,
                            **({} if args.baseline_set is None else {"baseline_overrides": args.baseline_set}))
         for method in cc.methods:  # every arm's config is valid before any arm runs
             arm_config(cc, method, "teacher", 0)
@@ -182,10 +185,12 @@ def _compare(args) -> int:
     try:
         check_root(arm_config(cc, cc.methods[0], "cmt", 0))
         log_file = setup_logging(cc.artifact_root, "compare")
-        run_comparison(cc)  # every arm is checked before any runs; finished arms stay cached after a failure
+        # every arm is checked before any runs; finished arms stay cached after a failure
+        (run_savings if cc.targets else run_comparison)(cc)
     except Exception as err:
         return failure_exit(err, log_file, args.debug)
-    print(f"results: {cc.out_dir / f'init_comparison_{cc.preset}.md'}\nlog: {log_file}")
+    name = f"savings_{cc.preset}" if cc.targets else f"init_comparison_{cc.preset}"
+    print(f"results: {cc.out_dir / f'{name}.md'}\nlog: {log_file}")
     return 0
 
 
@@ -429,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--artifact-root", default="artifacts", help="where artifact ids are looked up")
     export.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too")
-    compare = sub.add_parser("compare", help="post-train from CMT, teacher and random weights and compare")
+    compare = sub.add_parser("compare", help="post-train from CMT, teacher and random weights (and vanilla ECT) and "
+                             "compare, at one budget or (--target) until a quality")
     defaults = {name: field.default for name, field in CompareConfig.model_fields.items()}
     compare.add_argument("--preset", default=defaults["preset"], choices=sorted(PRESETS))
     compare.add_argument("--methods", nargs="+", default=list(defaults["methods"]), choices=names("posttrain"),
@@ -443,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--baseline-set", action="append", metavar="KEY=VALUE",
                          help="override for the teacher- and random-initialised arms only, repeatable (default: "
                          "posttrain.ect.start_stage=0, ECT's schedule from its first stage)")
+    compare.add_argument("--target", action="append", default=[], metavar="SPEC",
+                         help="target-quality mode, repeatable: every arm trains until it meets each target or its "
+                         "cap, e.g. --target '2step<=1.1x' (1.1 times the teacher's score) --target '1step<=13'")
+    compare.add_argument("--cap-factor", type=float, default=defaults["cap_factor"],
+                         help="target mode: the other arms' caps are at least this many times the CMT path's cost")
     compare.add_argument("--workers", type=int, default=defaults["workers"],
                          help="processes running independent arms at once")
     compare.add_argument("--artifact-root", default=defaults["artifact_root"])

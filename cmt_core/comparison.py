@@ -38,14 +38,16 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from cmt_core.checkpoint import read_training_log
 from cmt_core.config import PipelineConfig, StrictModel, registered
@@ -59,10 +61,54 @@ from cmt_core.stages import method_of, plan
 from cmt_core.time_grids import make_grid
 
 log = logging.getLogger("cmt")
-Init = Literal["cmt", "teacher", "random"]
+Init = Literal["cmt", "teacher", "random", "ect"]
 INITS: tuple[str, ...] = ("cmt", "teacher", "random")
-INIT_NAMES = {"cmt": "cmt", "teacher": "diffusion", "random": "random"}  # the results' names of the inits
+# the results' names of the arms: ``ect`` is vanilla ECT (``VANILLA_ECT``)
+INIT_NAMES = {"cmt": "cmt", "teacher": "diffusion", "random": "random", "ect": "vanilla_ect"}
 SEED_FIELDS = ("teacher.train.seed", "rollout.seed", "midtrain.train.seed", "posttrain.train.seed")
+# The ``ect`` arm: consistency training on data alone from the teacher's weights, at ECT's published settings
+# (locuslab/ect run_ecm.sh and ct_train.py's defaults: lognormal t (-1.1, 2.0), k = 8, b = 1, q = 2, c = 0, dt from
+# the first stage; training/ct_training_loop.py:259-260 leaves the learning rate constant). The stage length, the
+# learning rate and the batch are the preset's (ECT's 25,000 iterations a stage are sized for CIFAR-10).
+VANILLA_ECT = ("posttrain.method=ect", "posttrain.init=teacher", "posttrain.ect.t_sampling=lognormal",
+               "posttrain.ect.p_mean=-1.1", "posttrain.ect.p_std=2.0", "posttrain.ect.k=8.0", "posttrain.ect.b=1.0",
+               "posttrain.ect.q=2.0", "posttrain.ect.huber_c=0.0", "posttrain.ect.weighting=inverse_dt",
+               "posttrain.ect.start_stage=0", "posttrain.ect.anchor_sigma=0.0", "posttrain.train.lr_schedule=constant")
+TARGET_PATTERN = re.compile(r"^([12])step<=([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)(x?)$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A quality target: the ``steps``-step data metric at or below ``bound``, times the teacher's own score when
+    ``relative``. Written ``"2step<=1.1x"`` (1.1 times the teacher's) or ``"1step<=13.5"`` (absolute)."""
+
+    steps: int
+    bound: float
+    relative: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.steps}step<={self.bound:g}{'x' if self.relative else ''}"
+
+    def key(self, metric: str) -> str:
+        """The evaluation's score this target bounds (``train.until_below``'s key), for the data metric ``metric``."""
+        return f"{metric}_{self.steps}step"
+
+    def value(self, teacher: float) -> float:
+        """The bound, given the teacher's score on the same noises."""
+        return self.bound * teacher if self.relative else self.bound
+
+
+def parse_target(spec: str) -> Target:
+    """``"2step<=1.1x"`` -> ``Target(2, 1.1, relative=True)``; a ValueError names the form otherwise."""
+    match = TARGET_PATTERN.match(spec.replace(" ", ""))
+    if match is None or float(match[2]) <= 0:
+        raise ValueError(f"a target is '<1|2>step<=<positive number>[x]' ('x': times the teacher's score), e.g. "
+                         f"'2step<=1.1x' or '1step<=13.5', not {spec!r}")
+    return Target(int(match[1]), float(match[2]), match[3] == "x")
+
+
+TargetSpec = Annotated[str, AfterValidator(lambda spec: parse_target(spec).name)]
 
 
 class CompareConfig(StrictModel):
@@ -71,7 +117,8 @@ class CompareConfig(StrictModel):
     preset: Literal[tuple(PRESETS)] = Field(
         "toy", description="the consistency preset; a method M uses '<preset>-M' when that preset exists")
     methods: tuple[registered("posttrain"), ...] = Field(("ect", "meanflow"), min_length=1)
-    inits: tuple[Init, ...] = Field(INITS, min_length=1, description="must include 'cmt' and 'teacher'")
+    inits: tuple[Init, ...] = Field(INITS, min_length=1, description="the arms: cmt, teacher (diffusion), random, "
+                                    "ect (vanilla ECT, VANILLA_ECT); must include 'cmt' and 'teacher'")
     seeds: int = Field(3, ge=1, le=64, description="seeds 0 .. seeds-1 (every training seed of an arm)")
     posttrain_steps: int | None = Field(None, ge=1, description="post-training steps of every arm (None: preset's)")
     eval_every: int | None = Field(None, ge=1, description="evaluation cadence of every arm (None: the preset's)")
@@ -79,6 +126,12 @@ class CompareConfig(StrictModel):
     baseline_overrides: tuple[str, ...] = Field(
         ("posttrain.ect.start_stage=0", "posttrain.ect.anchor_sigma=0"),
         description="applied to the teacher- and random-initialised arms")
+    targets: tuple[TargetSpec, ...] = Field(
+        (), description="the target-quality mode (cmt_core.savings): every arm post-trains until it meets every "
+        "target or reaches its cap, e.g. ['2step<=1.1x', '1step<=1.5x'] ('x': times the teacher's score on the same "
+        "noises; else absolute, in the data metric); empty: every arm at the same post-training budget")
+    cap_factor: float = Field(10.0, ge=1.0, description="target mode: each other arm's post-training cap is at "
+                              "least this many times the CMT path's cost (data, network evaluations, wall time)")
     workers: int = Field(1, ge=1, le=64, description="processes running independent arms at once")
     artifact_root: Path = Path("artifacts")
     out_dir: Path = Path("benchmarks/results")
@@ -90,9 +143,22 @@ class CompareConfig(StrictModel):
             raise ValueError("inits must include 'cmt' and 'teacher' (costs are measured against the diffusion init)")
         return v
 
-    def method_preset(self, method: str) -> str:
+    @field_validator("targets")
+    @classmethod
+    def _distinct_targets(cls, v: tuple) -> tuple:
+        if len(set(v)) != len(v):
+            raise ValueError(f"targets must be distinct, got {list(v)}")
+        return v
+
+    def method_preset(self, method: str, init: str = "cmt") -> str:
         """The preset of ``method``'s arms: ``<preset>-<method>`` when it exists, else ``preset`` if its
-        post-training trains the model kind ``method`` trains."""
+        post-training trains the model kind ``method`` trains. The ``ect`` arm (vanilla ECT) is ``preset``'s, a
+        consistency preset's, whatever the method."""
+        if init == "ect":
+            if get_method(get_preset(self.preset).posttrain.method).kind != "consistency":
+                raise ValueError(f"inits: 'ect' (vanilla ECT) post-trains a consistency model: preset {self.preset!r} "
+                                 "trains another kind; use a consistency preset (toy, digits, ...)")
+            return self.preset
         if f"{self.preset}-{method}" in PRESETS:
             return f"{self.preset}-{method}"
         own = get_method(get_preset(self.preset).posttrain.method)
@@ -103,18 +169,23 @@ class CompareConfig(StrictModel):
         return self.preset
 
 
-def arm_config(cc: CompareConfig, method: str, init: str, seed: int) -> PipelineConfig:
-    """The pipeline config of one arm (validated; a bad override names its field)."""
-    sets = [*cc.overrides, f"posttrain.init={init}", *(f"{f}={seed}" for f in SEED_FIELDS)]
+def arm_config(cc: CompareConfig, method: str, init: str, seed: int, steps: int | None = None,
+               eval_every: int | None = None, extra: tuple[str, ...] = ()) -> PipelineConfig:
+    """The pipeline config of one arm (validated; a bad override names its field): ``steps`` and ``eval_every``
+    (post-training's) default to ``cc``'s, ``extra`` overrides come last. ``init='ect'``: vanilla ECT."""
+    preset = cc.method_preset(method, init)
+    own = VANILLA_ECT if init == "ect" else (f"posttrain.init={init}",)
+    sets = [*cc.overrides, *own, *(f"{f}={seed}" for f in SEED_FIELDS)]
     if init != "cmt":
         sets += list(cc.baseline_overrides)
-    if cc.posttrain_steps is not None:
-        sets.append(f"posttrain.train.steps={cc.posttrain_steps}")
-    if cc.eval_every is not None:  # the loop evaluates on logging steps: log at least as often
-        log_every = get_preset(cc.method_preset(method), sets).posttrain.train.log_every
-        sets += [f"posttrain.train.eval_every={cc.eval_every}",
-                 f"posttrain.train.log_every={math.gcd(log_every, cc.eval_every)}"]
-    return get_preset(cc.method_preset(method), sets, artifact_root=cc.artifact_root)
+    steps, eval_every = steps or cc.posttrain_steps, eval_every or cc.eval_every
+    if steps is not None:
+        sets.append(f"posttrain.train.steps={steps}")
+    if eval_every is not None:  # the loop evaluates on logging steps: log at least as often
+        log_every = get_preset(preset, sets).posttrain.train.log_every
+        sets += [f"posttrain.train.eval_every={eval_every}",
+                 f"posttrain.train.log_every={math.gcd(log_every, eval_every)}"]
+    return get_preset(preset, [*sets, *extra], artifact_root=cc.artifact_root)
 
 
 def _run_job(cfg_json: str, targets: tuple[str, ...]) -> dict[str, StageResult]:
@@ -154,6 +225,18 @@ def run_jobs(jobs: list[tuple[PipelineConfig, tuple[str, ...]]], workers: int,
         return [f.result() for f in futures]
 
 
+def run_distinct(arms: dict[tuple, PipelineConfig], workers: int, report: Callable[[str], None] = log.info,
+                 stage: Callable[[PipelineConfig], str] | None = None) -> dict[tuple, dict[str, StageResult]]:
+    """Run arms to their ``stage`` (default ``target``), each distinct artifact once (the vanilla ECT arm is the
+    same run for every method); the results by arm."""
+    stage = stage or target
+    keys = {key: (stage(cfg), plan(cfg).ids[stage(cfg)]) for key, cfg in arms.items()}
+    distinct = {keys[key]: key for key in reversed(list(arms))}
+    firsts = list(reversed(distinct.values()))
+    done = dict(zip(firsts, run_jobs([(arms[k], (keys[k][0],)) for k in firsts], workers, report)))
+    return {key: done[distinct[keys[key]]] for key in arms}
+
+
 def target(cfg: PipelineConfig) -> str:
     """The last stage an arm needs: the CMT arm's evaluation (teacher and mid-trained figures), else post-training."""
     return "evaluation" if cfg.posttrain.init == "cmt" else "posttrain"
@@ -175,8 +258,7 @@ def run_comparison(cc: CompareConfig, report: Callable[[str], None] = log.info) 
     order = [key for key in arms if key[1] == "cmt"] + [key for key in arms if key[1] != "cmt"]
     results = {}
     for phase in (order[:len(cc.methods) * cc.seeds], order[len(cc.methods) * cc.seeds:]):
-        done = run_jobs([(arms[key], (target(arms[key]),)) for key in phase], cc.workers, report)
-        results.update(zip(phase, done))
+        results.update(run_distinct({key: arms[key] for key in phase}, cc.workers, report))
     summary = summarise(cc, results)
     unique = {(r.stage, r.artifact_id): r.manifest.get("seconds") or 0.0
               for arm in results.values() for r in arm.values()}
@@ -194,15 +276,29 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def training_seconds(row: dict) -> float:
-    """Wall seconds a training-log row's run has spent training (its evaluations left out)."""
+    """Wall seconds a training-log row's call has spent training (its evaluations left out)."""
     return row.get("seconds", 0.0) - row.get("eval_seconds", 0.0)
 
 
-def _curve(stage: StageResult, metric: str) -> dict[int, dict]:
-    """A training stage's evaluations: iteration -> {1-step, 2-step metric, training wall seconds until then}."""
-    rows = [r for r in read_training_log(stage.path) if f"eval_{metric}_2step" in r]
+def cumulative_seconds(rows: list[dict]) -> list[float]:
+    """Each row's training seconds since the run began (``training_seconds``), over resumed calls: a resumed
+    call's rows (``resumed_from``) count on from the time of the row before them (the run's time at the checkpoint
+    it resumed from; the time between that checkpoint and the interruption is spent again, so counted once)."""
+    out, call, start, last = [], 0, 0.0, 0.0
+    for row in rows:
+        if row.get("resumed_from", 0) != call:
+            call, start = row.get("resumed_from", 0), last
+        last = start + training_seconds(row)
+        out.append(last)
+    return out
+
+
+def evaluations(folder: Path, metric: str) -> dict[int, dict]:
+    """A training stage's evaluations: iteration -> {1-step, 2-step ``metric``, training wall seconds until then}."""
+    rows = read_training_log(folder)
     return {r["step"]: {"metric_1step": r[f"eval_{metric}_1step"], "metric_2step": r[f"eval_{metric}_2step"],
-                        "seconds": training_seconds(r)} for r in rows}
+                        "seconds": seconds} for r, seconds in zip(rows, cumulative_seconds(rows))
+            if f"eval_{metric}_2step" in r}
 
 
 def _mean_curve(per_seed: list[dict[int, dict]]) -> list[dict]:
@@ -277,11 +373,11 @@ def summarise(cc: CompareConfig, results: dict[tuple, dict[str, StageResult]]) -
             "mid_trained": {f"metric_{k}": _mean_std([e[f"midtrain_{k}"][metric] for e in evals])[0]
                             for k in ("1step", "2step")},
             "inits": {}}
-        curves = {init: _mean_curve([_curve(results[method, init, s]["posttrain"], metric) for s in seeds])
+        curves = {init: _mean_curve([evaluations(results[method, init, s]["posttrain"].path, metric) for s in seeds])
                   for init in cc.inits}
         rollouts = {k: statistics.fmean(rollout_cost(cfg0, results[method, "cmt", s])[k] for s in seeds)
                     for k in ("wall_s", "nfe")}
-        mid = _mean_curve([_curve(results[method, "cmt", s]["midtrain"], metric) for s in seeds])
+        mid = _mean_curve([evaluations(results[method, "cmt", s]["midtrain"].path, metric) for s in seeds])
         path = cmt_path(cfg0, mid, curves["cmt"], rollouts)
         target = curves["teacher"][-1]["metric_2step"]  # the diffusion-initialised path's final 2-step metric
         for init in cc.inits:
@@ -329,6 +425,9 @@ def beats_beyond_spread(inits: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- output
+
+
+ARM_COLOURS = {"cmt": "tab:blue", "diffusion": "tab:orange", "random": "tab:grey", "vanilla_ect": "tab:green"}
 
 
 def _fmt(v: float | None, spread: float | None = None) -> str:
@@ -385,7 +484,7 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
     2-step metric against each path's total cost in wall seconds."""
     from cmt_core.evaluation.report import plt
 
-    paths, colours = [], {"cmt": "tab:blue", "diffusion": "tab:orange", "random": "tab:grey"}
+    paths, colours = [], ARM_COLOURS
     preset, metric = summary["preset"], summary["metric_name"]
     for method, entry in summary["methods"].items():
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -111,7 +111,8 @@ class Stage:
     work: Callable[[StageContext], dict]  # computes the artifact in ctx.path; returns the manifest's metrics
     uses: tuple[str, ...] = ()  # dotted config paths read that never change the output
     trains: bool = False  # a training loop (may run on several DDP processes)
-    omit: Callable = lambda cfg: ()  # (config) -> paths of ``reads`` that cannot change this config's output
+    # (config) -> paths of ``reads``, or of fields inside them, that cannot change this config's output
+    omit: Callable = lambda cfg: ()
     # (local folder, location, metrics) -> what makes the stage's outputs unsound (non-finite weights, a store that
     # does not verify), or None: checked before the manifest is written, and before a complete artifact is reused
     sound: Callable = lambda folder, location, metrics: None
@@ -147,11 +148,20 @@ def _value(dumped: dict, path: str):
 def stage_config(cfg, stage: Stage) -> dict:
     """The values of the fields ``stage`` reads, by dotted path (what its id hashes besides its inputs);
     ``precision`` as the run will train in it ('auto' resolved on this machine, ``effective_precision``); the
-    paths its ``omit`` names for this config left out."""
+    paths its ``omit`` names for this config left out (a read path, or a field inside a section read whole)."""
     dumped = cfg.model_dump(mode="json")
     dumped["precision"] = effective_precision(cfg.device, cfg.precision)
     left_out = set(stage.omit(cfg))
-    return {path: _value(dumped, path) for path in stage.reads if path not in left_out}
+    out = {path: _value(dumped, path) for path in stage.reads if path not in left_out}
+    for path in left_out:
+        section = next((r for r in out if path.startswith(r + ".")), None)
+        if section is not None:
+            *parents, name = path[len(section) + 1:].split(".")
+            inner = out[section]
+            for key in parents:
+                inner = inner[key]
+            inner.pop(name)
+    return out
 
 
 @dataclass

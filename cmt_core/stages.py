@@ -143,6 +143,18 @@ def _teacher_of(c, data: Data, inputs: dict[str, Path], scale: float = 1.0) -> t
                             c.guidance.kind, scale, _guide_weights(c, inputs, scale))
 
 
+def teacher_score(c, resolved: Plan, device) -> tuple[str, float]:
+    """(the data metric's name, the teacher's score) on the training stages' evaluation noises, which the
+    few-step scores ``train.until_below`` bounds are read on: its ODE solved with ``teacher.sampler`` from
+    ``resolved``'s complete teacher (and guide)."""
+    data = load_data(c.data)
+    scorer = stage_scorer(c, c.local_root, device, data)
+    inputs = {s: resolved.path(s) for s in ("teacher", *_guide_of(c, c.guidance.scale))}
+    teacher = _teacher_of(c, data, inputs, c.guidance.scale).to(device).eval()
+    metrics, _ = scorer.teacher(teacher, c.teacher.sampler.model_copy(update={"sigma_max": c.rollout.solver.sigma_max}))
+    return scorer.primary_2step, metrics[scorer.primary_2step]
+
+
 def _batches(method: Method, ctx: StageContext, data: Data, seed: int):
     """The batch source ``method`` trains on: data samples, or pairs of the rollouts' trajectories."""
     if method.batches == "data":
@@ -393,7 +405,7 @@ SCORING = ("eval.num_samples", "eval.seed", "eval.mid_sigma", "eval.mid_sigma_se
            "eval.fid_mode")
 SIGMAS = ("rollout.solver.sigma_min", "rollout.solver.sigma_max")
 # the teacher trains without evaluations: the fields that only steer them are not its concern
-EVALUATION_ONLY = ("eval_every", "keep", "keep_tolerance")
+EVALUATION_ONLY = ("eval_every", "keep", "keep_tolerance", "until_below")
 TEACHER_TRAINING = tuple(f"teacher.train.{f}" for f in TrainConfig.model_fields if f not in EVALUATION_ONLY)
 TRAINING_USES = ("eval.batch_size",)
 PRECISION = ("precision",)  # bf16 autocast changes what a training stage computes (ids hold the effective one)
@@ -428,6 +440,16 @@ def _unguided_posttrain(cfg) -> tuple[str, ...]:
     return TEACHER_GUIDANCE if not _teacher_step(cfg) or cfg.guidance.scale == 1.0 else ()
 
 
+def _runs_every_step(stage: str):
+    """A training stage without ``train.until_below`` runs every step: the field is left out of its id (the ids
+    of runs from before the field existed are kept)."""
+    return lambda cfg: () if getattr(cfg, stage).train.until_below else (f"{stage}.train.until_below",)
+
+
+def _posttrain_omits(cfg) -> tuple[str, ...]:
+    return (*_unguided_posttrain(cfg), *_runs_every_step("posttrain")(cfg))
+
+
 def _guide_of(cfg, *scales: float) -> tuple[str, ...]:
     """("guide",) when a teacher guided at any of ``scales`` calls the guide network."""
     return ("guide",) if any(uses_guide(cfg, w) for w in scales) else ()
@@ -446,12 +468,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           uses=("rollout.cluster",), omit=_unguided_rollouts, sound=_sound_rollouts),
     Stage("midtrain", reads=("data", "network", *SIGMAS, "midtrain", *SCORING, *PRECISION),
           needs=lambda cfg: ("teacher", "rollouts"), work=_midtrain, uses=TRAINING_USES, trains=True,
-          sound=_sound_training),
+          omit=_runs_every_step("midtrain"), sound=_sound_training),
     Stage("posttrain", reads=("data", "network", *TEACHER, *TEACHER_GUIDANCE, *SIGMAS, "posttrain", *SCORING,
                               *PRECISION),
           needs=lambda cfg: ("teacher", *(("midtrain",) if cfg.posttrain.init == "cmt" else ()),
                              *(_guide_of(cfg, cfg.guidance.scale) if _teacher_step(cfg) else ())),
-          work=_posttrain, uses=TRAINING_USES, trains=True, omit=_unguided_posttrain, sound=_sound_training),
+          work=_posttrain, uses=TRAINING_USES, trains=True, omit=_posttrain_omits, sound=_sound_training),
     Stage("evaluation", reads=("data", "network", *TEACHER, *TEACHER_GUIDANCE, "guidance.sweep", "teacher.sampler",
                                *SIGMAS, "midtrain.form", "posttrain.method", "posttrain.init", "eval"),
           needs=lambda cfg: ("teacher", "rollouts", "midtrain", "posttrain",

@@ -11,7 +11,8 @@ steps give the same weights as 2N steps straight, on one process or on DDP ranks
 
 Checkpoints (``cmt_core.checkpoint``): model, EMA, optimizer, step and best score every
 ``cfg.checkpoint_every`` steps; the log rows after the checkpoint a run resumes from are dropped. A row's
-``seconds`` is the wall time since this call began, ``eval_seconds`` the part of it spent evaluating.
+``seconds`` is the wall time since this call began, ``eval_seconds`` the part of it spent evaluating; the rows of a
+resumed call also say ``resumed_from`` (the step of its checkpoint), so a run's time adds up over its calls.
 ``cfg.label_dropout`` > 0: the batches' class labels are dropped to the unconditional class at that rate
 (``cmt_core.data.sources.LabelDropout``, seeded by ``cfg.seed`` and the step).
 
@@ -23,6 +24,10 @@ Safety: a non-finite loss stops the run with ``NonFiniteLossError`` and the last
 untouched; with ``evaluate`` the EMA model is scored at 1 and 2 steps every ``cfg.eval_every`` steps (and at
 step 0), and the one ``cfg.keep`` selects (``selection_score``) is kept in ``best.pt`` and returned, so a run
 never ends worse than its best evaluation (with ``keep="both"``: never worse than its start on either).
+
+Early end: with ``cfg.until_below`` (score name -> bound) the run ends at the first evaluation by which every named
+score has been at or below its bound (``targets_met``), checkpointed there; a resumed run whose kept rows already
+meet them trains no further.
 
 EMA: ``cfg.ema_decay``'s exponential EMA, or with ``cfg.ema_stds`` EDM2's power-function EMAs of those relative
 stds (``cmt_core.phema``; training progress counted in steps), all of them in the checkpoint's ``ema`` field.
@@ -120,6 +125,22 @@ def selection_score(keep: str, metrics: dict, start: dict, tolerance: float = 0.
     if any(metrics[k] > start[k] * (1 + tolerance) for k in keys):
         return math.inf
     return float(sum(metrics[k] / max(start[k], 1e-12) for k in keys))
+
+
+def targets_met(history: list[dict], bounds: dict[str, float]) -> bool:
+    """Whether every score of ``bounds`` (an evaluation's key: ``score_2step``, ``fd_digits_1step``, ...) has been
+    at or below its bound at some evaluation of ``history`` (log rows; an evaluation's scores are ``eval_<name>``)."""
+    return bool(bounds) and all(any(row.get(f"eval_{name}", math.inf) <= bound for row in history)
+                                for name, bound in bounds.items())
+
+
+def _check_bounds(row: dict, bounds: dict[str, float]) -> None:
+    """``bounds`` names only scores the evaluation (``row``, a logged one) returns: a misspelt one is never met."""
+    unknown = [name for name in bounds if f"eval_{name}" not in row]
+    if unknown:
+        known = sorted(k[len("eval_"):] for k in row if k.startswith("eval_") and k.endswith("step"))
+        raise ValueError(f"train.until_below names {', '.join(map(repr, unknown))}, which the evaluation does not "
+                         f"return; it returns {', '.join(known)}")
 
 
 def _is_int(value) -> bool:
@@ -357,11 +378,15 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not runtime.is_main, dynamic_ncols=True)
     running = []
     stop = cfg.steps if until is None else min(until, cfg.steps)
+    bounds = cfg.until_below if evaluate is not None else {}  # (read only by loops that evaluate)
     if events is not None:  # the rows after the checkpoint are dropped, the checkpoint's own are kept
         events.open(start + 1 if resumed is not None else 0)
     try:  # the bar and the event log are closed before a failure is reported
         if evaluate is not None and start == 0 and cfg.steps > 0:
             log({"step": 0, **run_evaluation(0)})
+            _check_bounds(history[-1], bounds)
+        if targets_met(history, bounds):  # met at the start, or before the checkpoint resumed from
+            stop = start
         for step in range(start, stop):
             batch = move_batch(source.batch(step, cfg.batch_size, runtime.rank, runtime.world), runtime.device)
             try:
@@ -382,11 +407,19 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
                     row.update(run_evaluation(done))
                 if evaluate is not None:
                     row["eval_seconds"] = spent["eval"]
+                if resumed is not None:
+                    row["resumed_from"] = start
                 log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
+                if "eval_score_1step" in row and targets_met(history, bounds):
+                    logger.info("%s: every bound of until_below %s met at step %d of %d", desc, bounds,
+                                done, cfg.steps)
+                    stop = done
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == stop:
                 save_checkpoint(done)
+            if done == stop:
+                break
     finally:
         bar.close()
         if events is not None:

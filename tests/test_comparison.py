@@ -2,10 +2,22 @@
 
 The comparison itself runs end to end in ``tests/test_flows.py`` (the ``cmt-compare`` flow)."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from cmt_core.comparison import CompareConfig, arm_config, beats_beyond_spread, posttrain_nfe_per_step, training_nfe
+from cmt_core.comparison import (
+    CompareConfig,
+    Target,
+    arm_config,
+    beats_beyond_spread,
+    cumulative_seconds,
+    parse_target,
+    posttrain_nfe_per_step,
+    training_nfe,
+)
+from cmt_core.savings import cadence, cap_steps, saving
 from cmt_core.stages import plan
 
 
@@ -76,3 +88,125 @@ def test_cmt_compare_refuses_bad_input_in_one_line_before_any_arm_runs(tmp_path,
     assert err[1].startswith("invalid configuration: posttrain.ect.q: Input should be greater than 1")
     assert err[2].startswith("invalid input: data.path='data/cifar-10-batches-py' does not exist")
     assert len(err) == 3 and not list(tmp_path.rglob("manifest.json"))
+
+
+# ------------------------------------------------------------------------------------- target-quality mode
+
+
+def test_targets_are_read_relative_to_the_teacher_or_absolute():
+    assert parse_target("2step<=1.1x") == Target(2, 1.1, True) and Target(2, 1.1, True).value(8.0) == pytest.approx(8.8)
+    assert parse_target("1step <= 13.5") == Target(1, 13.5, False) and Target(1, 13.5, False).value(8.0) == 13.5
+    assert Target(2, 1.1, True).key("fd_digits") == "fd_digits_2step"
+    assert CompareConfig(targets=("2step <= 1.10x",)).targets == ("2step<=1.1x",)
+    for bad in ("3step<=1.1x", "2step<1.1x", "2step<=0x", "2step<=-1", "fid<=3"):
+        with pytest.raises(ValidationError, match=r"(?s)targets.*'<1\|2>step<=<positive number>\[x\]'"):
+            CompareConfig(targets=(bad,))
+    with pytest.raises(ValidationError, match="distinct"):
+        CompareConfig(targets=("2step<=1.1x", "2step <= 1.1x"))
+
+
+def test_the_vanilla_ect_arm_is_ect_at_its_published_settings_and_one_run_for_every_method():
+    cc = CompareConfig(preset="digits", inits=("cmt", "teacher", "ect"))
+    ect, meanflow_ect = arm_config(cc, "ect", "ect", 1), arm_config(cc, "meanflow", "ect", 1)
+    assert ect == meanflow_ect and ect.preset == "digits"
+    p = ect.posttrain
+    assert (p.method, p.init, p.train.lr_schedule) == ("ect", "teacher", "constant")
+    assert (p.ect.t_sampling, p.ect.p_mean, p.ect.p_std, p.ect.k, p.ect.b, p.ect.q, p.ect.huber_c) == \
+        ("lognormal", -1.1, 2.0, 8.0, 1.0, 2.0, 0.0)
+    assert (p.ect.start_stage, p.ect.anchor_sigma, p.ect.weighting) == (0, 0.0, "inverse_dt")
+    assert training_nfe(ect, "posttrain") == 2  # data alone: no teacher call
+    with pytest.raises(ValueError, match="'ect' \\(vanilla ECT\\) post-trains a consistency model"):
+        arm_config(CompareConfig(preset="digits-meanflow"), "meanflow", "ect", 0)
+
+
+def test_a_run_to_the_end_keeps_its_artifact_ids():
+    """``until_below`` enters a training stage's id only when set: runs from before it keep theirs."""
+    cfg = arm_config(CompareConfig(preset="toy"), "ect", "cmt", 0)
+    bounded = cfg.model_copy(update={"posttrain": cfg.posttrain.model_copy(update={
+        "train": cfg.posttrain.train.model_copy(update={"until_below": {"score_2step": 0.2}})})})
+    ids, bounded_ids = plan(cfg).ids, plan(bounded).ids
+    assert "until_below" not in json.dumps(plan(cfg).config("posttrain"))
+    assert ids["midtrain"] == bounded_ids["midtrain"] and ids["posttrain"] != bounded_ids["posttrain"]
+    assert plan(bounded).config("posttrain")["posttrain"]["train"]["until_below"] == {"score_2step": 0.2}
+
+
+def test_training_time_adds_up_over_resumed_calls():
+    rows = [{"step": 0}, {"step": 10, "seconds": 5.0, "eval_seconds": 1.0}, {"step": 20, "seconds": 9.0},
+            {"step": 30, "seconds": 3.0, "resumed_from": 20}, {"step": 40, "seconds": 6.0, "resumed_from": 20},
+            {"step": 50, "seconds": 2.0, "resumed_from": 40}]
+    assert cumulative_seconds(rows) == [0.0, 4.0, 9.0, 12.0, 15.0, 17.0]
+
+
+def cost(mimg, nfe, wall):
+    return {"mimg": {"rollouts": 0.0, "midtrain": mimg}, "nfe": {"rollouts": 1000, "midtrain": nfe},
+            "wall_s": {"rollouts": 1.0, "midtrain": wall}}
+
+
+def test_the_cap_is_at_least_the_factor_times_the_cmt_path_in_every_unit():
+    arm = arm_config(CompareConfig(preset="toy"), "ect", "teacher", 0)  # ECD: 4 evaluations a sample, batch 256
+    costs = [cost(0.1, 50_000, 3.0), cost(0.2, 40_000, 2.0)]  # the largest over seeds counts
+    # data: 10 x 0.2 Mimg / 256 a step = 7813; evaluations: 10 x 51,000 / 1,024 = 499; wall: 10 x 4 s / (256 x 5 x 1e-6)
+    assert cap_steps(arm, costs, 10.0, unit_seconds=1e-6) == 31_250
+    assert cap_steps(arm, costs, 10.0, unit_seconds=1e-3) == 7_813  # wall: 32 steps; data: 7,813
+    assert cadence(7_813, eval_every=100, log_every=50) == (200, 7_800 + 200)
+
+
+def test_the_saving_is_a_lower_bound_where_the_other_arm_never_met_the_target():
+    def seed(reached, mimg):
+        return {"reached": reached, "cost": {"mimg": {"posttrain": mimg}, "nfe": {"posttrain": 10 * mimg},
+                                             "wall_s": {"posttrain": mimg}}}
+
+    cmt = {"seeds": [seed(True, 1.0), seed(True, 1.0)]}
+    exact = saving(cmt, {"seeds": [seed(True, 4.0), seed(True, 2.0)]})
+    assert exact["mimg"] == {"mean": pytest.approx(0.625), "std": pytest.approx(0.1767767), "bound": "exact"}
+    assert saving(cmt, {"seeds": [seed(True, 4.0), seed(False, 10.0)]})["nfe"]["bound"] == "at_least"
+    assert saving({"seeds": [seed(True, 1.0), seed(False, 3.0)]}, {"seeds": [seed(True, 4.0)] * 2}) is None
+
+
+@pytest.mark.slow
+def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not_reached(tmp_path):
+    """``cmt compare --target``, tiny: a reachable relative target and an unreachable absolute one."""
+    from cmt_core.cli import main
+
+    small = ["rollout.num_trajectories=512", "midtrain.train.steps=100", "midtrain.train.eval_every=50",
+             "eval.num_samples=500", "eval.mid_sigma_search=[0.5,1.0]"]
+    args = ["compare", "--preset", "toy", "--methods", "ect", "--inits", "cmt", "teacher", "ect", "--seeds", "1",
+            "--posttrain-steps", "40", "--eval-every", "20", "--cap-factor", "1.5", "--target", "2step<=1.8x",
+            "--target", "1step<=0.0001", "--artifact-root", str(tmp_path / "art"), "--out", str(tmp_path / "out")]
+    for override in small:
+        args += ["--set", override]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "out" / "savings_toy.json").read_text())
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"savings_toy.json", "savings_toy.md", "savings_toy.png"}
+    entry, teacher = summary["methods"]["ect"], summary["teacher"]["score"]["mean"]
+    assert summary["targets"] == ["2step<=1.8x", "1step<=0.0001"] and set(entry["arms"]) == {"cmt", "diffusion",
+                                                                                              "vanilla_ect"}
+    reachable, unreachable = entry["targets"]["2step<=1.8x"], entry["targets"]["1step<=0.0001"]
+    assert reachable["value"]["mean"] == pytest.approx(1.8 * teacher)
+    for name, arm in entry["arms"].items():
+        if name != "cmt":  # the cap rule: at least 1.5x the CMT path's data and network evaluations
+            assert arm["cap_multiple"]["mimg"] >= 1.5 and arm["cap_multiple"]["nfe"] >= 1.5, name
+        # never met: reported as not reached, at the arm's cap, with its best value
+        result = unreachable["arms"][name]
+        assert not result["reached"] and result["reached_seeds"] == 0 and "cost" not in result
+        assert result["not_reached_at"]["iter"] == arm["posttrain_cap"] == arm["stopped_at"][0]
+        assert result["best"]["mean"] > 0.0001
+    assert unreachable["saving"] == {"diffusion": None, "vanilla_ect": None}  # CMT missed it too
+    # counting: ECD's teacher step is counted (Heun: 2 calls, plus student and target), vanilla ECT has none;
+    # the CMT path adds the rollouts' teacher calls (16-step DPM-Solver++(2M): 16 a trajectory) and mid-training
+    for name, per_sample in (("diffusion", 4), ("vanilla_ect", 2)):
+        final = unreachable["arms"][name]["not_reached_at"]
+        steps = unreachable["arms"][name]["not_reached_at"]["iter"]
+        assert final["nfe"] == {"posttrain": steps * 256 * per_sample, "total": steps * 256 * per_sample}
+        assert final["mimg"]["posttrain"] == pytest.approx(steps * 256 / 1e6) and final["wall_s"]["posttrain"] > 0
+    cmt_final = unreachable["arms"]["cmt"]["not_reached_at"]
+    assert cmt_final["nfe"]["rollouts"] == 512 * 16 and cmt_final["nfe"]["midtrain"] == 100 * 256 * 1
+    assert cmt_final["mimg"]["rollouts"] == 0 and cmt_final["mimg"]["midtrain"] == pytest.approx(100 * 256 / 1e6)
+    cmt = reachable["arms"]["cmt"]  # met in mid-training: its cost by stage, and its saving against the others
+    assert cmt["reached"] and set(cmt["cost"]) == {"mimg", "nfe", "wall_s"} and "rollouts" in cmt["cost"]["wall_s"]
+    for name, value in reachable["saving"].items():
+        other = reachable["arms"][name]
+        assert value["mimg"]["bound"] == ("exact" if other["reached"] else "at_least")
+        cost = other.get("cost") or other["not_reached_at"]
+        assert value["nfe"]["mean"] == pytest.approx(1 - cmt["cost"]["nfe"]["total"] / cost["nfe"]["total"])
+    assert "not reached at" in (tmp_path / "out" / "savings_toy.md").read_text()

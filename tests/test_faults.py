@@ -36,8 +36,8 @@ SMALL = ["teacher.train.steps=200", "teacher.train.checkpoint_every=40", "teache
          "posttrain.train.steps=160", "posttrain.train.checkpoint_every=40", "posttrain.train.log_every=20",
          "posttrain.train.eval_every=80", "eval.num_samples=400", "cpu_threads=1"]
 # values that are wall-clock times or provenance, not results
-TIMING_KEYS = {"seconds", "eval_seconds", "written_at", "created", "completed", "finished", "rollout_runs", "host",
-               "files"}
+TIMING_KEYS = {"seconds", "eval_seconds", "resumed_from", "written_at", "created", "completed", "finished",
+               "rollout_runs", "host", "files"}
 
 
 def command(root: Path, *extra: str) -> list[str]:

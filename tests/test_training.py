@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmt_core.checkpoint import read_training_log
 from cmt_core.config import NetworkConfig, TrainConfig
 from cmt_core.data.datasets import TensorDataset
 from cmt_core.data.sources import DatasetSource, SyntheticSource
@@ -14,7 +15,7 @@ from cmt_core.data.synthetic import GaussianMixture
 from cmt_core.models import build_model
 from cmt_core.objectives.edm import EDMLoss
 from cmt_core.runtime import Runtime
-from cmt_core.training import NonFiniteLossError, learning_rate, selection_score, train
+from cmt_core.training import NonFiniteLossError, learning_rate, selection_score, targets_met, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +115,48 @@ def test_the_selection_survives_a_resume(tmp_path):
     model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16).model_dump(), (2,))
     result = train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, runtime, evaluate=evaluate)
     assert result.best_step == 30 and result.best_score == pytest.approx(1.5)
+
+
+def scripted(scores):
+    """An ``evaluate`` returning the next of ``scores`` ((1-step, 2-step) pairs) as the data metric ``m``."""
+    scores = iter(scores)
+
+    def evaluate(ema):
+        one, two = next(scores)
+        return {"score_1step": one, "score_2step": two, "m_1step": one, "m_2step": two}
+    return evaluate
+
+
+def test_until_below_ends_the_run_once_every_bound_has_been_met(tmp_path):
+    """The 1-step bound is met at step 10 and the 2-step one at step 30 (not at the same evaluation): the run ends
+    at 30 of 60, checkpointed there; run again, it trains no further."""
+    cfg = TrainConfig(steps=60, batch_size=8, log_every=10, eval_every=10, checkpoint_every=20,
+                      until_below={"m_1step": 1.0, "m_2step": 3.0})
+    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16).model_dump(), (2,))
+    runtime = Runtime(torch.device("cpu"))
+    train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, runtime, evaluate=scripted(SCORES))
+    rows = read_training_log(tmp_path / "metrics.jsonl")
+    assert rows[-1]["step"] == 30 and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 30
+    assert targets_met(rows, cfg.until_below) and not targets_met(rows[:-1], cfg.until_below)
+    train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, runtime, evaluate=scripted([]))
+    assert read_training_log(tmp_path / "metrics.jsonl") == rows  # nothing trained, nothing evaluated
+    resumed = TrainConfig(**{**cfg.model_dump(), "until_below": {"m_2step": 2.0}})  # a bound never met: to the end
+    train(model, EDMLoss(), SyntheticSource(GaussianMixture()), resumed, tmp_path, runtime,
+          evaluate=scripted([(4.0, 4.0)] * 3))
+    rows = read_training_log(tmp_path / "metrics.jsonl")
+    assert rows[-1]["step"] == 60 and {r.get("resumed_from") for r in rows if r["step"] > 30} == {30}
+
+
+def test_until_below_names_only_scores_the_evaluation_returns(tmp_path):
+    cfg = TrainConfig(steps=20, batch_size=8, log_every=10, eval_every=10, until_below={"fd_2step": 1.0})
+    model = build_model("denoiser", NetworkConfig(width=16, depth=1, emb_dim=16).model_dump(), (2,))
+    with pytest.raises(ValueError, match=r"until_below names 'fd_2step'.*returns m_1step, m_2step, score_1step"):
+        train(model, EDMLoss(), SyntheticSource(GaussianMixture()), cfg, tmp_path, Runtime(torch.device("cpu")),
+              evaluate=scripted(SCORES))
+    with pytest.raises(ValueError, match="needs eval_every"):
+        TrainConfig(until_below={"score_2step": 1.0})
+    with pytest.raises(ValueError, match="until_below"):
+        TrainConfig(eval_every=10, until_below={"fd": 1.0})  # not an evaluation's k-step score
 
 
 def test_bf16_autocast_path_runs_on_cpu(tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, PositiveFloat, model_validator
 
 from cmt_core import methods
 from cmt_core.data import DATA_NAMES, FILE_DATA
@@ -149,6 +149,11 @@ class TrainConfig(StrictModel):
         "sum of the two scores relative to step 0 among those no worse than step 0 on either")
     keep_tolerance: float = Field(0.05, ge=0.0, le=1.0, description="keep='both': 'no worse than step 0' allows this "
                                   "relative excess, the evaluation's own noise (FD of 2,000 samples: about 5%)")
+    until_below: dict[Annotated[str, Field(pattern=r"^\w+_[12]step$")], FiniteFloat] = Field(
+        {}, description="end the run early, at the first evaluation by which every named score has been at or "
+        "below its bound (at that evaluation or an earlier one), e.g. {fd_digits_2step: 9.8}: a score the "
+        "evaluation returns (score_1step, score_2step, <data metric>_1step, <data metric>_2step); `cmt compare`'s "
+        "target-quality mode; needs eval_every; {}: run every step")
     seed: int = Field(0, ge=0)
     label_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="class-conditional data: the fraction of each "
                                  "batch's labels replaced by the unconditional class (an all-zero row), as EDM / "
@@ -171,6 +176,8 @@ class TrainConfig(StrictModel):
         if (self.lr_schedule == "rsqrt") != (self.lr_decay_steps is not None):
             raise ValueError(f"lr_decay_steps={self.lr_decay_steps} goes with lr_schedule='rsqrt' and only with it "
                              f"(lr_schedule={self.lr_schedule!r})")
+        if self.until_below and self.eval_every is None:
+            raise ValueError(f"until_below={self.until_below} is checked at evaluations: it needs eval_every")
         if len(set(self.ema_stds)) != len(self.ema_stds):
             raise ValueError(f"ema_stds must be distinct relative stds, got {list(self.ema_stds)}")
         if self.ema_snapshot_every is not None and not self.ema_stds:

@@ -1,0 +1,449 @@
+"""The paper's savings claim, measured at convergence: the target-quality mode of ``cmt compare``.
+
+The paper claims "up to 98% less training data and GPU time than CMs" and "about 50% of the training time of Mean
+Flow from scratch" for the same quality. Here every arm of the comparison (``cmt_core.comparison``: the CMT path,
+post-training from the teacher's weights (the diffusion path), from random weights, and vanilla ECT) trains until
+it meets every target or reaches its cap, and each path's whole cost to each target is read at its first
+evaluation at or below it.
+
+Targets (``CompareConfig.targets``): ``"<k>step<=<v>x"`` (v times the teacher's score) or ``"<k>step<=<v>"``
+(absolute), on the data metric of k-step samples (FD-digits, sliced Wasserstein, FID) as the training evaluations
+score it; the teacher's score is taken on the same noises (``stages.teacher_score``), per seed (each seed trains
+its own teacher).
+
+The run (``run_savings``):
+
+1. the teacher and the rollouts of every seed (shared by every arm), and the teacher's score;
+2. the CMT arms: the preset's mid-training (its evaluations are few-step models too, so the path may meet a target
+   before post-training), then post-training with ``train.until_below`` set to the targets, capped at
+   ``posttrain_steps`` (the preset's when None);
+3. the caps of the other arms (``cap_steps``): the fewest post-training steps whose data (Mimg), network
+   evaluations and wall time (estimated from the CMT path's measured rate) are each at least ``cap_factor`` times
+   the CMT path's, to its last target (its whole run where it missed one), the largest over seeds; the vanilla ECT
+   arm, shared by the methods, takes the larger of theirs. The random and diffusion arms of a method cost the same
+   per step, so they have the same cap;
+4. the other arms, evaluated ``MAX_EVALUATIONS`` times over their cap at most (never more often than
+   ``eval_every``), each stopping at its last target.
+
+Post-training runs at a constant learning rate in this mode (``TARGET_MODE``), in every arm: a run to step k is then
+the same whatever its cap (a decaying schedule would stretch with it), as ECT's reference loop keeps it
+(locuslab/ect training/ct_training_loop.py:259-260). Every arm is a cached artifact: an interrupted run resumes
+from the checkpoints of its unfinished arms.
+
+Cost, by stage (``STAGES``), the teacher's pre-training reported apart (every arm that uses the teacher shares it):
+
+* ``mimg``: data seen, in millions: mid-training's trajectory pairs and post-training's images (steps x batch);
+  the rollouts start from noise and see none;
+* ``nfe``: forward network evaluations: the rollouts' teacher calls (solver calls x trajectories), and per training
+  sample the method's count (``Method.nfe``: ECD's teacher step and the CMT boundary's frozen model included, a JVP
+  counted twice; backward passes not counted);
+* ``wall_s``: seconds on this machine: the rollout stage's, and the training loops' own up to the evaluation (its
+  evaluations left out), added up over resumed calls (``comparison.cumulative_seconds``).
+
+The saving of the CMT path against another arm is ``1 - cost(CMT) / cost(arm)`` per seed and unit (mean and std
+over seeds); where the other arm never met the target, its cost at the cap stands in and the saving is a lower
+bound (``"bound": "at_least"``). Results: ``savings_<preset>.json`` / ``.md`` / ``.png`` in ``cc.out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from cmt_core.artifacts import read_manifest
+from cmt_core.comparison import (
+    ARM_COLOURS,
+    INIT_NAMES,
+    CompareConfig,
+    Target,
+    arm_config,
+    evaluations,
+    parse_target,
+    rollout_cost,
+    run_distinct,
+    run_jobs,
+    training_nfe,
+)
+from cmt_core.config import PipelineConfig
+from cmt_core.engine import StageResult
+from cmt_core.preflight import preflight
+from cmt_core.runtime import uses_cuda
+from cmt_core.solvers import function_evaluations
+from cmt_core.stages import plan, teacher_score
+from cmt_core.time_grids import make_grid
+
+log = logging.getLogger("cmt")
+STAGES = ("rollouts", "midtrain", "posttrain")
+UNITS = ("mimg", "nfe", "wall_s")
+MAX_EVALUATIONS = 40  # evaluations of a capped arm over its cap, at most
+TARGET_MODE = ("posttrain.train.lr_schedule=constant",)
+
+
+def until_below(bounds: dict[str, float]) -> tuple[str, ...]:
+    """The overrides of an arm in target mode: the constant learning rate and its early end at ``bounds``."""
+    return (*TARGET_MODE, f"posttrain.train.until_below={json.dumps(bounds)}")
+
+
+def total(cost: dict, unit: str) -> float:
+    """A cost's ``unit`` summed over its stages."""
+    return sum(cost[unit].values())
+
+
+def _point(stage: str, it: int, p: dict, cost: dict) -> dict:
+    return {"stage": stage, "iter": it, "metric_1step": p["metric_1step"], "metric_2step": p["metric_2step"],
+            "cost": cost}
+
+
+def arm_path(cfg: PipelineConfig, stages: dict[str, StageResult], metric: str) -> list[dict]:
+    """An arm's evaluations in order, each with the cost of its path so far by unit and stage (module docstring):
+    for the CMT path the rollouts, mid-training's evaluations and then post-training's (after all of mid-training);
+    for the others post-training's alone."""
+    post_cfg = cfg.posttrain.train
+    per_post = post_cfg.batch_size * training_nfe(cfg, "posttrain")
+    upfront = {u: {} for u in UNITS}
+    points = []
+    if cfg.posttrain.init == "cmt":
+        rollouts = rollout_cost(cfg, stages)
+        upfront = {"mimg": {"rollouts": 0.0}, "nfe": {"rollouts": rollouts["nfe"]},
+                   "wall_s": {"rollouts": rollouts["wall_s"]}}
+        mid_cfg = cfg.midtrain.train
+        per_mid = mid_cfg.batch_size * training_nfe(cfg, "midtrain")
+        mid = evaluations(stages["midtrain"].path, metric)
+        for it, p in sorted(mid.items()):
+            points.append(_point("midtrain", it, p, {
+                "mimg": {**upfront["mimg"], "midtrain": it * mid_cfg.batch_size / 1e6},
+                "nfe": {**upfront["nfe"], "midtrain": it * per_mid},
+                "wall_s": {**upfront["wall_s"], "midtrain": p["seconds"]}}))
+        upfront = points[-1]["cost"]  # mid-training's last evaluation is its last step
+    for it, p in sorted(evaluations(stages["posttrain"].path, metric).items()):
+        points.append(_point("posttrain", it, p, {
+            "mimg": {**upfront["mimg"], "posttrain": it * post_cfg.batch_size / 1e6},
+            "nfe": {**upfront["nfe"], "posttrain": it * per_post},
+            "wall_s": {**upfront["wall_s"], "posttrain": p["seconds"]}}))
+    return points
+
+
+def crossing(points: list[dict], target: Target, bound: float, stage: str | None = None) -> dict | None:
+    """The first point (of ``stage`` only, when given) whose ``target.steps``-step metric is at or below ``bound``."""
+    key = f"metric_{target.steps}step"
+    return next((p for p in points if p[key] <= bound and stage in (None, p["stage"])), None)
+
+
+def path_cost(points: list[dict], targets: list[Target], bounds: dict[str, float], metric: str) -> dict:
+    """What a path cost until it met its last target (its whole run where it missed one)."""
+    met = [crossing(points, t, bounds[t.key(metric)]) for t in targets]
+    if any(p is None for p in met):
+        return points[-1]["cost"]
+    return max(met, key=lambda p: points.index(p))["cost"]
+
+
+def work_units(cfg: PipelineConfig, stage: str) -> int:
+    """A training step's work per sample, for estimating wall time: its forward evaluations plus one for the
+    backward pass."""
+    return training_nfe(cfg, stage) + 1
+
+
+def seconds_per_unit(cfg: PipelineConfig, points: list[dict]) -> float:
+    """The CMT path's measured training seconds per step, sample and ``work_units`` (mid- and post-training
+    together, from its logs): what ``cap_steps`` estimates another arm's wall time with."""
+    last = points[-1]
+    steps = {"midtrain": cfg.midtrain.train.steps, "posttrain": last["iter"]}
+    work = sum(steps[s] * getattr(cfg, s).train.batch_size * work_units(cfg, s) for s in steps)
+    return (last["cost"]["wall_s"]["midtrain"] + last["cost"]["wall_s"]["posttrain"]) / max(work, 1)
+
+
+def cap_steps(cfg: PipelineConfig, cmt_costs: list[dict], factor: float, unit_seconds: float) -> int:
+    """The fewest post-training steps of the arm ``cfg`` whose data, network evaluations and estimated wall time
+    (``unit_seconds`` per ``work_units``, ``seconds_per_unit``) are each at least ``factor`` times the largest of
+    ``cmt_costs`` (the CMT path's, one per seed). The estimate is the CMT path's measured rate, so the cap (part of
+    the arm's id) is the same on every rerun that reuses the CMT arms; the summary reports the multiple each cap
+    reached (``cap_multiple``)."""
+    batch = cfg.posttrain.train.batch_size
+    per_step = {"mimg": batch / 1e6, "nfe": batch * training_nfe(cfg, "posttrain"),
+                "wall_s": batch * work_units(cfg, "posttrain") * unit_seconds}
+    return max(1, max(math.ceil(factor * max(total(c, u) for c in cmt_costs) / per_step[u] - 1e-9)
+                      for u in UNITS if per_step[u] > 0))
+
+
+def cadence(cap: int, eval_every: int, log_every: int) -> tuple[int, int]:
+    """(evaluation cadence, cap rounded up to a multiple of it) for an arm capped at ``cap`` steps: at most
+    ``MAX_EVALUATIONS`` evaluations, never more often than ``eval_every``, on logging steps."""
+    every = max(eval_every, math.ceil(cap / MAX_EVALUATIONS))
+    every = log_every * math.ceil(every / log_every)
+    return every, every * math.ceil(cap / every)
+
+
+def run_savings(cc: CompareConfig, report: Callable[[str], None] = log.info) -> dict:
+    """Run the target-quality comparison (module docstring), then ``summarise`` and ``write_results``."""
+    if not cc.targets:
+        raise ValueError("targets: the target-quality mode needs at least one target, e.g. '2step<=1.1x'")
+    started = time.perf_counter()
+    targets, seeds, first = [parse_target(t) for t in cc.targets], list(range(cc.seeds)), cc.methods[0]
+    for method in cc.methods:  # a missing file fails the comparison before any arm starts
+        for init in cc.inits:
+            resolved = plan(arm_config(cc, method, init, 0))
+            preflight(resolved, resolved.needed(("posttrain",)))
+    report(f"target-quality comparison {cc.preset}: targets {', '.join(t.name for t in targets)}; "
+           f"{', '.join(cc.methods)} x {', '.join(cc.inits)} x {cc.seeds} seeds, {cc.workers} worker(s)")
+    run_jobs([(arm_config(cc, first, "cmt", s), ("rollouts",)) for s in seeds], cc.workers, report)
+    teacher, metric = {}, None
+    for s in seeds:
+        cfg = arm_config(cc, first, "cmt", s)
+        metric, teacher[s] = teacher_score(cfg, plan(cfg), torch.device("cuda" if uses_cuda(cfg.device) else "cpu"))
+        report(f"seed {s}: teacher {metric} {teacher[s]:.4g}")
+    bounds = {s: {t.key(metric): t.value(teacher[s]) for t in targets} for s in seeds}
+
+    cmt = {(m, "cmt", s): arm_config(cc, m, "cmt", s, extra=until_below(bounds[s])) for m in cc.methods for s in seeds}
+    results = run_distinct(cmt, cc.workers, report, stage=lambda cfg: "posttrain")
+    paths = {key: arm_path(cfg, results[key], metric) for key, cfg in cmt.items()}
+    caps = {}  # (method, init) -> post-training cap; vanilla ECT's under (None, "ect"): one run for every method
+    for method in cc.methods:
+        costs = [path_cost(paths[method, "cmt", s], targets, bounds[s], metric) for s in seeds]
+        rate = statistics.fmean(seconds_per_unit(cmt[method, "cmt", s], paths[method, "cmt", s]) for s in seeds)
+        for init in (i for i in cc.inits if i != "cmt"):
+            key = (None if init == "ect" else method, init)
+            arm = arm_config(cc, method, init, 0, extra=TARGET_MODE)
+            caps[key] = max(caps.get(key, 0), cap_steps(arm, costs, cc.cap_factor, rate))
+    others = {}
+    for method in cc.methods:
+        for init in (i for i in cc.inits if i != "cmt"):
+            base = arm_config(cc, method, init, 0).posttrain.train
+            every, steps = cadence(caps[None if init == "ect" else method, init],
+                                   cc.eval_every or base.eval_every or base.log_every, base.log_every)
+            for s in seeds:
+                others[method, init, s] = arm_config(cc, method, init, s, steps=steps, eval_every=every,
+                                                     extra=until_below(bounds[s]))
+    report("caps: " + ", ".join(f"{m} {INIT_NAMES[i]} {cfg.posttrain.train.steps} steps"
+                                for (m, i, s), cfg in others.items() if s == 0))
+    results.update(run_distinct(others, cc.workers, report, stage=lambda cfg: "posttrain"))
+    arms = {**cmt, **others}
+    paths.update({key: arm_path(cfg, results[key], metric) for key, cfg in others.items()})
+    summary = summarise(cc, targets, metric, teacher, bounds, arms, paths, results)
+    unique = {(r.stage, r.artifact_id): r.manifest.get("seconds") or 0.0
+              for arm in results.values() for r in arm.values()}
+    summary["seconds"] = {"this_run": time.perf_counter() - started, "every_stage_once": sum(unique.values())}
+    write_results(summary, cc.out_dir)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _by_stage(costs: list[dict]) -> dict:
+    """The seed mean of costs, by unit and stage, with each unit's ``total``."""
+    out = {}
+    for unit in UNITS:
+        stages = [s for s in STAGES if s in costs[0][unit]]
+        out[unit] = {s: statistics.fmean(c[unit][s] for c in costs) for s in stages}
+        out[unit]["total"] = statistics.fmean(total(c, unit) for c in costs)
+    return out
+
+
+def _arm_result(points_by_seed: list[list[dict]], target: Target, bound_by_seed: list[float]) -> dict:
+    """One arm's result for one target: per seed where it met it (or its cap and best value), then the means."""
+    per_seed = []
+    key = f"metric_{target.steps}step"
+    for points, bound in zip(points_by_seed, bound_by_seed):
+        hit = crossing(points, target, bound)
+        at = hit or points[-1]
+        per_seed.append({"reached": hit is not None, "stage": at["stage"], "iter": at["iter"],
+                         "best": min(p[key] for p in points), "cost": at["cost"]})
+    reached = [r for r in per_seed if r["reached"]]
+    out = {"reached": len(reached) == len(per_seed), "reached_seeds": len(reached), "seeds": per_seed,
+           "best": _mean_std([r["best"] for r in per_seed])}
+    if reached:
+        out["cost"] = _by_stage([r["cost"] for r in reached])
+        out["cost_spread"] = {u: _mean_std([total(r["cost"], u) for r in reached])["std"] for u in UNITS}
+    missed = [r for r in per_seed if not r["reached"]]
+    if missed:  # "not reached at N": the cost of the whole capped run
+        out["not_reached_at"] = {"iter": max(r["iter"] for r in missed), **_by_stage([r["cost"] for r in missed])}
+    return out
+
+
+def saving(cmt: dict, other: dict) -> dict | None:
+    """The CMT path's saving against ``other`` per unit, seed by seed (``1 - cmt / other``); ``at_least`` where
+    ``other`` never met the target in a seed (its capped cost stands in). None where CMT missed it in a seed."""
+    if not all(r["reached"] for r in cmt["seeds"]):
+        return None
+    out = {}
+    for unit in UNITS:
+        pairs = [(total(c["cost"], unit), total(o["cost"], unit)) for c, o in zip(cmt["seeds"], other["seeds"])]
+        if any(o <= 0 for _, o in pairs):  # the other arm met it untrained: no saving to state
+            out[unit] = None
+            continue
+        out[unit] = {**_mean_std([1.0 - c / o for c, o in pairs]),
+                     "bound": "exact" if all(o["reached"] for o in other["seeds"]) else "at_least"}
+    return out
+
+
+def summarise(cc: CompareConfig, targets: list[Target], metric: str, teacher: dict[int, float],
+              bounds: dict[int, dict], arms: dict[tuple, PipelineConfig], paths: dict[tuple, list[dict]],
+              results: dict[tuple, dict[str, StageResult]]) -> dict:
+    """The results contract of ``savings_<preset>.json`` (module docstring)."""
+    seeds = list(range(cc.seeds))
+    cfg0 = arms[cc.methods[0], "cmt", 0]
+    t = cfg0.teacher.train
+    pretrain = cfg0.teacher.source == "pretrain"
+    teacher_manifests = [read_manifest(results[cc.methods[0], "cmt", s]["teacher"].path) for s in seeds]
+    out = {"preset": cc.preset, "metric_name": metric, "seeds": seeds, "targets": [x.name for x in targets],
+           "cap_factor": cc.cap_factor,
+           "teacher": {"nfe": _teacher_nfe(cfg0), "score": {**_mean_std(list(teacher.values())),
+                                                            "per_seed": [teacher[s] for s in seeds]},
+                       "pretraining": {"mimg": t.steps * t.batch_size / 1e6 if pretrain else 0.0,
+                                       "nfe": t.steps * t.batch_size * training_nfe(cfg0, "teacher") if pretrain
+                                       else 0,
+                                       "wall_s": statistics.fmean(m["seconds"] for m in teacher_manifests)}},
+           "methods": {}}
+    for method in cc.methods:
+        cmt_cfg = arms[method, "cmt", 0]
+        entry = {"preset": cc.method_preset(method), "posttrain_method": cmt_cfg.posttrain.method,
+                 "arms": {}, "targets": {}}
+        cmt_costs = [path_cost(paths[method, "cmt", s], targets, bounds[s], metric) for s in seeds]
+        for init in cc.inits:
+            cfg = arms[method, init, 0]
+            runs = [paths[method, init, s] for s in seeds]
+            last = [r[-1]["cost"] for r in runs]
+            entry["arms"][INIT_NAMES[init]] = {
+                "posttrain_method": cfg.posttrain.method, "init": cfg.posttrain.init,
+                "posttrain_cap": cfg.posttrain.train.steps, "eval_every": cfg.posttrain.train.eval_every,
+                "stopped_at": [r[-1]["iter"] for r in runs],
+                # the cap's cost over the CMT path's (the cap rule: mimg and nfe >= cap_factor)
+                **({} if init == "cmt" else {"cap_multiple": {u: _cap_cost(cfg, runs, u) / max(
+                    max(total(c, u) for c in cmt_costs), 1e-12) for u in UNITS}}),
+                "final_cost": _by_stage(last),
+                "curves": [[{k: p[k] for k in ("stage", "iter", "metric_1step", "metric_2step")}
+                            | {u: total(p["cost"], u) for u in UNITS} for p in r] for r in runs]}
+        for target in targets:
+            values = [bounds[s][target.key(metric)] for s in seeds]
+            per_arm = {INIT_NAMES[i]: _arm_result([paths[method, i, s] for s in seeds], target, values)
+                       for i in cc.inits}
+            cmt_full = [crossing(paths[method, "cmt", s], target, values[s], stage="posttrain") for s in seeds]
+            if all(cmt_full):  # the CMT path counted with the whole mid-training, whatever its checkpoints met
+                per_arm["cmt"]["cost_with_full_midtrain"] = _by_stage([p["cost"] for p in cmt_full])
+            entry["targets"][target.name] = {
+                "value": {**_mean_std(values), "per_seed": values}, "arms": per_arm,
+                "saving": {name: saving(per_arm["cmt"], arm) for name, arm in per_arm.items() if name != "cmt"}}
+        out["methods"][method] = entry
+    return out
+
+
+def _teacher_nfe(cfg: PipelineConfig) -> int:
+    return function_evaluations(cfg.teacher.sampler.name, make_grid(cfg.teacher.sampler))
+
+
+def _cap_cost(cfg: PipelineConfig, runs: list[list[dict]], unit: str) -> float:
+    """What the arm's whole capped run costs in ``unit`` (mimg and nfe from the cap; wall seconds extrapolated from
+    the seeds' mean rate, as an arm that met its targets stopped before its cap)."""
+    batch, steps = cfg.posttrain.train.batch_size, cfg.posttrain.train.steps
+    if unit == "mimg":
+        return steps * batch / 1e6
+    if unit == "nfe":
+        return steps * batch * training_nfe(cfg, "posttrain")
+    rates = [r[-1]["cost"]["wall_s"]["posttrain"] / r[-1]["iter"] for r in runs if r[-1]["iter"]]
+    return steps * statistics.fmean(rates) if rates else 0.0
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+
+
+def _pct(s: dict | None) -> str:
+    if s is None:
+        return "-"
+    text = f"{100 * s['mean']:.0f}% ± {100 * s['std']:.0f}"
+    return ("≥ " if s["bound"] == "at_least" else "") + text
+
+
+def markdown(summary: dict) -> str:
+    """The savings tables: per method and target, each path's cost by unit and the CMT path's saving."""
+    metric, sec = summary["metric_name"], summary.get("seconds", {})
+    pre = summary["teacher"]["pretraining"]
+    lines = [f"# Savings at a target quality: `{summary['preset']}` ({len(summary['seeds'])} seeds, {metric})", "",
+             f"Teacher: {metric} {_num(summary['teacher']['score']['mean'])} ± "
+             f"{_num(summary['teacher']['score']['std'])} at {summary['teacher']['nfe']} NFE; its pre-training "
+             f"({_num(pre['mimg'])} Mimg, {_num(pre['nfe'])} network evaluations, {_num(pre['wall_s'])} s) is "
+             f"shared by every arm and not counted below. Caps: at least {summary['cap_factor']:g}x the CMT path's "
+             "data and network evaluations.", ""]
+    if sec:
+        lines += [f"Every stage once: {sec['every_stage_once'] / 60:.1f} min; this run {sec['this_run'] / 60:.1f} "
+                  "min (complete artifacts reused).", ""]
+    for method, entry in summary["methods"].items():
+        lines += [f"## {method} (`{entry['preset']}`, post-training {entry['posttrain_method']})", "",
+                  "| arm | post-training | cap (steps) | cap / CMT cost (Mimg, NFE, wall) |",
+                  "| --- | --- | --- | --- |"]
+        for name, arm in entry["arms"].items():
+            mult = arm.get("cap_multiple")
+            lines.append(f"| {name} | {arm['posttrain_method']} from {arm['init']} | {arm['posttrain_cap']} | "
+                         + ("-" if mult is None else ", ".join(f"{mult[u]:.1f}x" for u in UNITS)) + " |")
+        for tname, t in entry["targets"].items():
+            lines += ["", f"### {tname} ({metric} <= {_num(t['value']['mean'])})", "",
+                      "| arm | reached (seeds) | best | Mimg | network evals | wall s (rollouts / mid / post) | "
+                      "CMT saves: data | network evals | time |", "|" + " --- |" * 9]
+            for name, arm in t["arms"].items():
+                cost = arm.get("cost") or arm["not_reached_at"]
+                where = "" if arm["reached"] else f"not reached at {arm['not_reached_at']['iter']}: "
+                wall = " / ".join(_num(cost["wall_s"].get(s)) for s in STAGES if s in cost["wall_s"])
+                sv = t["saving"].get(name)
+                lines.append(
+                    f"| {name} | {arm['reached_seeds']}/{len(arm['seeds'])} | {_num(arm['best']['mean'])} | "
+                    f"{where}{_num(cost['mimg']['total'])} | {_num(cost['nfe']['total'])} | "
+                    f"{_num(cost['wall_s']['total'])} ({wall}) | "
+                    + " | ".join(_pct(sv and sv[u]) for u in UNITS) + " |")
+        lines += ["", f"![quality against cost](savings_{summary['preset']}.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, out_dir: Path) -> Path:
+    """Quality against cumulative wall seconds per path (log axes), one panel per method and step count, each
+    seed a line, the targets drawn."""
+    from cmt_core.evaluation.report import plt
+
+    methods = list(summary["methods"])
+    fig, axes = plt.subplots(len(methods), 2, figsize=(10, 3.6 * len(methods)), squeeze=False)
+    for row, method in zip(axes, methods):
+        entry = summary["methods"][method]
+        for ax, steps in zip(row, (1, 2)):
+            key = f"metric_{steps}step"
+            for name, arm in entry["arms"].items():
+                for k, curve in enumerate(arm["curves"]):
+                    points = [p for p in curve if p["wall_s"] > 0]
+                    ax.plot([p["wall_s"] for p in points], [p[key] for p in points], color=ARM_COLOURS[name],
+                            lw=1, alpha=0.8, marker="o", ms=2, label=name if k == 0 else None)
+            for tname, t in entry["targets"].items():
+                if tname.startswith(f"{steps}step"):
+                    ax.axhline(t["value"]["mean"], color="k", ls="--", lw=1, label=f"target {tname}")
+            ax.set(xscale="log", yscale="log", xlabel="cumulative wall seconds (rollouts + mid + post-training)",
+                   ylabel=f"{steps}-step {summary['metric_name']}", title=f"{summary['preset']} {method}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / f"savings_{summary['preset']}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(summary: dict, out_dir: Path) -> Path:
+    """``savings_<preset>.json``, ``.md`` and ``.png`` into ``out_dir``; returns the markdown file."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(summary, out_dir)
+    (out_dir / f"savings_{summary['preset']}.json").write_text(json.dumps(summary, indent=2))
+    md = out_dir / f"savings_{summary['preset']}.md"
+    md.write_text(markdown(summary))
+    return md
