@@ -143,6 +143,9 @@ SPECIAL = {
     "teacher.sampler.lower_order_final": {"teacher.sampler.name": "dpm3m", "teacher.sampler.lower_order_final": True},
     **{f"{s}.train.lr_decay_steps": {f"{s}.train.lr_schedule": "rsqrt", f"{s}.train.lr_decay_steps": 7}
        for s in TRAINED},
+    # an early end is checked at evaluations
+    **{f"{s}.train.until_below": {f"{s}.train.eval_every": 10, f"{s}.train.until_below": {"score_2step": 0.5}}
+       for s in TRAINED},
     # the power-function EMA's fields take effect together
     **{f"{s}.train.ema_stds": {f"{s}.train.ema_stds": [0.05, 0.1]} for s in TRAINED},
     **{f"{s}.train.ema_snapshot_every": {f"{s}.train.ema_stds": [0.05, 0.1], f"{s}.train.ema_snapshot_every": 10}
@@ -263,8 +266,9 @@ def test_changing_a_field_changes_the_ids_of_exactly_the_stages_that_read_it_and
                                      "rollout.cluster.address", "rollout.cluster.workers",
                                      "rollout.cluster.threads_per_worker", "rollout.cluster.gpu_resource",
                                      "teacher.train.eval_every", "teacher.train.keep", "teacher.train.keep_tolerance",
-                                     "guidance.guide.train.eval_every", "guidance.guide.train.keep",
-                                     "guidance.guide.train.keep_tolerance",
+                                     "teacher.train.until_below", "guidance.guide.train.eval_every",
+                                     "guidance.guide.train.keep", "guidance.guide.train.keep_tolerance",
+                                     "guidance.guide.train.until_below",
                                      "teacher.allow_code", "launch.nodes", "launch.procs_per_node",
                                      "launch.rdzv_endpoint", "launch.rdzv_id", "launch.max_restarts"])
 
