@@ -17,11 +17,11 @@ The run (``run_savings``):
 2. the CMT arms: the preset's mid-training (its evaluations are few-step models too, so the path may meet a target
    before post-training), then post-training with ``train.until_below`` set to the targets, capped at
    ``posttrain_steps`` (the preset's when None);
-3. the caps of the other arms (``cap_steps``): the fewest post-training steps whose data (Mimg), network
-   evaluations and wall time (estimated from the CMT path's measured rate) are each at least ``cap_factor`` times
-   the CMT path's, to its last target (its whole run where it missed one), the largest over seeds; the vanilla ECT
-   arm, shared by the methods, takes the larger of theirs. The random and diffusion arms of a method cost the same
-   per step, so they have the same cap;
+3. the caps of the other arms of each seed (``cap_steps``): the fewest post-training steps whose data (Mimg),
+   network evaluations and wall time (estimated from the CMT path's measured rate) are each at least
+   ``cap_factor`` times the same seed's CMT path's, to its last target (its whole run where it missed one); the
+   vanilla ECT arm, shared by the methods, takes the larger of theirs. A seed is a replicate of the whole
+   comparison: its arms are the same artifacts whatever the number of seeds;
 4. the other arms, evaluated ``MAX_EVALUATIONS`` times over their cap at most (never more often than
    ``eval_every``), each stopping at its last target.
 
@@ -159,17 +159,16 @@ def seconds_per_unit(cfg: PipelineConfig, points: list[dict]) -> float:
     return (last["cost"]["wall_s"]["midtrain"] + last["cost"]["wall_s"]["posttrain"]) / max(work, 1)
 
 
-def cap_steps(cfg: PipelineConfig, cmt_costs: list[dict], factor: float, unit_seconds: float) -> int:
+def cap_steps(cfg: PipelineConfig, cmt_cost: dict, factor: float, unit_seconds: float) -> int:
     """The fewest post-training steps of the arm ``cfg`` whose data, network evaluations and estimated wall time
-    (``unit_seconds`` per ``work_units``, ``seconds_per_unit``) are each at least ``factor`` times the largest of
-    ``cmt_costs`` (the CMT path's, one per seed). The estimate is the CMT path's measured rate, so the cap (part of
-    the arm's id) is the same on every rerun that reuses the CMT arms; the summary reports the multiple each cap
-    reached (``cap_multiple``)."""
+    (``unit_seconds`` per ``work_units``, ``seconds_per_unit``) are each at least ``factor`` times ``cmt_cost``
+    (the CMT path's of the same seed). The estimate is the CMT path's measured rate, so the cap (part of the arm's
+    id) is the same on every rerun that reuses the CMT arm, and a seed's arms do not depend on the other seeds; the
+    summary reports the multiple each cap reached (``cap_multiple``)."""
     batch = cfg.posttrain.train.batch_size
     per_step = {"mimg": batch / 1e6, "nfe": batch * training_nfe(cfg, "posttrain"),
                 "wall_s": batch * work_units(cfg, "posttrain") * unit_seconds}
-    return max(1, max(math.ceil(factor * max(total(c, u) for c in cmt_costs) / per_step[u] - 1e-9)
-                      for u in UNITS if per_step[u] > 0))
+    return max(1, max(math.ceil(factor * total(cmt_cost, u) / per_step[u] - 1e-9) for u in UNITS if per_step[u] > 0))
 
 
 def cadence(cap: int, eval_every: int, log_every: int) -> tuple[int, int]:
@@ -203,25 +202,25 @@ def run_savings(cc: CompareConfig, report: Callable[[str], None] = log.info) -> 
     cmt = {(m, "cmt", s): arm_config(cc, m, "cmt", s, extra=until_below(bounds[s])) for m in cc.methods for s in seeds}
     results = run_distinct(cmt, cc.workers, report, stage=lambda cfg: "posttrain")
     paths = {key: arm_path(cfg, results[key], metric) for key, cfg in cmt.items()}
-    caps = {}  # (method, init) -> post-training cap; vanilla ECT's under (None, "ect"): one run for every method
-    for method in cc.methods:
-        costs = [path_cost(paths[method, "cmt", s], targets, bounds[s], metric) for s in seeds]
-        rate = statistics.fmean(seconds_per_unit(cmt[method, "cmt", s], paths[method, "cmt", s]) for s in seeds)
+    caps = {}  # (method, init, seed) -> post-training cap; vanilla ECT's under method None: one run for every method
+    for (method, _, s), cfg in cmt.items():
+        cost = path_cost(paths[method, "cmt", s], targets, bounds[s], metric)
+        rate = seconds_per_unit(cfg, paths[method, "cmt", s])
         for init in (i for i in cc.inits if i != "cmt"):
-            key = (None if init == "ect" else method, init)
-            arm = arm_config(cc, method, init, 0, extra=TARGET_MODE)
-            caps[key] = max(caps.get(key, 0), cap_steps(arm, costs, cc.cap_factor, rate))
+            key = (None if init == "ect" else method, init, s)
+            arm = arm_config(cc, method, init, s, extra=TARGET_MODE)
+            caps[key] = max(caps.get(key, 0), cap_steps(arm, cost, cc.cap_factor, rate))
     others = {}
     for method in cc.methods:
         for init in (i for i in cc.inits if i != "cmt"):
-            base = arm_config(cc, method, init, 0).posttrain.train
-            every, steps = cadence(caps[None if init == "ect" else method, init],
-                                   cc.eval_every or base.eval_every or base.log_every, base.log_every)
             for s in seeds:
+                base = arm_config(cc, method, init, s).posttrain.train
+                every, steps = cadence(caps[None if init == "ect" else method, init, s],
+                                       cc.eval_every or base.eval_every or base.log_every, base.log_every)
                 others[method, init, s] = arm_config(cc, method, init, s, steps=steps, eval_every=every,
                                                      extra=until_below(bounds[s]))
-    report("caps: " + ", ".join(f"{m} {INIT_NAMES[i]} {cfg.posttrain.train.steps} steps"
-                                for (m, i, s), cfg in others.items() if s == 0))
+    report("caps: " + ", ".join(f"{m} {INIT_NAMES[i]} seed {s} {cfg.posttrain.train.steps} steps"
+                                for (m, i, s), cfg in others.items()))
     results.update(run_distinct(others, cc.workers, report, stage=lambda cfg: "posttrain"))
     arms = {**cmt, **others}
     paths.update({key: arm_path(cfg, results[key], metric) for key, cfg in others.items()})
@@ -311,16 +310,18 @@ def summarise(cc: CompareConfig, targets: list[Target], metric: str, teacher: di
                  "arms": {}, "targets": {}}
         cmt_costs = [path_cost(paths[method, "cmt", s], targets, bounds[s], metric) for s in seeds]
         for init in cc.inits:
-            cfg = arms[method, init, 0]
+            cfgs = [arms[method, init, s] for s in seeds]
             runs = [paths[method, init, s] for s in seeds]
             last = [r[-1]["cost"] for r in runs]
             entry["arms"][INIT_NAMES[init]] = {
-                "posttrain_method": cfg.posttrain.method, "init": cfg.posttrain.init,
-                "posttrain_cap": cfg.posttrain.train.steps, "eval_every": cfg.posttrain.train.eval_every,
+                "posttrain_method": cfgs[0].posttrain.method, "init": cfgs[0].posttrain.init,
+                "posttrain_cap": [c.posttrain.train.steps for c in cfgs],
+                "eval_every": [c.posttrain.train.eval_every for c in cfgs],
                 "stopped_at": [r[-1]["iter"] for r in runs],
-                # the cap's cost over the CMT path's (the cap rule: mimg and nfe >= cap_factor)
-                **({} if init == "cmt" else {"cap_multiple": {u: _cap_cost(cfg, runs, u) / max(
-                    max(total(c, u) for c in cmt_costs), 1e-12) for u in UNITS}}),
+                # the smallest over seeds of the cap's cost over the CMT path's (the cap rule: >= cap_factor)
+                **({} if init == "cmt" else {"cap_multiple": {u: min(
+                    _cap_cost(c, r, u) / max(total(cmt, u), 1e-12) for c, r, cmt in zip(cfgs, runs, cmt_costs))
+                    for u in UNITS}}),
                 "final_cost": _by_stage(last),
                 "curves": [[{k: p[k] for k in ("stage", "iter", "metric_1step", "metric_2step")}
                             | {u: total(p["cost"], u) for u in UNITS} for p in r] for r in runs]}
@@ -342,16 +343,15 @@ def _teacher_nfe(cfg: PipelineConfig) -> int:
     return function_evaluations(cfg.teacher.sampler.name, make_grid(cfg.teacher.sampler))
 
 
-def _cap_cost(cfg: PipelineConfig, runs: list[list[dict]], unit: str) -> float:
+def _cap_cost(cfg: PipelineConfig, run: list[dict], unit: str) -> float:
     """What the arm's whole capped run costs in ``unit`` (mimg and nfe from the cap; wall seconds extrapolated from
-    the seeds' mean rate, as an arm that met its targets stopped before its cap)."""
+    its own rate, as an arm that met its targets stopped before its cap)."""
     batch, steps = cfg.posttrain.train.batch_size, cfg.posttrain.train.steps
     if unit == "mimg":
         return steps * batch / 1e6
     if unit == "nfe":
         return steps * batch * training_nfe(cfg, "posttrain")
-    rates = [r[-1]["cost"]["wall_s"]["posttrain"] / r[-1]["iter"] for r in runs if r[-1]["iter"]]
-    return steps * statistics.fmean(rates) if rates else 0.0
+    return steps * run[-1]["cost"]["wall_s"]["posttrain"] / max(run[-1]["iter"], 1)
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -385,11 +385,14 @@ def markdown(summary: dict) -> str:
                   "min (complete artifacts reused).", ""]
     for method, entry in summary["methods"].items():
         lines += [f"## {method} (`{entry['preset']}`, post-training {entry['posttrain_method']})", "",
-                  "| arm | post-training | cap (steps) | cap / CMT cost (Mimg, NFE, wall) |",
+                  "| arm | post-training | cap (steps; range over seeds) | cap / CMT cost, least over seeds "
+                  "(Mimg, NFE, wall) |",
                   "| --- | --- | --- | --- |"]
         for name, arm in entry["arms"].items():
             mult = arm.get("cap_multiple")
-            lines.append(f"| {name} | {arm['posttrain_method']} from {arm['init']} | {arm['posttrain_cap']} | "
+            caps = sorted(set(arm["posttrain_cap"]))
+            lines.append(f"| {name} | {arm['posttrain_method']} from {arm['init']} | "
+                         f"{'-'.join(map(str, caps[::max(len(caps) - 1, 1)]))} | "
                          + ("-" if mult is None else ", ".join(f"{mult[u]:.1f}x" for u in UNITS)) + " |")
         for tname, t in entry["targets"].items():
             lines += ["", f"### {tname} ({metric} <= {_num(t['value']['mean'])})", "",

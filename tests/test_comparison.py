@@ -144,10 +144,11 @@ def cost(mimg, nfe, wall):
 
 def test_the_cap_is_at_least_the_factor_times_the_cmt_path_in_every_unit():
     arm = arm_config(CompareConfig(preset="toy"), "ect", "teacher", 0)  # ECD: 4 evaluations a sample, batch 256
-    costs = [cost(0.1, 50_000, 3.0), cost(0.2, 40_000, 2.0)]  # the largest over seeds counts
-    # data: 10 x 0.2 Mimg / 256 a step = 7813; evaluations: 10 x 51,000 / 1,024 = 499; wall: 10 x 4 s / (256 x 5 x 1e-6)
-    assert cap_steps(arm, costs, 10.0, unit_seconds=1e-6) == 31_250
-    assert cap_steps(arm, costs, 10.0, unit_seconds=1e-3) == 7_813  # wall: 32 steps; data: 7,813
+    path = cost(0.2, 40_000, 3.0)  # the CMT path's cost, by stage, in the same seed
+    # data: 10 x 0.2 Mimg / 256 a step = 7813; evaluations: 10 x 41,000 / 1,024 = 401; wall: 10 x 4 s / (256 x 5 x 1e-6)
+    assert cap_steps(arm, path, 10.0, unit_seconds=1e-6) == 31_250
+    assert cap_steps(arm, path, 10.0, unit_seconds=1e-3) == 7_813  # wall: 32 steps; data: 7,813
+    assert cap_steps(arm, cost(0.0, 400_000, 0.0), 10.0, unit_seconds=1e-3) == 3_917  # evaluations: 4,010,000 / 1,024
     assert cadence(7_813, eval_every=100, log_every=50) == (200, 7_800 + 200)
 
 
@@ -189,7 +190,7 @@ def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not
         # never met: reported as not reached, at the arm's cap, with its best value
         result = unreachable["arms"][name]
         assert not result["reached"] and result["reached_seeds"] == 0 and "cost" not in result
-        assert result["not_reached_at"]["iter"] == arm["posttrain_cap"] == arm["stopped_at"][0]
+        assert result["not_reached_at"]["iter"] == arm["posttrain_cap"][0] == arm["stopped_at"][0]
         assert result["best"]["mean"] > 0.0001
     assert unreachable["saving"] == {"diffusion": None, "vanilla_ect": None}  # CMT missed it too
     # counting: ECD's teacher step is counted (Heun: 2 calls, plus student and target), vanilla ECT has none;
