@@ -29,6 +29,7 @@ from prefect.exceptions import PrefectHTTPStatusError  # noqa: E402
 from prefect.flows import load_flow_from_entrypoint  # noqa: E402
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 
+from cmt_core.comparison import CompareConfig  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -185,13 +186,18 @@ def test_the_sample_deployment_asks_for_the_model_when_a_run_is_created(prefect_
 
 def test_prefect_yaml_deploys_every_flow_with_an_inactive_nightly_schedule():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    flows = {load_flow_from_entrypoint(str(ROOT / d["entrypoint"])).name: d for d in spec["deployments"]}
+    flows = {load_flow_from_entrypoint(str(ROOT / d["entrypoint"])).name: d for d in spec["deployments"]
+             if d["name"] != "toy-savings"}
     assert sorted(flows) == ["cmt-compare", "cmt-evaluation", "cmt-guide", "cmt-midtrain", "cmt-pipeline",
                              "cmt-posttrain", "cmt-rollouts", "cmt-sample", "cmt-teacher", "cmt-watch"]
-    assert all(d["work_pool"]["name"] == POOL for d in flows.values())
+    assert all(d["work_pool"]["name"] == POOL for d in spec["deployments"])
     assert all(d["parameters"] == {"preset": "digits"} for name, d in flows.items()
                if name not in ("cmt-compare", "cmt-sample"))
     assert flows["cmt-compare"]["parameters"] == {"comparison": {"preset": "toy", "seeds": 3}}
+    savings = next(d for d in spec["deployments"] if d["name"] == "toy-savings")  # the target-quality mode
+    assert load_flow_from_entrypoint(str(ROOT / savings["entrypoint"])).name == "cmt-compare"
+    targeted = CompareConfig(**savings["parameters"]["comparison"])
+    assert targeted.targets == ("2step<=1.1x", "1step<=1.5x") and "ect" in targeted.inits
     assert flows["cmt-sample"]["parameters"]["job"]["num_samples"] == 50000
     schedules = {name: d["schedules"] for name, d in flows.items() if d["schedules"]}
     assert list(schedules) == ["cmt-watch"]
