@@ -23,7 +23,8 @@ The run (``run_savings``):
    vanilla ECT arm, shared by the methods, takes the larger of theirs. A seed is a replicate of the whole
    comparison: its arms are the same artifacts whatever the number of seeds;
 4. the other arms, evaluated ``MAX_EVALUATIONS`` times over their cap at most (never more often than
-   ``eval_every``), each stopping at its last target.
+   ``eval_every``), each stopping at its last target; consistency tuning halves ECT's dt ``ECT_STAGES`` times
+   over the cap (``ect_schedule``), as ECT does over its run.
 
 Post-training runs at a constant learning rate in this mode (``TARGET_MODE``), in every arm: a run to step k is then
 the same whatever its cap (a decaying schedule would stretch with it), as ECT's reference loop keeps it
@@ -73,6 +74,7 @@ from cmt_core.comparison import (
 )
 from cmt_core.config import PipelineConfig
 from cmt_core.engine import StageResult
+from cmt_core.methods import get_method
 from cmt_core.preflight import preflight
 from cmt_core.runtime import uses_cuda
 from cmt_core.solvers import function_evaluations
@@ -84,11 +86,22 @@ STAGES = ("rollouts", "midtrain", "posttrain")
 UNITS = ("mimg", "nfe", "wall_s")
 MAX_EVALUATIONS = 40  # evaluations of a capped arm over its cap, at most
 TARGET_MODE = ("posttrain.train.lr_schedule=constant",)
+# ECT's dt halvings over a run: locuslab/ect run_ecm.sh, --duration 25.6 Mimg at --double 250 ticks of 12.8 kimg
+ECT_STAGES = 8
 
 
 def until_below(bounds: dict[str, float]) -> tuple[str, ...]:
     """The overrides of an arm in target mode: the constant learning rate and its early end at ``bounds``."""
     return (*TARGET_MODE, f"posttrain.train.until_below={json.dumps(bounds)}")
+
+
+def ect_schedule(base: PipelineConfig, steps: int) -> tuple[str, ...]:
+    """A consistency-tuning arm capped at ``steps`` (``base``: its config) halves ECT's dt ``ECT_STAGES`` times
+    over its cap, as ECT's run halves it over its budget; at the presets' stage lengths a cap of tens of thousands
+    of steps would reach stages where t - r is below float32's resolution of t and the loss is not finite."""
+    if get_method(base.posttrain.method).section != "posttrain.ect":
+        return ()
+    return (f"posttrain.ect.stage_steps={math.ceil(steps / ECT_STAGES)}",)
 
 
 def total(cost: dict, unit: str) -> float:
@@ -214,11 +227,12 @@ def run_savings(cc: CompareConfig, report: Callable[[str], None] = log.info) -> 
     for method in cc.methods:
         for init in (i for i in cc.inits if i != "cmt"):
             for s in seeds:
-                base = arm_config(cc, method, init, s).posttrain.train
+                base = arm_config(cc, method, init, s)
+                train = base.posttrain.train
                 every, steps = cadence(caps[None if init == "ect" else method, init, s],
-                                       cc.eval_every or base.eval_every or base.log_every, base.log_every)
+                                       cc.eval_every or train.eval_every or train.log_every, train.log_every)
                 others[method, init, s] = arm_config(cc, method, init, s, steps=steps, eval_every=every,
-                                                     extra=until_below(bounds[s]))
+                                                     extra=(*until_below(bounds[s]), *ect_schedule(base, steps)))
     report("caps: " + ", ".join(f"{m} {INIT_NAMES[i]} seed {s} {cfg.posttrain.train.steps} steps"
                                 for (m, i, s), cfg in others.items()))
     results.update(run_distinct(others, cc.workers, report, stage=lambda cfg: "posttrain"))
