@@ -275,20 +275,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def training_seconds(row: dict) -> float:
-    """Wall seconds a training-log row's call has spent training (its evaluations left out)."""
-    return row.get("seconds", 0.0) - row.get("eval_seconds", 0.0)
-
-
 def cumulative_seconds(rows: list[dict]) -> list[float]:
-    """Each row's training seconds since the run began (``training_seconds``), over resumed calls: a resumed
-    call's rows (``resumed_from``) count on from the time of the row before them (the run's time at the checkpoint
-    it resumed from; the time between that checkpoint and the interruption is spent again, so counted once)."""
-    out, call, start, last = [], 0, 0.0, 0.0
+    """Each training-log row's training seconds since the run began, evaluations left out, over resumed calls.
+
+    A row's ``seconds`` is taken before its own evaluation and its ``eval_seconds`` after it, so the evaluations
+    before a row are the previous row's ``eval_seconds`` (that of the same call; a call's first row has none
+    before it, the step-0 evaluation's row records its own). In logs whose step-0 row records none, a row that
+    follows it and evaluates subtracts its own evaluation too (a slight undercount). A resumed call's rows
+    (``resumed_from``) count on from the row before them (the run's time at the checkpoint resumed from; the time
+    between that checkpoint and the interruption is spent again, so counted once)."""
+    out, call, start, last, before = [], 0, 0.0, 0.0, None
     for row in rows:
         if row.get("resumed_from", 0) != call:
-            call, start = row.get("resumed_from", 0), last
-        last = start + training_seconds(row)
+            call, start, before = row.get("resumed_from", 0), last, 0.0
+        if "seconds" in row:
+            spent = before if before is not None else row.get("eval_seconds", 0.0)
+            last = start + row["seconds"] - spent
+        before = row.get("eval_seconds")
         out.append(last)
     return out
 

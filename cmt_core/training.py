@@ -11,8 +11,9 @@ steps give the same weights as 2N steps straight, on one process or on DDP ranks
 
 Checkpoints (``cmt_core.checkpoint``): model, EMA, optimizer, step and best score every
 ``cfg.checkpoint_every`` steps; the log rows after the checkpoint a run resumes from are dropped. A row's
-``seconds`` is the wall time since this call began, ``eval_seconds`` the part of it spent evaluating; the rows of a
-resumed call also say ``resumed_from`` (the step of its checkpoint), so a run's time adds up over its calls.
+``seconds`` is the wall time since this call began, taken before the row's own evaluation, ``eval_seconds`` the
+time this call spent evaluating, the row's own evaluation included; the rows of a resumed call also say
+``resumed_from`` (the step of its checkpoint), so a run's time adds up over its calls.
 ``cfg.label_dropout`` > 0: the batches' class labels are dropped to the unconditional class at that rate
 (``cmt_core.data.sources.LabelDropout``, seeded by ``cfg.seed`` and the step).
 
@@ -383,7 +384,7 @@ def train(model: nn.Module, objective, source: BatchSource, cfg, run_dir: Path,
         events.open(start + 1 if resumed is not None else 0)
     try:  # the bar and the event log are closed before a failure is reported
         if evaluate is not None and start == 0 and cfg.steps > 0:
-            log({"step": 0, **run_evaluation(0)})
+            log({"step": 0, **run_evaluation(0), "eval_seconds": spent["eval"]})
             _check_bounds(history[-1], bounds)
         if targets_met(history, bounds):  # met at the start, or before the checkpoint resumed from
             stop = start

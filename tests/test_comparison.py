@@ -130,11 +130,16 @@ def test_a_run_to_the_end_keeps_its_artifact_ids():
     assert plan(bounded).config("posttrain")["posttrain"]["train"]["until_below"] == {"score_2step": 0.2}
 
 
-def test_training_time_adds_up_over_resumed_calls():
-    rows = [{"step": 0}, {"step": 10, "seconds": 5.0, "eval_seconds": 1.0}, {"step": 20, "seconds": 9.0},
-            {"step": 30, "seconds": 3.0, "resumed_from": 20}, {"step": 40, "seconds": 6.0, "resumed_from": 20},
-            {"step": 50, "seconds": 2.0, "resumed_from": 40}]
-    assert cumulative_seconds(rows) == [0.0, 4.0, 9.0, 12.0, 15.0, 17.0]
+def test_training_time_leaves_the_evaluations_out_and_adds_up_over_resumed_calls():
+    """``seconds`` is taken before a row's own evaluation, ``eval_seconds`` after it."""
+    rows = [{"step": 0, "eval_seconds": 1.0}, {"step": 10, "seconds": 5.0, "eval_seconds": 1.0},
+            {"step": 20, "seconds": 9.0, "eval_seconds": 3.0}, {"step": 30, "seconds": 13.0, "eval_seconds": 3.0},
+            {"step": 40, "seconds": 3.0, "eval_seconds": 2.0, "resumed_from": 30},
+            {"step": 50, "seconds": 6.0, "eval_seconds": 2.0, "resumed_from": 30},
+            {"step": 60, "seconds": 2.0, "resumed_from": 50}]
+    assert cumulative_seconds(rows) == [0.0, 4.0, 8.0, 10.0, 13.0, 14.0, 16.0]
+    # a log from before the step-0 row recorded its evaluation time
+    assert cumulative_seconds([{"step": 0}, {"step": 10, "seconds": 5.0, "eval_seconds": 1.0}]) == [0.0, 4.0]
 
 
 def cost(mimg, nfe, wall):
