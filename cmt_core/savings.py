@@ -18,10 +18,10 @@ The run (``run_savings``):
    before post-training), then post-training with ``train.until_below`` set to the targets, capped at
    ``posttrain_steps`` (the preset's when None);
 3. the caps of the other arms of each seed (``cap_steps``): the fewest post-training steps whose data (Mimg),
-   network evaluations and wall time (estimated from the CMT path's measured rate) are each at least
-   ``cap_factor`` times the same seed's CMT path's, to its last target (its whole run where it missed one); the
-   vanilla ECT arm, shared by the methods, takes the larger of theirs. A seed is a replicate of the whole
-   comparison: its arms are the same artifacts whatever the number of seeds;
+   network evaluations and wall time (reckoned at the CMT path's mid-training rate, a lower bound of any arm's)
+   are each at least ``cap_factor`` times the same seed's CMT path's, to its last target (its whole run where it
+   missed one); the vanilla ECT arm, shared by the methods, takes the larger of theirs. A seed is a replicate of
+   the whole comparison: its arms are the same artifacts whatever the number of seeds;
 4. the other arms, evaluated ``MAX_EVALUATIONS`` times over their cap at most (never more often than
    ``eval_every``), each stopping at its last target; consistency tuning halves ECT's dt ``ECT_STAGES`` times
    over the cap (``ect_schedule``), as ECT does over its run.
@@ -157,30 +157,23 @@ def path_cost(points: list[dict], targets: list[Target], bounds: dict[str, float
     return max(met, key=lambda p: points.index(p))["cost"]
 
 
-def work_units(cfg: PipelineConfig, stage: str) -> int:
-    """A training step's work per sample, for estimating wall time: its forward evaluations plus one for the
-    backward pass."""
-    return training_nfe(cfg, stage) + 1
+def sample_seconds(cfg: PipelineConfig, points: list[dict]) -> float:
+    """The CMT path's measured mid-training seconds per training sample (its whole run, from its log): a lower
+    bound of any other arm's per-sample time, each of whose steps runs at least mid-training's forward and backward
+    pass of the same network (and more network evaluations besides), so a cap reckoned with it reaches at least
+    its wall multiple (the summary reports the one reached, ``cap_multiple``)."""
+    mid = [p for p in points if p["stage"] == "midtrain"][-1]
+    return mid["cost"]["wall_s"]["midtrain"] / max(mid["iter"] * cfg.midtrain.train.batch_size, 1)
 
 
-def seconds_per_unit(cfg: PipelineConfig, points: list[dict]) -> float:
-    """The CMT path's measured training seconds per step, sample and ``work_units`` (mid- and post-training
-    together, from its logs): what ``cap_steps`` estimates another arm's wall time with."""
-    last = points[-1]
-    steps = {"midtrain": cfg.midtrain.train.steps, "posttrain": last["iter"]}
-    work = sum(steps[s] * getattr(cfg, s).train.batch_size * work_units(cfg, s) for s in steps)
-    return (last["cost"]["wall_s"]["midtrain"] + last["cost"]["wall_s"]["posttrain"]) / max(work, 1)
-
-
-def cap_steps(cfg: PipelineConfig, cmt_cost: dict, factor: float, unit_seconds: float) -> int:
-    """The fewest post-training steps of the arm ``cfg`` whose data, network evaluations and estimated wall time
-    (``unit_seconds`` per ``work_units``, ``seconds_per_unit``) are each at least ``factor`` times ``cmt_cost``
-    (the CMT path's of the same seed). The estimate is the CMT path's measured rate, so the cap (part of the arm's
-    id) is the same on every rerun that reuses the CMT arm, and a seed's arms do not depend on the other seeds; the
-    summary reports the multiple each cap reached (``cap_multiple``)."""
+def cap_steps(cfg: PipelineConfig, cmt_cost: dict, factor: float, seconds_per_sample: float) -> int:
+    """The fewest post-training steps of the arm ``cfg`` whose data, network evaluations and wall time (at most
+    ``seconds_per_sample``, ``sample_seconds``) are each at least ``factor`` times ``cmt_cost`` (the CMT path's of
+    the same seed). The rate is the CMT arm's, measured once and cached with it, so the cap (part of the arm's id)
+    is the same on every rerun that reuses the CMT arm, and a seed's arms do not depend on the other seeds."""
     batch = cfg.posttrain.train.batch_size
     per_step = {"mimg": batch / 1e6, "nfe": batch * training_nfe(cfg, "posttrain"),
-                "wall_s": batch * work_units(cfg, "posttrain") * unit_seconds}
+                "wall_s": batch * seconds_per_sample}
     return max(1, max(math.ceil(factor * total(cmt_cost, u) / per_step[u] - 1e-9) for u in UNITS if per_step[u] > 0))
 
 
@@ -218,7 +211,7 @@ def run_savings(cc: CompareConfig, report: Callable[[str], None] = log.info) -> 
     caps = {}  # (method, init, seed) -> post-training cap; vanilla ECT's under method None: one run for every method
     for (method, _, s), cfg in cmt.items():
         cost = path_cost(paths[method, "cmt", s], targets, bounds[s], metric)
-        rate = seconds_per_unit(cfg, paths[method, "cmt", s])
+        rate = sample_seconds(cfg, paths[method, "cmt", s])
         for init in (i for i in cc.inits if i != "cmt"):
             key = (None if init == "ect" else method, init, s)
             arm = arm_config(cc, method, init, s, extra=TARGET_MODE)
@@ -393,7 +386,7 @@ def markdown(summary: dict) -> str:
              f"{_num(summary['teacher']['score']['std'])} at {summary['teacher']['nfe']} NFE; its pre-training "
              f"({_num(pre['mimg'])} Mimg, {_num(pre['nfe'])} network evaluations, {_num(pre['wall_s'])} s) is "
              f"shared by every arm and not counted below. Caps: at least {summary['cap_factor']:g}x the CMT path's "
-             "data and network evaluations.", ""]
+             "data, network evaluations and wall time (each seed against its own CMT path).", ""]
     if sec:
         lines += [f"Every stage once: {sec['every_stage_once'] / 60:.1f} min; this run {sec['this_run'] / 60:.1f} "
                   "min (complete artifacts reused).", ""]

@@ -150,10 +150,10 @@ def cost(mimg, nfe, wall):
 def test_the_cap_is_at_least_the_factor_times_the_cmt_path_in_every_unit():
     arm = arm_config(CompareConfig(preset="toy"), "ect", "teacher", 0)  # ECD: 4 evaluations a sample, batch 256
     path = cost(0.2, 40_000, 3.0)  # the CMT path's cost, by stage, in the same seed
-    # data: 10 x 0.2 Mimg / 256 a step = 7813; evaluations: 10 x 41,000 / 1,024 = 401; wall: 10 x 4 s / (256 x 5 x 1e-6)
-    assert cap_steps(arm, path, 10.0, unit_seconds=1e-6) == 31_250
-    assert cap_steps(arm, path, 10.0, unit_seconds=1e-3) == 7_813  # wall: 32 steps; data: 7,813
-    assert cap_steps(arm, cost(0.0, 400_000, 0.0), 10.0, unit_seconds=1e-3) == 3_917  # evaluations: 4,010,000 / 1,024
+    # data: 10 x 0.2 Mimg / 256 a step = 7813; evaluations: 10 x 41,000 / 1,024 = 401; wall: 10 x 4 s / (256 x 5e-6)
+    assert cap_steps(arm, path, 10.0, seconds_per_sample=5e-6) == 31_250
+    assert cap_steps(arm, path, 10.0, seconds_per_sample=1e-3) == 7_813  # wall: 157 steps; data: 7,813
+    assert cap_steps(arm, cost(0.0, 400_000, 0.0), 10.0, seconds_per_sample=1e-2) == 3_917  # 4,010,000 / 1,024
     assert cadence(7_813, eval_every=100, log_every=50) == (200, 7_800 + 200)
 
 
