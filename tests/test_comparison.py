@@ -216,3 +216,10 @@ def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not
         cost = other.get("cost") or other["not_reached_at"]
         assert value["nfe"]["mean"] == pytest.approx(1 - cmt["cost"]["nfe"]["total"] / cost["nfe"]["total"])
     assert "not reached at" in (tmp_path / "out" / "savings_toy.md").read_text()
+    # a rerun (after an interruption, or to add a seed) finds the same caps, hence the same artifacts: it trains
+    # nothing and reads the same results
+    manifests = sorted((tmp_path / "art").rglob("manifest.json"))
+    assert main(args) == 0
+    again = json.loads((tmp_path / "out" / "savings_toy.json").read_text())
+    assert sorted((tmp_path / "art").rglob("manifest.json")) == manifests
+    assert {**again, "seconds": None} == {**summary, "seconds": None}
