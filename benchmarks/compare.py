@@ -35,9 +35,8 @@ SAVINGS = {"toy": {"posttrain_steps": 2000, "eval_every": 50}, "digits": {"postt
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from cmt_core.comparison import INITS, CompareConfig
+    from cmt_core.comparison import INITS, CompareConfig, run_comparison
     from cmt_core.comparison import markdown as comparison_markdown
-    from cmt_core.comparison import run_comparison
     from cmt_core.savings import markdown as savings_markdown
     from cmt_core.savings import run_savings
 
