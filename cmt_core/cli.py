@@ -178,7 +178,8 @@ def _compare(args) -> int:
                            artifact_root=args.artifact_root, out_dir=args.out,
                            **({} if args.baseline_set is None else {"baseline_overrides": args.baseline_set}))
         for method in cc.methods:  # every arm's config is valid before any arm runs
-            arm_config(cc, method, "teacher", 0)
+            for init in cc.inits:
+                arm_config(cc, method, init, 0)
     except ValueError as err:
         return config_error(err)
     log_file = None

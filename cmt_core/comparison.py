@@ -526,12 +526,18 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
     return [*paths, path]
 
 
-def write_results(summary: dict, out_dir: Path) -> Path:
-    """``init_comparison_<preset>.json`` and ``.md`` and the plots into ``out_dir``; returns the markdown file."""
+def write_report(summary: dict, out_dir: Path, name: str, draw: Callable, tables: Callable[[dict], str]) -> Path:
+    """``<name>_<preset>.json`` and ``.md`` (``tables``) and the plots (``draw``) into ``out_dir``; returns the
+    markdown file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot(summary, out_dir)
-    (out_dir / f"init_comparison_{summary['preset']}.json").write_text(json.dumps(summary, indent=2))
-    md = out_dir / f"init_comparison_{summary['preset']}.md"
-    md.write_text(markdown(summary))
+    draw(summary, out_dir)
+    (out_dir / f"{name}_{summary['preset']}.json").write_text(json.dumps(summary, indent=2))
+    md = out_dir / f"{name}_{summary['preset']}.md"
+    md.write_text(tables(summary))
     return md
+
+
+def write_results(summary: dict, out_dir: Path) -> Path:
+    """``init_comparison_<preset>.json`` and ``.md`` and the plots into ``out_dir``; returns the markdown file."""
+    return write_report(summary, out_dir, "init_comparison", plot, markdown)

@@ -71,6 +71,7 @@ from cmt_core.comparison import (
     run_distinct,
     run_jobs,
     training_nfe,
+    write_report,
 )
 from cmt_core.config import PipelineConfig
 from cmt_core.engine import StageResult
@@ -454,10 +455,4 @@ def plot(summary: dict, out_dir: Path) -> Path:
 
 def write_results(summary: dict, out_dir: Path) -> Path:
     """``savings_<preset>.json``, ``.md`` and ``.png`` into ``out_dir``; returns the markdown file."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot(summary, out_dir)
-    (out_dir / f"savings_{summary['preset']}.json").write_text(json.dumps(summary, indent=2))
-    md = out_dir / f"savings_{summary['preset']}.md"
-    md.write_text(markdown(summary))
-    return md
+    return write_report(summary, out_dir, "savings", plot, markdown)

@@ -39,7 +39,8 @@ def cmt_compare(comparison: CompareConfig = DEFAULT) -> dict:
     try:
         confine("comparison.out_dir", comparison.out_dir)
         for method in comparison.methods:  # every arm valid and confined before any runs
-            confine_config(arm_config(comparison, method, "teacher", 0))
+            for init in comparison.inits:
+                confine_config(arm_config(comparison, method, init, 0))
     except ValueError as err:
         raise ValueError(config_message(err)) from None
     targeted = bool(comparison.targets)
