@@ -157,6 +157,8 @@ def test_until_below_names_only_scores_the_evaluation_returns(tmp_path):
         TrainConfig(until_below={"score_2step": 1.0})
     with pytest.raises(ValueError, match="until_below"):
         TrainConfig(eval_every=10, until_below={"fd": 1.0})  # not an evaluation's k-step score
+    for name in ("FD-digits_2step", "FID_1step", "sliced_w_2step"):  # the data metrics' own names are accepted
+        assert TrainConfig(eval_every=10, until_below={name: 1.0}).until_below == {name: 1.0}
 
 
 def test_bf16_autocast_path_runs_on_cpu(tmp_path):

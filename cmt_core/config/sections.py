@@ -149,9 +149,9 @@ class TrainConfig(StrictModel):
         "sum of the two scores relative to step 0 among those no worse than step 0 on either")
     keep_tolerance: float = Field(0.05, ge=0.0, le=1.0, description="keep='both': 'no worse than step 0' allows this "
                                   "relative excess, the evaluation's own noise (FD of 2,000 samples: about 5%)")
-    until_below: dict[Annotated[str, Field(pattern=r"^\w+_[12]step$")], FiniteFloat] = Field(
+    until_below: dict[Annotated[str, Field(pattern=r"^[\w-]+_[12]step$")], FiniteFloat] = Field(
         {}, description="end the run early, at the first evaluation by which every named score has been at or "
-        "below its bound (at that evaluation or an earlier one), e.g. {fd_digits_2step: 9.8}: a score the "
+        "below its bound (at that evaluation or an earlier one), e.g. {FD-digits_2step: 9.8}: a score the "
         "evaluation returns (score_1step, score_2step, <data metric>_1step, <data metric>_2step); `cmt compare`'s "
         "target-quality mode; needs eval_every; {}: run every step")
     seed: int = Field(0, ge=0)
