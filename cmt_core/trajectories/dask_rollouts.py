@@ -34,10 +34,7 @@ reuses it for its later shards.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
-import multiprocessing
-import os
 import pickle
 import time
 import uuid
@@ -48,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmt_core import conditioning
+from cmt_core.cluster import Cluster, dask_available
 from cmt_core.object_storage import location
 from cmt_core.time_grids import make_grid
 from cmt_core.trajectories.rollout import rollout_batch, trajectory_cond, trajectory_seeds
@@ -116,72 +114,11 @@ def _check_resumable(path, expected: dict) -> None:
                          f"Use a new path (the artifact id should change with these settings).")
 
 
-class _Cluster:
-    """A client on ``cfg.address``, or on a LocalCluster started for the run and closed after it.
-
-    Local workers fork from a forkserver that imports torch and this package once per driver process:
-    importing torch takes seconds, which spawned workers would pay at every cluster start. Dask's default
-    ``MALLOC_TRIM_THRESHOLD_`` for workers is dropped: it turns off glibc's adaptive mmap threshold, so
-    every large tensor is mmap-ed and freed again, and torch ran rollouts 2x slower in the workers.
-    The nanny writes the workers' variables (OMP_NUM_THREADS=1, ...) into this process's environment;
-    they are restored on exit so that later subprocesses (torchrun, ...) do not inherit them. The workers' own logs
-    are silenced: a task's failure reaches the driver as its exception (and its traceback, which the run's log file
-    keeps), not as worker lines on the terminal.
-    """
-
-    def __init__(self, cfg):
-        self.cfg, self.cluster, self.config, self.environ = cfg, None, None, None
-
-    def __enter__(self):
-        import dask
-        from distributed import Client, LocalCluster
-        from distributed.utils import get_mp_context
-
-        if self.cfg.address:
-            self.client = Client(self.cfg.address)
-        else:
-            settings = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-            forkserver = "forkserver" in multiprocessing.get_all_start_methods()
-            if forkserver:
-                settings["distributed.worker.multiprocessing-method"] = "forkserver"
-            self.config = dask.config.set(settings)
-            if forkserver:
-                get_mp_context().set_forkserver_preload(["distributed", "torch", "zarr", __name__])
-            self.environ = dict(os.environ)
-            try:
-                self.cluster = LocalCluster(n_workers=self.cfg.workers, threads_per_worker=self.cfg.threads_per_worker,
-                                            processes=True, dashboard_address=None, silence_logs=logging.CRITICAL,
-                                            resources={"GPU": 1} if self.cfg.gpu_resource else None)
-            except BaseException:
-                self._restore()
-                raise
-            self.client = Client(self.cluster)
-        return self.client
-
-    def __exit__(self, *exc) -> None:
-        self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
-        self._restore()
-
-    def _restore(self) -> None:
-        if self.config is not None:
-            self.config.__exit__(None, None, None)
-        if self.environ is not None:
-            for key in set(os.environ) - set(self.environ):
-                del os.environ[key]
-            os.environ.update(self.environ)
-
-
-def dask_available() -> bool:
-    return importlib.util.find_spec("distributed") is not None
-
-
 def _solve_on_dask(denoiser_factory, path, todo: list[int], cfg, num_classes: int, advance) -> None:
     from distributed import as_completed
 
     resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
-    with _Cluster(cfg.cluster) as client:
+    with Cluster(cfg.cluster, preload=(__name__,)) as client:
         token = uuid.uuid4().hex[:8]
         futures = [client.submit(rollout_shard, denoiser_factory, str(path), k, cfg, num_classes=num_classes,
                                  key=f"rollout-{token}-shard-{k}", retries=TASK_RETRIES, resources=resources)
