@@ -40,6 +40,9 @@ FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 STORE_DIR = "store.zarr"  # the trajectory store: recorded by size only, its chunks carry their own checksums
 MODEL_FILE = "model.pt"  # a teacher's or training stage's model (``cmt_core.models.save_model``)
+LATENTS_DIR = "latents.zarr"  # an encoded data set (``cmt_core.data.encoded``): recorded by size, like the store
+ENCODER_FILE = "encoder.json"  # the encoder stage's settings that rebuild the encoder (``cmt_core.encoders``)
+VAE_DIR = "vae"  # an autoencoder trained here, in diffusers' format (``cmt_core.autoencoder``)
 # the folders an artifact root holds beside the stages' own: run logs, feature statistics, Prefect's results
 LOGS_DIR, FEATURES_DIR, RESULTS_DIR = "logs", "features", "prefect-results"
 # a training stage's TensorBoard event files (``cmt_core.events``): a view of the run, like its logs, so not a result
@@ -171,8 +174,8 @@ def file_hash(path: Path) -> str:
 
 def file_records(folder: Path) -> dict[str, dict]:
     """``{relative path: {"bytes", "sha256"}}`` of every file under ``folder`` but the manifest, lock files,
-    temporary files and the event log (``EVENTS_DIR``); files of the trajectory store (``STORE_DIR``) get no
-    sha256."""
+    temporary files and the event log (``EVENTS_DIR``); files of the trajectory store (``STORE_DIR``) and of a
+    latent store (``LATENTS_DIR``) get no sha256 (their chunks carry checksums)."""
     folder, records = Path(folder), {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
@@ -181,7 +184,7 @@ def file_records(folder: Path) -> dict[str, dict]:
         if rel.split("/")[0] == EVENTS_DIR:
             continue
         records[rel] = {"bytes": path.stat().st_size}
-        if rel.split("/")[0] != STORE_DIR:
+        if rel.split("/")[0] not in (STORE_DIR, LATENTS_DIR):
             records[rel]["sha256"] = file_hash(path)
     return records
 

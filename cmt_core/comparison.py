@@ -65,7 +65,8 @@ Init = Literal["cmt", "teacher", "random", "ect"]
 INITS: tuple[str, ...] = ("cmt", "teacher", "random")
 # the results' names of the arms: ``ect`` is vanilla ECT (``VANILLA_ECT``)
 INIT_NAMES = {"cmt": "cmt", "teacher": "diffusion", "random": "random", "ect": "vanilla_ect"}
-SEED_FIELDS = ("teacher.train.seed", "rollout.seed", "midtrain.train.seed", "posttrain.train.seed")
+SEED_FIELDS = ("teacher.train.seed", "rollout.seed", "midtrain.train.seed", "posttrain.train.seed",
+               "data.encoder.autoencoder.seed")  # the last: a latent space trained here (ids of others unchanged)
 # The ``ect`` arm: consistency training on data alone from the teacher's weights, at ECT's published settings
 # (locuslab/ect run_ecm.sh and ct_train.py's defaults: lognormal t (-1.1, 2.0), k = 8, b = 1, q = 2, c = 0, dt from
 # the first stage; training/ct_training_loop.py:259-260 leaves the learning rate constant). The stage length, the

@@ -116,6 +116,8 @@ class Stage:
     # (local folder, location, metrics) -> what makes the stage's outputs unsound (non-finite weights, a store that
     # does not verify), or None: checked before the manifest is written, and before a complete artifact is reused
     sound: Callable = lambda folder, location, metrics: None
+    # (config) -> whether the body reads the data set's samples (preflight reads the data only for such stages)
+    reads_samples: Callable = lambda cfg: True
 
     def declares(self, path: str) -> bool:
         """Whether the body may read ``path`` (it or a section above it is in ``reads`` or ``uses``)."""

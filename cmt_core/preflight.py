@@ -41,8 +41,10 @@ import torch
 from cmt_core import object_storage as remote
 from cmt_core.artifacts import FEATURES_DIR, LOGS_DIR, RESULTS_DIR
 from cmt_core.config import DATA_PATH_KIND, INPUT_FILES, DataConfig, GuideConfig, TeacherConfig
-from cmt_core.data import Data, load_data
+from cmt_core.data import POINT_DATA, Data, load_data, load_images
 from cmt_core.data.datasets import ClassLabelError
+from cmt_core.data.images import pixel_shape
+from cmt_core.encoders import model_shape_of, vae_folder_problem
 from cmt_core.engine import Plan, complete_result
 from cmt_core.errors import InputFileError, PreflightError, brief, describe
 from cmt_core.evaluation.features import extractor_kind
@@ -182,22 +184,32 @@ def _check_files(cfg, plan: Plan, todo: list[str]) -> None:
         value = dumped
         for key in path.split("."):
             value = value[key]
-        if value is not None and any(plan.stages[s].declares(path) for s in todo):
-            resolved = check_path(path, value, kind or DATA_PATH_KIND.get(cfg.data.name, "file"))
+        readers = [s for s in todo if plan.stages[s].declares(path)]
+        if path == "data.path":  # only stages that read samples open the data set
+            readers = [s for s in readers if plan.stages[s].reads_samples(cfg)]
+        if value is not None and readers:
+            data_kind = DATA_PATH_KIND.get(cfg.data.name, "file") if path == "data.path" else None
+            resolved = check_path(path, value, kind or data_kind)
             if path == "data.path" and cfg.data.name == "image_folder":
-                _check_image_source(value, resolved)
+                _check_archive(path, value, resolved, "data.name='image_folder' reads a folder of PNG / JPEG images "
+                               "or EDM dataset_tool's .zip")
+            if path == "data.encoder.edm2_encoded":
+                _check_archive(path, value, resolved, "it is read as EDM2 dataset_tool.py encode's output")
+            if path == "data.encoder.path" and cfg.data.encoder.kind == "sd_vae":
+                problem = vae_folder_problem(resolved)
+                if problem:
+                    raise PreflightError(f"{path}={brief(str(value))} {problem}")
 
 
-def _check_image_source(value, resolved: Path) -> None:
-    """An image folder's ``data.path`` (``resolved`` by ``check_path``) is a folder or a regular ``.zip`` file."""
-    shown = f"data.path={brief(str(value))}"
+def _check_archive(field: str, value, resolved: Path, reader: str) -> None:
+    """A folder-or-archive field (``resolved`` by ``check_path``) is a folder or a regular ``.zip`` file."""
+    shown = f"{field}={brief(str(value))}"
     if not resolved.exists():
-        raise PreflightError(f"{shown} does not exist; put the image folder or .zip archive there or set data.path "
-                             "to where it is")
+        raise PreflightError(f"{shown} does not exist; put the folder or .zip archive there or set {field} to where "
+                             "it is")
     mode = resolved.stat().st_mode
     if not stat.S_ISDIR(mode) and not (stat.S_ISREG(mode) and resolved.suffix.lower() == ".zip"):
-        raise PreflightError(f"{shown} is a {_kind_of(mode)}, not a folder or a .zip archive; data.name="
-                             "'image_folder' reads a folder of PNG / JPEG images or EDM dataset_tool's .zip")
+        raise PreflightError(f"{shown} is a {_kind_of(mode)}, not a folder or a .zip archive; {reader}")
 
 
 # ----------------------------------------------------------------------------------------------------- values
@@ -311,15 +323,16 @@ def check_late_files(cfg, todo: list[str]) -> None:
     """The files late stages read, read now as those stages will (without running any code): a wrong file fails
     here, not hours into a run."""
     m = cfg.midtrain
-    if "midtrain" in todo and m.distance == "lpips":
-        if importlib.util.find_spec("lpips") is None:
+    if "midtrain" in todo and m.distance in ("lpips", "elatent_lpips"):
+        if m.distance == "lpips" and importlib.util.find_spec("lpips") is None:
             raise PreflightError("midtrain.distance='lpips' needs the lpips package: pip install 'cmt[fid]'")
         from cmt_core.objectives.distances import make_distance
 
+        network = "VGG16" if m.distance == "lpips" else "latent VGG16"
         try:
-            make_distance("lpips", lpips_backbone=m.lpips_backbone)
+            make_distance(m.distance, lpips_backbone=m.lpips_backbone)
         except Exception as err:  # a damaged, foreign or code-running file
-            raise PreflightError(f"midtrain.lpips_backbone={brief(str(m.lpips_backbone))} is not a usable VGG16 "
+            raise PreflightError(f"midtrain.lpips_backbone={brief(str(m.lpips_backbone))} is not a usable {network} "
                                  f"weights file: {describe(err)}") from err
     path = cfg.eval.inception_path
     if path is not None and any(stage in todo for stage in ("midtrain", "posttrain", "evaluation")):
@@ -358,17 +371,18 @@ def check_reference_stats(cfg, todo: list[str], sample_shape: tuple[int, ...]) -
 
 
 # ------------------------------------------------------------------------------------------------------- all
-def _probe_denoiser(section: str, source: str, path, target: str | None, data: Data) -> None:
-    """Load the denoiser a ``section`` ('teacher', 'guidance.guide') names and ask it to denoise two zero samples at
-    sigma = 1: it must answer a finite tensor of the samples' shape, and a network of ours must take the data's
-    classes (as many, or none for unconditional data)."""
+def _probe_denoiser(section: str, source: str, path, target: str | None, data_cfg, shape: tuple[int, ...]) -> None:
+    """Load the denoiser a ``section`` ('teacher', 'guidance.guide') names and ask it to denoise two zero samples of
+    the model's ``shape`` at sigma = 1: it must answer a finite tensor of that shape, and a network of ours must
+    take the data's classes (as many, or none for unconditional data)."""
     field, value = (f"{section}.target", target) if source == "callable" else (f"{section}.path", str(path))
-    x = torch.zeros(2, *data.sample_shape)
+    x = torch.zeros(2, *shape)
     try:
         if source == "edm_pickle":
-            net = edm_teacher(path, data.sample_shape).model
+            net = edm_teacher(path, shape).model
         else:
-            net = load_teacher(source, path, target, data.distribution)
+            distribution = load_data(data_cfg).distribution if data_cfg.name in POINT_DATA else None
+            net = load_teacher(source, path, target, distribution)
         with torch.no_grad():
             out = net(x, torch.ones(2))
     except Exception as err:  # any failure to load or run it is bad input, reported on one line
@@ -380,9 +394,10 @@ def _probe_denoiser(section: str, source: str, path, target: str | None, data: D
                              f"{tuple(x.shape)} it answered {got}" + ("" if not isinstance(out, torch.Tensor) or
                                                                       torch.isfinite(out).all() else " (non-finite)"))
     classes = label_dim_of(net)
-    if source not in PROGRAMS and classes != data.num_classes:
+    if source not in PROGRAMS and classes != data_cfg.num_classes:
         what = f"is conditioned on {classes} classes" if classes else "is unconditional"
-        raise PreflightError(f"{field}={brief(value)}: the network {what}, but data.num_classes={data.num_classes}")
+        raise PreflightError(f"{field}={brief(value)}: the network {what}, but data.num_classes="
+                             f"{data_cfg.num_classes}")
 
 
 def preflight(plan: Plan, stages) -> None:
@@ -400,31 +415,44 @@ def preflight(plan: Plan, stages) -> None:
     check_values(cfg, todo)
     probe = cfg.teacher.source in LOADED and any(plan.stages[s].declares("teacher.source") for s in todo)
     guide = cfg.guidance.guide.source != "pretrain" and "guide" in todo
-    shape = _check_inputs(cfg.data.model_dump_json(), cfg.teacher.model_dump_json() if probe else None,
-                          cfg.guidance.guide.model_dump_json() if guide else None)
-    check_memory(cfg, todo, shape)
+    samples = any(plan.stages[s].reads_samples(cfg) for s in todo)
+    sample_shape, model_shape = _check_inputs(cfg.data.model_dump_json(), cfg.teacher.model_dump_json() if probe
+                                              else None, cfg.guidance.guide.model_dump_json() if guide else None,
+                                              samples)
+    check_memory(cfg, todo, model_shape)
     check_late_files(cfg, todo)
-    check_reference_stats(cfg, todo, shape)
+    check_reference_stats(cfg, todo, sample_shape)
 
 
 @functools.lru_cache(maxsize=16)
-def _check_inputs(data_json: str, teacher_json: str | None, guide_json: str | None = None) -> tuple[int, ...]:
-    """Read the data (``check_data``) and probe the teacher and the guide read from files (``teacher_json`` /
-    ``guide_json`` None: no probe); returns the sample shape. Each combination is checked once per process (entry
-    points that check several configs share it), a failure every time."""
+def _check_inputs(data_json: str, teacher_json: str | None, guide_json: str | None = None, samples: bool = True
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Read the data (``check_data``; with ``samples`` False, for stages that read no sample of it, only a latent
+    space's shapes from the config) and probe the teacher and the guide read from files (``teacher_json`` /
+    ``guide_json`` None: no probe); returns (the sample shape, the model's: the latents' in a latent space). Each
+    combination is checked once per process (entry points that check several configs share it), a failure every
+    time."""
     data_cfg = DataConfig.model_validate_json(data_json)
+    data = None
     try:
-        data = load_data(data_cfg)
+        if samples or data_cfg.encoder.kind == "identity":
+            data = load_images(data_cfg) if data_cfg.encoder.kind != "identity" else load_data(data_cfg)
     except ClassLabelError as err:  # labels missing or out of range: the message names data.num_classes
         raise PreflightError(str(err)) from err
     except Exception as err:  # an unreadable data file or folder
         raise PreflightError(f"data.path={brief(str(data_cfg.path))} cannot be read as data.name="
                              f"{data_cfg.name!r}: {describe(err)}") from err
-    check_data(data_cfg, data)
+    try:
+        if data is not None:
+            check_data(data_cfg, data)
+        sample_shape = data.sample_shape if data is not None else pixel_shape(data_cfg)
+        shape = model_shape_of(data_cfg.encoder, sample_shape)
+    except (InputFileError, ValueError) as err:
+        raise PreflightError(str(err)) from err
     if teacher_json is not None:
         t = TeacherConfig.model_validate_json(teacher_json)
-        _probe_denoiser("teacher", t.source, t.path, t.target, data)
+        _probe_denoiser("teacher", t.source, t.path, t.target, data_cfg, shape)
     if guide_json is not None:
         g = GuideConfig.model_validate_json(guide_json)
-        _probe_denoiser("guidance.guide", g.source, g.path, None, data)
-    return data.sample_shape
+        _probe_denoiser("guidance.guide", g.source, g.path, None, data_cfg, shape)
+    return sample_shape, shape

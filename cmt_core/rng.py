@@ -22,6 +22,7 @@ TRAJECTORY_LABEL   trajectory                       the class label of one condi
 LABEL_DROPOUT      step                             which rows of a training batch lose their class label
 SAMPLE_BLOCK       block                            the noises and labels of images 1000 b .. 1000 b + 999
                                                     drawn by ``cmt sample`` (``cmt_core.generator``)
+LATENT_DRAW        step                             a step's posterior draws of an encoded data set's latents
 =================  ===============================  =====================================================
 """
 
@@ -44,6 +45,7 @@ class Stream(IntEnum):
     TRAJECTORY_LABEL = 7
     LABEL_DROPOUT = 8
     SAMPLE_BLOCK = 9
+    LATENT_DRAW = 10
 
 
 def seed_of(stream: Stream, seed: int, *keys: int) -> int:

@@ -23,6 +23,7 @@ are not finite): the engine checks it before marking the stage complete and befo
 from __future__ import annotations
 
 import functools
+import json
 import math
 import pickle
 from pathlib import Path
@@ -30,10 +31,30 @@ from pathlib import Path
 import torch
 
 from cmt_core import object_storage as remote
-from cmt_core.artifacts import EVENTS_DIR, FEATURES_DIR, MODEL_FILE, STORE_DIR, read_manifest
+from cmt_core.artifacts import (
+    ENCODER_FILE,
+    EVENTS_DIR,
+    FEATURES_DIR,
+    LATENTS_DIR,
+    MODEL_FILE,
+    STORE_DIR,
+    VAE_DIR,
+    read_manifest,
+)
+from cmt_core.autoencoder import train_autoencoder
 from cmt_core.checkpoint import CheckpointError, load_file, read_training_log
 from cmt_core.config import NetworkConfig, TrainConfig
-from cmt_core.data import Data, load_data
+from cmt_core.data import POINT_DATA, Data, load_data, load_images
+from cmt_core.data.encoded import (
+    EDM2Latents,
+    LatentStoreError,
+    PixelMoments,
+    StoredMoments,
+    encode_dataset,
+    open_latents,
+)
+from cmt_core.data.images import load_image_dataset, pixel_shape
+from cmt_core.encoders import encoder_settings, load_encoder, model_shape_of
 from cmt_core.engine import Plan, Stage, StageContext, make_plan
 from cmt_core.errors import InputFileError, brief, describe
 from cmt_core.evaluation.evaluator import Evaluator
@@ -147,12 +168,30 @@ def teacher_score(c, resolved: Plan, device) -> tuple[str, float]:
     """(the data metric's name, the teacher's score) on the training stages' evaluation noises, which the
     few-step scores ``train.until_below`` bounds are read on: its ODE solved with ``teacher.sampler`` from
     ``resolved``'s complete teacher (and guide)."""
-    data = load_data(c.data)
+    inputs = {s: resolved.path(s) for s in ("teacher", *_guide_of(c, c.guidance.scale), *_latent(c, "encoder"))}
+    data = stage_data(c, inputs)
     scorer = stage_scorer(c, c.local_root, device, data)
-    inputs = {s: resolved.path(s) for s in ("teacher", *_guide_of(c, c.guidance.scale))}
     teacher = _teacher_of(c, data, inputs, c.guidance.scale).to(device).eval()
     metrics, _ = scorer.teacher(teacher, c.teacher.sampler.model_copy(update={"sigma_max": c.rollout.solver.sigma_max}))
     return scorer.primary_2step, metrics[scorer.primary_2step]
+
+
+def stage_data(c, inputs: dict[str, Path]) -> Data:
+    """The data of a stage of ``c`` whose input artifact folders are ``inputs``: for latent data, with the encoder
+    (``encoder``) and, when the stage trains on data, the encoded data set (``encode``)."""
+    if c.data.encoder.kind == "identity":
+        return load_data(c.data)
+    latents = inputs["encode"] / LATENTS_DIR if "encode" in inputs else None
+    return load_data(c.data, inputs["encoder"], latents)
+
+
+def model_space(c) -> tuple[tuple[int, ...], int]:
+    """(the model's sample shape, the number of classes) of ``c``; for latent data from the config alone, without
+    reading the data set (data-free rollouts, as the reference's ImageNet-512 script runs them)."""
+    if c.data.encoder.kind == "identity":
+        data = load_data(c.data)
+        return data.model_shape, data.num_classes
+    return model_shape_of(c.data.encoder, pixel_shape(c.data)), c.data.num_classes
 
 
 def _batches(method: Method, ctx: StageContext, data: Data, seed: int):
@@ -169,6 +208,49 @@ def _loss_inputs(ctx: StageContext, data: Data, **extra) -> LossInputs:
 
 
 # ------------------------------------------------------------------------------------------- stage bodies
+
+
+def _encoder(ctx: StageContext) -> dict:
+    """The latent encoder (``encoder.json``, ``cmt_core.encoders``): SD's VAE in its local folder, loaded once to
+    check it, with EDM2's whitening; or a small autoencoder trained here on the training images (``vae/``, in
+    diffusers' format), whitened by its latents' measured per-channel mean and std."""
+    c = ctx.cfg
+    e = c.data.encoder
+    measured = {}
+    if e.kind == "trained":
+        if ctx.runtime.is_main:
+            progress = None if ctx.progress is None else ctx.progress
+            measured = train_autoencoder(e.autoencoder, load_images(c.data).train, ctx.path / VAE_DIR, progress)
+        settings = encoder_settings(e, VAE_DIR, measured)
+    else:
+        settings = encoder_settings(e)
+    if ctx.runtime.is_main:
+        (ctx.path / ENCODER_FILE).write_text(json.dumps(settings, indent=1))
+        load_encoder(ctx.path)  # loads as later stages will
+    return {**settings, **measured}
+
+
+def _encode(ctx: StageContext) -> dict:
+    """The encoded data set (``latents.zarr``, ``cmt_core.data.encoded``): every image of the data set (both
+    splits, in the data set's order) encoded to the encoder's posterior moments, shard by shard (dask when
+    installed); or EDM2's encoded data set (``data.encoder.edm2_encoded``) imported."""
+    c = ctx.cfg
+    d, e = c.data, c.data.encoder
+    if not ctx.runtime.is_main:
+        return {}
+    if e.edm2_encoded is not None:
+        moments_of = StoredMoments(functools.partial(EDM2Latents, e.edm2_encoded, d.num_classes))
+        num, source = len(EDM2Latents(e.edm2_encoded, d.num_classes)), {"edm2_encoded": str(e.edm2_encoded)}
+    else:
+        images = functools.partial(load_image_dataset, d.name, d.path and str(d.path), d.resolution, d.num_classes)
+        moments_of = PixelMoments(images, functools.partial(load_encoder, ctx.input("encoder")), e.batch_size)
+        num, source = len(images()), {"data": d.name, "path": d.path and str(d.path), "resolution": d.resolution}
+    shape = model_shape_of(e, pixel_shape(d))
+    progress = None if ctx.progress is None else (lambda done, total: ctx.progress(done, total, {}))
+    attrs = {"encoder_id": ctx.input("encoder").name, "source": source}
+    path = encode_dataset(moments_of, ctx.path / LATENTS_DIR, num, shape, d.num_classes > 0, c.encode, attrs, progress)
+    store = open_latents(path)
+    return {"num_images": len(store), "model_shape": list(store.model_shape), "latents": LATENTS_DIR}
 
 
 def _teacher(ctx: StageContext) -> dict:
@@ -194,32 +276,34 @@ def _denoiser(ctx: StageContext, section: str, source: str, path, network: dict,
     """A denoiser's model file: loaded from ``path`` (``source`` 'checkpoint' or 'edm_pickle') or pre-trained here
     with EDM's objective on ``network`` and ``train_cfg``; ``section`` names the config section in errors."""
     c, runtime = ctx.cfg, ctx.runtime
-    data = load_data(c.data)
     if source == "checkpoint":
+        shape, num_classes = model_space(c)
         model = load_teacher("checkpoint", path)
-        _check_classes(section, path, label_dim_of(model), data.num_classes)
+        _check_classes(section, path, label_dim_of(model), num_classes)
         if runtime.is_main:
-            save_model(ctx.path / MODEL_FILE, model, "denoiser", network, data.sample_shape)
+            save_model(ctx.path / MODEL_FILE, model, "denoiser", network, shape)
         return {"weights": True}
     if source == "edm_pickle":
+        shape, num_classes = model_space(c)
         try:
-            edm = edm_teacher(path, data.sample_shape)
+            edm = edm_teacher(path, shape)
         except (pickle.UnpicklingError, ValueError, OSError, EOFError) as err:
             raise InputFileError(f"{section}.path={str(path)!r} is not a usable EDM / EDM2 network pickle: "
                                  f"{describe(err)}") from err
-        _check_classes(section, path, edm.network.get("label_dim", 0), data.num_classes)
+        _check_classes(section, path, edm.network.get("label_dim", 0), num_classes)
         if runtime.is_main:
-            save_model(ctx.path / MODEL_FILE, edm.model, "denoiser", network_values(edm.network, data.num_classes),
+            save_model(ctx.path / MODEL_FILE, edm.model, "denoiser", network_values(edm.network, num_classes),
                        edm.sample_shape)
         return {"weights": True, "edm_class": edm.precond_class}
+    data = stage_data(c, ctx.inputs)
     method = method_of(c, "teacher")
     torch.manual_seed(train_cfg.seed)  # the initial weights, like every other random number, from a seed
-    model = build_model(method.kind, network, data.sample_shape)
+    model = build_model(method.kind, network, data.model_shape)
     loss = method.build_loss(c, LossInputs(None, None, c.network.sigma_data, encoder=data.encoder))
     result = train(model, loss, data.source(train_cfg.seed), train_cfg, ctx.path / "train", runtime,
                    desc=section.split(".")[-1], progress=ctx.progress, events=_events(ctx))
     if runtime.is_main:
-        save_model(ctx.path / MODEL_FILE, result.model, method.kind, network, data.sample_shape)
+        save_model(ctx.path / MODEL_FILE, result.model, method.kind, network, data.model_shape)
     return {"weights": True, "final_loss": result.history[-1]["loss"] if result.history else None}
 
 
@@ -237,18 +321,18 @@ def rollout_teacher(c, inputs: dict[str, Path]) -> functools.partial:
     ``guidance.rollout_scale``: each rollout worker builds the teacher where it runs."""
     t, scale = c.teacher, c.guidance.rollout_scale
     guide = _guide_weights(c, inputs, scale)
-    return functools.partial(teacher_denoiser, t.source, t.path and str(t.path), t.target,
-                             load_data(c.data).distribution, inputs["teacher"] / MODEL_FILE, c.guidance.kind, scale,
-                             guide)
+    distribution = load_data(c.data).distribution if c.data.name in POINT_DATA else None
+    return functools.partial(teacher_denoiser, t.source, t.path and str(t.path), t.target, distribution,
+                             inputs["teacher"] / MODEL_FILE, c.guidance.kind, scale, guide)
 
 
 def solve_rollouts(c, store, inputs: dict[str, Path], progress=None) -> None:
     """Fill (or finish) the store at ``store`` with the trajectories ``c`` describes, solved by the teacher of the
     input artifact folders ``inputs`` (``rollout_teacher``); a class-conditional teacher solves each trajectory for
     a uniformly drawn class."""
-    data, r = load_data(c.data), c.rollout
-    run_rollouts(rollout_teacher(c, inputs), store, r.num_trajectories, data.sample_shape, r,
-                 teacher_id=inputs["teacher"].name, progress=progress, num_classes=data.num_classes)
+    (shape, num_classes), r = model_space(c), c.rollout
+    run_rollouts(rollout_teacher(c, inputs), store, r.num_trajectories, shape, r, teacher_id=inputs["teacher"].name,
+                 progress=progress, num_classes=num_classes)
 
 
 def _rollouts(ctx: StageContext) -> dict:
@@ -271,9 +355,9 @@ def _midtrain(ctx: StageContext) -> dict:
     """Consistency mid-training (the ``midtrain.form`` method) on the rollouts; keeps the EMA model
     ``train.keep`` selects (``model.pt``)."""
     c = ctx.cfg
-    data, method = load_data(c.data), method_of(c, "midtrain")
+    data, method = stage_data(c, ctx.inputs), method_of(c, "midtrain")
     torch.manual_seed(c.midtrain.train.seed)
-    model = build_model(method.kind, few_step_network(c), data.sample_shape, c.rollout.solver.sigma_min)
+    model = build_model(method.kind, few_step_network(c), data.model_shape, c.rollout.solver.sigma_min)
     if c.midtrain.init == "teacher":
         init_from(model, _teacher_weights(ctx))
     source = _batches(method, ctx, data, c.midtrain.train.seed)
@@ -291,7 +375,7 @@ def _train_few_step(ctx: StageContext, data: Data, model, method: Method, loss, 
                    desc=desc, progress=ctx.progress, events=_events(ctx, scorer.grids))
     if ctx.runtime.is_main:
         save_model(ctx.path / MODEL_FILE, result.model, method.kind, few_step_network(ctx.cfg),
-                   data.sample_shape)
+                   data.model_shape)
     kept = result.best_metrics
     mid_sigma = kept["mid_sigma"] if "mid_sigma" in kept else scorer.mid_sigma_for(method.sampler, result.model)
     return {"best_step": result.best_step, "keep": train_cfg.keep if train_cfg.eval_every else "last",
@@ -303,12 +387,12 @@ def _posttrain(ctx: StageContext) -> dict:
     """The post-training method (``posttrain.method``) from the chosen initialisation; keeps the EMA model
     ``train.keep`` selects."""
     c, runtime = ctx.cfg, ctx.runtime
-    p, data, method = c.posttrain, load_data(c.data), method_of(c, "posttrain")
+    p, data, method = c.posttrain, stage_data(c, ctx.inputs), method_of(c, "posttrain")
     torch.manual_seed(p.train.seed)
     if p.init == "cmt":
         model = load_model(ctx.input("midtrain") / MODEL_FILE).train()
     else:
-        model = build_model(method.kind, few_step_network(c), data.sample_shape, c.rollout.solver.sigma_min)
+        model = build_model(method.kind, few_step_network(c), data.model_shape, c.rollout.solver.sigma_min)
         if p.init == "teacher":
             init_from(model, _teacher_weights(ctx))
     teacher = None
@@ -328,7 +412,7 @@ def _evaluation(ctx: StageContext) -> dict:
     c, runtime = ctx.cfg, ctx.runtime
     if not runtime.is_main:
         return {}
-    data = load_data(c.data)
+    data = stage_data(c, ctx.inputs)
     smin, smax = c.rollout.solver.sigma_min, c.rollout.solver.sigma_max
     first = stage_scorer(c, ctx.local_root, runtime.device, data, c.eval.reference_stats)
     scorers = [first] + [Scorer(data, c.eval, first.evaluator, runtime.device, smax, smin, seed_set=k,
@@ -339,7 +423,7 @@ def _evaluation(ctx: StageContext) -> dict:
     mid, post = method_of(c, "midtrain"), method_of(c, "posttrain")
     baseline = None
     if weights.exists():
-        untrained = init_from(build_model(mid.kind, few_step_network(c), data.sample_shape, smin),
+        untrained = init_from(build_model(mid.kind, few_step_network(c), data.model_shape, smin),
                               load_model(weights))
         baseline = ScoredModel("teacher-initialised, untrained", "baseline", mid.sampler, untrained.to(runtime.device))
 
@@ -375,6 +459,18 @@ def _unsound_model(folder: Path) -> str | None:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _sound_encoder(folder: Path, location, metrics: dict) -> str | None:
+    return None if (folder / ENCODER_FILE).is_file() else f"{folder / ENCODER_FILE} is missing"
+
+
+def _sound_latents(folder: Path, location, metrics: dict) -> str | None:
+    try:
+        store = open_latents(folder / LATENTS_DIR)
+    except (LatentStoreError, OSError, ValueError) as err:
+        return describe(err)
+    return None if len(store) == metrics.get("num_images") else f"{folder / LATENTS_DIR} has {len(store)} images"
 
 
 def _sound_teacher(folder: Path, location, metrics: dict) -> str | None:
@@ -450,35 +546,68 @@ def _posttrain_omits(cfg) -> tuple[str, ...]:
     return (*_unguided_posttrain(cfg), *_runs_every_step("posttrain")(cfg))
 
 
+def _latent(cfg, *stages: str) -> tuple[str, ...]:
+    """``stages`` for latent data (the encoder's stages), nothing in the data's own space."""
+    return stages if cfg.data.encoder.kind != "identity" else ()
+
+
+def _in_data_space(cfg) -> bool:
+    """Whether the model works in the data's own space (pixels, 2-D points): its sample shape is read from the
+    data; a latent space's comes from the config (``model_space``)."""
+    return not _latent(cfg, "encoder")
+
+
+def _in_pixels(omit):
+    """A stage's ``omit`` plus ``data.encoder`` while it is the identity: the ids of runs in the data's own space
+    are those from before latent spaces existed."""
+    return lambda cfg: (*omit(cfg), *(() if _latent(cfg, "encoder") else ("data.encoder",)))
+
+
+def _trains_on_data(cfg) -> bool:
+    return method_of(cfg, "posttrain").batches == "data"
+
+
 def _guide_of(cfg, *scales: float) -> tuple[str, ...]:
     """("guide",) when a teacher guided at any of ``scales`` calls the guide network."""
     return ("guide",) if any(uses_guide(cfg, w) for w in scales) else ()
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("encoder", reads=("data",), needs=lambda cfg: (), work=_encoder, trains=False, sound=_sound_encoder,
+          reads_samples=lambda cfg: cfg.data.encoder.kind == "trained"),
+    Stage("encode", reads=("data", "encode.chunk_images", "encode.shard_chunks"), needs=lambda cfg: ("encoder",),
+          work=_encode, uses=("encode.cluster",), omit=lambda cfg: ("data.seed", "data.heldout_fraction"),
+          sound=_sound_latents),
     Stage("teacher", reads=("data", *DENOISER_NETWORK, *TEACHER, "teacher.p_mean", "teacher.p_std", *TEACHER_TRAINING,
                             *PRECISION),
-          needs=lambda cfg: (), work=_teacher, trains=True, omit=_loaded_precision, sound=_sound_teacher),
+          needs=lambda cfg: _latent(cfg, "encoder", *(("encode",) if cfg.teacher.source == "pretrain" else ())),
+          work=_teacher, trains=True, omit=_in_pixels(_loaded_precision), sound=_sound_teacher,
+          reads_samples=lambda cfg: _in_data_space(cfg) or cfg.teacher.source == "pretrain"),
     Stage("guide", reads=("data", *DENOISER_NETWORK, *GUIDE, "teacher.p_mean", "teacher.p_std", *GUIDE_TRAINING,
                           *PRECISION),
-          needs=lambda cfg: (), work=_guide, trains=True, omit=_loaded_guide, sound=_sound_teacher),
+          needs=lambda cfg: _latent(cfg, "encoder", *(("encode",) if cfg.guidance.guide.source == "pretrain" else ())),
+          work=_guide, trains=True, omit=_in_pixels(_loaded_guide), sound=_sound_teacher,
+          reads_samples=lambda cfg: _in_data_space(cfg) or cfg.guidance.guide.source == "pretrain"),
     Stage("rollouts", reads=("data", *TEACHER, *ROLLOUT_GUIDANCE, "rollout.solver", "rollout.num_trajectories",
                              "rollout.batch_size", "rollout.seed", "rollout.store"),
           needs=lambda cfg: ("teacher", *_guide_of(cfg, cfg.guidance.rollout_scale)), work=_rollouts,
-          uses=("rollout.cluster",), omit=_unguided_rollouts, sound=_sound_rollouts),
+          uses=("rollout.cluster",), omit=_in_pixels(_unguided_rollouts), sound=_sound_rollouts,
+          reads_samples=_in_data_space),
     Stage("midtrain", reads=("data", "network", *SIGMAS, "midtrain", *SCORING, *PRECISION),
-          needs=lambda cfg: ("teacher", "rollouts"), work=_midtrain, uses=TRAINING_USES, trains=True,
-          omit=_runs_every_step("midtrain"), sound=_sound_training),
+          needs=lambda cfg: ("teacher", "rollouts", *_latent(cfg, "encoder")), work=_midtrain, uses=TRAINING_USES,
+          trains=True, omit=_in_pixels(_runs_every_step("midtrain")), sound=_sound_training),
     Stage("posttrain", reads=("data", "network", *TEACHER, *TEACHER_GUIDANCE, *SIGMAS, "posttrain", *SCORING,
                               *PRECISION),
           needs=lambda cfg: ("teacher", *(("midtrain",) if cfg.posttrain.init == "cmt" else ()),
-                             *(_guide_of(cfg, cfg.guidance.scale) if _teacher_step(cfg) else ())),
-          work=_posttrain, uses=TRAINING_USES, trains=True, omit=_posttrain_omits, sound=_sound_training),
+                             *(_guide_of(cfg, cfg.guidance.scale) if _teacher_step(cfg) else ()),
+                             *_latent(cfg, "encoder", *(("encode",) if _trains_on_data(cfg) else ()))),
+          work=_posttrain, uses=TRAINING_USES, trains=True, omit=_in_pixels(_posttrain_omits),
+          sound=_sound_training),
     Stage("evaluation", reads=("data", "network", *TEACHER, *TEACHER_GUIDANCE, "guidance.sweep", "teacher.sampler",
                                *SIGMAS, "midtrain.form", "posttrain.method", "posttrain.init", "eval"),
           needs=lambda cfg: ("teacher", "rollouts", "midtrain", "posttrain",
-                             *_guide_of(cfg, cfg.guidance.scale, *cfg.guidance.sweep)),
-          work=_evaluation, uses=("preset",)),
+                             *_guide_of(cfg, cfg.guidance.scale, *cfg.guidance.sweep), *_latent(cfg, "encoder")),
+          work=_evaluation, uses=("preset",), omit=_in_pixels(lambda cfg: ())),
 )}
 TRAINING_STAGES = tuple(name for name, s in STAGES.items() if s.trains)
 PIPELINE = ("evaluation",)  # a whole run: the evaluation and the stages it needs (the guide only when used)

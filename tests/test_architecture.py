@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cmt_core", "tasks", "flows")
 LAYER = {"cmt_core": 0, "tasks": 1, "flows": 2}  # orchestration -> stages -> method: imports point down
 # the extras' modules: never imported at module level in cmt_core
-OPTIONAL = ("prefect", "dask", "distributed", "cleanfid", "torchvision", "scipy", "lpips", "tensorboard")
+OPTIONAL = ("prefect", "dask", "distributed", "cleanfid", "torchvision", "scipy", "lpips", "tensorboard", "diffusers")
 
 
 def module_name(path: Path) -> str:
@@ -146,6 +146,16 @@ SPECIAL = {
     # an early end is checked at evaluations
     **{f"{s}.train.until_below": {f"{s}.train.eval_every": 10, f"{s}.train.until_below": {"score_2step": 0.5}}
        for s in TRAINED},
+    # a trained encoder's network: GroupNorm groups must divide the widths
+    "data.encoder.autoencoder.norm_groups": {"data.encoder.kind": "trained", "data.encoder.autoencoder.norm_groups": 4},
+    "data.encoder.autoencoder.widths": {"data.encoder.kind": "trained", "data.encoder.autoencoder.widths": [16, 32]},
+    "data.encoder.raw_mean": {"data.encoder.kind": "trained", "data.encoder.raw_mean": [0.0] * 4,
+                              "data.encoder.raw_std": [1.0] * 4},
+    "data.encoder.raw_std": {"data.encoder.kind": "trained", "data.encoder.raw_mean": [0.0] * 4,
+                             "data.encoder.raw_std": [2.0] * 4},
+    "data.encoder.path": {"data.encoder.kind": "sd_vae", "data.encoder.path": "vae"},
+    "data.encoder.edm2_encoded": {"data.encoder.kind": "sd_vae", "data.encoder.path": "vae",
+                                  "data.encoder.edm2_encoded": "latents.zip"},
     # the power-function EMA's fields take effect together
     **{f"{s}.train.ema_stds": {f"{s}.train.ema_stds": [0.05, 0.1]} for s in TRAINED},
     **{f"{s}.train.ema_snapshot_every": {f"{s}.train.ema_stds": [0.05, 0.1], f"{s}.train.ema_snapshot_every": 10}
@@ -208,11 +218,30 @@ def special(base: PipelineConfig, path: str) -> dict | None:
         return {"data.num_classes": 4 if points else 10, **guided, path: value[path.split(".")[-1]]}
     if path == "network.kind" and points:
         return {}  # 2-D data has one network kind; the image presets cover this field
+    if path.startswith("data.encoder."):  # a latent space: images only; its fields are read once it is not the identity
+        if points:
+            return {}
+        if path in SPECIAL:
+            return SPECIAL[path]
+        kind = {"data.encoder.kind": "trained"}
+        return kind if path == "data.encoder.kind" else {**kind, path: _valid(base, path, kind)}
     if path in ("data.name", "data.path"):
         if points:
             return {"data.name": "checkerboard"} if path == "data.name" else {"data.path": "unused.npz"}
         return {"data.name": "image_folder", "data.path": "images"}
     return SPECIAL.get(path)
+
+
+def _valid(base: PipelineConfig, path: str, together: dict):
+    """A changed value of ``path`` that is valid beside the values ``together``."""
+    candidates = changed(get(base, path), field_annotation(path))
+    for value in candidates if isinstance(candidates, list) else [candidates]:
+        try:
+            with_values(base, {**together, path: value})
+            return value
+        except ValueError:
+            continue
+    raise AssertionError(f"no valid alternative value for {path}")
 
 
 def with_values(base: PipelineConfig, updates: dict) -> PipelineConfig:
@@ -265,6 +294,8 @@ def test_changing_a_field_changes_the_ids_of_exactly_the_stages_that_read_it_and
     assert sorted(unread) == sorted(["preset", "device", "cpu_threads", "artifact_root", "cache_root",
                                      "rollout.cluster.address", "rollout.cluster.workers",
                                      "rollout.cluster.threads_per_worker", "rollout.cluster.gpu_resource",
+                                     "encode.cluster.address", "encode.cluster.workers",
+                                     "encode.cluster.threads_per_worker", "encode.cluster.gpu_resource",
                                      "teacher.train.eval_every", "teacher.train.keep", "teacher.train.keep_tolerance",
                                      "teacher.train.until_below", "guidance.guide.train.eval_every",
                                      "guidance.guide.train.keep", "guidance.guide.train.keep_tolerance",
@@ -290,9 +321,10 @@ def test_every_preset_plans_every_stage_in_dependency_order():
         assert list(plan(cfg).ids) == list(STAGES)
         order = plan(cfg).needed(["evaluation"])
         guided = cfg.guidance.kind == "autoguidance"  # the guide runs only for autoguidance
-        assert order == [s for s in STAGES if s != "guide" or guided]
-        for stage, s in STAGES.items():
-            assert all(order.index(dep) < order.index(stage) for dep in s.needs(cfg))
+        latent = cfg.data.encoder.kind != "identity"  # the encoder's stages run only in a latent space
+        assert order == [s for s in STAGES if (s != "guide" or guided) and (s not in ("encoder", "encode") or latent)]
+        for stage in order:
+            assert all(order.index(dep) < order.index(stage) for dep in STAGES[stage].needs(cfg))
 
 
 def test_posttraining_from_the_teacher_changes_id_with_the_sigma_min_it_trains_at():

@@ -27,6 +27,8 @@ from cmt_core.config.sections import (
     DataConfig,
     DistanceName,
     ECTConfig,
+    EncodeConfig,
+    EncoderConfig,
     EvalConfig,
     GuidanceConfig,
     GuideConfig,
@@ -46,7 +48,8 @@ from cmt_core.config.sections import (
 )
 
 __all__ = [
-    "Beta", "ClusterConfig", "DATA_PATH_KIND", "DataConfig", "DistanceName", "ECTConfig", "EvalConfig",
+    "Beta", "ClusterConfig", "DATA_PATH_KIND", "DataConfig", "DistanceName", "ECTConfig", "EncodeConfig",
+    "EncoderConfig", "EvalConfig",
     "GuidanceConfig", "GuideConfig", "INPUT_FILES", "LaunchConfig", "MAX_CONFIG_BYTES", "MeanFlowConfig",
     "MidTrainConfig", "NetworkConfig", "PATH_FIELDS", "PipelineConfig", "PostTrainConfig", "RolloutConfig",
     "SolverConfig", "SolverName", "StoreConfig", "StrictModel", "TeacherConfig", "TrainConfig", "load_yaml",

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from cmt_core import methods
 from cmt_core.config.sections import (
     DataConfig,
+    EncodeConfig,
     EvalConfig,
     GuidanceConfig,
     LaunchConfig,
@@ -27,8 +28,9 @@ from cmt_core.teachers import PROGRAMS
 
 # the file and folder fields: what ``preflight`` checks (None: a file or a folder, as ``data.name`` reads it) and
 # what flows confine to their allowed roots, beside the artifact root and its mirror
-INPUT_FILES = {"data.path": None, "teacher.path": "file", "guidance.guide.path": "file",
-               "midtrain.lpips_backbone": "file", "eval.inception_path": "file"}
+INPUT_FILES = {"data.path": None, "data.encoder.path": "dir", "data.encoder.edm2_encoded": None,
+               "teacher.path": "file", "guidance.guide.path": "file", "midtrain.lpips_backbone": "file",
+               "eval.inception_path": "file"}
 # eval.reference_stats: a file or a folder, checked by preflight.check_reference_stats
 PATH_FIELDS = ("artifact_root", "cache_root", *INPUT_FILES, "eval.reference_stats")
 DATA_PATH_KIND = {"npz": "file", "image_folder": None, "cifar10": "dir"}  # None: a folder or a .zip archive
@@ -40,6 +42,7 @@ class PipelineConfig(StrictModel):
 
     preset: str = "custom"
     data: DataConfig = DataConfig()
+    encode: EncodeConfig = EncodeConfig()
     network: NetworkConfig = NetworkConfig()
     teacher: TeacherConfig = TeacherConfig()
     rollout: RolloutConfig = RolloutConfig()

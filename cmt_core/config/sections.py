@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, PositiveFloat, model_validator
 
 from cmt_core import methods
-from cmt_core.data import DATA_NAMES, FILE_DATA
+from cmt_core.data import DATA_NAMES, FILE_DATA, POINT_DATA
 from cmt_core.solvers import SOLVERS
 from cmt_core.teachers import SOURCES
 
@@ -40,6 +40,70 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
+class AutoencoderTrainConfig(StrictModel):
+    """A small KL autoencoder (``diffusers.AutoencoderKL``) trained here as a data set's latent encoder
+    (``cmt_core.autoencoder``): Adam on the reconstruction's mean squared error plus ``kl_weight`` times the
+    posterior's KL divergence, on the training split."""
+
+    widths: tuple[int, ...] = Field((32, 64), min_length=2, max_length=4, description="channels per resolution; "
+                                    "the latents are 2^(len - 1) times smaller per side")
+    latent_channels: int = Field(4, ge=1, le=64)
+    layers_per_block: int = Field(1, ge=1, le=4)
+    norm_groups: int = Field(8, ge=1, le=64, description="GroupNorm groups (must divide every width)")
+    kl_weight: float = Field(1e-4, ge=0.0, le=1.0)
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: PositiveFloat = 1e-3
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _groups(self) -> AutoencoderTrainConfig:
+        if any(w % self.norm_groups for w in self.widths):
+            raise ValueError(f"data.encoder.autoencoder.norm_groups={self.norm_groups} must divide every width "
+                             f"{list(self.widths)}")
+        return self
+
+
+class EncoderConfig(StrictModel):
+    """The encoder between the data's sample space and the model's space (``cmt_core.encoders``): ``identity``
+    (pixels and 2-D points: one space); ``sd_vae``: EDM2's latent encoder, a diffusers ``AutoencoderKL`` in the
+    local folder ``path`` (Stable Diffusion's ``sd-vae-ft-mse`` for ImageNet) with EDM2's whitening; ``trained``: a
+    small ``AutoencoderKL`` trained here (``autoencoder``), whitened by its latents' measured per-channel mean and
+    std."""
+
+    kind: Literal["identity", "sd_vae", "trained"] = "identity"
+    path: Path | None = Field(None, description="sd_vae: a local diffusers AutoencoderKL folder (config.json and "
+                              "diffusion_pytorch_model.safetensors); nothing is downloaded")
+    raw_mean: tuple[float, ...] | None = Field(None, description="the raw latents' assumed per-channel mean (None: "
+                                               "EDM2's for sd_vae, measured for trained)")
+    raw_std: tuple[PositiveFloat, ...] | None = Field(None, description="the raw latents' per-channel std (None: "
+                                                      "EDM2's for sd_vae, measured for trained)")
+    final_mean: float = Field(0.0, description="the whitened latents' mean (EDM2: 0)")
+    final_std: PositiveFloat = Field(0.5, description="the whitened latents' std (EDM2: 0.5)")
+    batch_size: int = Field(8, ge=1, le=4096, description="images per VAE call (EDM2: 8)")
+    edm2_encoded: Path | None = Field(None, description="EDM2's encoded data set of these images (dataset_tool.py "
+                                      "encode: a folder or zip of .npy moments and dataset.json), imported instead "
+                                      "of encoding")
+    autoencoder: AutoencoderTrainConfig = AutoencoderTrainConfig()
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> EncoderConfig:
+        if self.kind == "sd_vae" and self.path is None:
+            raise ValueError("data.encoder.path is required for data.encoder.kind='sd_vae': a local diffusers "
+                             "AutoencoderKL folder")
+        if self.kind != "sd_vae" and (self.path is not None or self.edm2_encoded is not None):
+            raise ValueError(f"data.encoder.path / edm2_encoded are read only with kind='sd_vae' (kind="
+                             f"{self.kind!r})")
+        if (self.raw_mean is None) != (self.raw_std is None) or (
+                self.raw_mean is not None and len(self.raw_mean) != len(self.raw_std)):
+            raise ValueError("data.encoder.raw_mean and raw_std must be given together, one number per channel")
+        if self.kind == "trained" and self.raw_mean is not None and len(self.raw_mean) != \
+                self.autoencoder.latent_channels:
+            raise ValueError(f"data.encoder.raw_mean has {len(self.raw_mean)} channels, the autoencoder "
+                             f"{self.autoencoder.latent_channels}")
+        return self
+
+
 class DataConfig(StrictModel):
     """Which data distribution the pipeline learns.
 
@@ -60,11 +124,16 @@ class DataConfig(StrictModel):
     num_classes: int = Field(0, ge=0, le=100_000, description="class-conditional: the number of classes of the "
                              "data's labels (digits, cifar10: 10; gaussian_mixture: its modes dealt to this many "
                              "classes); every label must lie in [0, num_classes); 0: unconditional, labels unused")
+    encoder: EncoderConfig = Field(EncoderConfig(), description="the model's space: the data's own (identity) or a "
+                                   "latent space (cmt_core.encoders)")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
         if self.name in FILE_DATA and self.path is None:
             raise ValueError(f"data.path is required for data.name={self.name!r}")
+        if self.encoder.kind != "identity" and self.name in POINT_DATA:
+            raise ValueError(f"data.encoder.kind={self.encoder.kind!r} encodes images; {self.name!r} is 2-D point "
+                             "data (use 'identity')")
         if self.name == "checkerboard" and self.num_classes:
             raise ValueError(f"data.num_classes={self.num_classes}: the checkerboard has no classes (use 0)")
         if self.name == "gaussian_mixture" and self.num_classes > self.num_modes:
@@ -281,6 +350,15 @@ class ClusterConfig(StrictModel):
     gpu_resource: bool = Field(False, description="ask each rollout task for the dask resource GPU=1")
 
 
+class EncodeConfig(StrictModel):
+    """The encoding stage (``cmt_core.data.encoded``): a latent data set's store and the dask cluster it is
+    sharded over."""
+
+    chunk_images: int = Field(64, ge=1, le=1 << 20, description="images per zarr chunk")
+    shard_chunks: int = Field(16, ge=1, le=1 << 16, description="chunks per shard file (the unit of a dask task)")
+    cluster: ClusterConfig = ClusterConfig()
+
+
 class RolloutConfig(StrictModel):
     """Teacher ODE trajectories from x_T = sigma_max * z (``cmt_core.trajectories``)."""
 
@@ -311,11 +389,14 @@ class MidTrainConfig(StrictModel):
     distance: DistanceName = Field(
         "squared_l2", description="per-sample d over all dimensions (cmt_core.objectives.distances): squared_l2 "
         "||.||^2, l2_norm ||.||, pseudo_huber sqrt(||.||^2 + c^2) - c, lpips (the reference's default; cm / "
-        "flow_map forms, RGB or grey images)")
+        "flow_map forms, RGB or grey images), elatent_lpips (the reference's ImageNet-512 distance on latents, not "
+        "decoded; cm / flow_map forms)")
     huber_c: float = Field(0.0, ge=0.0, description="pseudo-Huber c per sample, as ECT's -c (a per-dimension "
                            "constant c' is c' * sqrt(dim)); required > 0 with distance='pseudo_huber'")
-    lpips_backbone: Path | None = Field(None, description="distance='lpips': local VGG16 weights, torchvision's "
-                                        "state dict (e.g. vgg16-397923af.pth); nothing is downloaded")
+    lpips_backbone: Path | None = Field(None, description="the weights file of the distance's network, local, "
+                                        "read without running code: distance='lpips': torchvision's VGG16 state "
+                                        "dict (e.g. vgg16-397923af.pth); distance='elatent_lpips': the latent VGG16 "
+                                        "state dict of cmt_core.objectives.latent_lpips.train_latent_vgg")
     init: Literal["teacher", "random"] = "teacher"
     train: TrainConfig = TrainConfig(steps=2000, lr=2e-4)
 
@@ -327,6 +408,9 @@ class MidTrainConfig(StrictModel):
         if self.distance == "lpips" and self.lpips_backbone is None:
             raise ValueError("midtrain.lpips_backbone is required for midtrain.distance='lpips': a local "
                              "file with torchvision's VGG16 weights")
+        if self.distance == "elatent_lpips" and self.lpips_backbone is None:
+            raise ValueError("midtrain.lpips_backbone is required for midtrain.distance='elatent_lpips': a local "
+                             "file with the latent VGG16's weights (cmt_core.objectives.latent_lpips)")
         return self
 
 

@@ -9,11 +9,17 @@ samples in the same order and split. ``Data.encoder`` maps the sample space (wha
 and image distances see) to the model space (what training, rollouts and the store hold) and back
 (``cmt_core.encoders``; the identity for pixels and 2-D points). Synthetic distributions also carry
 ``distribution`` (with an exact ``denoise``) and train on fresh samples every step.
+
+Latent data (``data.encoder.kind`` other than ``identity``): ``train`` / ``heldout`` stay the images (what
+evaluation scores against); ``load_data(cfg, encoder=<encoder artifact>, latents=<latent store>)`` adds the encoder
+and the training split's posterior moments (``cmt_core.data.encoded``), which ``source`` draws latents from;
+``model_shape`` is the latents' shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,11 +43,19 @@ class Data:
     heldout: Dataset
     distribution: Any = None  # GaussianMixture | Checkerboard for synthetic data
     encoder: Encoder = field(default=IDENTITY)
+    latents: Dataset | None = None  # latent data: the training split's posterior moments (an ``EncodedDataset``)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        """The shape of one sample in the model's space."""
+        """The shape of one sample in the sample space (an image, a 2-D point)."""
         return tuple(self.train.sample_shape)
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """The shape of one sample in the model's space (what networks, rollouts and the store hold)."""
+        if self.encoder.name == IDENTITY.name:
+            return self.sample_shape
+        return tuple(self.encoder.model_shape(self.sample_shape))
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +77,13 @@ class Data:
         labels = self.num_classes > 0 if labels is None else labels
         if self.distribution is not None:
             return SyntheticSource(self.distribution, seed, labels)
+        if self.encoder.name != IDENTITY.name:
+            from cmt_core.data.encoded import LatentSource
+
+            if self.latents is None:
+                raise ValueError(f"{self.name!r} in the {self.encoder.name} latent space trains on its encoded data "
+                                 "set, which this Data was loaded without (load_data's latents)")
+            return LatentSource(self.latents, self.encoder, seed, labels)
         return DatasetSource(self.train, seed, labels)
 
 
@@ -81,17 +102,42 @@ def _points(dist, n: int, g: torch.Generator, num_classes: int) -> TensorDataset
     return TensorDataset(*dist.sample_labelled(n, g), num_classes)
 
 
-def load_data(cfg) -> Data:
+def load_images(cfg) -> Data:
+    """The image data set ``cfg`` names in its sample space (its encoder left aside), split into ``train`` /
+    ``heldout`` subsets of the whole data set (``Subset``: their ``indices`` are rows of the whole one)."""
+    from cmt_core.data import images
+
+    whole = images.load_image_dataset(cfg.name, cfg.path, cfg.resolution, cfg.num_classes)
+    train, held = heldout_split(len(whole), cfg.seed, cfg.heldout_fraction)
+    return Data(cfg.name, whole.subset(train), whole.subset(held))
+
+
+def load_data(cfg, encoder: Path | None = None, latents: Path | None = None) -> Data:
     """Load (or sample) the data named by ``cfg`` (a ``DataConfig``); the split is deterministic in ``cfg.seed``.
-    With ``cfg.num_classes`` > 0 the data carries labels in [0, num_classes) or ``ClassLabelError`` says why not."""
+    With ``cfg.num_classes`` > 0 the data carries labels in [0, num_classes) or ``ClassLabelError`` says why not.
+    Latent data (``cfg.encoder.kind`` not ``identity``) needs ``encoder``, the encoder stage's artifact folder, and
+    to train, ``latents``: the encoded data set's store (its rows split as the images are)."""
     if cfg.name in POINT_DATA:
         dist = (GaussianMixture(cfg.num_modes, cfg.mode_radius, cfg.mode_std, cfg.num_classes)
                 if cfg.name == "gaussian_mixture" else Checkerboard(cfg.checker_cells))
         g = torch.Generator().manual_seed(cfg.seed)
         train = _points(dist, SYNTHETIC_TRAIN_SIZE, g, cfg.num_classes)
         return Data(cfg.name, train, _points(dist, SYNTHETIC_TRAIN_SIZE, g, cfg.num_classes), dist)
-    from cmt_core.data import images
+    data = load_images(cfg)
+    if cfg.encoder.kind == "identity":
+        return data
+    if encoder is None:
+        raise ValueError(f"data.encoder.kind={cfg.encoder.kind!r}: loading the data needs the encoder stage's artifact")
+    from cmt_core.encoders import load_encoder
 
-    whole = images.load_image_dataset(cfg.name, cfg.path, cfg.resolution, cfg.num_classes)
-    train, held = heldout_split(len(whole), cfg.seed, cfg.heldout_fraction)
-    return Data(cfg.name, whole.subset(train), whole.subset(held))
+    data.encoder = load_encoder(encoder)
+    if latents is not None:
+        from cmt_core.data.encoded import EncodedDataset
+
+        moments = EncodedDataset(latents, cfg.num_classes)
+        whole = len(data.train) + len(data.heldout)
+        if len(moments) != whole or moments.model_shape != data.model_shape:
+            raise ValueError(f"the latent store {latents} holds {len(moments)} latents of shape {moments.model_shape}; "
+                             f"the data has {whole} images, whose latents are {data.model_shape}")
+        data.latents = moments.subset(data.train.indices)
+    return data

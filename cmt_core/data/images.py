@@ -292,6 +292,22 @@ def load_cifar10(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return to_model_range(np.concatenate(batches), 255.0), torch.from_numpy(np.concatenate(labels))
 
 
+NATIVE_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}  # the embedded / fixed-size data sets' images
+
+
+def pixel_shape(cfg) -> tuple[int, int, int]:
+    """The images' shape ``(C, H, W)`` of the ``DataConfig`` ``cfg`` without reading them: the native shape of a
+    fixed-size data set or ``(3, R, R)`` at ``data.resolution`` R (which a data set of files needs here: its
+    images' sizes are its own)."""
+    if cfg.name in NATIVE_SHAPES:
+        c, h, w = NATIVE_SHAPES[cfg.name]
+        return (c, h, w) if cfg.resolution is None else (c, cfg.resolution, cfg.resolution)
+    if cfg.resolution is None:
+        raise ValueError(f"data.resolution is required for data.name={cfg.name!r} in a latent space: the latents' "
+                         "shape is fixed before any image is read")
+    return 3, cfg.resolution, cfg.resolution
+
+
 def load_image_dataset(name: str, path: Path | None, resolution: int | None, num_classes: int = 0) -> Dataset:
     """The whole image data set ``name`` (the caller splits train / held-out): in memory, or, for an image folder,
     decoded when read; with ``num_classes`` > 0 its labels, each in [0, num_classes) (else ``ClassLabelError``),

@@ -44,7 +44,7 @@ class Scorer:
         self._search: Scorer | None = None
         n = eval_cfg.num_samples
         g = torch.Generator().manual_seed(self.seed)
-        self.x_T = torch.randn(n, *data.sample_shape, generator=g) * self.sigma_max
+        self.x_T = torch.randn(n, *data.model_shape, generator=g) * self.sigma_max
         self.labels = torch.randint(num_classes, (n,), generator=g) if num_classes else None
         self.cond = conditioning.class_cond(self.labels, num_classes)
         self.exact = None

@@ -1,0 +1,274 @@
+"""Latent space: EDM2's VAE encoder on a diffusers folder, the encoding stage's zarr store (resume, dask workers,
+EDM2's own layout), latent training batches, data-free rollouts and ``digits-latent`` end to end.
+
+The VAE is a tiny ``diffusers.AutoencoderKL`` with random weights, written by diffusers' own ``save_pretrained``
+(SD's ``sd-vae-ft-mse`` has the same format and cannot be downloaded here)."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cmt_core.config import ClusterConfig, EncodeConfig, EncoderConfig
+from cmt_core.data.datasets import TensorDataset
+from cmt_core.data.encoded import (
+    EDM2Latents,
+    EncodedDataset,
+    LatentSource,
+    LatentStore,
+    LatentStoreError,
+    PixelMoments,
+    StoredMoments,
+    encode_dataset,
+    open_latents,
+)
+from cmt_core.encoders import (
+    EDM2_RAW_MEAN,
+    EDM2_RAW_STD,
+    StabilityVAE,
+    load_vae,
+    model_shape_of,
+    whitening,
+)
+from cmt_core.errors import InputFileError
+
+diffusers = pytest.importorskip("diffusers")
+
+NUM, RES = 37, 16  # images of the latent store tests; 3x16x16 -> latents 4x8x8
+CFG = EncodeConfig(chunk_images=4, shard_chunks=2, cluster=ClusterConfig(workers=1))  # shards of 8: 5 shards
+NUM_SHARDS = 5
+
+
+def write_tiny_vae(folder: Path, seed: int = 0) -> Path:
+    """A random ``AutoencoderKL`` (3 -> 4 latent channels, downsampling 2) in diffusers' format at ``folder``."""
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    return write_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
+
+
+def images(num: int = NUM, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.rand(num, 3, RES, RES, generator=g) * 2 - 1, torch.arange(num) % 3, 3)
+
+
+# dask workers import these: module-level factories
+def vae_encoder(path: str):
+    return StabilityVAE(Path(path), batch_size=3)
+
+
+class SlowEncoder:
+    def __init__(self, path: str, delay: float):
+        self.vae, self.delay = vae_encoder(path), delay
+
+    def moments(self, x):
+        time.sleep(self.delay)
+        return self.vae.moments(x)
+
+
+def slow_encoder(path: str, delay: float):
+    return SlowEncoder(path, delay)
+
+
+def pixel_moments(vae_path: Path, encoder=vae_encoder, **kwargs) -> PixelMoments:
+    return PixelMoments(images, functools.partial(encoder, str(vae_path), **kwargs), batch=3)
+
+
+def encode(path: Path, vae_path: Path, cfg=CFG, **kwargs) -> Path:
+    return encode_dataset(pixel_moments(vae_path), path, NUM, (4, RES // 2, RES // 2), True, cfg,
+                          {"encoder_id": "tiny", "source": {"data": "random"}}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, vae_dir) -> LatentStore:
+    return open_latents(encode(tmp_path_factory.mktemp("latents") / "latents.zarr", vae_dir, in_process=True))
+
+
+def assert_same_store(path: Path, reference: LatentStore) -> None:
+    store = open_latents(path)
+    assert np.array_equal(store.moments[:], reference.moments[:])  # bit-identical
+    assert np.array_equal(store.labels[:], reference.labels[:])
+
+
+# ------------------------------------------------------------------------------------------------ the encoder
+
+
+def test_decode_of_encode_equals_diffusers_own_round_trip(vae_dir):
+    ours, vae = StabilityVAE(vae_dir), load_vae(vae_dir)
+    x = images(4).all()
+    noise = torch.randn(4, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        posterior = vae.encode((x + 1) / 2).latent_dist  # EDM2 feeds the VAE pixels / 255
+        expected = vae.decode(posterior.mean + noise * posterior.std).sample.clamp(0, 1) * 2 - 1
+    moments = ours.moments(x)
+    assert torch.allclose(moments, torch.cat([posterior.mean, posterior.std], dim=1), atol=1e-6)
+    decoded = ours.decode(ours.latents(moments, noise))
+    assert decoded.shape == x.shape and torch.allclose(decoded, expected, atol=1e-5)
+
+
+def test_edm2_whitening_constants_are_applied_both_ways(vae_dir):
+    enc = StabilityVAE(vae_dir)
+    scale, bias = whitening(EDM2_RAW_MEAN, EDM2_RAW_STD)
+    assert torch.allclose(scale, 0.5 / torch.tensor(EDM2_RAW_STD)) and torch.allclose(
+        bias, -torch.tensor(EDM2_RAW_MEAN) * scale)
+    mean = torch.randn(2, 4, 3, 3) * 4 + torch.tensor(EDM2_RAW_MEAN)[:, None, None]
+    std, noise = torch.rand(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    z = enc.latents(torch.cat([mean, std], dim=1), noise)
+    assert torch.allclose(z, (mean + noise * std) * scale[:, None, None] + bias[:, None, None])
+    with torch.no_grad():  # decode undoes the whitening before the VAE's decoder
+        expected = enc.vae.decode(mean + noise * std).sample.clamp(0, 1) * 2 - 1
+    assert torch.allclose(enc.decode(z), expected, atol=1e-5)
+    cfg = EncoderConfig(kind="sd_vae", path=vae_dir)
+    assert model_shape_of(cfg, (3, RES, RES)) == enc.model_shape((3, RES, RES)) == (4, RES // 2, RES // 2)
+
+
+def test_a_vae_folder_without_weights_is_refused_naming_the_field(tmp_path, vae_dir):
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text((vae_dir / "config.json").read_text())
+    with pytest.raises(InputFileError, match=r"data.encoder.path=.*has no weights: diffusion_pytorch_model"):
+        load_vae(folder)
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"a pickle is never read")
+    with pytest.raises(InputFileError, match="never read"):
+        load_vae(folder)
+    with pytest.raises(InputFileError, match="no config.json"):
+        load_vae(tmp_path)
+
+
+def test_a_vae_folder_without_weights_exits_2_with_one_line(tmp_path, vae_dir):
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text((vae_dir / "config.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "cmt_core.cli", "run", "--preset", "digits", "--artifact-root",
+                           str(tmp_path / "a"), "--set", "data.encoder.kind=sd_vae", "--set",
+                           f"data.encoder.path={folder}"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.encoder.path=" in lines[0] and "has no weights" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------- the latent store
+
+
+def test_store_holds_each_images_moments_and_label(reference, vae_dir):
+    assert len(reference) == NUM and reference.model_shape == (4, RES // 2, RES // 2)
+    assert reference.num_shards == NUM_SHARDS and reference.complete
+    data = images()
+    expected = StabilityVAE(vae_dir, batch_size=3).moments(data.read(slice(8, 16)))
+    assert torch.equal(torch.from_numpy(reference.moments[8:16]), expected)
+    assert torch.equal(torch.from_numpy(reference.labels[:]), data.class_labels)
+    ds = EncodedDataset(reference.path, num_classes=3)
+    assert torch.equal(ds.read([20, 3, 20]), torch.from_numpy(reference.moments[[20, 3, 20]]))
+    assert torch.equal(ds.labels([5]), torch.tensor([2]))
+
+
+def test_one_and_two_dask_workers_give_bit_identical_stores(tmp_path, reference, vae_dir):
+    for workers in (1, 2):
+        cfg = CFG.model_copy(update={"cluster": ClusterConfig(workers=workers)})
+        path = encode(tmp_path / f"w{workers}", vae_dir, cfg)
+        assert_same_store(path, reference)
+        assert LatentStore(path).attrs["encode_runs"][-1]["cluster"] == f"LocalCluster({workers} workers)"
+
+
+def test_a_complete_store_returns_at_once_and_a_different_one_refuses_to_resume(reference, vae_dir):
+    before = reference.attrs["encode_runs"]
+    encode(reference.path, vae_dir, in_process=True)
+    assert LatentStore(reference.path).attrs["encode_runs"] == before
+    with pytest.raises(LatentStoreError, match="encoder_id"):
+        encode_dataset(pixel_moments(vae_dir), reference.path, NUM, (4, 8, 8), True, CFG,
+                       {"encoder_id": "other", "source": {"data": "random"}})
+
+
+@pytest.mark.slow
+def test_killed_encoding_resumes_the_missing_shards_only(tmp_path, reference, vae_dir):
+    path = tmp_path / "latents.zarr"
+    script = (
+        "from test_latent import *\n"
+        "torch.set_num_threads(1)\n"  # as the test process: a convolution's bits depend on the thread count
+        f"encode_dataset(pixel_moments(Path({str(vae_dir)!r}), slow_encoder, delay=0.3), Path({str(path)!r}), NUM, "
+        "(4, 8, 8), True, CFG, {'encoder_id': 'tiny', 'source': {'data': 'random'}}, in_process=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not ((path / "zarr.json").exists() and len(LatentStore(path).missing_shards()) <= NUM_SHARDS - 2):
+            assert proc.poll() is None, f"encoding ended early: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no shard was written in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    missing = LatentStore(path).missing_shards()
+    assert 0 < len(missing) <= NUM_SHARDS - 2 and not LatentStore(path).complete
+    with pytest.raises(LatentStoreError, match="incomplete"):
+        open_latents(path)
+    encode(path, vae_dir, in_process=True)
+    assert [r["shards_computed"] for r in LatentStore(path).attrs["encode_runs"]] == [len(missing)]
+    assert_same_store(path, reference)
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_edm2s_encoded_layout_is_imported_as_it_is(tmp_path, reference, archive):
+    """``dataset_tool.py encode``'s output: ``NNNNN/img-mean-std-NNNNNNNN.npy`` (float32 (8, h, w)) and
+    ``dataset.json`` with ``[[file, label], ...]``."""
+    files, labels = {}, []
+    for k in range(NUM):
+        name = f"{k // 1000:05d}/img-mean-std-{k:08d}.npy"
+        buffer = io.BytesIO()
+        np.save(buffer, reference.moments[k])
+        files[name] = buffer.getvalue()
+        labels.append([name, int(reference.labels[k])])
+    files["dataset.json"] = json.dumps({"labels": labels}).encode()
+    source = tmp_path / ("edm2.zip" if archive else "edm2")
+    if archive:
+        with zipfile.ZipFile(source, "w") as z:
+            for name, data in files.items():
+                z.writestr(name, data)
+    else:
+        for name, data in files.items():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes(data)
+    ds = EDM2Latents(source, num_classes=3)
+    assert len(ds) == NUM and ds.sample_shape == (8, 8, 8)
+    path = encode_dataset(StoredMoments(functools.partial(EDM2Latents, source, 3)), tmp_path / "s", NUM, (4, 8, 8),
+                          True, CFG, {"source": {"edm2_encoded": str(source)}}, in_process=True)
+    assert_same_store(path, reference)
+
+
+def test_a_folder_of_pixels_is_no_encoded_data_set(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"\x89PNG")
+    with pytest.raises(LatentStoreError, match="no .npy files"):
+        EDM2Latents(tmp_path / "img")
+
+
+def test_latent_batches_are_a_function_of_the_step_and_split_across_ranks(reference, vae_dir):
+    enc = StabilityVAE(vae_dir)
+    source = LatentSource(EncodedDataset(reference.path, 3), enc, seed=5, labels=True)
+    a, b = source.batch(3, 8), source.batch(3, 8)
+    assert torch.equal(a["x"], b["x"]) and a["x"].shape == (8, 4, 8, 8)
+    assert not torch.equal(source.batch(4, 8)["x"], a["x"])  # a fresh posterior draw and batch every step
+    halves = [source.batch(3, 8, rank=r, world=2) for r in range(2)]
+    assert torch.equal(torch.cat([h["x"] for h in halves]), a["x"])
+    assert torch.equal(torch.cat([h["cond"]["class_labels"] for h in halves]), a["cond"]["class_labels"])
