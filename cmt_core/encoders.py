@@ -46,7 +46,7 @@ class Encoder(Protocol):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor: ...
 
-    def describe(self) -> dict: ...
+    def describe(self, path: str | None = None) -> dict: ...
 
 
 class IdentityEncoder:
@@ -60,7 +60,7 @@ class IdentityEncoder:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
-    def describe(self) -> dict:
+    def describe(self, path: str | None = None) -> dict:
         return {"encoder": self.name}
 
 
@@ -211,28 +211,45 @@ class StabilityVAE:
         images = torch.cat([vae.decode(batch).sample for batch in raw.split(self.batch_size)])
         return images.clamp(0, 1) * 2 - 1
 
-    def describe(self) -> dict:
-        return {"encoder": self.name, "path": str(self.path), "raw_mean": list(self.raw_mean),
-                "raw_std": list(self.raw_std), "final_mean": self.final_mean, "final_std": self.final_std}
+    def describe(self, path: str | None = None) -> dict:
+        """The settings that rebuild this encoder (``encoder_from``), its VAE folder as ``path`` (default: where it
+        was read from)."""
+        return {"encoder": self.name, "path": str(self.path) if path is None else path,
+                "raw_mean": list(self.raw_mean), "raw_std": list(self.raw_std), "final_mean": self.final_mean,
+                "final_std": self.final_std, "batch_size": self.batch_size}
 
 
 def encoder_settings(cfg, vae_path: Path | None = None, measured: dict | None = None) -> dict:
     """What rebuilds the encoder of ``cfg`` (an ``EncoderConfig`` of kind ``sd_vae`` or ``trained``), as the
-    encoder stage records it (``ENCODER_FILE``): the VAE folder (``vae_path``, for a trained one the artifact's
-    ``VAE_DIR``, relative), the whitening constants (given, EDM2's, or ``measured`` ones) and the batch size."""
+    encoder stage records it (``ENCODER_FILE``; ``encoder_from`` reads it): the VAE folder (``vae_path``, for a
+    trained one the artifact's ``VAE_DIR``, relative), the whitening constants (given, EDM2's, or ``measured``
+    ones) and the batch size."""
     raw_mean, raw_std = cfg.raw_mean, cfg.raw_std
     if raw_mean is None:
         raw_mean, raw_std = ((EDM2_RAW_MEAN, EDM2_RAW_STD) if cfg.kind == "sd_vae" else
                              (measured["raw_mean"], measured["raw_std"]))
-    return {"kind": cfg.kind, "path": str(vae_path if vae_path is not None else cfg.path),
+    return {"encoder": cfg.kind, "path": str(vae_path if vae_path is not None else cfg.path),
             "raw_mean": list(raw_mean), "raw_std": list(raw_std), "final_mean": cfg.final_mean,
             "final_std": cfg.final_std, "batch_size": cfg.batch_size}
 
 
-def load_encoder(folder: Path) -> StabilityVAE:
+LATENT_KINDS = ("sd_vae", "trained")
+
+
+def encoder_from(settings: dict, base: Path, field: str = "data.encoder.path") -> Encoder:
+    """The encoder ``settings`` describe (``describe()`` / ``encoder_settings``): the identity, or a VAE whose
+    relative ``path`` lies in the folder ``base``; ``ValueError`` for a kind this version does not read."""
+    kind = settings.get("encoder")
+    if kind == IDENTITY.name:
+        return IDENTITY
+    if kind not in LATENT_KINDS:
+        raise ValueError(f"encoder {kind!r} is not one this version reads ({IDENTITY.name}, {', '.join(LATENT_KINDS)})")
+    path = Path(settings["path"])
+    return StabilityVAE(path if path.is_absolute() else Path(base) / path, settings["raw_mean"], settings["raw_std"],
+                        settings["final_mean"], settings["final_std"], settings["batch_size"], field, name=kind)
+
+
+def load_encoder(folder: Path) -> Encoder:
     """The encoder recorded in the encoder stage's artifact ``folder`` (its ``encoder.json``; a relative VAE path
     is inside the folder)."""
-    settings = json.loads((Path(folder) / ENCODER_FILE).read_text())
-    path = Path(settings["path"])
-    return StabilityVAE(path if path.is_absolute() else Path(folder) / path, settings["raw_mean"], settings["raw_std"],
-                        settings["final_mean"], settings["final_std"], settings["batch_size"], name=settings["kind"])
+    return encoder_from(json.loads((Path(folder) / ENCODER_FILE).read_text()), folder)

@@ -45,7 +45,7 @@ from torch import nn
 from cmt_core import conditioning
 from cmt_core.artifacts import MODEL_FILE, ManifestError, publish, read_manifest
 from cmt_core.checkpoint import CheckpointError, load_file
-from cmt_core.encoders import IDENTITY, Encoder
+from cmt_core.encoders import IDENTITY, VAE_WEIGHTS, Encoder, encoder_from, load_encoder
 from cmt_core.errors import InputFileError, describe
 from cmt_core.models import label_dim_of, model_from_fields
 from cmt_core.rng import Stream, generator
@@ -58,7 +58,7 @@ RENOISING = frozenset({"consistency"})  # samplers that draw fresh noise at each
 SPEC_FILE, WEIGHTS_FILE = "generator.json", "model.safetensors"
 FORMAT, VERSION = "cmt-generator", 1
 SAMPLER_OF_KIND = {"consistency": "consistency", "flow_map": "flow_map"}
-ENCODERS = {IDENTITY.name: IDENTITY}  # the encoders an exported generator may name
+VAE_EXPORT = "vae"  # a latent generator's VAE, copied beside its weights (diffusers' format: safetensors, JSON)
 GENERATOR_STAGES = ("midtrain", "posttrain")  # the stages whose artifacts are generators
 
 
@@ -140,7 +140,15 @@ class Generator:
         source = {"stage": stage, "artifact_id": manifest["artifact_id"], "data": config.get("data", {}).get("name"),
                   "method": config.get(stage, {}).get("form" if stage == "midtrain" else "method"),
                   "scores": {k: manifest["metrics"].get(k) for k in ("score_names", "score_1step", "score_2step")}}
-        return cls(model, model_kind(model), blob["network"], blob["sample_shape"], sigma_max, mid_sigma, IDENTITY,
+        encoder = IDENTITY
+        if "encoder" in manifest["inputs"]:  # a latent model: its encoder stage's artifact beside its own
+            where = folder.parent.parent / "encoder" / manifest["inputs"]["encoder"]
+            try:
+                encoder = load_encoder(where)
+            except (OSError, ValueError) as err:
+                raise GeneratorError(f"{folder} is a latent model whose encoder at {where} cannot be read "
+                                     f"({describe(err)})") from None
+        return cls(model, model_kind(model), blob["network"], blob["sample_shape"], sigma_max, mid_sigma, encoder,
                    source)
 
     def check_steps(self, steps: int) -> None:
@@ -233,12 +241,14 @@ class Generator:
             out.append(self.draw(rows, steps, seed, None if labels is None else labels[rows], cache)[0].cpu())
         return torch.cat(out)
 
-    def spec(self, weights_sha256: str) -> GeneratorSpec:
-        """The ``generator.json`` fields of this generator with weights of that digest."""
+    def spec(self, weights_sha256: str, encoder: dict | None = None) -> GeneratorSpec:
+        """The ``generator.json`` fields of this generator with weights of that digest (``encoder``: its encoder's
+        settings as exported; default: ``describe()``)."""
         return GeneratorSpec(format=FORMAT, version=VERSION, kind=self.kind, network=self.network,
                              sample_shape=list(self.sample_shape), preconditioning=type(self.model).__name__,
                              sampler=self.sampler, sigma_max=self.sigma_max, sigma_min=self.sigma_min,
-                             mid_sigma=self.mid_sigma, num_classes=self.num_classes, encoder=self.encoder.describe(),
+                             mid_sigma=self.mid_sigma, num_classes=self.num_classes,
+                             encoder=self.encoder.describe() if encoder is None else encoder,
                              source=self.source, weights_sha256=weights_sha256)
 
 
@@ -282,7 +292,14 @@ def export_generator(gen: Generator, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in gen.model.state_dict().items()}
     publish(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
-    spec = gen.spec(_sha256(folder / WEIGHTS_FILE))
+    encoder = gen.encoder.describe()
+    if gen.encoder.name != IDENTITY.name:  # the VAE travels with the generator
+        (folder / VAE_EXPORT).mkdir(exist_ok=True)
+        for name in ("config.json", VAE_WEIGHTS):
+            data = (gen.encoder.path / name).read_bytes()
+            publish(folder / VAE_EXPORT / name, lambda tmp, data=data: tmp.write_bytes(data))
+        encoder = gen.encoder.describe(VAE_EXPORT) | {"weights_sha256": _sha256(folder / VAE_EXPORT / VAE_WEIGHTS)}
+    spec = gen.spec(_sha256(folder / WEIGHTS_FILE), encoder)
     text = json.dumps(spec.model_dump(mode="json"), indent=2) + "\n"
     publish(folder / SPEC_FILE, lambda tmp: tmp.write_text(text))
     return folder
@@ -306,10 +323,13 @@ def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> Ge
         raise GeneratorError(f"{spec_file}: {field}: {first['msg']}") from None
     except OSError as err:
         raise GeneratorError(f"{spec_file} cannot be read: {describe(err)}") from None
-    encoder = ENCODERS.get(spec.encoder.get("encoder"))
-    if encoder is None:
-        raise GeneratorError(f"{spec_file}: encoder={json.dumps(spec.encoder)[:80]} is not one this version reads "
-                             f"({sorted(ENCODERS)})")
+    vae = folder / VAE_EXPORT / VAE_WEIGHTS
+    if "weights_sha256" in spec.encoder and (not vae.is_file() or _sha256(vae) != spec.encoder["weights_sha256"]):
+        raise GeneratorError(f"{vae}: missing, or its sha256 is not the one {SPEC_FILE} records")
+    try:
+        encoder = encoder_from(spec.encoder, folder, f"{SPEC_FILE}: encoder.path")
+    except (KeyError, TypeError, ValueError) as err:
+        raise GeneratorError(f"{spec_file}: encoder={json.dumps(spec.encoder)[:80]}: {describe(err)}") from None
     if spec.sampler != SAMPLER_OF_KIND[spec.kind]:
         raise GeneratorError(f"{spec_file}: sampler={spec.sampler!r} does not sample a {spec.kind} model")
     if not weights_file.is_file():

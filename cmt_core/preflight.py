@@ -34,15 +34,18 @@ import importlib.util
 import math
 import os
 import stat
+import zipfile
 from pathlib import Path
 
 import torch
 
 from cmt_core import object_storage as remote
 from cmt_core.artifacts import FEATURES_DIR, LOGS_DIR, RESULTS_DIR
+from cmt_core.checkpoint import load_file
 from cmt_core.config import DATA_PATH_KIND, INPUT_FILES, DataConfig, GuideConfig, TeacherConfig
 from cmt_core.data import POINT_DATA, Data, load_data, load_images
 from cmt_core.data.datasets import ClassLabelError
+from cmt_core.data.encoded import EDM2Latents, LatentStoreError
 from cmt_core.data.images import pixel_shape
 from cmt_core.encoders import model_shape_of, vae_folder_problem
 from cmt_core.engine import Plan, complete_result
@@ -195,6 +198,10 @@ def _check_files(cfg, plan: Plan, todo: list[str]) -> None:
                                "or EDM dataset_tool's .zip")
             if path == "data.encoder.edm2_encoded":
                 _check_archive(path, value, resolved, "it is read as EDM2 dataset_tool.py encode's output")
+                try:
+                    EDM2Latents(resolved, cfg.data.num_classes)
+                except (LatentStoreError, OSError, ValueError, zipfile.BadZipFile) as err:
+                    raise PreflightError(f"{path}={brief(str(value))}: {describe(err)}") from err
             if path == "data.encoder.path" and cfg.data.encoder.kind == "sd_vae":
                 problem = vae_folder_problem(resolved)
                 if problem:
@@ -380,11 +387,21 @@ def _probe_denoiser(section: str, source: str, path, target: str | None, data_cf
     try:
         if source == "edm_pickle":
             net = edm_teacher(path, shape).model
+        elif source == "checkpoint":
+            blob = load_file(path)
+            recorded = tuple(blob.get("sample_shape") or ()) if isinstance(blob, dict) else ()
+            if recorded and recorded != tuple(shape):
+                space = "latents" if data_cfg.encoder.kind != "identity" else "samples"
+                raise PreflightError(f"{field}={brief(value)} denoises samples of shape {recorded}; the model's "
+                                     f"{space} are {tuple(shape)}")
+            net = load_teacher(source, path, target, None)
         else:
             distribution = load_data(data_cfg).distribution if data_cfg.name in POINT_DATA else None
             net = load_teacher(source, path, target, distribution)
         with torch.no_grad():
             out = net(x, torch.ones(2))
+    except PreflightError:
+        raise
     except Exception as err:  # any failure to load or run it is bad input, reported on one line
         raise PreflightError(f"{field}={brief(value)} cannot be used as the {section.split('.')[-1]} ({section}."
                              f"source={source!r}): {describe(err)}") from err

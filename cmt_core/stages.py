@@ -240,7 +240,10 @@ def _encode(ctx: StageContext) -> dict:
         return {}
     if e.edm2_encoded is not None:
         moments_of = StoredMoments(functools.partial(EDM2Latents, e.edm2_encoded, d.num_classes))
-        num, source = len(EDM2Latents(e.edm2_encoded, d.num_classes)), {"edm2_encoded": str(e.edm2_encoded)}
+        try:
+            num, source = len(EDM2Latents(e.edm2_encoded, d.num_classes)), {"edm2_encoded": str(e.edm2_encoded)}
+        except LatentStoreError as err:
+            raise InputFileError(f"data.encoder.edm2_encoded={str(e.edm2_encoded)!r}: {err}") from err
     else:
         images = functools.partial(load_image_dataset, d.name, d.path and str(d.path), d.resolution, d.num_classes)
         moments_of = PixelMoments(images, functools.partial(load_encoder, ctx.input("encoder")), e.batch_size)
@@ -580,12 +583,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           sound=_sound_latents),
     Stage("teacher", reads=("data", *DENOISER_NETWORK, *TEACHER, "teacher.p_mean", "teacher.p_std", *TEACHER_TRAINING,
                             *PRECISION),
-          needs=lambda cfg: _latent(cfg, "encoder", *(("encode",) if cfg.teacher.source == "pretrain" else ())),
+          needs=lambda cfg: _latent(cfg, "encoder", "encode") if cfg.teacher.source == "pretrain" else (),
           work=_teacher, trains=True, omit=_in_pixels(_loaded_precision), sound=_sound_teacher,
           reads_samples=lambda cfg: _in_data_space(cfg) or cfg.teacher.source == "pretrain"),
     Stage("guide", reads=("data", *DENOISER_NETWORK, *GUIDE, "teacher.p_mean", "teacher.p_std", *GUIDE_TRAINING,
                           *PRECISION),
-          needs=lambda cfg: _latent(cfg, "encoder", *(("encode",) if cfg.guidance.guide.source == "pretrain" else ())),
+          needs=lambda cfg: _latent(cfg, "encoder", "encode") if cfg.guidance.guide.source == "pretrain" else (),
           work=_guide, trains=True, omit=_in_pixels(_loaded_guide), sound=_sound_teacher,
           reads_samples=lambda cfg: _in_data_space(cfg) or cfg.guidance.guide.source == "pretrain"),
     Stage("rollouts", reads=("data", *TEACHER, *ROLLOUT_GUIDANCE, "rollout.solver", "rollout.num_trajectories",

@@ -78,11 +78,12 @@ def test_l2_norm_has_a_zero_gradient_where_the_samples_agree():
 
 def test_make_distance_builds_every_name_but_needs_a_file_for_lpips():
     a, b = pair()
-    for name in set(DISTANCES) - {"lpips"}:
+    for name in set(DISTANCES) - {"lpips", "elatent_lpips"}:  # the perceptual ones: tests/test_latent_lpips.py too
         assert make_distance(name, huber_c=12.0)(a, b).shape == (2,)
     assert make_distance("pseudo_huber", huber_c=12.0)(a, b)[0].item() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="lpips_backbone"):
-        make_distance("lpips")
+    for name in ("lpips", "elatent_lpips"):
+        with pytest.raises(ValueError, match="lpips_backbone"):
+            make_distance(name)
     with pytest.raises(ValueError, match="unknown distance 'l2'"):
         make_distance("l2")
 

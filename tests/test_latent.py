@@ -272,3 +272,108 @@ def test_latent_batches_are_a_function_of_the_step_and_split_across_ranks(refere
     halves = [source.batch(3, 8, rank=r, world=2) for r in range(2)]
     assert torch.equal(torch.cat([h["x"] for h in halves]), a["x"])
     assert torch.equal(torch.cat([h["cond"]["class_labels"] for h in halves]), a["cond"]["class_labels"])
+
+
+# ------------------------------------------------------------------------------------------ stages, end to end
+
+TINY = ["data.encoder.autoencoder.steps=30", "data.encoder.autoencoder.batch_size=64", "teacher.train.steps=60",
+        "rollout.num_trajectories=256", "rollout.batch_size=256", "midtrain.train.steps=40",
+        "midtrain.train.eval_every=20", "posttrain.train.steps=20", "posttrain.train.eval_every=10",
+        "eval.num_samples=200", "eval.batch_size=200", "eval.num_seed_sets=1"]
+
+
+@pytest.mark.slow
+def test_digits_latent_runs_end_to_end_and_its_generator_decodes_to_digits(tmp_path):
+    from cmt_core.generator import Generator, export_generator, load_generator
+    from cmt_core.pipeline import run_pipeline
+    from cmt_core.presets import get_preset
+
+    cfg = get_preset("digits-latent", TINY, artifact_root=tmp_path / "a")
+    results = run_pipeline(cfg)
+    assert list(results) == ["encoder", "encode", "teacher", "rollouts", "midtrain", "posttrain", "evaluation"]
+    encoder = results["encoder"].metrics
+    assert encoder["encoder"] == "trained" and len(encoder["raw_mean"]) == 4 and encoder["path"] == "vae"
+    assert results["encode"].metrics == {"num_images": 1797, "model_shape": [4, 4, 4], "latents": "latents.zarr"}
+    rows = results["evaluation"].metrics["by_key"]
+    assert all(np.isfinite(row["FD-digits"]) for row in rows.values())
+    assert open_latents(results["encode"].path / "latents.zarr").labels is None  # digits-latent is unconditional
+
+    gen = Generator.from_stage(results["posttrain"].path)
+    assert gen.sample_shape == (4, 4, 4) and gen.encoder.name == "trained"
+    images = gen.sample(70, steps=2)
+    assert images.shape == (70, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
+    folder = export_generator(gen, tmp_path / "export")
+    assert (folder / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert torch.equal(load_generator(folder).sample(70, steps=2), images)  # the VAE travels with it
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"replaced")
+    with pytest.raises(Exception, match="sha256"):
+        load_generator(folder)
+    assert all(r.cached for r in run_pipeline(cfg).values())  # a rerun reuses every stage
+
+
+def latent_teacher(path: Path, shape=(4, 8, 8), num_classes: int = 3) -> Path:
+    """A random denoiser of ours (MLP) on latents of ``shape`` for ``num_classes`` classes, as a model file."""
+    from cmt_core.models import build_model, save_model
+    from cmt_core.stages import network_values
+
+    values = network_values({"kind": "mlp", "width": 32, "depth": 2, "emb_dim": 16}, num_classes)
+    torch.manual_seed(0)
+    save_model(path, build_model("denoiser", values, shape), "denoiser", values, shape)
+    return path
+
+
+def latent_config(tmp_path: Path, vae_dir: Path, teacher: Path, *extra: str):
+    from cmt_core.presets import get_preset
+
+    return get_preset("digits", [
+        "data.name=image_folder", f"data.path={tmp_path / 'no-images-here'}", "data.resolution=16",
+        "data.num_classes=3", "data.encoder.kind=sd_vae", f"data.encoder.path={vae_dir}",
+        "network.width=32", "network.depth=2", "network.emb_dim=16", "network.dropout=0",
+        "teacher.source=checkpoint", f"teacher.path={teacher}", "rollout.num_trajectories=64",
+        "rollout.batch_size=32", "rollout.store.chunk_trajectories=16", "rollout.store.shard_chunks=2",
+        "rollout.solver.steps=4", *extra], artifact_root=tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_data_free_rollouts_read_no_data_file(tmp_path, vae_dir, monkeypatch):
+    """The reference's ImageNet-512 rollouts: no data set, uniformly drawn class labels, x_T = 80 z; the data's
+    folder does not even exist, and reading any image would raise."""
+    from cmt_core.data import images as image_module
+    from cmt_core.pipeline import run_pipeline
+    from cmt_core.trajectories.store import open_store
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a data file was read")
+
+    monkeypatch.setattr(image_module, "load_image_dataset", no_reading)
+    monkeypatch.setattr(image_module.ImageFolderDataset, "__init__", no_reading)
+    cfg = latent_config(tmp_path, vae_dir, latent_teacher(tmp_path / "teacher.pt"))
+    results = run_pipeline(cfg, targets=("rollouts",))
+    assert set(results) == {"teacher", "rollouts"}  # neither the encoder nor the data set is needed
+    store = open_store(results["rollouts"].path / "store.zarr")
+    assert store.sample_shape == (4, 8, 8) and len(store) == 64
+    labels = torch.from_numpy(store.group["cond/class_labels"][:]).argmax(1)
+    assert set(labels.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["latents of the wrong channel count", "a pixel data set as EDM2 latents"])
+def test_bad_latent_inputs_exit_2_with_one_line(tmp_path, vae_dir, case):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(12):
+        Image.fromarray(np.full((16, 16, 3), 20 * k, np.uint8)).save(folder / f"{k}.png")
+    if case == "latents of the wrong channel count":  # a teacher of 3-channel samples for 4-channel latents
+        teacher, extra, expected = latent_teacher(tmp_path / "t.pt", (3, 8, 8), 0), [], "(4, 8, 8)"
+    else:
+        teacher, extra, expected = (latent_teacher(tmp_path / "t.pt", num_classes=0),
+                                    [f"data.encoder.edm2_encoded={folder}"], "no .npy files")
+    cfg = latent_config(tmp_path, vae_dir, teacher, f"data.path={folder}", "data.num_classes=0", *extra)
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))
+    proc = subprocess.run([sys.executable, "-m", "cmt_core.cli", "run", "--config", str(tmp_path / "c.yaml")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines

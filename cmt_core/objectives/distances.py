@@ -7,6 +7,8 @@ dimensions at once (pixels and channels together), so a constant such as pseudo-
 * ``l2_norm``:      ||a - b||                      ECT with c = 0 (over t - r); sony/cmt's "MAE"
 * ``pseudo_huber``: sqrt(||a - b||^2 + c^2) - c     ECT with c > 0; a per-dimension c' is c = c' sqrt(dim)
 * ``LPIPS``:        VGG16 LPIPS v0.1 of images in [-1, 1], at their own resolution; sony/cmt's default
+* ``elatent_lpips``: ELatentLPIPS of latents, a latent VGG16's features under a shared ADA augmentation; sony/cmt's
+                    ImageNet-512 distance (``cmt_core.objectives.latent_lpips``)
 
 ``mean_squared_error`` (||a - b||^2 / dim) is not one of them: it is the per-dimension mean that the EDM and
 Mean Flow objectives are written with, kept so their learning rates and Mean Flow's adaptive-weight epsilon
@@ -23,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from cmt_core.objectives.latent_lpips import ELatentLPIPS
+
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B, ...), (B, ...) -> (B,)
-DISTANCES = ("squared_l2", "l2_norm", "pseudo_huber", "lpips")  # the names ``make_distance`` builds
+DISTANCES = ("squared_l2", "l2_norm", "pseudo_huber", "lpips", "elatent_lpips")  # what ``make_distance`` builds
 
 
 def squared_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -102,7 +106,9 @@ class LPIPS:
 
 
 def make_distance(name: str, huber_c: float = 0.0, lpips_backbone: str | Path | None = None) -> Distance:
-    """The distance called ``name`` (one of ``DISTANCES``); ``huber_c`` is per sample, see ``pseudo_huber``."""
+    """The distance called ``name`` (one of ``DISTANCES``); ``huber_c`` is per sample, see ``pseudo_huber``;
+    ``lpips_backbone`` is the weights file of the distance's network: torchvision's VGG16 for ``lpips``, the latent
+    VGG16 (``latent_lpips.train_latent_vgg``) for ``elatent_lpips``, which augments as the reference trains."""
     if name == "squared_l2":
         return squared_l2
     if name == "l2_norm":
@@ -113,4 +119,8 @@ def make_distance(name: str, huber_c: float = 0.0, lpips_backbone: str | Path | 
         if lpips_backbone is None:
             raise ValueError("the LPIPS distance needs a local VGG16 weights file (lpips_backbone)")
         return LPIPS(lpips_backbone)
+    if name == "elatent_lpips":
+        if lpips_backbone is None:
+            raise ValueError("the ELatentLPIPS distance needs a local latent VGG16 weights file (lpips_backbone)")
+        return ELatentLPIPS(lpips_backbone)
     raise ValueError(f"unknown distance {name!r}; choose one of {DISTANCES}")
