@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from cmt_core.artifacts import LOGS_DIR
+from cmt_core.artifacts import LATENTS_DIR, LOGS_DIR
 from cmt_core.comparison import CompareConfig, arm_config, run_comparison
 from cmt_core.config import load_yaml
 from cmt_core.engine import compute_stage
@@ -257,6 +257,40 @@ def _export(args) -> int:
     return 0
 
 
+def _latent_vgg(args) -> int:
+    """``cmt latent-vgg``: the latent VGG16 of ELatentLPIPS trained with the reference's recipe on the config's
+    encoded data set (its training split; the ``encoder`` and ``encode`` stages are computed or reused first)."""
+    from cmt_core.data import load_data
+    from cmt_core.data.encoded import WhitenedMeans
+    from cmt_core.objectives.latent_lpips import train_latent_vgg
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        return config_error(err)
+    log_file = None
+    try:
+        if cfg.data.encoder.kind == "identity" or not cfg.data.num_classes:
+            raise PreflightError(f"cmt latent-vgg trains a classifier of latents: the config needs a latent space "
+                                 f"(data.encoder.kind={cfg.data.encoder.kind!r}) and classes (data.num_classes="
+                                 f"{cfg.data.num_classes})")
+        resolved = plan(cfg)
+        targets = resolved.needed(["encode"])
+        preflight(resolved, targets)
+        log_file = setup_logging(cfg.local_root, "latent-vgg")
+        runtime = Runtime.detect(cfg.device, cfg.precision, cfg.cpu_threads)
+        for stage in targets:
+            compute_stage(resolved, stage, runtime)
+        data = load_data(cfg.data, resolved.path("encoder"), resolved.path("encode") / LATENTS_DIR)
+        out = train_latent_vgg(WhitenedMeans(data.latents, data.encoder), args.out, cfg.data.num_classes,
+                               epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden, seed=args.seed,
+                               device=runtime.device)
+    except Exception as err:
+        return failure_exit(err, log_file, args.debug)
+    print(f"latent VGG16 weights: {out} (midtrain.distance=elatent_lpips, midtrain.lpips_backbone={out})")
+    return 0
+
+
 def _watch(args) -> int:
     """``cmt watch``: each training stage of the run the options describe, scored from its latest checkpoint (its
     kept model when finished; ``cmt_core.watch``); one line per stage."""
@@ -435,6 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--artifact-root", default="artifacts", help="where artifact ids are looked up")
     export.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too")
+    add_config_args(vgg := sub.add_parser("latent-vgg", help="train ELatentLPIPS's latent VGG16 as a classifier of "
+                                          "the config's encoded data set (the reference's recipe); writes the file "
+                                          "midtrain.lpips_backbone names"))
+    vgg.add_argument("--out", required=True, help="the weights file to write (.safetensors or a torch state dict)")
+    vgg.add_argument("--epochs", type=int, default=100, help="passes over the training split (reference: 100)")
+    vgg.add_argument("--batch-size", type=int, default=256, help="reference: 256")
+    vgg.add_argument("--hidden", type=int, default=4096, help="the classifier head's width (reference: 4096)")
+    vgg.add_argument("--seed", type=int, default=0)
     compare = sub.add_parser("compare", help="post-train from CMT, teacher and random weights (and vanilla ECT) and "
                              "compare, at one budget or (--target) until a quality")
     defaults = {name: field.default for name, field in CompareConfig.model_fields.items()}
@@ -475,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         return _watch(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "latent-vgg":
+        return _latent_vgg(args)
     try:
         cfg = config_from_args(args)
     except ValueError as err:  # pydantic's ValidationError is a ValueError: name the bad fields

@@ -12,7 +12,8 @@ Streams, and the keys each one takes:
 stream             keys                             draws
 =================  ===============================  =====================================================
 SYNTHETIC_DATA     step                             a step's fresh samples of a 2-D distribution
-EPOCH_ORDER        epoch                            the permutation of an in-memory data set's epoch
+EPOCH_ORDER        epoch                            the permutation of an in-memory data set's epoch (also
+                                                    the shuffle and dropout of a latent VGG16's epoch)
 OBJECTIVE          step                             an objective's noise and times (``StepRandom``)
 STEP_TORCH         step, rank                       the torch global seed of a step (dropout masks)
 PAIR_TARGET        step                             CMT target indices j of a step

@@ -377,3 +377,23 @@ def test_bad_latent_inputs_exit_2_with_one_line(tmp_path, vae_dir, case):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], lines
+
+
+@pytest.mark.slow
+def test_cmt_latent_vgg_trains_the_elatent_lpips_network_on_the_encoded_data(tmp_path):
+    from cmt_core.objectives.distances import make_distance
+
+    out = tmp_path / "vgg.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "cmt_core.cli", "latent-vgg", "--preset", "digits-latent", "--set",
+                           "data.num_classes=10", "--set", "data.heldout_fraction=0.9", "--set",
+                           "data.encoder.autoencoder.steps=5", "--artifact-root", str(tmp_path / "a"), "--out",
+                           str(out), "--epochs", "1", "--batch-size", "64", "--hidden", "16"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "midtrain.lpips_backbone=" in proc.stdout
+    distance = make_distance("elatent_lpips", lpips_backbone=out)
+    x = torch.randn(3, 4, 24, 24)  # augmentation needs sides of at least 22
+    assert torch.equal(distance(x, x), torch.zeros(3)) and (distance(x, x.flip(0)) > 0).any()
+    proc = subprocess.run([sys.executable, "-m", "cmt_core.cli", "latent-vgg", "--preset", "digits", "--out",
+                           str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "data.encoder.kind='identity'" in proc.stderr

@@ -372,3 +372,23 @@ class LatentSource:
         x = self.encoder.latents(self.moments.read(idx), noise)
         labels = self.moments.labels(idx) if self.labels else None
         return {"x": x, "cond": conditioning.class_cond(labels, self.moments.num_classes)}
+
+
+class WhitenedMeans:
+    """The classifier data of ELatentLPIPS's latent VGG16 (``cmt_core.objectives.latent_lpips.train_latent_vgg``):
+    item i is ``(the whitened posterior mean of row i (C, h, w), its class)``, a torch-style map data set over
+    ``moments`` (a labelled ``Dataset`` of moments) and ``encoder``. The reference draws a fresh posterior sample
+    per step; the mean keeps the items a function of their index (our choice)."""
+
+    def __init__(self, moments: Dataset, encoder):
+        if not moments.num_classes:
+            raise ValueError("the latent VGG16 is trained as a classifier: the data needs classes (data.num_classes)")
+        self.moments, self.encoder = moments, encoder
+
+    def __len__(self) -> int:
+        return len(self.moments)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = self.moments.read([i])
+        mean = self.encoder.latents(row, torch.zeros(1, row.shape[1] // 2, *row.shape[2:]))[0]
+        return mean, int(self.moments.labels([i])[0])

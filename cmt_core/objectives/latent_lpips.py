@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from cmt_core.artifacts import publish
 from cmt_core.checkpoint import atomic_save
+from cmt_core.rng import Stream, seed_of
 
 LATENT_VGG16 = (64, 64, 128, 128, 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)  # "M": 2x2 max-pool
 TAP_ENDS = (6, 12, 21, 31, 41)  # feature taps: the outputs of features[:6], [6:12], [12:21], [21:31], [31:41]
@@ -465,7 +466,7 @@ def train_latent_vgg(dataset: Dataset, out: str | Path, num_classes: int = 1000,
     forked = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
         else []
     for epoch in range(start, epochs):
-        epoch_seed = seed * 100_003 + epoch  # the epoch's shuffle and dropout: the same whether resumed or not
+        epoch_seed = seed_of(Stream.EPOCH_ORDER, seed, epoch)  # the epoch's shuffle and dropout, resumed or not
         model.train()
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                             generator=torch.Generator().manual_seed(epoch_seed))
