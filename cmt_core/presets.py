@@ -14,6 +14,8 @@
 * ``digits-latent``: ``digits`` in the latent space of a small autoencoder trained here (``_digits_latent``).
 * ``imagenet64``: class-conditional ImageNet-64 with an EDM2-S teacher, autoguided ECD (``_imagenet64``);
   ``imagenet64-tiny``: the same with tiny networks on a CPU.
+* ``imagenet512``: the reference's ImageNet-512 recipe in SD-VAE latents, EDM2-XXL teacher, ELatentLPIPS
+  mid-training, autoguided ECD (``_imagenet512``); ``imagenet512-tiny``: the same on a CPU.
 """
 
 from __future__ import annotations
@@ -206,6 +208,8 @@ def _tiny_stages(cfg: dict, dim: int) -> None:
 
 # torchvision's ImageNet VGG16 weights, LPIPS's backbone: a local file (nothing is downloaded)
 VGG16_WEIGHTS = "weights/vgg16-397923af.pth"
+# ELatentLPIPS's latent VGG16, which the reference does not release: trained with `cmt latent-vgg` (its recipe)
+ELATENT_VGG16_WEIGHTS = "weights/elatent-lpips-vgg16.safetensors"
 
 
 def _cifar10(tiny: bool = False) -> dict:
@@ -229,13 +233,14 @@ def _faces64(name: str, q: float) -> dict:
                                     sampler_steps=40), q=q)
 
 
-def _edm2_training(steps: int, lr: float, posthoc_std: float) -> dict:
-    """EDM2's ImageNet-64 training loop for a network it released (NVlabs/edm2 ``train_edm2.py`` presets
-    ``edm2-img64-*``, ``training/training_loop.py``): batch 2048, Adam (0.9, 0.99), lr ``lr`` ramped up over 10 Mimg
-    then decayed as 1 / sqrt(step / 35,000), power-function EMAs of stds 0.05 and 0.10 snapshotted every 8 Mi
-    images, the released network their post-hoc reconstruction at ``posthoc_std`` after ``steps`` steps."""
+def _edm2_training(steps: int, lr: float, posthoc_std: float, decay: int = 35000) -> dict:
+    """EDM2's training loop for a network it released (NVlabs/edm2 ``train_edm2.py`` presets ``edm2-img64-*``,
+    ``edm2-img512-*``, ``training/training_loop.py``): batch 2048, Adam (0.9, 0.99), lr ``lr`` ramped up over 10 Mimg
+    then decayed as 1 / sqrt(step / ``decay``) (35,000 at 64x64, 70,000 at 512x512), power-function EMAs of stds
+    0.05 and 0.10 snapshotted every 8 Mi images, the released network their post-hoc reconstruction at
+    ``posthoc_std`` after ``steps`` steps."""
     return {"steps": steps, "batch_size": 2048, "lr": lr, "optimizer": "adam", "betas": [0.9, 0.99],
-            "weight_decay": 0.0, "lr_schedule": "rsqrt", "lr_decay_steps": 35000, "warmup_steps": 4883,
+            "weight_decay": 0.0, "lr_schedule": "rsqrt", "lr_decay_steps": decay, "warmup_steps": 4883,
             "ema_stds": [0.05, 0.1], "ema_snapshot_every": 4096, "posthoc_std": posthoc_std, "grad_clip": None,
             **_BOOKKEEPING}
 
@@ -292,12 +297,48 @@ def _imagenet64(tiny: bool = False) -> dict:
     return cfg
 
 
+def _imagenet512(tiny: bool = False) -> dict:
+    """ImageNet-512, class-conditional, in the latent space of Stable Diffusion's VAE with EDM2-XXL as the teacher:
+    the reference's own ImageNet-512 recipe (sony/cmt ``imagenet512/``: ``run_cmt_512.sh``, ``run_ecd_512.sh``,
+    ``training/loss.py``), the paper's 2-step FID 1.84. Rollouts are data-free (uniformly drawn classes, x_T = 80 z),
+    mid-training regresses onto their ends in ELatentLPIPS, ECD's teacher step is autoguided by EDM2-M at 2.05
+    (EDM2's ``edm2-img512-xxl-autog-fid`` pair). ``imagenet64``'s post-training, budget and evaluation are this
+    recipe's; ``docs/recipes.md`` lists every number with its source. ``tiny``: the same recipe on a CPU: 64x64
+    images through a VAE the test writes (``data.encoder.path``), latents 4x32x32 (ELatentLPIPS' augmentation
+    needs sides of 22), tiny EDM2 teacher and guide pre-trained here on the encoded images, a few steps."""
+    cfg = _imagenet64()
+    cfg["data"] = {"name": "image_folder", "path": "data/img512.zip", "resolution": 512, "num_classes": 1000,
+                   "heldout_fraction": 0.0,
+                   "encoder": {"kind": "sd_vae", "path": "weights/sd-vae-ft-mse", "edm2_encoded": "data/img512-sd.zip"}}
+    cfg["network"].update(width=448, emb_dim=1792)
+    cfg["teacher"].update(path="weights/edm2-img512-xxl-0939524-0.070.pkl", p_mean=-0.4, p_std=1.0,
+                          train=_edm2_training(458752, 0.0065, 0.070, decay=70000))
+    cfg["guidance"].update(scale=2.05, guide={"source": "edm_pickle", "path": "weights/edm2-img512-m-0268435-0.155.pkl",
+                                              "width": 256, "train": _edm2_training(131072, 0.009, 0.155, decay=70000)})
+    cfg["midtrain"].update(distance="elatent_lpips", lpips_backbone=ELATENT_VGG16_WEIGHTS)
+    if tiny:
+        cfg["data"].update(path="data/img64.zip", resolution=64)
+        cfg["data"]["encoder"].update(path="weights/tiny-vae", edm2_encoded=None)
+        cfg["network"].update(width=16, channel_mult=[1, 2], depth=1, attention_resolutions=[], emb_dim=32)
+        for section in (cfg["teacher"], cfg["guidance"]["guide"]):  # offline: pre-trained here, briefly
+            section.update(source="pretrain", path=None)
+            section["train"].update(TINY_TRAINING, steps=4, warmup_steps=0, lr_decay_steps=2, ema_snapshot_every=2)
+        cfg["guidance"]["guide"]["width"] = 8
+        cfg["teacher"]["sampler"]["steps"] = 4
+        lpips = cfg["midtrain"]["lpips_backbone"]
+        _tiny_stages(cfg, 4 * 32 * 32)
+        cfg["midtrain"].update(distance="elatent_lpips", lpips_backbone=lpips, huber_c=0.0)
+        cfg["eval"]["fid_mode"] = "clean"
+    return cfg
+
+
 PRESETS = {"toy": _toy, "digits": _digits, "digits-cond": _digits_cond, "toy-meanflow": _toy_meanflow,
            "digits-latent": _digits_latent,
            "digits-meanflow": _digits_meanflow,
            "cifar10": _cifar10, "cifar10-tiny": lambda: _cifar10(tiny=True),
            "ffhq64": lambda: _faces64("ffhq-64x64", q=512.0), "afhq64": lambda: _faces64("afhqv2-64x64", q=1024.0),
-           "imagenet64": _imagenet64, "imagenet64-tiny": lambda: _imagenet64(tiny=True)}
+           "imagenet64": _imagenet64, "imagenet64-tiny": lambda: _imagenet64(tiny=True),
+           "imagenet512": _imagenet512, "imagenet512-tiny": lambda: _imagenet512(tiny=True)}
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -9,15 +9,15 @@ import pytest
 from cmt_core.cli import main
 from cmt_core.presets import PRESETS, get_preset
 
-RECIPES = ("cifar10", "ffhq64", "afhq64", "imagenet64")
+RECIPES = ("cifar10", "ffhq64", "afhq64", "imagenet64", "imagenet512")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 ROW_HEADER = ["stage", "field", "value", "status", "reference", "source"]
 BUDGET_HEADER = ["stage", "iterations", "batch", "Mimg", "source"]
 BUDGET_STAGES = {"teacher": "teacher", "mid-training": "midtrain", "post-training": "posttrain"}
 
 # What a preset sets that is not part of a recipe: where files are, batch sizes for speed, bookkeeping.
-OPERATIONAL = {"data.path", "teacher.path", "guidance.guide.path", "midtrain.lpips_backbone", "rollout.batch_size",
-               "rollout.store", "eval.batch_size"}
+OPERATIONAL = {"data.path", "data.encoder.path", "data.encoder.edm2_encoded", "teacher.path", "guidance.guide.path",
+               "midtrain.lpips_backbone", "rollout.batch_size", "rollout.store", "eval.batch_size"}
 BOOKKEEPING = {"checkpoint_every", "log_every"}
 
 
