@@ -254,7 +254,13 @@ _cache: dict = {}  # per worker process: the built moments function of the last 
 
 
 def _moments_fn(moments_of):
-    key = hashlib.sha1(pickle.dumps(moments_of)).hexdigest()
+    try:
+        blob = pickle.dumps(moments_of)
+    except (pickle.PicklingError, AttributeError):  # a script's own functions, which dask ships by value
+        import cloudpickle
+
+        blob = cloudpickle.dumps(moments_of)
+    key = hashlib.sha1(blob).hexdigest()
     if key not in _cache:
         _cache.clear()
         _cache[key] = moments_of()
