@@ -296,6 +296,7 @@ def test_digits_latent_runs_end_to_end_and_its_generator_decodes_to_digits(tmp_p
     assert results["encode"].metrics == {"num_images": 1797, "model_shape": [4, 4, 4], "latents": "latents.zarr"}
     rows = results["evaluation"].metrics["by_key"]
     assert all(np.isfinite(row["FD-digits"]) for row in rows.values())
+    assert rows["data_encoded"]["NFE"] == 0  # the latent space's own floor: training digits encoded and decoded
     assert open_latents(results["encode"].path / "latents.zarr").labels is None  # digits-latent is unconditional
 
     gen = Generator.from_stage(results["posttrain"].path)

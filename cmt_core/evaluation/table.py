@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cmt_core.encoders import IDENTITY
 from cmt_core.evaluation.report import write_report
 from cmt_core.evaluation.scoring import Scorer
 from cmt_core.guidance import GuidedDenoiser
@@ -51,7 +52,9 @@ def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teac
                   sweep: dict | None = None) -> dict:
     """Score the teacher, the untrained ``baseline`` (1 step) and ``trained`` models (1 and 2 steps) with
     every scorer (one per seed set), then write the report into ``out_dir``; returns ``metrics.json``, whose
-    ``by_key`` names the rows ``data``, ``teacher``, the baseline's key and ``<key>_1step`` / ``<key>_2step``.
+    ``by_key`` names the rows ``data`` (in a latent space also ``data_encoded``: training images through the
+    encoder and back, the floor of what a model of latents can score), ``teacher``, the baseline's key and
+    ``<key>_1step`` / ``<key>_2step``.
 
     ``teacher_solver``: the ``SolverConfig`` the teacher samples with; ``guidance``, ``scale``: the kind of
     guidance (``cmt_core.guidance``) and the scale ``teacher`` is guided at, named in its row; ``sweep``: the
@@ -68,6 +71,15 @@ def results_table(out_dir: Path, scorers: list[Scorer], teacher: nn.Module, teac
     rows.append({"model": evaluator.floor_label, "NFE": 0, **evaluator.floor(by_class)})
     keys.append("data")
     grids["data"] = getattr(data, evaluator.reference_split).read(slice(0, 2000 if evaluator.is_points else 64))
+    if data.encoder.name != IDENTITY.name:  # a latent space's own floor: training images encoded and decoded
+        n = min(len(data.train), len(scorers[0].x_T))
+        g = torch.Generator().manual_seed(scorers[0].seed)
+        decoded = data.encoder.decode(data.encoder.encode(data.train.read(slice(0, n)), g))
+        labels = data.train.labels(slice(0, n)) if by_class else None
+        rows.append({"model": f"data through the encoder ({n} training images)", "NFE": 0,
+                     **evaluator.score(decoded, labels)})
+        keys.append("data_encoded")
+        grids["data_encoded"] = decoded[:64]
 
     nfe = function_evaluations(teacher_solver.name, make_grid(teacher_solver))
     solver = f"{teacher_solver.name}, {teacher_solver.steps} steps"
