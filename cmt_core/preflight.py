@@ -428,6 +428,9 @@ def preflight(plan: Plan, stages) -> None:
     if cfg.device == "cuda" and not uses_cuda("auto"):
         raise PreflightError("device='cuda' but this machine has no usable CUDA device (torch.cuda.is_available() "
                              "is False); set device=auto or device=cpu")
+    if cfg.data.encoder.kind == "identity" and {"encoder", "encode"} & set(todo):
+        raise PreflightError("data.encoder.kind='identity': the data is the model's space, there is nothing to encode "
+                             "(set data.encoder.kind to sd_vae or trained)")
     _check_files(cfg, plan, todo)
     check_values(cfg, todo)
     probe = cfg.teacher.source in LOADED and any(plan.stages[s].declares("teacher.source") for s in todo)

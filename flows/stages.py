@@ -1,5 +1,5 @@
-"""One flow per stage: ``cmt-teacher``, ``cmt-guide``, ``cmt-rollouts``, ``cmt-midtrain``, ``cmt-posttrain``,
-``cmt-evaluation``.
+"""One flow per stage: ``cmt-encode`` (a latent space's encoder and encoded data set), ``cmt-teacher``,
+``cmt-guide``, ``cmt-rollouts``, ``cmt-midtrain``, ``cmt-posttrain``, ``cmt-evaluation``.
 
 A stage flow runs its stage and, first, whatever the stage needs that is not complete yet (complete inputs
 are reused at once), so each can be started on its own: e.g. mid-training on more DDP processes, or
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from flows.pipeline import stage_flow
 
+cmt_encode = stage_flow("cmt-encode", ["encode"], "A latent space: the encoder (SD's VAE checked, or a small one "
+                        "trained here) and the data set encoded once into a zarr store, sharded on dask "
+                        "(`encode.cluster`).", "encode.cluster.workers=4")
 cmt_teacher = stage_flow("cmt-teacher", ["teacher"], "The teacher: EDM pre-training (or a loaded / exact teacher).",
                          "teacher.train.steps=8000")
 cmt_guide = stage_flow("cmt-guide", ["guide"], "The guide network of autoguidance: a smaller, shorter-trained "

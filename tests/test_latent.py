@@ -398,3 +398,9 @@ def test_cmt_latent_vgg_trains_the_elatent_lpips_network_on_the_encoded_data(tmp
     proc = subprocess.run([sys.executable, "-m", "cmt_core.cli", "latent-vgg", "--preset", "digits", "--out",
                            str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "data.encoder.kind='identity'" in proc.stderr
+
+
+def test_encoding_data_in_its_own_space_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cmt_core.cli", "stage", "encode", "--preset", "digits",
+                           "--artifact-root", str(tmp_path / "a")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "data.encoder.kind='identity'" in proc.stderr and not (tmp_path / "a").exists()

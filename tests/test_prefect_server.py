@@ -188,11 +188,12 @@ def test_prefect_yaml_deploys_every_flow_with_an_inactive_nightly_schedule():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     flows = {load_flow_from_entrypoint(str(ROOT / d["entrypoint"])).name: d for d in spec["deployments"]
              if d["name"] != "toy-savings"}
-    assert sorted(flows) == ["cmt-compare", "cmt-evaluation", "cmt-guide", "cmt-midtrain", "cmt-pipeline",
+    assert sorted(flows) == ["cmt-compare", "cmt-encode", "cmt-evaluation", "cmt-guide", "cmt-midtrain", "cmt-pipeline",
                              "cmt-posttrain", "cmt-rollouts", "cmt-sample", "cmt-teacher", "cmt-watch"]
     assert all(d["work_pool"]["name"] == POOL for d in spec["deployments"])
     assert all(d["parameters"] == {"preset": "digits"} for name, d in flows.items()
-               if name not in ("cmt-compare", "cmt-sample"))
+               if name not in ("cmt-compare", "cmt-sample", "cmt-encode"))
+    assert flows["cmt-encode"]["parameters"] == {"preset": "digits-latent"}  # a latent space to encode into
     assert flows["cmt-compare"]["parameters"] == {"comparison": {"preset": "toy", "seeds": 3}}
     savings = next(d for d in spec["deployments"] if d["name"] == "toy-savings")  # the target-quality mode
     assert load_flow_from_entrypoint(str(ROOT / savings["entrypoint"])).name == "cmt-compare"
