@@ -219,6 +219,31 @@ class StabilityVAE:
                 "final_std": self.final_std, "batch_size": self.batch_size}
 
 
+def snapshot_encoder_problem(snapshot: dict | None, cfg) -> str | None:
+    """What makes a network whose EDM2 snapshot recorded the encoder ``snapshot`` (``EDM2Network.encoder``: its
+    class name and settings; None for an EDM pickle, which records none) unfit for the model space of the
+    ``EncoderConfig`` ``cfg`` (a phrase), or None: a latent network in pixel space or the reverse, or SD-VAE
+    latents whitened otherwise than ``cfg`` whitens them."""
+    kind = (snapshot or {}).get("class_name")
+    if kind == "StabilityVAEEncoder":
+        if cfg.kind == "identity":
+            return ("works in Stable Diffusion's VAE latents (its snapshot's encoder is StabilityVAEEncoder): set "
+                    "data.encoder.kind='sd_vae' and data.encoder.path")
+        if cfg.kind == "sd_vae":
+            raw_mean, raw_std = (cfg.raw_mean, cfg.raw_std) if cfg.raw_mean is not None else (EDM2_RAW_MEAN,
+                                                                                             EDM2_RAW_STD)
+            scale, bias = whitening(raw_mean, raw_std, cfg.final_mean, cfg.final_std)
+            theirs = [torch.tensor(snapshot.get(k, []), dtype=torch.float32).flatten() for k in ("scale", "bias")]
+            if any(t.shape != ours.shape or not torch.allclose(t, ours, rtol=1e-5, atol=1e-6)
+                   for t, ours in zip(theirs, (scale, bias))):
+                return (f"whitens its latents with scale {theirs[0].tolist()} and bias {theirs[1].tolist()}, "
+                        f"data.encoder's constants give {scale.tolist()} and {bias.tolist()} (data.encoder.raw_mean, "
+                        "raw_std, final_mean, final_std)")
+    if kind == "StandardRGBEncoder" and cfg.kind != "identity":
+        return f"works in pixels (its snapshot's encoder is StandardRGBEncoder), data.encoder.kind={cfg.kind!r}"
+    return None
+
+
 def encoder_settings(cfg, vae_path: Path | None = None, measured: dict | None = None) -> dict:
     """What rebuilds the encoder of ``cfg`` (an ``EncoderConfig`` of kind ``sd_vae`` or ``trained``), as the
     encoder stage records it (``ENCODER_FILE``; ``encoder_from`` reads it): the VAE folder (``vae_path``, for a

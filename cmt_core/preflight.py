@@ -47,7 +47,7 @@ from cmt_core.data import POINT_DATA, Data, load_data, load_images
 from cmt_core.data.datasets import ClassLabelError
 from cmt_core.data.encoded import EDM2Latents, LatentStoreError
 from cmt_core.data.images import pixel_shape
-from cmt_core.encoders import model_shape_of, vae_folder_problem
+from cmt_core.encoders import model_shape_of, snapshot_encoder_problem, vae_folder_problem
 from cmt_core.engine import Plan, complete_result
 from cmt_core.errors import InputFileError, PreflightError, brief, describe
 from cmt_core.evaluation.features import extractor_kind
@@ -386,7 +386,11 @@ def _probe_denoiser(section: str, source: str, path, target: str | None, data_cf
     x = torch.zeros(2, *shape)
     try:
         if source == "edm_pickle":
-            net = edm_teacher(path, shape).model
+            edm = edm_teacher(path, shape)
+            problem = snapshot_encoder_problem(getattr(edm, "encoder", None), data_cfg.encoder)
+            if problem:
+                raise PreflightError(f"{field}={brief(value)}: the network {problem}")
+            net = edm.model
         elif source == "checkpoint":
             blob = load_file(path)
             recorded = tuple(blob.get("sample_shape") or ()) if isinstance(blob, dict) else ()

@@ -54,7 +54,7 @@ from cmt_core.data.encoded import (
     open_latents,
 )
 from cmt_core.data.images import load_image_dataset, pixel_shape
-from cmt_core.encoders import encoder_settings, load_encoder, model_shape_of
+from cmt_core.encoders import encoder_settings, load_encoder, model_shape_of, snapshot_encoder_problem
 from cmt_core.engine import Plan, Stage, StageContext, make_plan
 from cmt_core.errors import InputFileError, brief, describe
 from cmt_core.evaluation.evaluator import Evaluator
@@ -294,6 +294,9 @@ def _denoiser(ctx: StageContext, section: str, source: str, path, network: dict,
             raise InputFileError(f"{section}.path={str(path)!r} is not a usable EDM / EDM2 network pickle: "
                                  f"{describe(err)}") from err
         _check_classes(section, path, edm.network.get("label_dim", 0), num_classes)
+        problem = snapshot_encoder_problem(getattr(edm, "encoder", None), c.data.encoder)
+        if problem:
+            raise InputFileError(f"{section}.path={str(path)!r}: the network {problem}")
         if runtime.is_main:
             save_model(ctx.path / MODEL_FILE, edm.model, "denoiser", network_values(edm.network, num_classes),
                        edm.sample_shape)

@@ -221,9 +221,10 @@ def as_edm2(module: nn.Module, reconstruct, module_src: str, init_kwargs: dict |
 
 
 def write_edm2_pickle(path, raw: EDM2UNet, mods, module_src: str = "import torch\n", unet_changes=None,
-                      precond_class: str = "Precond") -> None:
+                      precond_class: str = "Precond", encoder: str = "StandardRGBEncoder") -> None:
     """``{"ema": Precond(UNet), "encoder", "dataset_kwargs", "loss_fn"}`` as EDM2's training loop pickles it, with
-    ``raw``'s weights in float16 (EDM2 writes ``ema.to(torch.float16)``)."""
+    ``raw``'s weights in float16 (EDM2 writes ``ema.to(torch.float16)``); ``encoder``: EDM2's pixel encoder, or
+    ``StabilityVAEEncoder`` with EDM2's whitening constants."""
     unet_kwargs = {"model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
                    "dropout": 0.0, **(unet_changes or {})}
     interface = {"img_resolution": 8, "img_channels": 3, "label_dim": raw.label_dim}
@@ -235,12 +236,14 @@ def write_edm2_pickle(path, raw: EDM2UNet, mods, module_src: str = "import torch
              "_modules": {"unet": unet, **logvar}, "_init_args": (),
              "_init_kwargs": {**interface, "use_fp16": True, **unet_kwargs}, **interface, "use_fp16": True,
              "sigma_data": 0.5}
-    encoder_state = {"vae_name": "stabilityai/sd-vae-ft-mse", "scale": np.float32(0.5) / np.float32([4.17, 4.62]),
-                     "bias": np.float32([-0.69, -0.35]), "batch_size": 8, "_vae": None, "_init_args": (),
-                     "_init_kwargs": {}}
+    scale = np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28])
+    encoder_state = {"_init_args": (), "_init_kwargs": {}}
+    if encoder == "StabilityVAEEncoder":
+        encoder_state.update(vae_name="stabilityai/sd-vae-ft-mse", scale=scale, batch_size=8, _vae=None,
+                             bias=np.float32(0) - np.float32([5.81, 3.25, 0.12, -2.15]) * scale)
     data = mods.EasyDict(
         ema=Persistent(mods.reconstruct, precond_class, state, module_src),
-        encoder=Persistent(mods.reconstruct, "StabilityVAEEncoder", encoder_state, module_src),
+        encoder=Persistent(mods.reconstruct, encoder, encoder_state, module_src),
         dataset_kwargs=mods.EasyDict(class_name="training.dataset.ImageFolderDataset", path="x.zip", use_labels=True),
         loss_fn=Persistent(mods.reconstruct, "EDM2Loss", {"P_mean": -0.8, "P_std": 1.6, "sigma_data": 0.5},
                            module_src))
@@ -251,7 +254,8 @@ def write_edm2_pickle(path, raw: EDM2UNet, mods, module_src: str = "import torch
 def test_edm2_pickle_loads_without_running_code_and_computes_our_network(tmp_path, edm2_modules):
     raw = trained_looking(tiny())
     marker = tmp_path / EXECUTED
-    write_edm2_pickle(tmp_path / "net.pkl", raw, edm2_modules, module_src=f"open({str(marker)!r}, 'w').write('1')\n")
+    write_edm2_pickle(tmp_path / "net.pkl", raw, edm2_modules, module_src=f"open({str(marker)!r}, 'w').write('1')\n",
+                      encoder="StabilityVAEEncoder")
     edm2 = load_edm2_network(tmp_path / "net.pkl")
     assert not marker.exists()
     assert edm2.sample_shape == SHAPE and edm2.resolution == 8 and edm2.label_dim == CLASSES
@@ -259,7 +263,7 @@ def test_edm2_pickle_loads_without_running_code_and_computes_our_network(tmp_pat
     assert edm2.network == dict(kind="edm2", width=32, depth=1, channel_mult=(1, 2), attention_resolutions=(4,),
                                 dropout=0.0, emb_dim=64, label_dim=CLASSES, sigma_data=0.5)
     assert edm2.encoder["class_name"] == "StabilityVAEEncoder" and edm2.encoder["batch_size"] == 8
-    np.testing.assert_array_equal(edm2.encoder["scale"], np.float32(0.5) / np.float32([4.17, 4.62]))
+    np.testing.assert_array_equal(edm2.encoder["scale"], np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28]))
 
     # the network values rebuild it; the weights are the float16 ones, exactly
     architecture = {k: v for k, v in edm2.network.items() if k not in ("kind", "sigma_data")}

@@ -404,3 +404,34 @@ def test_encoding_data_in_its_own_space_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cmt_core.cli", "stage", "encode", "--preset", "digits",
                            "--artifact-root", str(tmp_path / "a")], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "data.encoder.kind='identity'" in proc.stderr and not (tmp_path / "a").exists()
+
+
+def test_an_edm2_snapshot_must_work_in_the_configs_space():
+    from cmt_core.encoders import snapshot_encoder_problem
+
+    scale = 0.5 / torch.tensor(EDM2_RAW_STD)
+    vae = {"class_name": "StabilityVAEEncoder", "scale": scale.tolist(),
+           "bias": (-torch.tensor(EDM2_RAW_MEAN) * scale).tolist()}
+    pixels, latents = EncoderConfig(), EncoderConfig(kind="sd_vae", path="vae")
+    assert snapshot_encoder_problem(vae, latents) is None and snapshot_encoder_problem(None, pixels) is None
+    assert "set data.encoder.kind='sd_vae'" in snapshot_encoder_problem(vae, pixels)
+    assert "works in pixels" in snapshot_encoder_problem({"class_name": "StandardRGBEncoder"}, latents)
+    other = EncoderConfig(kind="sd_vae", path="vae", final_std=1.0)
+    assert "data.encoder.raw_mean" in snapshot_encoder_problem(vae, other)
+
+
+@pytest.mark.slow
+def test_a_latent_edm2_teacher_for_pixel_data_exits_2_naming_the_encoder(tmp_path, monkeypatch):
+    from tests.test_edm2 import CLASSES, tiny, trained_looking, write_edm2_pickle
+    from tests.test_edm_pickle import install_edm_module_stand_ins
+    from tests.test_imagenet64 import write_imagenet_zip
+
+    write_edm2_pickle(tmp_path / "xxl.pkl", trained_looking(tiny()), install_edm_module_stand_ins(monkeypatch),
+                      encoder="StabilityVAEEncoder")
+    proc = subprocess.run([sys.executable, "-m", "cmt_core.cli", "run", "--preset", "imagenet64-tiny", "--set",
+                           f"data.path={write_imagenet_zip(tmp_path)}", "--set", "data.resolution=8", "--set",
+                           f"data.num_classes={CLASSES}", "--set", "network.width=32", "--set", "network.emb_dim=64",
+                           "--set", "teacher.source=edm_pickle", "--set", f"teacher.path={tmp_path / 'xxl.pkl'}",
+                           "--artifact-root", str(tmp_path / "a")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Stable Diffusion's VAE latents" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
