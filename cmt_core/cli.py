@@ -145,7 +145,7 @@ def print_results(results: dict) -> None:
 def print_config(cfg) -> None:
     """The config as YAML, headed by the training budget of each stage (Mimg = steps x batch / 1e6, the
     reference's unit) and the size of its trajectory store."""
-    from cmt_core.data import load_data
+    from cmt_core.stages import model_space
     from cmt_core.trajectories.layout import sizing
 
     stages = {"mid-training": cfg.midtrain.train, "post-training": cfg.posttrain.train}
@@ -159,10 +159,12 @@ def print_config(cfg) -> None:
     print(f"# {'mid + post:':<15}{mimg['mid-training'] + mimg['post-training']:>10.4g} Mimg")
     r = cfg.rollout
     try:
-        shape = load_data(cfg.data).sample_shape
+        shape = model_space(cfg)[0]  # a latent space's from the config alone
     except (OSError, ValueError):  # e.g. a CIFAR-10 folder that is not on this machine: the shape it will have
         side = cfg.data.resolution or (32 if cfg.data.name == "cifar10" else None)
         shape = (3, side, side) if side and cfg.data.name in ("cifar10", "image_folder") else None
+        if shape is not None and cfg.data.encoder.kind == "sd_vae":  # SD's VAE, its folder not here: 4 x (side / 8)^2
+            shape = (4, side // 8, side // 8)
     if shape is not None:
         size = sizing(shape, r.solver.steps + 1, r.num_trajectories, r.store.dtype, r.store.keep_indices)
         print(f"# trajectory store: {r.num_trajectories:,} trajectories x {size['states']} states of "

@@ -19,9 +19,8 @@ import torch
 from cmt_core import object_storage as remote
 from cmt_core.artifacts import MANIFEST, artifact_lock, publish, read_manifest, write_manifest
 from cmt_core.config import PipelineConfig
-from cmt_core.data import load_data
 from cmt_core.errors import StageError, brief, describe
-from cmt_core.stages import rollout_teacher, solve_rollouts
+from cmt_core.stages import model_space, rollout_teacher, solve_rollouts
 from cmt_core.trajectories.store import open_store
 from cmt_core.trajectories.verify import mark_verified, reset_bad_shards
 
@@ -47,7 +46,7 @@ def _check_teacher(c: PipelineConfig, inputs: dict[str, Path]) -> None:
     try:
         denoiser = rollout_teacher(c, inputs)()
         with torch.no_grad():
-            out = denoiser(torch.zeros(2, *load_data(c.data).sample_shape), torch.ones(2))
+            out = denoiser(torch.zeros(2, *model_space(c)[0]), torch.ones(2))
         if not torch.isfinite(out).all():
             raise ValueError("it answers inf or NaN")
     except Exception as err:  # a damaged model file, a teacher that no longer loads

@@ -26,12 +26,19 @@ import torch
 
 from cmt_core.artifacts import LOCK_SUFFIX, MODEL_FILE, ManifestError, read_manifest
 from cmt_core.checkpoint import CHECKPOINT_FILE, CheckpointError, load_file, previous, read_training_log
-from cmt_core.data import load_data
-from cmt_core.engine import Plan
+from cmt_core.engine import Plan, complete_result
 from cmt_core.errors import describe
 from cmt_core.models import build_model, load_model
 from cmt_core.runtime import Runtime
-from cmt_core.stages import PIPELINE, TRAINING_STAGES, denoiser_network, few_step_network, method_of, stage_scorer
+from cmt_core.stages import (
+    PIPELINE,
+    TRAINING_STAGES,
+    denoiser_network,
+    few_step_network,
+    method_of,
+    stage_data,
+    stage_scorer,
+)
 
 
 def is_locked(folder: Path) -> bool:
@@ -107,7 +114,8 @@ def watch(plan: Plan, runtime: Runtime) -> list[dict]:
     ``FD-digits_1step``, ``FD-digits_2step`` (a teacher: ``<metric>_teacher``); ``error`` when its files could not
     be read."""
     c = plan.cfg
-    data = load_data(c.data)
+    encoder = {"encoder": plan.path("encoder")} if c.data.encoder.kind != "identity" else {}
+    data = None if encoder and complete_result(plan, "encoder") is None else stage_data(c, encoder)
     scorer = None
     rows = []
     for stage in (s for s in plan.needed(PIPELINE) if s in TRAINING_STAGES):
@@ -124,8 +132,11 @@ def watch(plan: Plan, runtime: Runtime) -> list[dict]:
         rows.append(row)
         if state == "not started" or stage == "guide" or (state == "finished" and not (folder / MODEL_FILE).exists()):
             continue  # nothing to score: the guide, or a teacher without weights of ours (exact, TorchScript)
+        if data is None:
+            row["error"] = "the latent space's encoder is not trained yet: nothing can be decoded to score"
+            continue
         try:
-            model, step, mid = _model(plan, stage, folder, manifest, data.sample_shape)
+            model, step, mid = _model(plan, stage, folder, manifest, data.model_shape)
         except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as err:
             row["error"] = describe(err)
             continue

@@ -310,6 +310,12 @@ def test_digits_latent_runs_end_to_end_and_its_generator_decodes_to_digits(tmp_p
     with pytest.raises(Exception, match="sha256"):
         load_generator(folder)
     assert all(r.cached for r in run_pipeline(cfg).values())  # a rerun reuses every stage
+    from cmt_core.runtime import Runtime
+    from cmt_core.stages import plan
+    from cmt_core.watch import watch
+
+    rows = {row["stage"]: row for row in watch(plan(cfg), Runtime(torch.device("cpu")))}
+    assert np.isfinite(rows["posttrain"]["FD-digits_2step"]) and np.isfinite(rows["teacher"]["FD-digits_teacher"])
 
 
 def latent_teacher(path: Path, shape=(4, 8, 8), num_classes: int = 3) -> Path:
