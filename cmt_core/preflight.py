@@ -396,8 +396,8 @@ def _probe_denoiser(section: str, source: str, path, target: str | None, data_cf
             recorded = tuple(blob.get("sample_shape") or ()) if isinstance(blob, dict) else ()
             if recorded and recorded != tuple(shape):
                 space = "latents" if data_cfg.encoder.kind != "identity" else "samples"
-                raise PreflightError(f"{field}={brief(value)} denoises samples of shape {recorded}; the model's "
-                                     f"{space} are {tuple(shape)}")
+                raise PreflightError(f"{field}={brief(value)} denoises samples of its sample_shape {recorded}; the "
+                                     f"model's {space} are {tuple(shape)}")
             net = load_teacher(source, path, target, None)
         else:
             distribution = load_data(data_cfg).distribution if data_cfg.name in POINT_DATA else None

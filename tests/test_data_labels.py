@@ -222,8 +222,8 @@ def test_gaussian_mixture_labels_follow_its_mode_classes():
 
 
 def test_preflight_takes_an_image_folder_or_its_zip(tmp_path):
-    from cmt_core.preflight import _check_image_source
+    from cmt_core.preflight import _check_archive
 
     write_images(tmp_path / "ds", SUBFOLDERS)
     for path in (tmp_path / "ds", zip_folder(tmp_path / "ds", tmp_path / "ds.ZIP")):
-        _check_image_source(str(path), path)
+        _check_archive("data.path", str(path), path, "an image folder")
