@@ -9,7 +9,7 @@ holds one artifact per stage), not by id.
     .venv/bin/python benchmarks/identity.py run --root /tmp/identity/after
     .venv/bin/python benchmarks/identity.py compare /tmp/identity/before /tmp/identity/after
 
-What ``compare`` reads, per stage folder (manifests, lock files and logs aside):
+What ``compare`` reads, per stage folder (manifests, lock files, logs and TensorBoard event files aside):
 
 * every file byte for byte;
 * a ``.pt`` file that differs in bytes is loaded (``weights_only``) and compared value by value: every tensor
@@ -133,9 +133,15 @@ def compare_file(a: Path, b: Path, rel: str, roots: tuple[str, str], problems: l
     return "values" if len(problems) == before else "differs"
 
 
+def view_free_files(folder: Path) -> set[str]:
+    """The stage folder's files but its TensorBoard event log (``EVENTS_DIR``: a view of the run, named by the
+    time and process that wrote it, like the run logs)."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+            if p.is_file() and p.relative_to(folder).parts[0] != "tensorboard"}
+
+
 def compare_stage(a: Path, b: Path, roots: tuple[str, str]) -> dict:
-    files_a = {p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file()}
-    files_b = {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()}
+    files_a, files_b = view_free_files(a), view_free_files(b)
     problems, added, counts = [], [], {"bytes": 0, "values": 0, "differs": 0}
     for rel in sorted(files_a ^ files_b):
         problems.append(f"{rel}: only {'before' if rel in files_a else 'after'}")
