@@ -8,7 +8,8 @@ only computes what is missing). Written per preset::
      "teacher": {"nfe", "mean", "std", "per_seed"},
      "mid_1step", "mid_2step", "post_1step", "post_2step": {"mean", "std", "per_seed"},
      "mid_sigma": {"mid": [...], "post": [...]},          # the 2-step sigma each stage chose, per seed
-     "seconds": {stage: mean seconds over the seeds}, "overrides": [...]}
+     "seconds": {stage: mean seconds over the seeds}, "overrides": [...],
+     "data_encoded": {"mean", "std", "per_seed"}}     # latent presets: training images encoded and decoded
 
 ``--table`` prints the README's results table from the file instead of running anything.
 
@@ -35,7 +36,7 @@ OUT = ROOT / "benchmarks" / "results" / "presets.json"
 PRESETS = ("toy", "digits", "digits-meanflow")
 ROWS = {"mid_1step": "midtrain_1step", "mid_2step": "midtrain_2step", "post_1step": "posttrain_1step",
         "post_2step": "posttrain_2step"}
-STAGES = ("teacher", "rollouts", "midtrain", "posttrain", "evaluation")
+STAGES = ("encoder", "encode", "teacher", "rollouts", "midtrain", "posttrain", "evaluation")  # those a preset runs
 
 
 def summary(values: list[float]) -> dict:
@@ -51,6 +52,7 @@ def run_preset(name: str, seeds: list[int], root: Path, overrides: list[str]) ->
     values = {key: [] for key in ("teacher", *ROWS)}
     exact = {key: [] for key in ("mid_1step", "post_1step")}
     sigmas, seconds, nfe, metric = {"mid": [], "post": []}, {s: [] for s in STAGES}, None, None
+    floor = []
     for seed in seeds:
         t0 = time.perf_counter()
         cfg = get_preset(name, [*overrides, *(f"{field}={seed}" for field in SEED_FIELDS)], artifact_root=root)
@@ -65,13 +67,16 @@ def run_preset(name: str, seeds: list[int], root: Path, overrides: list[str]) ->
                 exact[key].append(rows[row]["flow_map_error"])
         sigmas["mid"].append(results["midtrain"].manifest["metrics"]["mid_sigma"])
         sigmas["post"].append(results["posttrain"].manifest["metrics"]["mid_sigma"])
-        for stage in STAGES:
+        for stage in (s for s in STAGES if s in results):
             seconds[stage].append(results[stage].manifest["seconds"])
+        if "data_encoded" in rows:  # a latent space's floor: training images through the encoder and back
+            floor.append(rows["data_encoded"][metric])
         print(f"{name} seed {seed}: " + ", ".join(f"{k} {v[-1]:.4g}" for k, v in values.items())
               + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     out = {"metric_name": metric, "seeds": seeds, "teacher": {"nfe": nfe, **summary(values["teacher"])},
            **{key: summary(values[key]) for key in ROWS}, "mid_sigma": sigmas,
-           "seconds": {stage: statistics.fmean(s) for stage, s in seconds.items()}, "overrides": overrides}
+           "seconds": {stage: statistics.fmean(s) for stage, s in seconds.items() if s}, "overrides": overrides,
+           **({"data_encoded": summary(floor)} if floor else {})}
     for key, errors in exact.items():
         if errors:
             out[key]["flow_map_error"] = summary(errors)
