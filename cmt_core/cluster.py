@@ -8,6 +8,8 @@ import logging
 import multiprocessing
 import os
 
+TASK_RETRIES = 3  # a shard's task is retried when it fails or its worker dies
+
 
 class Cluster:
     """A client on ``cfg.address`` (a ``ClusterConfig``), or on a LocalCluster started for the run and closed after
@@ -71,3 +73,23 @@ class Cluster:
 def dask_available() -> bool:
     """Whether the ``dask`` extra (``distributed``) is installed."""
     return importlib.util.find_spec("distributed") is not None
+
+
+def run_shards(cfg, task, todo: list[int], name: str, advance, resources: dict | None = None, **kwargs) -> None:
+    """``task(k, **kwargs)`` for every shard ``k`` of ``todo`` on the cluster of ``cfg`` (a ``ClusterConfig``),
+    each a task retried ``TASK_RETRIES`` times (a failed task, a dead worker); ``advance(result)`` as each ends.
+    A failure cancels the others and is raised. ``task``'s module is preloaded into the workers."""
+    import uuid
+
+    from distributed import as_completed
+
+    with Cluster(cfg, preload=(task.__module__,)) as client:
+        token = uuid.uuid4().hex[:8]
+        futures = [client.submit(task, k, key=f"{name}-{token}-shard-{k}", retries=TASK_RETRIES,
+                                 resources=resources, **kwargs) for k in todo]
+        try:
+            for future in as_completed(futures):
+                advance(future.result())
+        except BaseException:
+            client.cancel(futures)
+            raise

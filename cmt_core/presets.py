@@ -245,6 +245,17 @@ def _edm2_training(steps: int, lr: float, posthoc_std: float, decay: int = 35000
             **_BOOKKEEPING}
 
 
+def _tiny_edm2_guided(cfg: dict) -> None:
+    """An EDM2 recipe with autoguidance at tiny size (in place): tiny networks, teacher and guide pre-trained here
+    for a few steps (offline), a 4-step teacher sampler."""
+    cfg["network"].update(width=16, channel_mult=[1, 2], depth=1, attention_resolutions=[], emb_dim=32)
+    for section in (cfg["teacher"], cfg["guidance"]["guide"]):
+        section.update(source="pretrain", path=None)
+        section["train"].update(TINY_TRAINING, steps=4, warmup_steps=0, lr_decay_steps=2, ema_snapshot_every=2)
+    cfg["guidance"]["guide"]["width"] = 8
+    cfg["teacher"]["sampler"]["steps"] = 4
+
+
 def _imagenet64(tiny: bool = False) -> dict:
     """ImageNet-64, class-conditional, with EDM2-S as the teacher: no CMT code for it is public, so the recipe is
     built from the reference's ImageNet-512 CMT and ECD scripts (sony/cmt ``imagenet512/``), ECT's ImageNet-64
@@ -286,12 +297,7 @@ def _imagenet64(tiny: bool = False) -> dict:
     }
     if tiny:
         cfg["data"]["resolution"] = 16
-        cfg["network"].update(width=16, channel_mult=[1, 2], depth=1, attention_resolutions=[], emb_dim=32)
-        for section in (cfg["teacher"], cfg["guidance"]["guide"]):  # offline: pre-trained here, briefly
-            section.update(source="pretrain", path=None)
-            section["train"].update(TINY_TRAINING, steps=4, warmup_steps=0, lr_decay_steps=2, ema_snapshot_every=2)
-        cfg["guidance"]["guide"]["width"] = 8
-        cfg["teacher"]["sampler"]["steps"] = 4
+        _tiny_edm2_guided(cfg)
         _tiny_stages(cfg, 3 * 16 * 16)
         cfg["eval"]["fid_mode"] = "clean"
     return cfg
@@ -319,12 +325,7 @@ def _imagenet512(tiny: bool = False) -> dict:
     if tiny:
         cfg["data"].update(path="data/img64.zip", resolution=64)
         cfg["data"]["encoder"].update(path="weights/tiny-vae", edm2_encoded=None)
-        cfg["network"].update(width=16, channel_mult=[1, 2], depth=1, attention_resolutions=[], emb_dim=32)
-        for section in (cfg["teacher"], cfg["guidance"]["guide"]):  # offline: pre-trained here, briefly
-            section.update(source="pretrain", path=None)
-            section["train"].update(TINY_TRAINING, steps=4, warmup_steps=0, lr_decay_steps=2, ema_snapshot_every=2)
-        cfg["guidance"]["guide"]["width"] = 8
-        cfg["teacher"]["sampler"]["steps"] = 4
+        _tiny_edm2_guided(cfg)
         lpips = cfg["midtrain"]["lpips_backbone"]
         _tiny_stages(cfg, 4 * 32 * 32)
         cfg["midtrain"].update(distance="elatent_lpips", lpips_backbone=lpips, huber_c=0.0)

@@ -51,7 +51,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from cmt_core import conditioning
 from cmt_core.artifacts import package_versions
-from cmt_core.cluster import Cluster, dask_available
+from cmt_core.cluster import dask_available, run_shards
 from cmt_core.data.datasets import Dataset
 from cmt_core.data.sources import EpochSampler, rank_slice
 from cmt_core.rng import Stream, generator
@@ -59,7 +59,6 @@ from cmt_core.rng import Stream, generator
 log = logging.getLogger("cmt")
 
 FORMAT = "cmt-latents/1"
-TASK_RETRIES = 3
 
 
 class LatentStoreError(ValueError):
@@ -279,6 +278,10 @@ def encode_shard(moments_of, path: str, k: int, threads: int | None = 1) -> int:
     return stop - start
 
 
+def _encode_task(k: int, moments_of, path: str) -> int:
+    return encode_shard(moments_of, path, k)
+
+
 def encode_dataset(moments_of, path: Path, num: int, model_shape: tuple[int, int, int], labelled: bool,
                    cfg, attrs: dict, progress: Callable[[int, int], None] | None = None,
                    in_process: bool = False) -> Path:
@@ -308,18 +311,7 @@ def encode_dataset(moments_of, path: Path, num: int, model_shape: tuple[int, int
 
         advance(0)
         if on_dask and todo:
-            from distributed import as_completed
-
-            with Cluster(cfg.cluster, preload=(__name__,)) as client:
-                token = uuid.uuid4().hex[:8]
-                futures = [client.submit(encode_shard, moments_of, str(path), k, key=f"encode-{token}-shard-{k}",
-                                         retries=TASK_RETRIES) for k in todo]
-                try:
-                    for future in as_completed(futures):
-                        advance(future.result())
-                except BaseException:
-                    client.cancel(futures)
-                    raise
+            run_shards(cfg.cluster, _encode_task, todo, "encode", advance, moments_of=moments_of, path=str(path))
         else:
             for k in todo:
                 advance(encode_shard(moments_of, str(path), k, threads=None))

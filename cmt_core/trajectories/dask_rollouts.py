@@ -37,7 +37,6 @@ import hashlib
 import logging
 import pickle
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmt_core import conditioning
-from cmt_core.cluster import Cluster, dask_available
+from cmt_core.cluster import dask_available, run_shards
 from cmt_core.object_storage import location
 from cmt_core.time_grids import make_grid
 from cmt_core.trajectories.rollout import rollout_batch, trajectory_cond, trajectory_seeds
@@ -60,7 +59,6 @@ from cmt_core.trajectories.store import (
 
 log = logging.getLogger("cmt")
 
-TASK_RETRIES = 3
 _teacher_cache: dict = {}  # per worker process: {factory fingerprint: denoiser}
 
 
@@ -114,21 +112,8 @@ def _check_resumable(path, expected: dict) -> None:
                          f"Use a new path (the artifact id should change with these settings).")
 
 
-def _solve_on_dask(denoiser_factory, path, todo: list[int], cfg, num_classes: int, advance) -> None:
-    from distributed import as_completed
-
-    resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
-    with Cluster(cfg.cluster, preload=(__name__,)) as client:
-        token = uuid.uuid4().hex[:8]
-        futures = [client.submit(rollout_shard, denoiser_factory, str(path), k, cfg, num_classes=num_classes,
-                                 key=f"rollout-{token}-shard-{k}", retries=TASK_RETRIES, resources=resources)
-                   for k in todo]
-        try:
-            for future in as_completed(futures):
-                advance(future.result())
-        except BaseException:
-            client.cancel(futures)
-            raise
+def _rollout_task(shard_index: int, denoiser_factory, path: str, rollout_cfg, num_classes: int) -> int:
+    return rollout_shard(denoiser_factory, path, shard_index, rollout_cfg, num_classes=num_classes)
 
 
 def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg, teacher_id: str,
@@ -166,7 +151,9 @@ def run_rollouts(denoiser_factory, path, num: int, sample_shape, rollout_cfg, te
 
             advance(0)
             if on_dask:
-                _solve_on_dask(denoiser_factory, path, todo, rollout_cfg, num_classes, advance)
+                run_shards(rollout_cfg.cluster, _rollout_task, todo, "rollout", advance,
+                           {"GPU": 1} if rollout_cfg.cluster.gpu_resource else None, denoiser_factory=denoiser_factory,
+                           path=str(path), rollout_cfg=rollout_cfg, num_classes=num_classes)
             else:
                 for k in todo:
                     advance(rollout_shard(denoiser_factory, path, k, rollout_cfg, threads=None,
