@@ -10,7 +10,9 @@ argument, passed by keyword everywhere in the library, and hands it to the raw n
   so f(x, t, t) = x exactly, and a FlowMap initialised from a teacher's weights starts as the DDIM step
   of that teacher. Its Mean Flow reading (the average velocity u) is in ``cmt_core.objectives.meanflow``.
 * ``VPDenoiser``       D(x, t)    = x - t F(x / sqrt(t^2 + 1), (M - 1) u(t)): EDM's VP preconditioning, for
-  teachers trained with it (EDM's ``VPPrecond``); ``make_denoiser`` builds either denoiser from its settings.
+  teachers trained with it (EDM's ``VPPrecond``);
+* ``LinearVelocityDenoiser`` D(x, t) = z - tau V(z, tau), z = x / (1 + t), tau = t / (1 + t): a flow-matching
+  velocity network (SiT) read in EDM time; ``make_denoiser`` builds any denoiser from its settings.
 
 All times are EDM sigmas, ``(B,)`` tensors (a Python float is broadcast).
 """
@@ -83,6 +85,42 @@ class VPDenoiser(nn.Module):
         return x - tb * self.raw(c_in * x, ((self.num_steps - 1) * u)[:, None], cond=cond).to(x.dtype)
 
 
+LINEAR_TIMES = ("sit", "rf")
+TIME_FEATURE_SCALE = 250.0  # the repository's Fourier features read c_noise * 250 (``cmt_core.networks.embedding``)
+
+
+class LinearVelocityDenoiser(nn.Module):
+    """Denoiser ``D(x, t) -> x_0 estimate`` of a flow-matching velocity network on the linear path (SiT's teachers,
+    the Mean Flow papers' convention); ``raw`` takes one time.
+
+    The linear path in its own time, two conventions (``time``):
+
+    * ``sit`` (willisma/SiT, ``transport/path.py`` ``ICPlan``): x_s = s y + (1 - s) e with s in [0, 1], data at
+      s = 1, and the network predicts v = dx_s/ds = y - e;
+    * ``rf`` (py-meanflow, NVlabs/FastGen): z = (1 - tau) y + tau e with noise at tau = 1, and the network predicts
+      V = dz/dtau = e - y.
+
+    Converted exactly to EDM time: x_t = y + t e = (1 + t) z with tau = t / (1 + t) = 1 - s, so
+    ``D(x, t) = z - tau V(z, tau) = z + tau v(z, 1 - tau)`` with z = x / (1 + t) (the posterior mean of y is affine
+    in the posterior mean of the velocity, so the exact velocity gives the exact denoiser). The raw network is
+    conditioned on its own time as DiT's and SiT's ``timestep_embedding(time)``: ``c_noise = time / 250``."""
+
+    def __init__(self, raw: nn.Module, time: str = "sit"):
+        super().__init__()
+        if time not in LINEAR_TIMES:
+            raise ValueError(f"the linear path's time must be one of {LINEAR_TIMES}, got {time!r}")
+        self.raw, self.time = raw, time
+        self.preconditioning = {"name": "linear_velocity", "time": time}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Cond | None = None) -> torch.Tensor:
+        t = as_batch(t, x)
+        tau = t / (1 + t)
+        z = x / bcast(1 + t, x)
+        own = 1 - tau if self.time == "sit" else tau
+        v = self.raw(z, (own / TIME_FEATURE_SCALE)[:, None], cond=cond).to(x.dtype)
+        return z + bcast(tau, x) * v if self.time == "sit" else z - bcast(tau, x) * v
+
+
 def make_denoiser(raw: nn.Module, sigma_data: float, preconditioning: dict | None = None) -> nn.Module:
     """The denoiser wrapper that ``preconditioning`` (a wrapper's ``preconditioning`` dict) names; None: EDM's."""
     settings = dict(preconditioning or Denoiser.preconditioning)
@@ -91,7 +129,9 @@ def make_denoiser(raw: nn.Module, sigma_data: float, preconditioning: dict | Non
         return Denoiser(raw, sigma_data, **settings)
     if name == "vp":
         return VPDenoiser(raw, **settings)
-    raise ValueError(f"unknown denoiser preconditioning {name!r}; expected 'edm' or 'vp'")
+    if name == "linear_velocity":
+        return LinearVelocityDenoiser(raw, **settings)
+    raise ValueError(f"unknown denoiser preconditioning {name!r}; expected 'edm', 'vp' or 'linear_velocity'")
 
 
 class ConsistencyModel(nn.Module):

@@ -55,6 +55,7 @@ from cmt_core.evaluation.reference import open_reference
 from cmt_core.methods import get_method
 from cmt_core.models import label_dim_of
 from cmt_core.runtime import uses_cuda
+from cmt_core.sit_checkpoint import sit_teacher
 from cmt_core.teachers import LOADED, PROGRAMS, edm_teacher, load_teacher
 from cmt_core.time_grids import make_grid
 
@@ -391,6 +392,8 @@ def _probe_denoiser(section: str, source: str, path, target: str | None, data_cf
             if problem:
                 raise PreflightError(f"{field}={brief(value)}: the network {problem}")
             net = edm.model
+        elif source == "sit":
+            net = sit_teacher(path, shape, data_cfg.num_classes).model
         elif source == "checkpoint":
             blob = load_file(path)
             recorded = tuple(blob.get("sample_shape") or ()) if isinstance(blob, dict) else ()

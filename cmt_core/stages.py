@@ -64,6 +64,8 @@ from cmt_core.evaluation.table import ScoredModel, results_table
 from cmt_core.events import EventLog
 from cmt_core.methods import LossInputs, Method, get_method
 from cmt_core.models import build_model, init_from, label_dim_of, load_model, save_model
+from cmt_core.networks.build import DIT_ONLY
+from cmt_core.sit_checkpoint import sit_teacher
 from cmt_core.teachers import LOADED, PROGRAMS, edm_teacher, load_teacher, teacher_denoiser
 from cmt_core.training import train
 from cmt_core.trajectories.dask_rollouts import run_rollouts
@@ -128,9 +130,11 @@ def _teacher_weights(ctx: StageContext) -> torch.nn.Module:
 def network_values(network: dict, num_classes: int) -> dict:
     """A model file's ``network`` mapping: the ``NetworkConfig`` fields of ``network`` (a dict of network values,
     a config's or a loaded network's) dumped as JSON values, plus ``label_dim`` for a class-conditional model (the
-    key is absent from unconditional models' files)."""
+    key is absent from unconditional models' files; the DiT's ``patch_size`` and ``heads`` only in a DiT's)."""
     values = NetworkConfig(**{k: v for k, v in network.items() if k in NetworkConfig.model_fields})
-    return {**values.model_dump(mode="json"), **({"label_dim": num_classes} if num_classes else {})}
+    left_out = () if values.kind == "dit" else DIT_ONLY
+    return {**values.model_dump(mode="json", exclude=set(left_out)),
+            **({"label_dim": num_classes} if num_classes else {})}
 
 
 def few_step_network(c) -> dict:
@@ -276,8 +280,8 @@ def _guide(ctx: StageContext) -> dict:
 
 
 def _denoiser(ctx: StageContext, section: str, source: str, path, network: dict, train_cfg) -> dict:
-    """A denoiser's model file: loaded from ``path`` (``source`` 'checkpoint' or 'edm_pickle') or pre-trained here
-    with EDM's objective on ``network`` and ``train_cfg``; ``section`` names the config section in errors."""
+    """A denoiser's model file: loaded from ``path`` (``source`` 'checkpoint', 'edm_pickle' or 'sit') or pre-trained
+    here with EDM's objective on ``network`` and ``train_cfg``; ``section`` names the config section in errors."""
     c, runtime = ctx.cfg, ctx.runtime
     if source == "checkpoint":
         shape, num_classes = model_space(c)
@@ -286,6 +290,17 @@ def _denoiser(ctx: StageContext, section: str, source: str, path, network: dict,
         if runtime.is_main:
             save_model(ctx.path / MODEL_FILE, model, "denoiser", network, shape)
         return {"weights": True}
+    if source == "sit":
+        shape, num_classes = model_space(c)
+        try:
+            sit = sit_teacher(path, shape, num_classes)
+        except (pickle.UnpicklingError, ValueError, OSError, EOFError, RuntimeError) as err:
+            raise InputFileError(f"{section}.path={str(path)!r} is not a usable SiT checkpoint: {describe(err)}") \
+                from err
+        if runtime.is_main:
+            save_model(ctx.path / MODEL_FILE, sit.model, "denoiser", network_values(sit.network, num_classes),
+                       sit.sample_shape)
+        return {"weights": True, "parametrisation": "linear_velocity"}
     if source == "edm_pickle":
         shape, num_classes = model_space(c)
         try:
@@ -563,10 +578,18 @@ def _in_data_space(cfg) -> bool:
     return not _latent(cfg, "encoder")
 
 
-def _in_pixels(omit):
-    """A stage's ``omit`` plus ``data.encoder`` while it is the identity: the ids of runs in the data's own space
-    are those from before latent spaces existed."""
-    return lambda cfg: (*omit(cfg), *(() if _latent(cfg, "encoder") else ("data.encoder",)))
+def _unused_fields(cfg) -> tuple[str, ...]:
+    """The sections a config leaves at their inert values that came after artifact ids existed: ``data.encoder``
+    while it is the identity, the DiT's ``network.patch_size`` and ``network.heads`` for other networks, Mean Flow's
+    guidance in the target while it is off; left out of ids, so runs that do not use them keep their ids."""
+    return (*(() if _latent(cfg, "encoder") else ("data.encoder",)),
+            *(() if cfg.network.kind == "dit" else tuple(f"network.{f}" for f in DIT_ONLY)),
+            *(() if cfg.posttrain.meanflow.guidance.active else ("posttrain.meanflow.guidance",)))
+
+
+def _without_unused(omit):
+    """A stage's ``omit`` plus the fields this config does not use (``_unused_fields``)."""
+    return lambda cfg: (*omit(cfg), *_unused_fields(cfg))
 
 
 def _trains_on_data(cfg) -> bool:
@@ -587,33 +610,33 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("teacher", reads=("data", *DENOISER_NETWORK, *TEACHER, "teacher.p_mean", "teacher.p_std", *TEACHER_TRAINING,
                             *PRECISION),
           needs=lambda cfg: _latent(cfg, "encoder", "encode") if cfg.teacher.source == "pretrain" else (),
-          work=_teacher, trains=True, omit=_in_pixels(_loaded_precision), sound=_sound_teacher,
+          work=_teacher, trains=True, omit=_without_unused(_loaded_precision), sound=_sound_teacher,
           reads_samples=lambda cfg: _in_data_space(cfg) or cfg.teacher.source == "pretrain"),
     Stage("guide", reads=("data", *DENOISER_NETWORK, *GUIDE, "teacher.p_mean", "teacher.p_std", *GUIDE_TRAINING,
                           *PRECISION),
           needs=lambda cfg: _latent(cfg, "encoder", "encode") if cfg.guidance.guide.source == "pretrain" else (),
-          work=_guide, trains=True, omit=_in_pixels(_loaded_guide), sound=_sound_teacher,
+          work=_guide, trains=True, omit=_without_unused(_loaded_guide), sound=_sound_teacher,
           reads_samples=lambda cfg: _in_data_space(cfg) or cfg.guidance.guide.source == "pretrain"),
     Stage("rollouts", reads=("data", *TEACHER, *ROLLOUT_GUIDANCE, "rollout.solver", "rollout.num_trajectories",
                              "rollout.batch_size", "rollout.seed", "rollout.store"),
           needs=lambda cfg: ("teacher", *_guide_of(cfg, cfg.guidance.rollout_scale)), work=_rollouts,
-          uses=("rollout.cluster",), omit=_in_pixels(_unguided_rollouts), sound=_sound_rollouts,
+          uses=("rollout.cluster",), omit=_without_unused(_unguided_rollouts), sound=_sound_rollouts,
           reads_samples=_in_data_space),
     Stage("midtrain", reads=("data", "network", *SIGMAS, "midtrain", *SCORING, *PRECISION),
           needs=lambda cfg: ("teacher", "rollouts", *_latent(cfg, "encoder")), work=_midtrain, uses=TRAINING_USES,
-          trains=True, omit=_in_pixels(_runs_every_step("midtrain")), sound=_sound_training),
+          trains=True, omit=_without_unused(_runs_every_step("midtrain")), sound=_sound_training),
     Stage("posttrain", reads=("data", "network", *TEACHER, *TEACHER_GUIDANCE, *SIGMAS, "posttrain", *SCORING,
                               *PRECISION),
           needs=lambda cfg: ("teacher", *(("midtrain",) if cfg.posttrain.init == "cmt" else ()),
                              *(_guide_of(cfg, cfg.guidance.scale) if _teacher_step(cfg) else ()),
                              *_latent(cfg, "encoder", *(("encode",) if _trains_on_data(cfg) else ()))),
-          work=_posttrain, uses=TRAINING_USES, trains=True, omit=_in_pixels(_posttrain_omits),
+          work=_posttrain, uses=TRAINING_USES, trains=True, omit=_without_unused(_posttrain_omits),
           sound=_sound_training),
     Stage("evaluation", reads=("data", "network", *TEACHER, *TEACHER_GUIDANCE, "guidance.sweep", "teacher.sampler",
                                *SIGMAS, "midtrain.form", "posttrain.method", "posttrain.init", "eval"),
           needs=lambda cfg: ("teacher", "rollouts", "midtrain", "posttrain",
                              *_guide_of(cfg, cfg.guidance.scale, *cfg.guidance.sweep), *_latent(cfg, "encoder")),
-          work=_evaluation, uses=("preset",), omit=_in_pixels(lambda cfg: ())),
+          work=_evaluation, uses=("preset",), omit=_without_unused(lambda cfg: ())),
 )}
 TRAINING_STAGES = tuple(name for name, s in STAGES.items() if s.trains)
 PIPELINE = ("evaluation",)  # a whole run: the evaluation and the stages it needs (the guide only when used)

@@ -2,7 +2,8 @@
 
 Sources: the exact denoiser of a 2-D synthetic distribution (class-conditional when the distribution has
 classes); EDM pre-training here; our own model file; an EDM network pickle or an EDM2 snapshot pickle
-(``cmt_core.edm_pickle``, ``cmt_core.edm2_pickle``; the teacher stage stores it as our model file once); a
+(``cmt_core.edm_pickle``, ``cmt_core.edm2_pickle``) or a SiT flow-matching checkpoint (``cmt_core.sit_checkpoint``),
+each stored by the teacher stage as our model file once; a
 TorchScript file computing ``D(x, sigma)``; or ``module:callable`` returning a denoiser module ``D(x, sigma)``.
 TorchScript and callable teachers are unconditional: they refuse a non-empty ``cond`` rather than ignore it. Every
 function here takes plain values (the source's name, paths).
@@ -22,8 +23,9 @@ from cmt_core.edm_pickle import EDMNetwork, edm_network
 from cmt_core.guidance import guided
 from cmt_core.models import load_model
 
-SOURCES = ("exact", "pretrain", "checkpoint", "edm_pickle", "torchscript", "callable")
-LOADED = ("checkpoint", "edm_pickle", "torchscript", "callable")  # read or run from outside
+SOURCES = ("exact", "pretrain", "checkpoint", "edm_pickle", "sit", "torchscript", "callable")
+LOADED = ("checkpoint", "edm_pickle", "sit", "torchscript", "callable")  # read or run from outside
+VELOCITY = ("sit",)  # velocity-parametrised weights: no EDM-preconditioned student starts from them
 PROGRAMS = ("torchscript", "callable")  # run as they are: no network weights of ours to initialise from
 
 
@@ -56,7 +58,7 @@ class OutsideDenoiser(nn.Module):
 def load_teacher(source: str, path=None, target: str | None = None, distribution=None) -> nn.Module:
     """The teacher of the sources read as they are: ``exact`` (of ``distribution``), ``checkpoint`` (our model file
     at ``path``), ``torchscript`` (``path``), ``callable`` (``target``, 'module:function'); ``pretrain`` is trained
-    and ``edm_pickle`` converted by the teacher stage (``cmt_core.stages``)."""
+    and ``edm_pickle`` and ``sit`` converted by the teacher stage (``cmt_core.stages``)."""
     if source == "exact":
         if distribution is None:
             raise ValueError("teacher.source='exact' needs a synthetic distribution with a closed-form denoiser")
@@ -102,11 +104,12 @@ def edm_teacher(path, sample_shape) -> EDMNetwork | EDM2Network:
 
 def teacher_denoiser(source: str, path, target: str | None, distribution, weights: Path, guidance: str = "none",
                      scale: float = 1.0, guide_weights: Path | None = None) -> nn.Module:
-    """The denoiser that solves the ODE: the model file at ``weights`` (the teacher artifact's) for ``pretrain``
-    and ``edm_pickle``, otherwise ``load_teacher`` (the exact denoiser of ``distribution``, a file, a callable);
+    """The denoiser that solves the ODE: the model file at ``weights`` (the teacher artifact's) for ``pretrain``,
+    ``edm_pickle`` and ``sit``, otherwise ``load_teacher`` (the exact denoiser of ``distribution``, a file, a
+    callable);
     guided (``cmt_core.guidance.guided``) by ``guidance`` ('none' | 'cfg' | 'autoguidance') at ``scale``, an
     autoguided one by the guide's model file ``guide_weights``."""
-    teacher = load_model(weights) if source in ("pretrain", "edm_pickle") else load_teacher(source, path, target,
+    teacher = load_model(weights) if source in ("pretrain", "edm_pickle", "sit") else load_teacher(source, path, target,
                                                                                            distribution)
     guide = load_model(guide_weights) if guidance == "autoguidance" and scale != 1.0 else None
     return guided(teacher, guidance, scale, guide)

@@ -218,6 +218,13 @@ def special(base: PipelineConfig, path: str) -> dict | None:
         return {"data.num_classes": 4 if points else 10, **guided, path: value[path.split(".")[-1]]}
     if path == "network.kind" and points:
         return {}  # 2-D data has one network kind; the image presets cover this field
+    if path in ("network.patch_size", "network.heads"):  # read once the network is a DiT (images only)
+        return {} if points else {"network.kind": "dit", path: {"patch_size": 4, "heads": 8}[path.split(".")[-1]]}
+    if path.startswith("posttrain.meanflow.guidance."):  # read once guidance is on: classes, dropout, Mean Flow
+        value = {"omega": 0.5, "kappa": 0.2, "t_start": 0.1, "t_end": 0.9}[path.split(".")[-1]]
+        return {"data.num_classes": 4 if points else 10, "posttrain.method": "meanflow", "midtrain.form": "flow_map",
+                "posttrain.train.label_dropout": 0.1, "posttrain.ect.anchor_sigma": 0.0,
+                "posttrain.meanflow.guidance.omega": 0.5, path: value}
     if path.startswith("data.encoder."):  # a latent space: images only; its fields are read once it is not the identity
         if points:
             return {}

@@ -184,3 +184,78 @@ def test_mean_flow_trains_a_unet_under_bf16_autocast_on_cpu():
         loss = MeanFlowLoss()(flow_map, {"x": torch.randn(4, 3, 32, 32)}, rng).float().mean()
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in flow_map.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------- guidance in the target
+GUIDED_CLASSES = 4
+
+
+def conditional_flow_map() -> nn.Module:
+    torch.manual_seed(0)
+    flow_map = build_model("flow_map", {**SMALL_MLP, "label_dim": GUIDED_CLASSES}, (2,), sigma_min=0.002)
+    with torch.no_grad():
+        for p in flow_map.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return flow_map.train()
+
+
+def labelled_batch(n: int = 64) -> dict:
+    gen = torch.Generator().manual_seed(3)
+    labels = nn.functional.one_hot(torch.randint(GUIDED_CLASSES, (n,), generator=gen), GUIDED_CLASSES).float()
+    labels[::5] = 0  # dropped labels: the unconditional class
+    return {"x": torch.randn(n, 2, generator=gen), "cond": {"class_labels": labels}}
+
+
+@pytest.mark.parametrize("time", ["tau", "sigma"])
+def test_guidance_at_omega_one_kappa_zero_is_the_unguided_loss(time):
+    flow_map, batch = conditional_flow_map(), labelled_batch()
+    losses, grads = [], []
+    for kwargs in ({}, {"omega": 1.0, "kappa": 0.0, "interval": (0.2, 0.7)}):
+        loss = MeanFlowLoss(time=time, **kwargs)(flow_map, batch, StepRandom(5, 0, 64))
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss.mean(), list(flow_map.parameters())))
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    guided = MeanFlowLoss(time=time, omega=0.5, kappa=0.2)(flow_map, batch, StepRandom(5, 0, 64)).detach()
+    assert not torch.equal(guided, losses[0])  # and guidance does change it
+
+
+@pytest.mark.parametrize("time", ["tau", "sigma"])
+def test_guided_velocity_mixes_the_labelled_rows_inside_the_interval(time):
+    flow_map, batch = conditional_flow_map(), labelled_batch()
+    cond, n = batch["cond"], 64
+    t = torch.exp(torch.linspace(-4.0, 3.0, n))
+    tau = t / (1 + t)
+    v = torch.randn(n, 2)
+    omega, kappa, interval = 0.3, 0.6, (0.1, 0.75)
+    velocity = tau_velocity if time == "tau" else average_velocity
+    at = tau if time == "tau" else t
+    x = torch.randn(n, 2)
+    loss = MeanFlowLoss(time=time, omega=omega, kappa=kappa, interval=interval)
+    got = loss.guided_velocity(flow_map, velocity, x, at, v, cond, None if time == "tau" else tau)
+    assert flow_map.training and not got.requires_grad
+    with torch.no_grad():
+        flow_map.eval()
+        u_cond = velocity(flow_map, x, at, at, cond)
+        u_uncond = velocity(flow_map, x, at, at, {"class_labels": torch.zeros_like(cond["class_labels"])})
+    expected = omega * v + kappa * u_cond + (1 - omega - kappa) * u_uncond
+    rows = (cond["class_labels"].sum(1) > 0) & (tau >= interval[0]) & (tau <= interval[1])
+    assert 0 < int(rows.sum()) < n
+    torch.testing.assert_close(got[rows], expected[rows])
+    assert torch.equal(got[~rows], v[~rows])  # dropped labels and times outside the interval keep v
+
+
+def test_guidance_in_the_target_needs_classes_label_dropout_and_mean_flow():
+    guided = ["posttrain.meanflow.guidance.omega=0.5", "posttrain.method=meanflow", "midtrain.form=flow_map",
+              "posttrain.ect.anchor_sigma=0"]
+    with pytest.raises(ValueError, match="posttrain.method='meanflow'"):
+        get_preset("digits-cond", ["posttrain.meanflow.guidance.omega=0.5"])
+    with pytest.raises(ValueError, match="data.num_classes > 0"):
+        get_preset("digits", guided)
+    with pytest.raises(ValueError, match="posttrain.train.label_dropout must be > 0"):
+        get_preset("digits-cond", guided)
+    cfg = get_preset("digits-cond", [*guided, "posttrain.train.label_dropout=0.1"])
+    assert cfg.posttrain.meanflow.guidance.active
+    with pytest.raises(ValueError, match="t_start=0.8 must be <= t_end=0.5"):
+        get_preset("digits-cond", [*guided, "posttrain.meanflow.guidance.t_start=0.8",
+                                   "posttrain.meanflow.guidance.t_end=0.5"])

@@ -24,7 +24,7 @@ from cmt_core.config.sections import (
 )
 from cmt_core.data import POINT_DATA
 from cmt_core.object_storage import default_mirror, is_url, location
-from cmt_core.teachers import PROGRAMS
+from cmt_core.teachers import PROGRAMS, VELOCITY
 
 # the file and folder fields: what ``preflight`` checks (None: a file or a folder, as ``data.name`` reads it) and
 # what flows confine to their allowed roots, beside the artifact root and its mirror
@@ -87,12 +87,13 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"teacher.source='exact' needs 2-D synthetic data, not data.name={self.data.name!r}")
         if self.network.kind != "mlp" and self.data.name in POINT_DATA:
             raise ValueError(f"network.kind={self.network.kind!r} needs image data; use 'mlp' for 2-D data")
-        if self.teacher.source in PROGRAMS:
+        if self.teacher.source in PROGRAMS + VELOCITY:
+            what = "none of ours" if self.teacher.source in PROGRAMS else "velocity-parametrised ones, in SiT time"
             for field, init in (("midtrain.init", self.midtrain.init), ("posttrain.init", self.posttrain.init)):
                 if init == "teacher":
-                    raise ValueError(f"{field}='teacher' needs the teacher's network weights, and "
-                                     f"teacher.source={self.teacher.source!r} has none of ours; use init='random' or "
-                                     "a checkpoint / edm_pickle / pretrain teacher")
+                    raise ValueError(f"{field}='teacher' needs the teacher's network weights as an EDM denoiser's, "
+                                     f"and teacher.source={self.teacher.source!r} has {what}; use init='random' or a "
+                                     "checkpoint / edm_pickle / pretrain teacher")
         self._conditioning()
         for rules in dict.fromkeys(m.rules for m in methods.METHODS.values()):  # each rule once, in order
             rules(self)

@@ -145,10 +145,14 @@ class DataConfig(StrictModel):
 class NetworkConfig(StrictModel):
     """Raw network wrapped by the EDM preconditioning (``cmt_core.preconditioning``)."""
 
-    kind: Literal["mlp", "unet", "edm2"] = Field("mlp", description="mlp; unet: EDM's DDPM++ U-Net; edm2: "
-                                                "EDM2's magnitude-preserving U-Net")
-    width: int = Field(256, ge=1, le=8192, description="mlp hidden width / unet base channels")
-    depth: int = Field(4, ge=1, le=64, description="mlp hidden layers / unet residual blocks per resolution")
+    kind: Literal["mlp", "unet", "edm2", "dit"] = Field(
+        "mlp", description="mlp; unet: EDM's DDPM++ U-Net; edm2: EDM2's magnitude-preserving U-Net; dit: a DiT / "
+        "SiT transformer (cmt_core.networks.dit)")
+    width: int = Field(256, ge=1, le=8192, description="mlp hidden width / unet base channels / dit hidden width")
+    depth: int = Field(4, ge=1, le=64, description="mlp hidden layers / unet residual blocks per resolution / dit "
+                       "transformer blocks")
+    patch_size: int = Field(2, ge=1, le=32, description="dit: the patch size (DiT-XL/2: 2)")
+    heads: int = Field(16, ge=1, le=256, description="dit: attention heads (DiT-XL: 16)")
     channel_mult: tuple[int, ...] = Field((1, 2, 2), min_length=1, description="unet channel multipliers")
     attention_resolutions: tuple[int, ...] = Field((), description="unet resolutions with self-attention")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -160,6 +164,9 @@ class NetworkConfig(StrictModel):
 
     @model_validator(mode="after")
     def _edm2_embedding(self) -> NetworkConfig:
+        if self.kind == "dit" and (self.width % self.heads or self.width % 4):
+            raise ValueError(f"network.width={self.width} must be a multiple of network.heads={self.heads} and of 4 "
+                             "for network.kind='dit' (per-head width; 2-D sin-cos position embeddings)")
         if self.kind == "edm2" and self.emb_dim % self.width:
             raise ValueError(f"network.emb_dim={self.emb_dim} must be a multiple of network.width={self.width} for "
                              f"network.kind='edm2' (EDM2's embedding is width x channel_mult_emb wide; its default: "
@@ -267,7 +274,8 @@ class TeacherConfig(StrictModel):
 
     ``exact``: closed-form denoiser of a 2-D synthetic distribution. ``pretrain``: EDM training here.
     ``checkpoint``: a checkpoint of ours; ``edm_pickle``: an EDM network pickle, read without running its code
-    and stored once as our checkpoint; ``torchscript``: a scripted ``D(x, sigma)``;
+    and stored once as our checkpoint; ``sit``: a SiT flow-matching checkpoint (a velocity DiT, ``path``), read as
+    tensors only and stored once as our checkpoint; ``torchscript``: a scripted ``D(x, sigma)``;
     ``callable``: ``module:function`` returning a denoiser module, imported and run only with ``allow_code``.
     """
 
@@ -283,7 +291,7 @@ class TeacherConfig(StrictModel):
 
     @model_validator(mode="after")
     def _source_args(self) -> TeacherConfig:
-        if self.source in ("checkpoint", "edm_pickle", "torchscript") and self.path is None:
+        if self.source in ("checkpoint", "edm_pickle", "sit", "torchscript") and self.path is None:
             raise ValueError(f"teacher.path is required for teacher.source={self.source!r}")
         if self.source == "callable" and self.target is None:
             raise ValueError("teacher.target ('module:callable') is required for teacher.source='callable'")
@@ -440,6 +448,32 @@ class ECTConfig(StrictModel):
         "reference's ImageNet-512 ECT / ECD loss, its wt='snrpk')")
 
 
+class MeanFlowGuidanceConfig(StrictModel):
+    """Classifier-free guidance folded into Mean Flow's training target (the Mean Flow paper's guided velocity;
+    NVlabs/FastGen ``MeanFlowModel._get_velocity``): for a sample with a class and tau_t in [t_start, t_end] the
+    velocity v of the target and of the JVP's tangent is omega v + kappa u(z, t, t | c) + (1 - omega - kappa)
+    u(z, t, t | no class), the model's own instantaneous velocities without gradients; the 1-step sampler is
+    unchanged (the guidance is inside the model). omega = 1, kappa = 0: unguided."""
+
+    omega: float = Field(1.0, ge=0.0, le=100.0, description="weight of the sample's own velocity v (MeanFlow's "
+                         "guidance scale; 1 with kappa 0: no guidance)")
+    kappa: float = Field(0.0, ge=0.0, le=1.0, description="weight of the model's conditional velocity (FastGen's "
+                         "guidance_mixture_ratio)")
+    t_start: float = Field(0.0, ge=0.0, le=1.0, description="the interval's start in tau = sigma / (1 + sigma)")
+    t_end: float = Field(1.0, ge=0.0, le=1.0, description="the interval's end in tau (one public configuration: "
+                         "0.75)")
+
+    @property
+    def active(self) -> bool:
+        return self.omega != 1.0 or self.kappa != 0.0
+
+    @model_validator(mode="after")
+    def _interval(self) -> MeanFlowGuidanceConfig:
+        if self.t_start > self.t_end:
+            raise ValueError(f"posttrain.meanflow.guidance.t_start={self.t_start} must be <= t_end={self.t_end}")
+        return self
+
+
 class MeanFlowConfig(StrictModel):
     """Mean Flow: u_tgt = v - (t - r) du/dt, adaptive weight (loss + norm_eps)^-p (``cmt_core.objectives.meanflow``).
 
@@ -455,6 +489,7 @@ class MeanFlowConfig(StrictModel):
     time: Literal["sigma", "tau"] = Field(
         "tau", description="the time the loss is written in: sigma (EDM, per-dimension mean) or tau = sigma / "
         "(1 + sigma) in [0, 1), py-meanflow's convention (sum over dimensions), converted at the edges")
+    guidance: MeanFlowGuidanceConfig = MeanFlowGuidanceConfig()
 
 
 class PostTrainConfig(StrictModel):

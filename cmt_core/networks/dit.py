@@ -23,13 +23,12 @@ for the embeddings listed below.
 Deliberate differences from DiT:
 
 * No learned sigma: ``out_channels = C`` (DiT's ``learn_sigma=False``); the repository's objectives need one output.
-* Time embedding: the repository's ``TimeEmbedding(hidden, num_times)`` (sinusoidal features of ``c_noise`` times
-  250 with ``hidden`` frequencies, then ``Linear + SiLU + Linear``, weights normal(0.02) as DiT's) instead of DiT's
-  ``TimestepEmbedder`` (256 frequencies of the DDPM step). It gives the two-time
-  interface the other raw networks share: each further time (a flow map's second time) adds a ``LaterTimeMLP``
-  whose last layer starts at zero, so a two-time DiT initialised from a one-time DiT computes the same function.
-  With ``c_noise = t / 250`` and ``hidden`` frequencies the features equal DiT's ``timestep_embedding(t, hidden)``
-  (cos first, then sin), so DiT's embedder with ``frequency_embedding_size = hidden`` maps exactly onto ours.
+* Time embedding: the repository's ``TimeEmbedding(hidden, num_times, features=256)`` (256 sinusoidal features of
+  ``c_noise`` times 250, then ``Linear + SiLU + Linear``, weights normal(0.02) as DiT's). With ``c_noise = t / 250``
+  the features equal DiT's ``timestep_embedding(t, 256)`` (cos first, then sin), so DiT's and SiT's
+  ``t_embedder.mlp`` are ours (``time.mlps.0``) unchanged. It gives the two-time interface the other raw networks
+  share: each further time (a flow map's second time) adds a ``LaterTimeMLP`` whose last layer starts at zero, so a
+  two-time DiT initialised from a one-time DiT computes the same function.
 * Class embedding (``label_dim > 0``): ``label``, a ``Linear(label_dim, hidden)`` of ``label_input(cond, ...)``
   (``cond["class_labels"]``, float one-hot rows times ``sqrt(label_dim)``), added to the time embedding, instead of
   DiT's ``LabelEmbedder`` table of ``num_classes + 1`` rows whose last row is the null class. Why: the repository's
@@ -57,6 +56,7 @@ from torch import nn
 from cmt_core.conditioning import CLASS_LABELS, Cond, check_known
 from cmt_core.networks.embedding import TimeEmbedding, label_input
 
+TIME_FEATURES = 256  # DiT's frequency_embedding_size
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "S": (384, 12, 6),
     "B": (768, 12, 12),
@@ -182,7 +182,7 @@ class DiT(nn.Module):
         self.grid = (h // patch_size, w // patch_size)
         self.x_embedder = PatchEmbed(in_channels, hidden, patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, *self.grid)[None], persistent=False)
-        self.time = TimeEmbedding(hidden, num_times)
+        self.time = TimeEmbedding(hidden, num_times, features=TIME_FEATURES)
         self.label = nn.Linear(label_dim, hidden) if label_dim else None
         self.blocks = nn.ModuleList(DiTBlock(hidden, heads, mlp_ratio, dropout) for _ in range(depth))
         self.final_layer = FinalLayer(hidden, patch_size, self.out_channels)

@@ -85,14 +85,15 @@ class LaterTimeMLP(nn.Sequential):
 
 class TimeEmbedding(nn.Module):
     """Embeds ``num_times`` noise conditionings ``(B, num_times) -> (B, dim)`` (the MLP network's embedding):
-    Fourier features, one MLP per time, summed."""
+    ``features`` Fourier features (None: ``dim``), one MLP per time, summed."""
 
-    def __init__(self, dim: int, num_times: int = 1):
+    def __init__(self, dim: int, num_times: int = 1, features: int | None = None):
         super().__init__()
         self.num_times = num_times
-        self.fourier = FourierEmbedding(dim)
-        first = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.mlps = nn.ModuleList([first, *(LaterTimeMLP(dim, dim) for _ in range(num_times - 1))])
+        features = features or dim
+        self.fourier = FourierEmbedding(features)
+        first = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlps = nn.ModuleList([first, *(LaterTimeMLP(features, dim) for _ in range(num_times - 1))])
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         check_times(c_noise, self.num_times)

@@ -30,6 +30,16 @@ py-meanflow's ``tr_sampler=v0``. A log-normal sigma is the logit-normal tau (log
 the same times to 2e-16), so the Mean Flow paper's (-0.4, 1.0) carries over unchanged; py-meanflow's
 ``ratio`` (pairs with r != t) is 1 - ``equal_fraction``. Deviation: times are clamped to [sigma_min, sigma_max]
 (tau in [0.002, 0.988]); the reference's tau runs over (0, 1).
+Guidance in training (``omega``, ``kappa``, ``interval``; the Mean Flow paper's classifier-free guidance folded
+into the target, as NVlabs/FastGen's ``MeanFlowModel._get_velocity`` writes it): for a sample that has a class
+(a non-zero ``class_labels`` row) and whose tau_t lies in ``interval`` (closed), the velocity v of the target and
+of the JVP's tangent becomes omega v + kappa u(x_t, t, t | c) + (1 - omega - kappa) u(x_t, t, t | no class), the
+model's own instantaneous velocities, evaluated without gradients and with dropout off. Samples whose label the
+training loop dropped (``train.label_dropout``: the all-zero row) keep v, and so train the unconditional branch
+the guidance reads; so does every sample outside the interval. The weights sum to 1, so the mixture is the same in
+sigma and in tau time. FastGen draws the number of dropped labels and takes them first in the batch; here the
+batch's own dropped rows are those samples (the same rule, per sample). omega = 1, kappa = 0 is no guidance
+(and no extra network call).
 The batch's conditioning ``batch["cond"]`` goes to every network call (it is held fixed along the JVP).
 ``torch.func.jvp`` cannot run through a DDP wrapper: this objective sets ``uses_jvp`` and the training
 loop hands it the bare module and all-reduces its gradients. An EDM2 network's forced weight normalisation is
@@ -39,7 +49,8 @@ same weights as a training-mode pass, without the in-place write ``torch.func`` 
 
 import torch
 
-from cmt_core.conditioning import Cond
+from cmt_core.conditioning import CLASS_LABELS, Cond
+from cmt_core.guidance import unconditional
 from cmt_core.networks.edm2 import apply_forced_weight_norm, forced_weight_norm
 from cmt_core.objectives.distances import mean_squared_error, squared_l2
 from cmt_core.preconditioning import as_batch, bcast
@@ -78,12 +89,13 @@ class MeanFlowLoss:
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, *, p_mean: float = -0.4,
                  p_std: float = 1.0, equal_fraction: float = 0.75, adaptive_p: float = 1.0, norm_eps: float = 1e-3,
-                 time: str = "tau"):
+                 time: str = "tau", omega: float = 1.0, kappa: float = 0.0, interval: tuple[float, float] = (0.0, 1.0)):
         if time not in TIMES:
             raise ValueError(f"time must be one of {TIMES}, got {time!r}")
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.p_mean, self.p_std, self.equal_fraction = p_mean, p_std, equal_fraction
         self.adaptive_p, self.norm_eps, self.time = adaptive_p, norm_eps, time
+        self.omega, self.kappa, self.interval = float(omega), float(kappa), tuple(interval)
 
     def sample_times(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
         a = (self.p_mean + self.p_std * rng.randn()).exp()
@@ -102,17 +114,45 @@ class MeanFlowLoss:
             return self._loss(flow_map, y, cond, t, r, e)
 
     def _loss(self, flow_map, y, cond, t, r, e) -> torch.Tensor:
+        tau_t = t / (1 + t)
         if self.time == "tau":
-            tau_t, tau_r = t / (1 + t), r / (1 + r)
+            tau_r = r / (1 + r)
             z = (1 - bcast(tau_t, y)) * y + bcast(tau_t, y) * e
             u_fn = lambda z_, r_, t_: tau_velocity(flow_map, z_, r_, t_, cond)  # noqa: E731
-            u, target = meanflow_target(u_fn, z, tau_r, tau_t, e - y)
+            v = self.guided_velocity(flow_map, tau_velocity, z, tau_t, e - y, cond)
+            u, target = meanflow_target(u_fn, z, tau_r, tau_t, v)
             err = squared_l2(u, target)
         else:
+            x_t = y + bcast(t, y) * e
             u_fn = lambda x, r_, t_: average_velocity(flow_map, x, r_, t_, cond)  # noqa: E731
-            u, target = meanflow_target(u_fn, y + bcast(t, y) * e, r, t, e)
+            v = self.guided_velocity(flow_map, average_velocity, x_t, t, e, cond, tau_t)
+            u, target = meanflow_target(u_fn, x_t, r, t, v)
             err = mean_squared_error(u, target)
         return err / (err.detach() + self.norm_eps) ** self.adaptive_p
+
+    def guided_velocity(self, flow_map, velocity, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
+                        cond: Cond | None, tau_t: torch.Tensor | None = None) -> torch.Tensor:
+        """The velocity the target is built on (module docstring): ``v`` itself without guidance, else the guided
+        mixture for the rows with a class and tau_t (``t`` when None, the tau-time loss) in ``interval``;
+        ``velocity`` is ``tau_velocity`` or ``average_velocity`` (the time ``x``, ``t`` and ``v`` are in)."""
+        labels = (cond or {}).get(CLASS_LABELS)
+        if (self.omega == 1.0 and self.kappa == 0.0) or labels is None:
+            return v
+        tau_t = t if tau_t is None else tau_t
+        guided = (labels != 0).any(dim=1) & (tau_t >= self.interval[0]) & (tau_t <= self.interval[1])
+        if not guided.any():
+            return v
+        was_training = flow_map.training
+        flow_map.eval()
+        try:
+            with torch.no_grad():
+                u_uncond = velocity(flow_map, x, t, t, unconditional(cond))
+                mixed = self.omega * v + (1 - self.omega - self.kappa) * u_uncond
+                if self.kappa:
+                    mixed = mixed + self.kappa * velocity(flow_map, x, t, t, cond)
+        finally:
+            flow_map.train(was_training)
+        return torch.where(bcast(guided, v), mixed, v)
 
 
 def meanflow_target(u_fn, x_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
