@@ -9,7 +9,8 @@ only computes what is missing). Written per preset::
      "mid_1step", "mid_2step", "post_1step", "post_2step": {"mean", "std", "per_seed"},
      "mid_sigma": {"mid": [...], "post": [...]},          # the 2-step sigma each stage chose, per seed
      "seconds": {stage: mean seconds over the seeds}, "overrides": [...],
-     "data_encoded": {"mean", "std", "per_seed"}}     # latent presets: training images encoded and decoded
+     "data_encoded": {"mean", "std", "per_seed"},     # latent presets: training images encoded and decoded
+     "class_accuracy": {"teacher", "mid_1step", ...: {"mean", "std", "per_seed"}}}  # class-conditional digits
 
 ``--table`` prints the README's results table from the file instead of running anything.
 
@@ -52,7 +53,7 @@ def run_preset(name: str, seeds: list[int], root: Path, overrides: list[str]) ->
     values = {key: [] for key in ("teacher", *ROWS)}
     exact = {key: [] for key in ("mid_1step", "post_1step")}
     sigmas, seconds, nfe, metric = {"mid": [], "post": []}, {s: [] for s in STAGES}, None, None
-    floor = []
+    floor, accuracy = [], {key: [] for key in ("teacher", *ROWS)}
     for seed in seeds:
         t0 = time.perf_counter()
         cfg = get_preset(name, [*overrides, *(f"{field}={seed}" for field in SEED_FIELDS)], artifact_root=root)
@@ -69,6 +70,9 @@ def run_preset(name: str, seeds: list[int], root: Path, overrides: list[str]) ->
         sigmas["post"].append(results["posttrain"].manifest["metrics"]["mid_sigma"])
         for stage in (s for s in STAGES if s in results):
             seconds[stage].append(results[stage].manifest["seconds"])
+        if "class_accuracy" in rows["teacher"]:  # class-conditional digits: the classifier's accuracy
+            for key, row in (("teacher", "teacher"), *ROWS.items()):
+                accuracy[key].append(rows[row]["class_accuracy"])
         if "data_encoded" in rows:  # a latent space's floor: training images through the encoder and back
             floor.append(rows["data_encoded"][metric])
         print(f"{name} seed {seed}: " + ", ".join(f"{k} {v[-1]:.4g}" for k, v in values.items())
@@ -76,7 +80,8 @@ def run_preset(name: str, seeds: list[int], root: Path, overrides: list[str]) ->
     out = {"metric_name": metric, "seeds": seeds, "teacher": {"nfe": nfe, **summary(values["teacher"])},
            **{key: summary(values[key]) for key in ROWS}, "mid_sigma": sigmas,
            "seconds": {stage: statistics.fmean(s) for stage, s in seconds.items() if s}, "overrides": overrides,
-           **({"data_encoded": summary(floor)} if floor else {})}
+           **({"data_encoded": summary(floor)} if floor else {}),
+           **({"class_accuracy": {k: summary(v) for k, v in accuracy.items()}} if accuracy["teacher"] else {})}
     for key, errors in exact.items():
         if errors:
             out[key]["flow_map_error"] = summary(errors)
