@@ -107,3 +107,20 @@ def test_xl2_parameter_count_matches_dit():
     assert isinstance(net, DiT) and len(net.blocks) == 28 and net.x_embedder.proj.weight.shape == (1152, 4, 2, 2)
     with pytest.raises(ValueError, match="unknown DiT size"):
         dit_network((4, 32, 32), size="XXL")
+
+
+def test_mean_flow_jvp_runs_through_the_dit():
+    """Forward-mode AD through attention: the fused kernels have none, the objective runs the math kernel."""
+    from cmt_core.models import build_model
+    from cmt_core.objectives.base import StepRandom
+    from cmt_core.objectives.meanflow import MeanFlowLoss
+
+    torch.manual_seed(0)
+    flow_map = build_model("flow_map", {"kind": "dit", "width": 64, "depth": 2, "heads": 4, "patch_size": 2,
+                                        "sigma_data": 1.0, "label_dim": CLASSES}, (4, 8, 8), sigma_min=0.002)
+    perturb(flow_map.raw, 0.02)
+    batch = {"x": torch.randn(4, 4, 8, 8), "cond": class_cond(torch.arange(4), CLASSES)}
+    loss = MeanFlowLoss(equal_fraction=0.0)(flow_map.train(), batch, StepRandom(0, 0, 4))
+    loss.mean().backward()
+    assert torch.isfinite(loss).all() and all(p.grad is not None and torch.isfinite(p.grad).all()
+                                              for p in flow_map.parameters() if p.requires_grad)

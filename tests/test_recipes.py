@@ -9,7 +9,7 @@ import pytest
 from cmt_core.cli import main
 from cmt_core.presets import PRESETS, get_preset
 
-RECIPES = ("cifar10", "ffhq64", "afhq64", "imagenet64", "imagenet512")
+RECIPES = ("cifar10", "ffhq64", "afhq64", "imagenet64", "imagenet512", "imagenet256-meanflow")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 ROW_HEADER = ["stage", "field", "value", "status", "reference", "source"]
 BUDGET_HEADER = ["stage", "iterations", "batch", "Mimg", "source"]

@@ -48,6 +48,7 @@ same weights as a training-mode pass, without the in-place write ``torch.func`` 
 """
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cmt_core.conditioning import CLASS_LABELS, Cond
 from cmt_core.guidance import unconditional
@@ -156,6 +157,9 @@ class MeanFlowLoss:
 
 
 def meanflow_target(u_fn, x_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
-    """``(u(x_t, r, t), sg(v - (t - r) du/dt))`` with du/dt the JVP along tangents (v, 0, 1)."""
-    u, dudt = torch.func.jvp(u_fn, (x_t, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    """``(u(x_t, r, t), sg(v - (t - r) du/dt))`` with du/dt the JVP along tangents (v, 0, 1). Attention runs as
+    PyTorch's math kernel inside the JVP: the fused kernels (flash on CPU and CUDA, memory-efficient, cuDNN) have
+    no forward-mode derivative (NVlabs/FastGen's Mean Flow does the same)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        u, dudt = torch.func.jvp(u_fn, (x_t, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
     return u, (v - bcast(t - r, x_t) * dudt).detach()
