@@ -142,3 +142,21 @@ def test_make_denoiser_and_build_model_know_the_dit():
                       LinearVelocityDenoiser)
     with pytest.raises(ValueError, match="linear path's time"):
         make_denoiser(nn.Identity(), 0.5, {"name": "linear_velocity", "time": "vp"})
+
+
+def test_guiding_the_converted_denoiser_guides_the_velocity():
+    """CFG on D (``cmt_core.guidance``) is CFG on SiT's velocity, v_u + w (v_c - v_u): D is affine in v with
+    coefficients that do not depend on the class."""
+    from cmt_core.guidance import guided
+
+    raw = perturbed_dit().eval()
+    teacher = LinearVelocityDenoiser(raw, "sit")
+    x, sigma = torch.randn(4, 4, 8, 8) * 5, torch.tensor([0.3, 2.0, 10.0, 80.0])
+    cond = class_cond(torch.tensor([0, 1, 2, 3]), CLASSES)
+    with torch.no_grad():
+        tau = (sigma / (1 + sigma))[:, None, None, None]
+        z = x / (1 + sigma)[:, None, None, None]
+        c_noise = ((1 - tau.flatten()) / TIME_FEATURE_SCALE)[:, None]
+        v_c, v_u = raw(z, c_noise, cond), raw(z, c_noise, {"class_labels": torch.zeros(4, CLASSES)})
+        expected = z + tau * (v_u + 2.5 * (v_c - v_u))
+        torch.testing.assert_close(guided(teacher, "cfg", 2.5)(x, sigma, cond), expected, atol=1e-5, rtol=1e-5)
