@@ -272,7 +272,8 @@ def run_comparison(cc: CompareConfig, report: Callable[[str], None] = log.info) 
 # ------------------------------------------------------------------------------------------------ summary
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample std) of ``values`` (std 0 for one value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -311,7 +312,7 @@ def _mean_curve(per_seed: list[dict[int, dict]]) -> list[dict]:
     for it in sorted(set.intersection(*(set(c) for c in per_seed))):
         point = {"iter": it}
         for k in ("metric_1step", "metric_2step"):
-            point[k], point[f"{k}_std"] = _mean_std([c[it][k] for c in per_seed])
+            point[k], point[f"{k}_std"] = mean_std([c[it][k] for c in per_seed])
         point["wall_s"] = statistics.fmean(c[it]["seconds"] for c in per_seed)
         points.append(point)
     return points
@@ -370,11 +371,11 @@ def summarise(cc: CompareConfig, results: dict[tuple, dict[str, StageResult]]) -
                        "eval_every": cfg0.posttrain.train.eval_every, "midtrain_steps": cfg0.midtrain.train.steps,
                        "rollout_trajectories": cfg0.rollout.num_trajectories},
             "teacher": {"nfe": evals[0]["teacher"]["NFE"],
-                        **dict(zip(("metric", "metric_std"), _mean_std([e["teacher"][metric] for e in evals]))),
+                        **dict(zip(("metric", "metric_std"), mean_std([e["teacher"][metric] for e in evals]))),
                         "pretraining": {"wall_s": statistics.fmean(m["seconds"] for m in teacher_stage),
                                         "nfe": t_train.steps * t_train.batch_size * training_nfe(cfg0, "teacher")
                                         if cfg0.teacher.source == "pretrain" else 0}},
-            "mid_trained": {f"metric_{k}": _mean_std([e[f"midtrain_{k}"][metric] for e in evals])[0]
+            "mid_trained": {f"metric_{k}": mean_std([e[f"midtrain_{k}"][metric] for e in evals])[0]
                             for k in ("1step", "2step")},
             "inits": {}}
         curves = {init: _mean_curve([evaluations(results[method, init, s]["posttrain"].path, metric) for s in seeds])
@@ -434,7 +435,8 @@ def beats_beyond_spread(inits: dict) -> dict:
 ARM_COLOURS = {"cmt": "tab:blue", "diffusion": "tab:orange", "random": "tab:grey", "vanilla_ect": "tab:green"}
 
 
-def _fmt(v: float | None, spread: float | None = None) -> str:
+def number(v: float | None, spread: float | None = None) -> str:
+    """A table cell: 3 significant digits (scientific from 1e4), "-" for a missing value, with "± spread"."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     text = f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
@@ -455,20 +457,20 @@ def markdown(summary: dict) -> str:
         lines += [f"## {method} (`{entry['preset']}`, post-training {entry['posttrain_method']})", "",
                   f"Budget: {b['posttrain_steps']} post-training steps at batch {b['batch_size']}, evaluated every "
                   f"{b['eval_every']}; CMT: {b['rollout_trajectories']} rollouts, {b['midtrain_steps']} mid-training "
-                  f"steps. Teacher: {_fmt(entry['teacher']['metric'], entry['teacher']['metric_std'])} at "
+                  f"steps. Teacher: {number(entry['teacher']['metric'], entry['teacher']['metric_std'])} at "
                   f"{entry['teacher']['nfe']} NFE (pre-training {entry['teacher']['pretraining']['wall_s']:.0f} s, "
-                  f"not counted below). Mid-trained: 1-step {_fmt(entry['mid_trained']['metric_1step'])}, 2-step "
-                  f"{_fmt(entry['mid_trained']['metric_2step'])}.", "",
+                  f"not counted below). Mid-trained: 1-step {number(entry['mid_trained']['metric_1step'])}, 2-step "
+                  f"{number(entry['mid_trained']['metric_2step'])}.", "",
                   "| init | start 1-step | start 2-step | final 1-step | final 2-step | iterations to diffusion's "
                   "final 2-step | cost: wall s | cost: network evals |", "|" + " --- |" * 8]
         for name, arm in entry["inits"].items():
             first, last, cost = arm["curve"][0], arm["curve"][-1], arm["cost_to_quality"] or {}
-            lines.append(f"| {name} | {_fmt(first['metric_1step'], first['metric_1step_std'])} | "
-                         f"{_fmt(first['metric_2step'], first['metric_2step_std'])} | "
-                         f"{_fmt(last['metric_1step'], last['metric_1step_std'])} | "
-                         f"{_fmt(last['metric_2step'], last['metric_2step_std'])} | "
-                         f"{_fmt(arm['iters_to_diffusion_final_2step'])} | {_fmt(cost.get('wall_s'))} | "
-                         f"{_fmt(cost.get('nfe'))} |")
+            lines.append(f"| {name} | {number(first['metric_1step'], first['metric_1step_std'])} | "
+                         f"{number(first['metric_2step'], first['metric_2step_std'])} | "
+                         f"{number(last['metric_1step'], last['metric_1step_std'])} | "
+                         f"{number(last['metric_2step'], last['metric_2step_std'])} | "
+                         f"{number(arm['iters_to_diffusion_final_2step'])} | {number(cost.get('wall_s'))} | "
+                         f"{number(cost.get('nfe'))} |")
         ratio, full = entry["cost_ratio_cmt_vs_diffusion"], entry["cost_ratio_full_midtrain"]
         wins = ", ".join(f"{k}: {v['points']}/{v['of']}" for k, v in entry["cmt_beats_others"].items())
         lines += ["", "CMT path cost / diffusion path cost to the diffusion path's final 2-step metric: "

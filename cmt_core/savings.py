@@ -66,6 +66,8 @@ from cmt_core.comparison import (
     Target,
     arm_config,
     evaluations,
+    mean_std,
+    number,
     parse_target,
     rollout_cost,
     run_distinct,
@@ -244,7 +246,7 @@ def run_savings(cc: CompareConfig, report: Callable[[str], None] = log.info) -> 
 
 
 def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return dict(zip(("mean", "std"), mean_std(values)))
 
 
 def _by_stage(costs: list[dict]) -> dict:
@@ -368,12 +370,6 @@ def _cap_cost(cfg: PipelineConfig, run: list[dict], unit: str) -> float:
 # ------------------------------------------------------------------------------------------------- output
 
 
-def _num(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
-
-
 def _pct(s: dict | None) -> str:
     if s is None:
         return "-"
@@ -386,9 +382,9 @@ def markdown(summary: dict) -> str:
     metric, sec = summary["metric_name"], summary.get("seconds", {})
     pre = summary["teacher"]["pretraining"]
     lines = [f"# Savings at a target quality: `{summary['preset']}` ({len(summary['seeds'])} seeds, {metric})", "",
-             f"Teacher: {metric} {_num(summary['teacher']['score']['mean'])} ± "
-             f"{_num(summary['teacher']['score']['std'])} at {summary['teacher']['nfe']} NFE; its pre-training "
-             f"({_num(pre['mimg'])} Mimg, {_num(pre['nfe'])} network evaluations, {_num(pre['wall_s'])} s) is "
+             f"Teacher: {metric} {number(summary['teacher']['score']['mean'])} ± "
+             f"{number(summary['teacher']['score']['std'])} at {summary['teacher']['nfe']} NFE; its pre-training "
+             f"({number(pre['mimg'])} Mimg, {number(pre['nfe'])} network evaluations, {number(pre['wall_s'])} s) is "
              f"shared by every arm and not counted below. Caps: at least {summary['cap_factor']:g}x the CMT path's "
              "data, network evaluations and wall time (each seed against its own CMT path).", ""]
     if sec:
@@ -406,19 +402,19 @@ def markdown(summary: dict) -> str:
                          f"{'-'.join(map(str, caps[::max(len(caps) - 1, 1)]))} | "
                          + ("-" if mult is None else ", ".join(f"{mult[u]:.1f}x" for u in UNITS)) + " |")
         for tname, t in entry["targets"].items():
-            lines += ["", f"### {tname} ({metric} <= {_num(t['value']['mean'])})", "",
+            lines += ["", f"### {tname} ({metric} <= {number(t['value']['mean'])})", "",
                       "| arm | reached (seeds) | best | Mimg | network evals | wall s (rollouts / mid / post) | "
                       "CMT saves: data | network evals | time |", "|" + " --- |" * 9]
             for name, arm in t["arms"].items():
                 cost = arm["cost_all_seeds"]
                 at = "" if arm["reached"] else "≥ "
-                wall = " / ".join(_num(cost["wall_s"].get(s)) for s in STAGES if s in cost["wall_s"])
+                wall = " / ".join(number(cost["wall_s"].get(s)) for s in STAGES if s in cost["wall_s"])
                 sv = t["saving"].get(name)
                 missed = "" if arm["reached"] else f" (not reached at {arm['not_reached_at']['iter']})"
                 lines.append(
-                    f"| {name} | {arm['reached_seeds']}/{len(arm['seeds'])}{missed} | {_num(arm['best']['mean'])} | "
-                    f"{at}{_num(cost['mimg']['total'])} | {at}{_num(cost['nfe']['total'])} | "
-                    f"{at}{_num(cost['wall_s']['total'])} ({wall}) | "
+                    f"| {name} | {arm['reached_seeds']}/{len(arm['seeds'])}{missed} | {number(arm['best']['mean'])} | "
+                    f"{at}{number(cost['mimg']['total'])} | {at}{number(cost['nfe']['total'])} | "
+                    f"{at}{number(cost['wall_s']['total'])} ({wall}) | "
                     + " | ".join(_pct(sv and sv[u]) for u in UNITS) + " |")
         lines += ["", f"![quality against cost](savings_{summary['preset']}.png)", ""]
     return "\n".join(lines) + "\n"
