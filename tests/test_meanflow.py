@@ -186,6 +186,19 @@ def test_mean_flow_trains_a_unet_under_bf16_autocast_on_cpu():
     assert torch.isfinite(loss) and all(p.grad is not None for p in flow_map.parameters() if p.requires_grad)
 
 
+def test_guided_mean_flow_trains_a_dit_under_bf16_autocast_on_cpu():
+    # the JVP through attention (math kernel) and LayerNorm in bf16, with the guided target's extra calls
+    net = NetworkConfig(kind="dit", width=64, depth=2, heads=4, patch_size=2, sigma_data=1.0)
+    flow_map = build_model("flow_map", {**net.model_dump(), "label_dim": 3}, (4, 8, 8), 0.002)
+    rng = StepRandom(0, 0, 4, 0, 1, torch.device("cpu"))
+    batch = {"x": torch.randn(4, 4, 8, 8), "cond": {"class_labels": nn.functional.one_hot(torch.arange(4) % 3,
+                                                                                          3).float()}}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = MeanFlowLoss(omega=0.5, kappa=0.3)(flow_map.train(), batch, rng).float().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in flow_map.parameters() if p.requires_grad)
+
+
 # ---------------------------------------------------------------------------------------- guidance in the target
 GUIDED_CLASSES = 4
 
