@@ -165,6 +165,22 @@ def test_class_labels_uniform_given_and_per_image(tmp_path):
     assert torch.equal(sevens, gen.sample(20, labels=torch.full((20,), 7)))
 
 
+def test_an_exported_dit_flow_map_reloads_as_the_same_generator(tmp_path):
+    torch.manual_seed(0)
+    network = {"kind": "dit", "width": 64, "depth": 2, "heads": 4, "patch_size": 2, "sigma_data": 1.0,
+               "label_dim": 10}
+    model = build_model("flow_map", network, (4, 8, 8), 0.002)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    gen = Generator(model, "flow_map", network, (4, 8, 8), 80.0, 1.0)
+    loaded = load_generator(export_generator(gen, tmp_path / "dit"))
+    assert loaded.network["kind"] == "dit" and loaded.num_classes == 10
+    for steps in (1, 2):
+        want = gen.sample(6, steps=steps, labels=3, seed=1)
+        assert torch.equal(loaded.sample(6, steps=steps, labels=3, seed=1), want)
+
+
 def _one_line(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
