@@ -237,17 +237,3 @@ class DiT(nn.Module):
             c = c + self.label(label_input(cond, self.label_dim, x.shape[0], x.device))
         return self.forward_from_c(x, c)
 
-
-def dit_network(sample_shape: Sequence[int], num_times: int = 1, size: str = "XL", patch_size: int = 2,
-                label_dim: int = 0, dropout: float = 0.0) -> DiT:
-    """A DiT of size ``size`` (a key of ``DIT_SIZES``: hidden, depth, heads) for samples of ``sample_shape`` =
-    ``(C, H, W)``. DiT-XL/2 on SD-VAE latents of ImageNet 256: ``dit_network((4, 32, 32), size="XL", patch_size=2,
-    label_dim=1000)``; ``num_times``: 1 (denoiser, consistency model) or 2 (flow map, Mean Flow)."""
-    if len(sample_shape) != 3:
-        raise ValueError(f"a DiT needs (C, H, W) samples, got shape {tuple(sample_shape)}")
-    if size not in DIT_SIZES:
-        raise ValueError(f"unknown DiT size {size!r}; known: {sorted(DIT_SIZES)}")
-    hidden, depth, heads = DIT_SIZES[size]
-    channels, height, width = sample_shape
-    return DiT((height, width), channels, patch_size, hidden, depth, heads, num_times=num_times,
-               label_dim=label_dim, dropout=dropout)
