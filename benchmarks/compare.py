@@ -22,11 +22,13 @@ own runs), so a rerun computes only what is missing, and an interrupted run resu
     # guided Mean Flow on class-conditional digits: CMT + Mean Flow vs Mean Flow from diffusion / random weights
     .venv/bin/python benchmarks/compare.py --presets digits-cond --methods meanflow --inits cmt teacher random \
         --targets '1step<=1.3x' --seeds 1
+    .venv/bin/python benchmarks/compare.py --presets toy digits --table   # the README's savings tables
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -56,7 +58,15 @@ def main(argv: list[str] | None = None) -> dict:
                         "ECT)")
     parser.add_argument("--artifact-root", type=Path, default=ROOT / "artifacts" / "bench-presets")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--table", action="store_true", help="print the README's savings table of each preset's "
+                        "savings_<preset>.json in --out and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        from cmt_core.savings import readme_table
+
+        for preset in args.presets:
+            print(f"{preset}:\n{readme_table(json.loads((args.out / f'savings_{preset}.json').read_text()))}")
+        return {}
     out = {}
     for preset in args.presets:
         t0 = time.perf_counter()

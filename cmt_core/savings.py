@@ -420,6 +420,38 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_table(summary: dict) -> str:
+    """The README's compact table: a row per method and target, each path's seed-mean cost (``≥`` where a seed
+    missed the target: its capped run counts there) and the CMT path's saving against each other arm."""
+    units = " / ".join(("Mimg", "network evals", "wall s"))
+    others = [name for name in INIT_NAMES.values() if name != "cmt"]
+    present = [n for n in others if any(n in e["arms"] for e in summary["methods"].values())]
+    lines = [f"| method | target | CMT path: {units} | " + " | ".join(present)
+             + " | CMT saves (data / network evals / time) vs " + ", ".join(present) + " |",
+             "|" + " --- |" * (4 + len(present))]
+    for method, entry in summary["methods"].items():
+        for tname, t in entry["targets"].items():
+            cells = []
+            for name in ("cmt", *present):
+                arm = t["arms"].get(name)
+                if arm is None:
+                    cells.append("-")
+                    continue
+                cost, at = arm["cost_all_seeds"], "" if arm["reached"] else "≥ "
+                text = at + " / ".join(number(cost[u]["total"]) for u in UNITS)
+                if not arm["reached"]:
+                    caps = sorted({r["iter"] for r in arm["seeds"] if not r["reached"]})
+                    text += (f" ({arm['reached_seeds']}/{len(arm['seeds'])} seeds reached, cap "
+                             f"{'-'.join(map(str, caps[::max(len(caps) - 1, 1)]))} steps; best "
+                             f"{number(arm['best']['mean'])})")
+                cells.append(text)
+            saves = "; ".join(" / ".join(_pct(sv and sv[u]) for u in UNITS)
+                              for sv in (t["saving"].get(n) for n in present))
+            lines.append(f"| {method} ({entry['posttrain_method']}) | {tname} ({number(t['value']['mean'])}) | "
+                         + " | ".join(cells) + f" | {saves} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: dict, out_dir: Path) -> Path:
     """Quality against cumulative wall seconds per path (log axes), one panel per method and step count, each
     seed a line, the targets drawn."""

@@ -17,7 +17,7 @@ from cmt_core.comparison import (
     posttrain_nfe_per_step,
     training_nfe,
 )
-from cmt_core.savings import cadence, cap_steps, saving
+from cmt_core.savings import cadence, cap_steps, readme_table, saving
 from cmt_core.stages import plan
 
 
@@ -216,6 +216,11 @@ def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not
         cost = other.get("cost") or other["not_reached_at"]
         assert value["nfe"]["mean"] == pytest.approx(1 - cmt["cost"]["nfe"]["total"] / cost["nfe"]["total"])
     assert "not reached at" in (tmp_path / "out" / "savings_toy.md").read_text()
+    table = readme_table(summary).splitlines()  # the README's table: a row per method and target
+    assert len(table) == 4 and table[0].count("|") == table[2].count("|") == 7  # 3 arms
+    missed = table[3].split(" | ")
+    assert missed[1].startswith("1step<=0.0001") and all(c.startswith("≥ ") for c in missed[2:5])
+    assert "0/1 seeds reached" in missed[3] and missed[-1].strip(" |") == "- / - / -; - / - / -"
     # a rerun (after an interruption, or to add a seed) finds the same caps, hence the same artifacts: it trains
     # nothing and reads the same results
     manifests = sorted((tmp_path / "art").rglob("manifest.json"))
