@@ -39,7 +39,10 @@ Cost, by stage (``STAGES``), the teacher's pre-training reported apart (every ar
   sample the method's count (``Method.nfe``: ECD's teacher step and the CMT boundary's frozen model included, a JVP
   counted twice; backward passes not counted);
 * ``wall_s``: seconds on this machine: the rollout stage's, and the training loops' own up to the evaluation (its
-  evaluations left out), added up over resumed calls (``comparison.cumulative_seconds``).
+  evaluations left out), added up over resumed calls (``comparison.cumulative_seconds``). Each arm's post-training
+  seconds per step are reported beside its costs (``posttrain_seconds_per_step``): an arm that shared the cores
+  with more work than the comparison's own workers shows a slower rate there, and its wall seconds are not
+  comparable with the other arms'.
 
 The saving of the CMT path against another arm is ``1 - cost(CMT) / cost(arm)`` per seed and unit (mean and std
 over seeds); where the other arm never met the target, its cost at the cap stands in and the saving is a lower
@@ -331,6 +334,8 @@ def summarise(cc: CompareConfig, targets: list[Target], metric: str, teacher: di
                 "posttrain_cap": [c.posttrain.train.steps for c in cfgs],
                 "eval_every": [c.posttrain.train.eval_every for c in cfgs],
                 "stopped_at": [r[-1]["iter"] for r in runs],
+                # the measured rate of each seed's post-training: a run that shared the cores shows up here
+                "posttrain_seconds_per_step": [_rate(r) for r in runs],
                 # the smallest over seeds of the cap's cost over the CMT path's (the cap rule: >= cap_factor)
                 **({} if init == "cmt" else {"cap_multiple": {u: min(
                     _cap_cost(c, r, u) / max(total(cmt, u), 1e-12) for c, r, cmt in zip(cfgs, runs, cmt_costs))
@@ -350,6 +355,12 @@ def summarise(cc: CompareConfig, targets: list[Target], metric: str, teacher: di
                 "saving": {name: saving(per_arm["cmt"], arm) for name, arm in per_arm.items() if name != "cmt"}}
         out["methods"][method] = entry
     return out
+
+
+def _rate(run: list[dict]) -> float | None:
+    """Post-training wall seconds per step over a run (None where it has no post-training steps)."""
+    post = [p for p in run if p["stage"] == "posttrain" and p["iter"] > 0]
+    return post[-1]["cost"]["wall_s"]["posttrain"] / post[-1]["iter"] if post else None
 
 
 def _teacher_nfe(cfg: PipelineConfig) -> int:
@@ -393,14 +404,15 @@ def markdown(summary: dict) -> str:
     for method, entry in summary["methods"].items():
         lines += [f"## {method} (`{entry['preset']}`, post-training {entry['posttrain_method']})", "",
                   "| arm | post-training | cap (steps; range over seeds) | cap / CMT cost, least over seeds "
-                  "(Mimg, NFE, wall) |",
-                  "| --- | --- | --- | --- |"]
+                  "(Mimg, NFE, wall) | post-training s / step, per seed |",
+                  "| --- | --- | --- | --- | --- |"]
         for name, arm in entry["arms"].items():
             mult = arm.get("cap_multiple")
             caps = sorted(set(arm["posttrain_cap"]))
             lines.append(f"| {name} | {arm['posttrain_method']} from {arm['init']} | "
                          f"{'-'.join(map(str, caps[::max(len(caps) - 1, 1)]))} | "
-                         + ("-" if mult is None else ", ".join(f"{mult[u]:.1f}x" for u in UNITS)) + " |")
+                         + ("-" if mult is None else ", ".join(f"{mult[u]:.1f}x" for u in UNITS)) + " | "
+                         + ", ".join(number(r) for r in arm["posttrain_seconds_per_step"]) + " |")
         for tname, t in entry["targets"].items():
             lines += ["", f"### {tname} ({metric} <= {number(t['value']['mean'])})", "",
                       "| arm | reached (seeds) | best | Mimg | network evals | wall s (rollouts / mid / post) | "

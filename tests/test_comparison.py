@@ -192,6 +192,8 @@ def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not
     for name, arm in entry["arms"].items():
         if name != "cmt":  # the cap rule: at least 1.5x the CMT path's data and network evaluations
             assert arm["cap_multiple"]["mimg"] >= 1.5 and arm["cap_multiple"]["nfe"] >= 1.5, name
+            assert arm["posttrain_seconds_per_step"][0] == pytest.approx(
+                arm["final_cost"]["wall_s"]["posttrain"] / arm["stopped_at"][0])
         # never met: reported as not reached, at the arm's cap, with its best value
         result = unreachable["arms"][name]
         assert not result["reached"] and result["reached_seeds"] == 0 and "cost" not in result
