@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
         from cmt_core.savings import readme_table
 
         for preset in args.presets:
-            print(f"{preset}:\n{readme_table(json.loads((args.out / f'savings_{preset}.json').read_text()))}")
+            path = args.out / f"savings_{preset}.json"
+            if not path.is_file():
+                parser.error(f"--table: no {path} (run the preset with --targets first)")
+            print(f"{preset}:\n{readme_table(json.loads(path.read_text()))}")
         return {}
     out = {}
     for preset in args.presets:

@@ -375,10 +375,16 @@ def _cap_cost(cfg: PipelineConfig, run: list[dict], unit: str) -> float:
         return steps * batch / 1e6
     if unit == "nfe":
         return steps * batch * training_nfe(cfg, "posttrain")
-    return steps * run[-1]["cost"]["wall_s"]["posttrain"] / max(run[-1]["iter"], 1)
+    return steps * (_rate(run) or 0.0)
 
 
 # ------------------------------------------------------------------------------------------------- output
+
+
+def _span(values: list[int]) -> str:
+    """``"a-b"``: the least and the largest of ``values`` (``"a"`` where they are equal)."""
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def _pct(s: dict | None) -> str:
@@ -408,9 +414,7 @@ def markdown(summary: dict) -> str:
                   "| --- | --- | --- | --- | --- |"]
         for name, arm in entry["arms"].items():
             mult = arm.get("cap_multiple")
-            caps = sorted(set(arm["posttrain_cap"]))
-            lines.append(f"| {name} | {arm['posttrain_method']} from {arm['init']} | "
-                         f"{'-'.join(map(str, caps[::max(len(caps) - 1, 1)]))} | "
+            lines.append(f"| {name} | {arm['posttrain_method']} from {arm['init']} | {_span(arm['posttrain_cap'])} | "
                          + ("-" if mult is None else ", ".join(f"{mult[u]:.1f}x" for u in UNITS)) + " | "
                          + ", ".join(number(r) for r in arm["posttrain_seconds_per_step"]) + " |")
         for tname, t in entry["targets"].items():
@@ -436,8 +440,7 @@ def readme_table(summary: dict) -> str:
     """The README's compact table: a row per method and target, each path's seed-mean cost (``≥`` where a seed
     missed the target: its capped run counts there) and the CMT path's saving against each other arm."""
     units = " / ".join(("Mimg", "network evals", "wall s"))
-    others = [name for name in INIT_NAMES.values() if name != "cmt"]
-    present = [n for n in others if any(n in e["arms"] for e in summary["methods"].values())]
+    present = [n for n in next(iter(summary["methods"].values()))["arms"] if n != "cmt"]  # every method's arms
     lines = [f"| method | target | CMT path: {units} | " + " | ".join(present)
              + " | CMT saves (data / network evals / time) vs " + ", ".join(present) + " |",
              "|" + " --- |" * (4 + len(present))]
@@ -445,20 +448,15 @@ def readme_table(summary: dict) -> str:
         for tname, t in entry["targets"].items():
             cells = []
             for name in ("cmt", *present):
-                arm = t["arms"].get(name)
-                if arm is None:
-                    cells.append("-")
-                    continue
+                arm = t["arms"][name]
                 cost, at = arm["cost_all_seeds"], "" if arm["reached"] else "≥ "
                 text = at + " / ".join(number(cost[u]["total"]) for u in UNITS)
                 if not arm["reached"]:
-                    caps = sorted({r["iter"] for r in arm["seeds"] if not r["reached"]})
-                    text += (f" ({arm['reached_seeds']}/{len(arm['seeds'])} seeds reached, cap "
-                             f"{'-'.join(map(str, caps[::max(len(caps) - 1, 1)]))} steps; best "
-                             f"{number(arm['best']['mean'])})")
+                    caps = [r["iter"] for r in arm["seeds"] if not r["reached"]]
+                    text += (f" ({arm['reached_seeds']}/{len(arm['seeds'])} seeds reached, cap {_span(caps)} steps; "
+                             f"best {number(arm['best']['mean'])})")
                 cells.append(text)
-            saves = "; ".join(" / ".join(_pct(sv and sv[u]) for u in UNITS)
-                              for sv in (t["saving"].get(n) for n in present))
+            saves = "; ".join(" / ".join(_pct(t["saving"][n] and t["saving"][n][u]) for u in UNITS) for n in present)
             lines.append(f"| {method} ({entry['posttrain_method']}) | {tname} ({number(t['value']['mean'])}) | "
                          + " | ".join(cells) + f" | {saves} |")
     return "\n".join(lines) + "\n"
