@@ -23,6 +23,8 @@ own runs), so a rerun computes only what is missing, and an interrupted run resu
     .venv/bin/python benchmarks/compare.py --presets digits-cond --methods meanflow --inits cmt teacher random \
         --targets '1step<=1.3x' --seeds 1
     .venv/bin/python benchmarks/compare.py --presets toy digits --table   # the README's savings tables
+    # one seed per machine (or per sitting): each writes its record to --out, the summary merges what is there
+    .venv/bin/python benchmarks/compare.py --presets digits --targets '2step<=1.1x' '1step<=1.5x' --run-seeds 1
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(BUDGETS), choices=sorted(BUDGETS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--run-seeds", type=int, nargs="+", help="the savings mode: compute only these seeds (the "
+                        "others' records are read from --out)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--targets", nargs="+", default=[], help="the savings mode's targets")
     parser.add_argument("--cap-factor", type=float, default=10.0)
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "out_dir": args.out, "methods": tuple(args.methods)}
         if args.targets:
             cc = CompareConfig(**common, **SAVINGS[preset], inits=tuple(args.inits or (*INITS, "ect")),
+                               run_seeds=args.run_seeds,
                                targets=args.targets, cap_factor=args.cap_factor)
             out[preset] = run_savings(cc, report=lambda line: print(line, flush=True))
             print(savings_markdown(out[preset]))

@@ -7,6 +7,7 @@
     cmt store verify PATH [--repair]            # check a trajectory store (a folder or s3://...); --repair: local
     cmt compare --preset toy --seeds 3          # CMT vs teacher vs random initialisation (cmt_core.comparison)
     cmt compare --preset toy --inits cmt teacher random ect --target '2step<=1.1x'   # cost to a quality (savings)
+    cmt compare --preset toy --seeds 3 --run-seeds 1 --target '2step<=1.1x'   # one seed here, merged with the others
     cmt sample MODEL --out DIR -n 50000 --steps 2   # draw images from a trained generator (cmt_core.sampling)
     cmt export MODEL --out DIR                  # safetensors + generator.json, read by cmt_core.load_generator
     cmt fid SAMPLES --ref REF [--inception PATH]    # FID / FD-digits / FD-pixels against reference statistics
@@ -175,6 +176,7 @@ def print_config(cfg) -> None:
 def _compare(args) -> int:
     try:
         cc = CompareConfig(preset=args.preset, methods=args.methods, inits=args.inits, seeds=args.seeds,
+                           run_seeds=args.run_seeds,
                            posttrain_steps=args.posttrain_steps, eval_every=args.eval_every, overrides=args.set,
                            targets=args.target, cap_factor=args.cap_factor, workers=args.workers,
                            artifact_root=args.artifact_root, out_dir=args.out,
@@ -488,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                          "exists, else <preset>")
     compare.add_argument("--inits", nargs="+", default=list(defaults["inits"]))
     compare.add_argument("--seeds", type=int, default=defaults["seeds"])
+    compare.add_argument("--run-seeds", type=int, nargs="+", metavar="SEED",
+                         help="target mode: compute only these of seeds 0 .. --seeds - 1 (e.g. one per machine); "
+                         "the summary also reads the other seeds' records from --out")
     compare.add_argument("--posttrain-steps", type=int, help="post-training steps of every arm (default: preset's)")
     compare.add_argument("--eval-every", type=int, help="evaluation cadence of every arm (default: preset's)")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every arm")

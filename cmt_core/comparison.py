@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from cmt_core.checkpoint import read_training_log
 from cmt_core.config import PipelineConfig, StrictModel, registered
@@ -121,6 +121,9 @@ class CompareConfig(StrictModel):
     inits: tuple[Init, ...] = Field(INITS, min_length=1, description="the arms: cmt, teacher (diffusion), random, "
                                     "ect (vanilla ECT, VANILLA_ECT); must include 'cmt' and 'teacher'")
     seeds: int = Field(3, ge=1, le=64, description="seeds 0 .. seeds-1 (every training seed of an arm)")
+    run_seeds: tuple[int, ...] | None = Field(
+        None, min_length=1, description="target mode: compute only these of seeds 0 .. seeds-1 (e.g. one per machine); "
+        "the summary reads the others' records from out_dir (cmt_core.savings.load_records); None: every seed")
     posttrain_steps: int | None = Field(None, ge=1, description="post-training steps of every arm (None: preset's)")
     eval_every: int | None = Field(None, ge=1, description="evaluation cadence of every arm (None: the preset's)")
     overrides: tuple[str, ...] = Field((), description="dotted key=value applied to every arm")
@@ -143,6 +146,22 @@ class CompareConfig(StrictModel):
         if "cmt" not in v or "teacher" not in v:
             raise ValueError("inits must include 'cmt' and 'teacher' (costs are measured against the diffusion init)")
         return v
+
+    @model_validator(mode="after")
+    def _seeds_to_run(self) -> CompareConfig:
+        if self.run_seeds is None:
+            return self
+        if not self.targets:
+            raise ValueError("run_seeds: only the target-quality mode (targets) runs seeds apart and merges their "
+                             "records")
+        if len(set(self.run_seeds)) != len(self.run_seeds) or not all(0 <= s < self.seeds for s in self.run_seeds):
+            raise ValueError(f"run_seeds: distinct seeds among 0 .. {self.seeds - 1} (seeds={self.seeds}), got "
+                             f"{list(self.run_seeds)}")
+        return self
+
+    def computed_seeds(self) -> list[int]:
+        """The seeds this run computes: ``run_seeds`` in order, or every seed."""
+        return sorted(self.run_seeds) if self.run_seeds is not None else list(range(self.seeds))
 
     @field_validator("targets")
     @classmethod

@@ -47,6 +47,16 @@ Cost, by stage (``STAGES``), the teacher's pre-training reported apart (every ar
 The saving of the CMT path against another arm is ``1 - cost(CMT) / cost(arm)`` per seed and unit (mean and std
 over seeds); where the other arm never met the target, its cost at the cap stands in and the saving is a lower
 bound (``"bound": "at_least"``). Results: ``savings_<preset>.json`` / ``.md`` / ``.png`` in ``cc.out_dir``.
+
+Seeds apart: each seed is a replicate with its own teacher, caps and arms, so seeds can run on different machines
+(or one after another, on a machine that keeps no artifacts between sittings). A run computes the seeds
+``cc.run_seeds`` (default: all), writes each one's *record* (``seed_record``: the teacher's score, the targets'
+values, every arm's settings and evaluations with their costs, the machine it ran on) to
+``<out_dir>/savings_<preset>_seeds/seed_<k>.json``, and summarises every record of seeds 0 .. ``cc.seeds - 1``
+found there that was made with the same settings (``settings``; another's is an error naming the field). Copy the
+records of the other machines into that folder and any rerun summarises them all. Wall seconds are each seed's own
+machine's (``machines`` in the summary): the savings are per seed, so a seed's arms are always timed on one
+machine.
 """
 
 from __future__ import annotations
@@ -54,6 +64,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -80,6 +92,7 @@ from cmt_core.comparison import (
 )
 from cmt_core.config import PipelineConfig
 from cmt_core.engine import StageResult
+from cmt_core.errors import PreflightError
 from cmt_core.methods import get_method
 from cmt_core.preflight import preflight
 from cmt_core.runtime import uses_cuda
@@ -192,17 +205,21 @@ def cadence(cap: int, eval_every: int, log_every: int) -> tuple[int, int]:
 
 
 def run_savings(cc: CompareConfig, report: Callable[[str], None] = log.info) -> dict:
-    """Run the target-quality comparison (module docstring), then ``summarise`` and ``write_results``."""
+    """Run the target-quality comparison (module docstring) for the seeds ``cc.computed_seeds()``, write each
+    seed's record (``write_record``), then ``summarise`` every record of the same settings in ``cc.out_dir`` and
+    ``write_results``."""
     if not cc.targets:
         raise ValueError("targets: the target-quality mode needs at least one target, e.g. '2step<=1.1x'")
     started = time.perf_counter()
-    targets, seeds, first = [parse_target(t) for t in cc.targets], list(range(cc.seeds)), cc.methods[0]
+    targets, seeds, first = [parse_target(t) for t in cc.targets], cc.computed_seeds(), cc.methods[0]
+    load_records(cc)  # a record of other settings in out_dir fails the run before any arm starts
     for method in cc.methods:  # a missing file fails the comparison before any arm starts
         for init in cc.inits:
-            resolved = plan(arm_config(cc, method, init, 0))
+            resolved = plan(arm_config(cc, method, init, seeds[0]))
             preflight(resolved, resolved.needed(("posttrain",)))
     report(f"target-quality comparison {cc.preset}: targets {', '.join(t.name for t in targets)}; "
-           f"{', '.join(cc.methods)} x {', '.join(cc.inits)} x {cc.seeds} seeds, {cc.workers} worker(s)")
+           f"{', '.join(cc.methods)} x {', '.join(cc.inits)} x seeds {', '.join(map(str, seeds))} of {cc.seeds}, "
+           f"{cc.workers} worker(s)")
     run_jobs([(arm_config(cc, first, "cmt", s), ("rollouts",)) for s in seeds], cc.workers, report)
     teacher, metric = {}, None
     for s in seeds:
@@ -237,12 +254,106 @@ def run_savings(cc: CompareConfig, report: Callable[[str], None] = log.info) -> 
     results.update(run_distinct(others, cc.workers, report, stage=lambda cfg: "posttrain"))
     arms = {**cmt, **others}
     paths.update({key: arm_path(cfg, results[key], metric) for key, cfg in others.items()})
-    summary = summarise(cc, targets, metric, teacher, bounds, arms, paths, results)
-    unique = {(r.stage, r.artifact_id): r.manifest.get("seconds") or 0.0
-              for arm in results.values() for r in arm.values()}
-    summary["seconds"] = {"this_run": time.perf_counter() - started, "every_stage_once": sum(unique.values())}
+    for s in seeds:
+        path = write_record(cc, seed_record(cc, s, metric, teacher[s], bounds[s], arms, paths, results))
+        report(f"seed {s}: record {path}")
+    records = load_records(cc)
+    missing = sorted(set(range(cc.seeds)) - {r["seed"] for r in records})
+    report(f"summary over seeds {', '.join(str(r['seed']) for r in records)}"
+           + (f"; no record yet of seeds {', '.join(map(str, missing))} in {records_dir(cc)}" if missing else ""))
+    summary = summarise(records)
+    summary["seconds"] = {"this_run": time.perf_counter() - started,
+                          "every_stage_once": sum(r["seconds_every_stage_once"] for r in records)}
     write_results(summary, cc.out_dir)
     return summary
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+def settings(cc: CompareConfig) -> dict:
+    """What makes two seeds' records parts of one comparison: every field of ``cc`` that changes an arm or a
+    target (not the seeds, the workers or the folders)."""
+    return cc.model_dump(mode="json", include={"preset", "methods", "inits", "targets", "cap_factor",
+                                               "posttrain_steps", "eval_every", "overrides", "baseline_overrides"})
+
+
+def machine(device: str) -> dict:
+    """The machine a seed ran on (its wall seconds are this machine's): CPU model, cores, torch, accelerator."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if uses_cuda(device) else "cpu"}
+
+
+def seed_record(cc: CompareConfig, seed: int, metric: str, teacher: float, bounds: dict[str, float],
+                arms: dict[tuple, PipelineConfig], paths: dict[tuple, list[dict]],
+                results: dict[tuple, dict[str, StageResult]]) -> dict:
+    """One seed's replicate of the comparison, all ``summarise`` needs of it: the teacher's score and the targets'
+    values, and per method and arm its settings and its evaluations with their costs (``arm_path``)."""
+    cfg0 = arms[cc.methods[0], "cmt", seed]
+    t = cfg0.teacher.train
+    pretrain = cfg0.teacher.source == "pretrain"
+    mine = [arm for (_, _, s), arm in results.items() if s == seed]
+    unique = {(r.stage, r.artifact_id): r.manifest.get("seconds") or 0.0 for arm in mine for r in arm.values()}
+    return {
+        "settings": settings(cc), "seed": seed, "metric_name": metric, "bounds": bounds,
+        "teacher": {"score": teacher, "nfe": _teacher_nfe(cfg0),
+                    "pretraining": {"mimg": t.steps * t.batch_size / 1e6 if pretrain else 0.0,
+                                    "nfe": t.steps * t.batch_size * training_nfe(cfg0, "teacher") if pretrain else 0,
+                                    "wall_s": read_manifest(results[cc.methods[0], "cmt", seed]["teacher"].path)[
+                                        "seconds"]}},
+        "methods": {m: {"preset": cc.method_preset(m), "arms": {
+            INIT_NAMES[i]: _arm_record(arms[m, i, seed], paths[m, i, seed]) for i in cc.inits}} for m in cc.methods},
+        "seconds_every_stage_once": sum(unique.values()),
+        "machine": machine(cfg0.device)}
+
+
+def _arm_record(cfg: PipelineConfig, points: list[dict]) -> dict:
+    """An arm's part of a seed record: its post-training settings and its evaluations with their costs."""
+    train = cfg.posttrain.train
+    return {"posttrain_method": cfg.posttrain.method, "init": cfg.posttrain.init, "posttrain_cap": train.steps,
+            "eval_every": train.eval_every, "batch_size": train.batch_size,
+            "posttrain_nfe_per_sample": training_nfe(cfg, "posttrain"), "points": points}
+
+
+def records_dir(cc: CompareConfig) -> Path:
+    """The folder of the seeds' records: ``<out_dir>/savings_<preset>_seeds``."""
+    return Path(cc.out_dir) / f"savings_{cc.preset}_seeds"
+
+
+def write_record(cc: CompareConfig, record: dict) -> Path:
+    """``seed_<k>.json`` in ``records_dir``, written whole (a crash leaves the previous record)."""
+    folder = records_dir(cc)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"seed_{record['seed']}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_records(cc: CompareConfig) -> list[dict]:
+    """The records of seeds 0 .. ``cc.seeds - 1`` in ``records_dir`` (computed here or on other machines), in seed
+    order. A record made with other settings is an error (``PreflightError``: bad input, found before any arm
+    runs) naming the first field that differs."""
+    ours, out = settings(cc), []
+    for seed in range(cc.seeds):
+        path = records_dir(cc) / f"seed_{seed}.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        theirs = record["settings"]
+        for field in ours:
+            if theirs.get(field) != ours[field]:
+                raise PreflightError(f"{field}: {path} was made with {field}={theirs.get(field)!r}, this comparison "
+                                     f"has {ours[field]!r}; rerun that seed with these settings, or write to another "
+                                     "--out")
+        out.append(record)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -302,52 +413,48 @@ def saving(cmt: dict, other: dict) -> dict | None:
     return out
 
 
-def summarise(cc: CompareConfig, targets: list[Target], metric: str, teacher: dict[int, float],
-              bounds: dict[int, dict], arms: dict[tuple, PipelineConfig], paths: dict[tuple, list[dict]],
-              results: dict[tuple, dict[str, StageResult]]) -> dict:
-    """The results contract of ``savings_<preset>.json`` (module docstring)."""
-    seeds = list(range(cc.seeds))
-    cfg0 = arms[cc.methods[0], "cmt", 0]
-    t = cfg0.teacher.train
-    pretrain = cfg0.teacher.source == "pretrain"
-    teacher_manifests = [read_manifest(results[cc.methods[0], "cmt", s]["teacher"].path) for s in seeds]
-    out = {"preset": cc.preset, "metric_name": metric, "seeds": seeds, "targets": [x.name for x in targets],
-           "cap_factor": cc.cap_factor,
-           "teacher": {"nfe": _teacher_nfe(cfg0), "score": {**_mean_std(list(teacher.values())),
-                                                            "per_seed": [teacher[s] for s in seeds]},
-                       "pretraining": {"mimg": t.steps * t.batch_size / 1e6 if pretrain else 0.0,
-                                       "nfe": t.steps * t.batch_size * training_nfe(cfg0, "teacher") if pretrain
-                                       else 0,
-                                       "wall_s": statistics.fmean(m["seconds"] for m in teacher_manifests)}},
-           "methods": {}}
-    for method in cc.methods:
-        cmt_cfg = arms[method, "cmt", 0]
-        entry = {"preset": cc.method_preset(method), "posttrain_method": cmt_cfg.posttrain.method,
-                 "arms": {}, "targets": {}}
-        cmt_costs = [path_cost(paths[method, "cmt", s], targets, bounds[s], metric) for s in seeds]
-        for init in cc.inits:
-            cfgs = [arms[method, init, s] for s in seeds]
-            runs = [paths[method, init, s] for s in seeds]
-            last = [r[-1]["cost"] for r in runs]
-            entry["arms"][INIT_NAMES[init]] = {
-                "posttrain_method": cfgs[0].posttrain.method, "init": cfgs[0].posttrain.init,
-                "posttrain_cap": [c.posttrain.train.steps for c in cfgs],
-                "eval_every": [c.posttrain.train.eval_every for c in cfgs],
+def summarise(records: list[dict]) -> dict:
+    """The results contract of ``savings_<preset>.json`` (module docstring), over the seeds' ``records`` (one
+    comparison: ``load_records`` checked their settings)."""
+    first, seeds = records[0], [r["seed"] for r in records]
+    cs = first["settings"]
+    targets, metric = [parse_target(t) for t in cs["targets"]], first["metric_name"]
+    pre = first["teacher"]["pretraining"]
+    out = {"preset": cs["preset"], "metric_name": metric, "seeds": seeds, "targets": [x.name for x in targets],
+           "cap_factor": cs["cap_factor"],
+           "teacher": {"nfe": first["teacher"]["nfe"],
+                       "score": {**_mean_std([r["teacher"]["score"] for r in records]),
+                                 "per_seed": [r["teacher"]["score"] for r in records]},
+                       "pretraining": {"mimg": pre["mimg"], "nfe": pre["nfe"], "wall_s": statistics.fmean(
+                           r["teacher"]["pretraining"]["wall_s"] for r in records)}},
+           "methods": {},
+           "machines": [{"seed": r["seed"], **r["machine"]} for r in records]}
+    for method in cs["methods"]:
+        arms = [r["methods"][method]["arms"] for r in records]  # per seed: arm name -> its record
+        entry = {"preset": records[0]["methods"][method]["preset"],
+                 "posttrain_method": arms[0]["cmt"]["posttrain_method"], "arms": {}, "targets": {}}
+        cmt_costs = [path_cost(a["cmt"]["points"], targets, r["bounds"], metric) for a, r in zip(arms, records)]
+        for name in (INIT_NAMES[i] for i in cs["inits"]):
+            per_seed = [a[name] for a in arms]
+            runs = [a["points"] for a in per_seed]
+            entry["arms"][name] = {
+                "posttrain_method": per_seed[0]["posttrain_method"], "init": per_seed[0]["init"],
+                "posttrain_cap": [a["posttrain_cap"] for a in per_seed],
+                "eval_every": [a["eval_every"] for a in per_seed],
                 "stopped_at": [r[-1]["iter"] for r in runs],
                 # the measured rate of each seed's post-training: a run that shared the cores shows up here
                 "posttrain_seconds_per_step": [_rate(r) for r in runs],
                 # the smallest over seeds of the cap's cost over the CMT path's (the cap rule: >= cap_factor)
-                **({} if init == "cmt" else {"cap_multiple": {u: min(
-                    _cap_cost(c, r, u) / max(total(cmt, u), 1e-12) for c, r, cmt in zip(cfgs, runs, cmt_costs))
+                **({} if name == "cmt" else {"cap_multiple": {u: min(
+                    _cap_cost(a, u) / max(total(cmt, u), 1e-12) for a, cmt in zip(per_seed, cmt_costs))
                     for u in UNITS}}),
-                "final_cost": _by_stage(last),
+                "final_cost": _by_stage([r[-1]["cost"] for r in runs]),
                 "curves": [[{k: p[k] for k in ("stage", "iter", "metric_1step", "metric_2step")}
                             | {u: total(p["cost"], u) for u in UNITS} for p in r] for r in runs]}
         for target in targets:
-            values = [bounds[s][target.key(metric)] for s in seeds]
-            per_arm = {INIT_NAMES[i]: _arm_result([paths[method, i, s] for s in seeds], target, values)
-                       for i in cc.inits}
-            cmt_full = [crossing(paths[method, "cmt", s], target, values[s], stage="posttrain") for s in seeds]
+            values = [r["bounds"][target.key(metric)] for r in records]
+            per_arm = {name: _arm_result([a[name]["points"] for a in arms], target, values) for name in entry["arms"]}
+            cmt_full = [crossing(a["cmt"]["points"], target, v, stage="posttrain") for a, v in zip(arms, values)]
             if all(cmt_full):  # the CMT path counted with the whole mid-training, whatever its checkpoints met
                 per_arm["cmt"]["cost_with_full_midtrain"] = _by_stage([p["cost"] for p in cmt_full])
             entry["targets"][target.name] = {
@@ -367,15 +474,15 @@ def _teacher_nfe(cfg: PipelineConfig) -> int:
     return function_evaluations(cfg.teacher.sampler.name, make_grid(cfg.teacher.sampler))
 
 
-def _cap_cost(cfg: PipelineConfig, run: list[dict], unit: str) -> float:
-    """What the arm's whole capped run costs in ``unit`` (mimg and nfe from the cap; wall seconds extrapolated from
-    its own rate, as an arm that met its targets stopped before its cap)."""
-    batch, steps = cfg.posttrain.train.batch_size, cfg.posttrain.train.steps
+def _cap_cost(arm: dict, unit: str) -> float:
+    """What an arm's whole capped run (``arm``: its part of a seed record) costs in ``unit`` (mimg and nfe from the
+    cap; wall seconds extrapolated from its own rate, as an arm that met its targets stopped before its cap)."""
+    samples = arm["posttrain_cap"] * arm["batch_size"]
     if unit == "mimg":
-        return steps * batch / 1e6
+        return samples / 1e6
     if unit == "nfe":
-        return steps * batch * training_nfe(cfg, "posttrain")
-    return steps * (_rate(run) or 0.0)
+        return samples * arm["posttrain_nfe_per_sample"]
+    return arm["posttrain_cap"] * (_rate(arm["points"]) or 0.0)
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -403,7 +510,9 @@ def markdown(summary: dict) -> str:
              f"{number(summary['teacher']['score']['std'])} at {summary['teacher']['nfe']} NFE; its pre-training "
              f"({number(pre['mimg'])} Mimg, {number(pre['nfe'])} network evaluations, {number(pre['wall_s'])} s) is "
              f"shared by every arm and not counted below. Caps: at least {summary['cap_factor']:g}x the CMT path's "
-             "data, network evaluations and wall time (each seed against its own CMT path).", ""]
+             "data, network evaluations and wall time (each seed against its own CMT path).", "",
+             "Wall seconds on: " + "; ".join(f"seed {m['seed']}: {m['cpu']}, {m['cores']} cores, {m['device']}, "
+                                              f"torch {m['torch']}" for m in summary["machines"]) + ".", ""]
     if sec:
         lines += [f"Every stage once: {sec['every_stage_once'] / 60:.1f} min; this run {sec['this_run'] / 60:.1f} "
                   "min (complete artifacts reused).", ""]

@@ -30,7 +30,8 @@ def cmt_compare(comparison: CompareConfig = DEFAULT) -> dict:
 
     Args:
         comparison: The preset, methods (ect, meanflow), arms, number of seeds, an optional common post-training
-            budget and evaluation cadence, quality targets (e.g. 2step<=1.1x) and the caps' factor, dotted
+            budget and evaluation cadence, quality targets (e.g. 2step<=1.1x) and the caps' factor, in target mode
+            the seeds this run computes (run_seeds: the others' records are read from the results folder), dotted
             overrides for every arm, worker processes, the artifact root and the folder the results are written to.
     """
     from prefect.artifacts import create_markdown_artifact

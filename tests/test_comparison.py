@@ -3,6 +3,7 @@
 The comparison itself runs end to end in ``tests/test_flows.py`` (the ``cmt-compare`` flow)."""
 
 import json
+import os
 
 import pytest
 from pydantic import ValidationError
@@ -147,6 +148,16 @@ def cost(mimg, nfe, wall):
             "wall_s": {"rollouts": 1.0, "midtrain": wall}}
 
 
+def test_seeds_run_apart_only_in_the_target_mode_and_among_the_comparisons():
+    assert CompareConfig(seeds=3, run_seeds=(2, 0), targets=("2step<=1.1x",)).computed_seeds() == [0, 2]
+    assert CompareConfig(seeds=2).computed_seeds() == [0, 1]
+    with pytest.raises(ValidationError, match="run_seeds: only the target-quality mode"):
+        CompareConfig(seeds=3, run_seeds=(1,))
+    for bad in ((1, 1), (3,), (-1,)):
+        with pytest.raises(ValidationError, match=r"run_seeds: distinct seeds among 0 \.\. 2"):
+            CompareConfig(seeds=3, run_seeds=bad, targets=("2step<=1.1x",))
+
+
 def test_the_cap_is_at_least_the_factor_times_the_cmt_path_in_every_unit():
     arm = arm_config(CompareConfig(preset="toy"), "ect", "teacher", 0)  # ECD: 4 evaluations a sample, batch 256
     path = cost(0.2, 40_000, 3.0)  # the CMT path's cost, by stage, in the same seed
@@ -170,7 +181,7 @@ def test_the_saving_is_a_lower_bound_where_the_other_arm_never_met_the_target():
 
 
 @pytest.mark.slow
-def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not_reached(tmp_path):
+def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not_reached(tmp_path, capsys):
     """``cmt compare --target``, tiny: a reachable relative target and an unreachable absolute one."""
     from cmt_core.cli import main
 
@@ -183,7 +194,8 @@ def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not
         args += ["--set", override]
     assert main(args) == 0
     summary = json.loads((tmp_path / "out" / "savings_toy.json").read_text())
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"savings_toy.json", "savings_toy.md", "savings_toy.png"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"savings_toy.json", "savings_toy.md", "savings_toy.png",
+                                                               "savings_toy_seeds"}
     entry, teacher = summary["methods"]["ect"], summary["teacher"]["score"]["mean"]
     assert summary["targets"] == ["2step<=1.8x", "1step<=0.0001"] and set(entry["arms"]) == {"cmt", "diffusion",
                                                                                               "vanilla_ect"}
@@ -230,3 +242,29 @@ def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not
     again = json.loads((tmp_path / "out" / "savings_toy.json").read_text())
     assert sorted((tmp_path / "art").rglob("manifest.json")) == manifests
     assert {**again, "seconds": None} == {**summary, "seconds": None}
+    # seeds apart: a run that computes seed 0 of 2 merges the record of seed 1 made elsewhere (here seed 0's own
+    # record relabelled, from another machine: the merged means equal seed 0's, over two seeds)
+    records = tmp_path / "out" / "savings_toy_seeds"
+    record = json.loads((records / "seed_0.json").read_text())
+    assert record["seed"] == 0 and record["machine"]["cores"] == os.cpu_count() and record["machine"]["device"] == "cpu"
+    (records / "seed_1.json").write_text(json.dumps({**record, "seed": 1, "machine": {**record["machine"],
+                                                                                      "cpu": "elsewhere"}}))
+    two = [*args[:args.index("--seeds")], "--seeds", "2", "--run-seeds", "0", *args[args.index("--seeds") + 2:]]
+    assert main(two) == 0
+    merged = json.loads((tmp_path / "out" / "savings_toy.json").read_text())
+    assert sorted((tmp_path / "art").rglob("manifest.json")) == manifests  # seed 1 was not trained here
+    assert merged["seeds"] == [0, 1] and [m["cpu"] for m in merged["machines"]][1] == "elsewhere"
+    assert merged["teacher"]["score"]["per_seed"] == 2 * summary["teacher"]["score"]["per_seed"]
+    for tname, t in merged["methods"]["ect"]["targets"].items():
+        for name, arm in t["arms"].items():
+            alone = summary["methods"]["ect"]["targets"][tname]["arms"][name]
+            assert arm["seeds"] == 2 * alone["seeds"] and arm["cost_all_seeds"] == alone["cost_all_seeds"]
+    assert "seed 1: elsewhere" in (tmp_path / "out" / "savings_toy.md").read_text()
+    # a record made with other settings is refused before anything runs, naming the field
+    (records / "seed_1.json").write_text(json.dumps({**record, "seed": 1, "settings": {**record["settings"],
+                                                                                       "cap_factor": 3.0}}))
+    assert main(two) == 2
+    assert "cap_factor: " in capsys.readouterr().err
+    # the seeds to run are among the comparison's, and only the target mode runs them apart
+    assert main([*two[:two.index("--run-seeds")], "--run-seeds", "2", *two[two.index("--run-seeds") + 2:]]) == 2
+    assert "run_seeds: distinct seeds among 0 .. 1" in capsys.readouterr().err
