@@ -45,6 +45,7 @@ SAVINGS = {"toy": {"posttrain_steps": 2000, "eval_every": 50}, "digits": {"postt
 def main(argv: list[str] | None = None) -> dict:
     from cmt_core.comparison import INITS, CompareConfig, run_comparison
     from cmt_core.comparison import markdown as comparison_markdown
+    from cmt_core.errors import PreflightError, config_message
     from cmt_core.savings import markdown as savings_markdown
     from cmt_core.savings import run_savings
 
@@ -80,10 +81,14 @@ def main(argv: list[str] | None = None) -> dict:
         common = {"preset": preset, "seeds": args.seeds, "workers": args.workers, "artifact_root": args.artifact_root,
                   "out_dir": args.out, "methods": tuple(args.methods)}
         if args.targets:
-            cc = CompareConfig(**common, **SAVINGS[preset], inits=tuple(args.inits or (*INITS, "ect")),
-                               run_seeds=args.run_seeds,
-                               targets=args.targets, cap_factor=args.cap_factor)
-            out[preset] = run_savings(cc, report=lambda line: print(line, flush=True))
+            try:  # a bad value or a record of other settings: one line naming the field, exit 2
+                cc = CompareConfig(**common, **SAVINGS[preset], inits=tuple(args.inits or (*INITS, "ect")),
+                                   run_seeds=args.run_seeds, targets=args.targets, cap_factor=args.cap_factor)
+                out[preset] = run_savings(cc, report=lambda line: print(line, flush=True))
+            except PreflightError as err:
+                parser.error(str(err))
+            except ValueError as err:
+                parser.error(config_message(err))
             print(savings_markdown(out[preset]))
         else:
             cc = CompareConfig(**common, **BUDGETS[preset])

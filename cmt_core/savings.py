@@ -92,7 +92,7 @@ from cmt_core.comparison import (
 )
 from cmt_core.config import PipelineConfig
 from cmt_core.engine import StageResult
-from cmt_core.errors import PreflightError
+from cmt_core.errors import PreflightError, describe
 from cmt_core.methods import get_method
 from cmt_core.preflight import preflight
 from cmt_core.runtime import uses_cuda
@@ -338,14 +338,20 @@ def write_record(cc: CompareConfig, record: dict) -> Path:
 
 def load_records(cc: CompareConfig) -> list[dict]:
     """The records of seeds 0 .. ``cc.seeds - 1`` in ``records_dir`` (computed here or on other machines), in seed
-    order. A record made with other settings is an error (``PreflightError``: bad input, found before any arm
-    runs) naming the first field that differs."""
+    order. A file that is not a seed's record, or a record made with other settings, is an error
+    (``PreflightError``: bad input, found before any arm runs) naming the file and the first field that differs."""
     ours, out = settings(cc), []
     for seed in range(cc.seeds):
         path = records_dir(cc) / f"seed_{seed}.json"
         if not path.is_file():
             continue
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except ValueError as err:  # json's errors: plain data is read, nothing in the file runs
+            raise PreflightError(f"{path}: not a seed record ({describe(err)}); remove it or rerun that seed") from None
+        if not isinstance(record, dict) or record.get("seed") != seed or not isinstance(record.get("settings"), dict):
+            raise PreflightError(f"{path}: not the record of seed {seed} (its 'seed' and 'settings' are those of "
+                                 "seed_record); remove it or rerun that seed")
         theirs = record["settings"]
         for field in ours:
             if theirs.get(field) != ours[field]:

@@ -265,6 +265,10 @@ def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not
                                                                                        "cap_factor": 3.0}}))
     assert main(two) == 2
     assert "cap_factor: " in capsys.readouterr().err
+    for bad in ("{not json", json.dumps(record)):  # not a record; seed 0's record under seed 1's name
+        (records / "seed_1.json").write_text(bad)
+        assert main(two) == 2
+        assert "seed_1.json: not " in capsys.readouterr().err
     # the seeds to run are among the comparison's, and only the target mode runs them apart
     assert main([*two[:two.index("--run-seeds")], "--run-seeds", "2", *two[two.index("--run-seeds") + 2:]]) == 2
     assert "run_seeds: distinct seeds among 0 .. 1" in capsys.readouterr().err
