@@ -49,6 +49,7 @@ LOGS_DIR, FEATURES_DIR, RESULTS_DIR = "logs", "features", "prefect-results"
 # the manifest records (their names and records hold wall times; deleting them leaves the artifact complete)
 EVENTS_DIR = "tensorboard"
 LOCK_SUFFIX = ".lock"
+SECONDS_LEDGER = ".seconds.json"  # the wall seconds of every call that worked on an unfinished artifact (``engine``)
 PACKAGES = ("torch", "zarr", "dask", "numcodecs", "prefect", "pydantic", "clean-fid", "numpy")
 
 
@@ -101,6 +102,9 @@ def manifest_problem(manifest) -> str | None:
     seconds = manifest.get("seconds")
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))):
         return "seconds must be a number"
+    calls = manifest.get("seconds_by_call", [])  # older formats have none
+    if not isinstance(calls, list) or any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in calls):
+        return "seconds_by_call must be a list of numbers"
     files = manifest.get("files", {})  # older formats have no file list
     if not isinstance(files, dict) or len(files) > MAX_MANIFEST_FILES:
         return f"files must be an object of at most {MAX_MANIFEST_FILES} records"
@@ -244,14 +248,41 @@ def provenance() -> dict:
             "host": platform.node(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def read_call_seconds(path: Path) -> list[float]:
+    """The wall seconds of the earlier calls that worked on the unfinished artifact at ``path`` (its
+    ``SECONDS_LEDGER``; killed and failed calls included), ``[]`` when there is none. A ledger that is not a list
+    of non-negative numbers is named in a warning and read as ``[]``: it only costs a figure, never a result."""
+    file = Path(path) / SECONDS_LEDGER
+    try:
+        calls = json.loads(file.read_text())["seconds_by_call"]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s is not a seconds ledger (%s); the earlier calls' seconds are not counted", file, err)
+        return []
+    if not isinstance(calls, list) or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 0
+                                              for c in calls):
+        log.warning("%s: seconds_by_call must be a list of non-negative numbers; the earlier calls' seconds are "
+                    "not counted", file)
+        return []
+    return [float(c) for c in calls]
+
+
+def write_call_seconds(path: Path, calls: list[float]) -> None:
+    """Publish the ledger of the artifact at ``path``: ``{"seconds_by_call": calls}``."""
+    publish_text(Path(path) / SECONDS_LEDGER, json.dumps({"seconds_by_call": calls}))
+
+
 def write_manifest(path: Path, stage: str, aid: str, config: dict, inputs: dict, metrics: dict,
-                   seconds: float, device: str | None = None, elsewhere: dict | None = None) -> dict:
+                   seconds_by_call: list[float], device: str | None = None, elsewhere: dict | None = None) -> dict:
     """Mark the artifact at ``path`` complete: the manifest, with the record of every file (``file_records``,
     and ``elsewhere``: records of files the stage wrote at the artifact's URL, ``cmt_core.object_storage``),
-    published last (``publish``)."""
+    published last (``publish``). ``seconds`` is the wall time of every call that worked on it,
+    ``seconds_by_call`` each call's; the ledger of an unfinished artifact (``SECONDS_LEDGER``) is removed."""
     files = {**file_records(path), **(elsewhere or {})}
     manifest = {"stage": stage, "artifact_id": aid, "config": config, "inputs": inputs, "metrics": metrics,
-                "seconds": seconds, "device": device, "format": FORMAT_VERSION, "files": dict(sorted(files.items())),
-                **provenance()}
+                "seconds": sum(seconds_by_call), "seconds_by_call": list(seconds_by_call), "device": device,
+                "format": FORMAT_VERSION, "files": dict(sorted(files.items())), **provenance()}
     publish_text(Path(path) / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    (Path(path) / SECONDS_LEDGER).unlink(missing_ok=True)
     return manifest

@@ -15,6 +15,8 @@ and the stages it ``needs``. From a set of declarations and a config:
   ``compute_stage(plan, stage, runtime)`` returns that artifact at once, or computes it in
   ``<artifact_root>/<stage>/<id>/`` (training stages resume from their checkpoints) under the artifact's lock,
   checks its outputs are sound, and writes the manifest last: nothing unsound is ever marked complete.
+  A manifest's ``seconds`` is the wall time of every call that worked on the artifact (``CallTimer``): a call
+  killed or failed before it finished counts up to its last heartbeat, and work it lost counts again when redone.
 
 Entry points check their inputs first (``cmt_core.preflight``) and run stages through ``cmt_core.pipeline``.
 A failure while a stage computes is raised as ``StageError`` naming the stage, its folder and the next step.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,8 +40,10 @@ from cmt_core.artifacts import (
     artifact_dir,
     artifact_id,
     artifact_lock,
+    read_call_seconds,
     read_manifest,
     verify_files,
+    write_call_seconds,
     write_manifest,
 )
 from cmt_core.errors import InputFileError, StageError, describe
@@ -247,6 +252,48 @@ def reuse(result: StageResult) -> StageResult:
     return result
 
 
+HEARTBEAT_S = 10.0  # how often a working call writes its seconds so far: a SIGKILL loses at most this much
+
+
+class CallTimer:
+    """Times one call's work on the unfinished artifact at ``path`` into its ledger (``SECONDS_LEDGER``) beside
+    the earlier calls' (killed and failed ones included): written when the call starts, every ``heartbeat``
+    seconds by a daemon thread, and when it ends, however it ends. ``calls()``: every call's seconds so far,
+    this one's last (fixed when it ends). A ledger that cannot be written (a full disk) only costs the figure."""
+
+    def __init__(self, path: Path, heartbeat: float = HEARTBEAT_S):
+        self.path, self.heartbeat = Path(path), heartbeat
+        self.before = read_call_seconds(self.path)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="cmt-call-timer", daemon=True)
+        self.t0 = self.end = None
+
+    def calls(self) -> list[float]:
+        return [*self.before, (self.end or time.perf_counter()) - self.t0]
+
+    def _write(self) -> None:
+        try:
+            write_call_seconds(self.path, self.calls())
+        except OSError as err:
+            log.warning("could not write the seconds ledger of %s: %s", self.path, describe(err))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            self._write()
+
+    def __enter__(self) -> CallTimer:
+        self.t0 = time.perf_counter()
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.end = time.perf_counter()
+        self._write()
+
+
 def compute_stage(plan: Plan, stage: str, runtime: Runtime, progress: Progress | None = None) -> StageResult:
     """Return the complete artifact of ``stage``, or compute it (its inputs must be complete).
 
@@ -283,25 +330,25 @@ def compute_stage(plan: Plan, stage: str, runtime: Runtime, progress: Progress |
         runtime.barrier()
         view = ConfigView(cfg, declared.reads + declared.uses, stage)
         locations = {n: result.location for n, result in needed.items()}
-        t0 = time.perf_counter()
-        try:
-            metrics = declared.work(StageContext(stage, view, path, inputs, runtime, location, locations,
-                                                 cfg.local_root, progress))
-        except (InputFileError, StageError):
-            raise
-        except Exception as err:
-            raise StageError(f"the {stage} stage failed in {path}: {describe(err)}. "
-                             f"Nothing was marked complete; remove the cause and rerun: the stage resumes from "
-                             f"its last checkpoint") from err
-        runtime.barrier()
-        problem = declared.sound(path, location, metrics)  # every rank decides alike
-        if problem is not None:
-            raise StageError(f"the {stage} stage produced unsound output in {path}: {problem}. Nothing was marked "
-                             "complete; remove the cause (a setting, a damaged input) and rerun")
+        with CallTimer(path) if runtime.is_main else contextlib.nullcontext() as timer:
+            try:
+                metrics = declared.work(StageContext(stage, view, path, inputs, runtime, location, locations,
+                                                     cfg.local_root, progress))
+            except (InputFileError, StageError):
+                raise
+            except Exception as err:
+                raise StageError(f"the {stage} stage failed in {path}: {describe(err)}. "
+                                 f"Nothing was marked complete; remove the cause and rerun: the stage resumes from "
+                                 f"its last checkpoint") from err
+            runtime.barrier()
+            problem = declared.sound(path, location, metrics)  # every rank decides alike
+            if problem is not None:
+                raise StageError(f"the {stage} stage produced unsound output in {path}: {problem}. Nothing was "
+                                 "marked complete; remove the cause (a setting, a damaged input) and rerun")
         if runtime.is_main:
             in_place = remote.store_records(location) if cfg.remote_root is not None else None
             write_manifest(path, stage, plan.ids[stage], plan.config(stage), plan.inputs[stage], metrics,
-                           time.perf_counter() - t0, device=str(runtime.device), elsewhere=in_place)
+                           timer.calls(), device=str(runtime.device), elsewhere=in_place)
             if cfg.remote_root is not None:
                 remote.publish_artifact(path, location)
         runtime.barrier()

@@ -93,7 +93,8 @@ def repair_store(store: Path) -> list[int]:
                 raise StageError(f"rollouts: {store} still fails verification after the repair: "
                                  f"{report.summary().splitlines()[-1]}")
             write_manifest(folder, "rollouts", manifest["artifact_id"], manifest["config"], manifest["inputs"],
-                           manifest["metrics"], manifest["seconds"], manifest.get("device"))
+                           manifest["metrics"], manifest.get("seconds_by_call") or [manifest.get("seconds") or 0.0],
+                           manifest.get("device"))
         except BaseException:
             group = open_store(store, partial=True).group
             group.update_attributes(attrs)

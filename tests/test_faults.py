@@ -3,10 +3,11 @@ process, its dask cluster, its files) and checks the outcome against an uninterr
 file by file (weights, checkpoints, store chunks, metrics; only wall-clock timings and provenance differ).
 
 Covered here: two identical runs (byte-identical), SIGKILL in each of the five stages (the rerun recomputes only
-what was lost), a truncated checkpoint, a damaged model file of a complete artifact, a corrupted store chunk
-(``cmt store verify --repair``), a non-finite loss, a full disk (a file-size limit on the process), and two
-identical pipelines at once on one artifact root (one computes, the other waits and reuses). A dask worker
-killed mid-shard is in ``test_dask_rollouts.py``; bad input in ``test_bad_inputs.py``.
+what was lost, and the killed call's seconds still count), a truncated checkpoint, a damaged model file of a
+complete artifact, a corrupted store chunk (``cmt store verify --repair``), a non-finite loss, a full disk (a
+file-size limit on the process), and two identical pipelines at once on one artifact root (one computes, the other
+waits and reuses). A dask worker killed mid-shard is in ``test_dask_rollouts.py``; bad input in
+``test_bad_inputs.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmt_core.artifacts import EVENTS_DIR
+from cmt_core.artifacts import EVENTS_DIR, MANIFEST, SECONDS_LEDGER, read_call_seconds, write_manifest
+from cmt_core.engine import CallTimer
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +38,8 @@ SMALL = ["teacher.train.steps=200", "teacher.train.checkpoint_every=40", "teache
          "posttrain.train.steps=160", "posttrain.train.checkpoint_every=40", "posttrain.train.log_every=20",
          "posttrain.train.eval_every=80", "eval.num_samples=400", "cpu_threads=1"]
 # values that are wall-clock times or provenance, not results
-TIMING_KEYS = {"seconds", "eval_seconds", "resumed_from", "written_at", "created", "completed", "finished",
-               "rollout_runs", "host", "files"}
+TIMING_KEYS = {"seconds", "seconds_by_call", "eval_seconds", "resumed_from", "written_at", "created", "completed",
+               "finished", "rollout_runs", "host", "files"}
 
 
 def command(root: Path, *extra: str) -> list[str]:
@@ -125,8 +127,8 @@ def _killed_in(stage: str, root: Path) -> bool:
     if stage == "rollouts":  # a shard's done marker written (its states are written before it)
         markers = folder / "store.zarr" / "shard_done" / "c"
         return markers.exists() and any(p.is_file() for p in markers.rglob("*"))
-    if stage == "evaluation":
-        return True
+    if stage == "evaluation":  # its call has begun
+        return (folder / SECONDS_LEDGER).exists()
     return (folder / "train" / "checkpoint.pt").exists()
 
 
@@ -158,7 +160,28 @@ def test_sigkill_in_a_stage_loses_only_the_unsaved_part(stage, reference, tmp_pa
     if stage == "rollouts":  # only the missing shards were solved again
         runs = json.loads((folder / "store.zarr" / "zarr.json").read_text())["attributes"]["rollout_runs"]
         assert runs[-1]["shards_computed"] < runs[-1]["shards_total"], runs
+    manifest = json.loads((folder / MANIFEST).read_text())  # the killed call's seconds count too
+    assert len(manifest["seconds_by_call"]) == 2 and manifest["seconds"] == sum(manifest["seconds_by_call"])
+    assert not (folder / SECONDS_LEDGER).exists()
     assert_same(tmp_path, reference[1])
+
+
+def test_a_killed_call_keeps_its_seconds_up_to_its_last_heartbeat(tmp_path):
+    code = ("import os, signal, sys, time\nfrom cmt_core.engine import CallTimer\n"
+            "with CallTimer(sys.argv[1], heartbeat=0.05):\n    time.sleep(1.0)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    (first,) = read_call_seconds(tmp_path)
+    assert 0.5 < first <= 1.5, first  # its last heartbeat, not its start
+    with CallTimer(tmp_path, heartbeat=0.05) as timer:
+        time.sleep(0.2)
+    calls = timer.calls()
+    assert calls[0] == first and calls[1] >= 0.2 and read_call_seconds(tmp_path) == calls
+    manifest = write_manifest(tmp_path, "teacher", "abc", {}, {}, {}, calls)
+    assert manifest["seconds"] == sum(calls) and not (tmp_path / SECONDS_LEDGER).exists()
+    (tmp_path / SECONDS_LEDGER).write_text('{"seconds_by_call": [1.0, "soon"]}')  # damaged: the figure only
+    assert read_call_seconds(tmp_path) == []
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):

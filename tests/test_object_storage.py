@@ -123,7 +123,7 @@ def _artifact(folder: Path) -> Path:
     (folder / "train").mkdir(parents=True)
     (folder / "model.pt").write_bytes(b"weights" * 100)
     (folder / "train" / "metrics.jsonl").write_text('{"step": 1}\n')
-    write_manifest(folder, "midtrain", "abc", {}, {}, {"score": 1.0}, 0.1)
+    write_manifest(folder, "midtrain", "abc", {}, {}, {"score": 1.0}, [0.1])
     return folder
 
 
