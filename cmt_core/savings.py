@@ -38,15 +38,21 @@ Cost, by stage (``STAGES``), the teacher's pre-training reported apart (every ar
 * ``nfe``: forward network evaluations: the rollouts' teacher calls (solver calls x trajectories), and per training
   sample the method's count (``Method.nfe``: ECD's teacher step and the CMT boundary's frozen model included, a JVP
   counted twice; backward passes not counted);
-* ``wall_s``: seconds on this machine: the rollout stage's, and the training loops' own up to the evaluation (its
-  evaluations left out), added up over resumed calls (``comparison.cumulative_seconds``). Each arm's post-training
-  seconds per step are reported beside its costs (``posttrain_seconds_per_step``): an arm that shared the cores
-  with more work than the comparison's own workers shows a slower rate there, and its wall seconds are not
-  comparable with the other arms'.
+* ``wall_s``: seconds on this machine: the rollout stage's (its manifest's, every call that worked on it: a killed
+  call's up to its last heartbeat, ``engine.CallTimer``), and the training loops' own up to the evaluation (its
+  evaluations left out), added up over resumed calls (``comparison.cumulative_seconds``: the steps a killed call
+  lost after its last checkpoint count once). The teacher's pre-training is its manifest's, like the rollouts'.
+  Each arm's post-training seconds per step are reported beside its costs (``posttrain_seconds_per_step``): an arm
+  that shared the cores with more work than the comparison's own workers shows a slower rate there, and its wall
+  seconds are not comparable with the other arms'.
 
 The saving of the CMT path against another arm is ``1 - cost(CMT) / cost(arm)`` per seed and unit (mean and std
 over seeds); where the other arm never met the target, its cost at the cap stands in and the saving is a lower
-bound (``"bound": "at_least"``). Results: ``savings_<preset>.json`` / ``.md`` / ``.png`` in ``cc.out_dir``.
+bound (``"bound": "at_least"``). Each path is read at its first evaluation at or below the target, so where both
+met it the saving is known only to within what the spacing of their evaluations allows (``reading_range``, in
+parentheses in the ``.md``): an arm capped at tens of thousands of steps is evaluated every 1,000-2,000 steps,
+which on digits brackets the diffusion path's crossing to within a fifth to a third of its cost. Results:
+``savings_<preset>.json`` / ``.md`` / ``.png`` in ``cc.out_dir``.
 
 Seeds apart: each seed is a replicate with its own teacher, caps and arms, so seeds can run on different machines
 (or one after another, on a machine that keeps no artifacts between sittings). A run computes the seeds
@@ -386,8 +392,9 @@ def _arm_result(points_by_seed: list[list[dict]], target: Target, bound_by_seed:
     for points, bound in zip(points_by_seed, bound_by_seed):
         hit = crossing(points, target, bound)
         at = hit or points[-1]
+        before = points[max(points.index(at) - 1, 0)]  # the crossing lies after it (``saving``'s reading range)
         per_seed.append({"reached": hit is not None, "stage": at["stage"], "iter": at["iter"],
-                         "best": min(p[key] for p in points), "cost": at["cost"]})
+                         "best": min(p[key] for p in points), "cost": at["cost"], "cost_before": before["cost"]})
     reached = [r for r in per_seed if r["reached"]]
     out = {"reached": len(reached) == len(per_seed), "reached_seeds": len(reached), "seeds": per_seed,
            "best": _mean_std([r["best"] for r in per_seed]),
@@ -405,17 +412,28 @@ def _arm_result(points_by_seed: list[list[dict]], target: Target, bound_by_seed:
 
 def saving(cmt: dict, other: dict) -> dict | None:
     """The CMT path's saving against ``other`` per unit, seed by seed (``1 - cmt / other``); ``at_least`` where
-    ``other`` never met the target in a seed (its capped cost stands in). None where CMT missed it in a seed."""
+    ``other`` never met the target in a seed (its capped cost stands in). None where CMT missed it in a seed.
+
+    Each path is read at its first evaluation at or below the target, so it met the target somewhere after the
+    evaluation before that one (``cost_before``). Where every seed of both paths met it, ``reading_range`` is the
+    seed mean of the least and the largest saving those two readings of each path allow, ``1 - cmt / other_before``
+    and ``1 - cmt_before / other`` (the crossing taken as the first time the metric falls to the target: a dip
+    below it and back between two evaluations is not seen); None where ``other`` met it at its first evaluation."""
     if not all(r["reached"] for r in cmt["seeds"]):
         return None
     out = {}
+    exact = all(o["reached"] for o in other["seeds"])
     for unit in UNITS:
         pairs = [(total(c["cost"], unit), total(o["cost"], unit)) for c, o in zip(cmt["seeds"], other["seeds"])]
         if any(o <= 0 for _, o in pairs):  # the other arm met it untrained: no saving to state
             out[unit] = None
             continue
-        out[unit] = {**_mean_std([1.0 - c / o for c, o in pairs]),
-                     "bound": "exact" if all(o["reached"] for o in other["seeds"]) else "at_least"}
+        out[unit] = {**_mean_std([1.0 - c / o for c, o in pairs]), "bound": "exact" if exact else "at_least"}
+        before = [(total(c["cost_before"], unit), total(o["cost_before"], unit))
+                  for c, o in zip(cmt["seeds"], other["seeds"])]
+        out[unit]["reading_range"] = None if not exact or any(ob <= 0 for _, ob in before) else {
+            "low": statistics.fmean(1.0 - c / ob for (c, _), (_, ob) in zip(pairs, before)),
+            "high": statistics.fmean(1.0 - cb / o for (_, o), (cb, _) in zip(pairs, before))}
     return out
 
 
@@ -507,6 +525,12 @@ def _pct(s: dict | None) -> str:
     return ("≥ " if s["bound"] == "at_least" else "") + text
 
 
+def _pct_range(s: dict | None) -> str:
+    """``_pct``, with the range the evaluations' spacing allows (``saving``'s ``reading_range``) where there is one."""
+    span = (s or {}).get("reading_range")
+    return _pct(s) + ("" if span is None else f" ({100 * span['low']:.0f} to {100 * span['high']:.0f}%)")
+
+
 def markdown(summary: dict) -> str:
     """The savings tables: per method and target, each path's cost by unit and the CMT path's saving."""
     metric, sec = summary["metric_name"], summary.get("seconds", {})
@@ -516,7 +540,10 @@ def markdown(summary: dict) -> str:
              f"{number(summary['teacher']['score']['std'])} at {summary['teacher']['nfe']} NFE; its pre-training "
              f"({number(pre['mimg'])} Mimg, {number(pre['nfe'])} network evaluations, {number(pre['wall_s'])} s) is "
              f"shared by every arm and not counted below. Caps: at least {summary['cap_factor']:g}x the CMT path's "
-             "data, network evaluations and wall time (each seed against its own CMT path).", "",
+             "data, network evaluations and wall time (each seed against its own CMT path). Each path is read at "
+             "its first evaluation at or below a target; in parentheses after a saving, the least and the largest "
+             "saving the spacing of the two paths' evaluations allows (each met the target after the evaluation "
+             "before its reading).", "",
              "Wall seconds on: " + "; ".join(f"seed {m['seed']}: {m['cpu']}, {m['cores']} cores, {m['device']}, "
                                               f"torch {m['torch']}" for m in summary["machines"]) + ".", ""]
     if sec:
@@ -546,7 +573,7 @@ def markdown(summary: dict) -> str:
                     f"| {name} | {arm['reached_seeds']}/{len(arm['seeds'])}{missed} | {number(arm['best']['mean'])} | "
                     f"{at}{number(cost['mimg']['total'])} | {at}{number(cost['nfe']['total'])} | "
                     f"{at}{number(cost['wall_s']['total'])} ({wall}) | "
-                    + " | ".join(_pct(sv and sv[u]) for u in UNITS) + " |")
+                    + " | ".join(_pct_range(sv and sv[u]) for u in UNITS) + " |")
         lines += ["", f"![quality against cost](savings_{summary['preset']}.png)", ""]
     return "\n".join(lines) + "\n"
 

@@ -169,14 +169,22 @@ def test_the_cap_is_at_least_the_factor_times_the_cmt_path_in_every_unit():
 
 
 def test_the_saving_is_a_lower_bound_where_the_other_arm_never_met_the_target():
-    def seed(reached, mimg):
-        return {"reached": reached, "cost": {"mimg": {"posttrain": mimg}, "nfe": {"posttrain": 10 * mimg},
-                                             "wall_s": {"posttrain": mimg}}}
+    def cost(mimg):
+        return {"mimg": {"posttrain": mimg}, "nfe": {"posttrain": 10 * mimg}, "wall_s": {"posttrain": mimg}}
+
+    def seed(reached, mimg, before=None):  # before: the cost at the evaluation before the reading
+        return {"reached": reached, "cost": cost(mimg), "cost_before": cost(mimg / 2 if before is None else before)}
 
     cmt = {"seeds": [seed(True, 1.0), seed(True, 1.0)]}
     exact = saving(cmt, {"seeds": [seed(True, 4.0), seed(True, 2.0)]})
-    assert exact["mimg"] == {"mean": pytest.approx(0.625), "std": pytest.approx(0.1767767), "bound": "exact"}
-    assert saving(cmt, {"seeds": [seed(True, 4.0), seed(False, 10.0)]})["nfe"]["bound"] == "at_least"
+    assert {k: exact["mimg"][k] for k in ("mean", "std", "bound")} == {
+        "mean": pytest.approx(0.625), "std": pytest.approx(0.1767767), "bound": "exact"}
+    # each path met the target between its reading and the evaluation before: CMT in (0.5, 1], the other in
+    # (2, 4] and (1, 2]; the saving lies between 1 - 1/2 and 1 - 0.5/4 (seed 0), 1 - 1/1 and 1 - 0.5/2 (seed 1)
+    assert exact["mimg"]["reading_range"] == {"low": pytest.approx(0.25), "high": pytest.approx(0.8125)}
+    assert saving(cmt, {"seeds": [seed(True, 4.0, before=0.0), seed(True, 2.0)]})["nfe"]["reading_range"] is None
+    lower = saving(cmt, {"seeds": [seed(True, 4.0), seed(False, 10.0)]})["nfe"]
+    assert lower["bound"] == "at_least" and lower["reading_range"] is None
     assert saving({"seeds": [seed(True, 1.0), seed(False, 3.0)]}, {"seeds": [seed(True, 4.0)] * 2}) is None
 
 
@@ -229,6 +237,8 @@ def test_target_mode_on_toy_counts_every_cost_and_reports_an_unmet_target_as_not
         assert value["mimg"]["bound"] == ("exact" if other["reached"] else "at_least")
         cost = other.get("cost") or other["not_reached_at"]
         assert value["nfe"]["mean"] == pytest.approx(1 - cmt["cost"]["nfe"]["total"] / cost["nfe"]["total"])
+        span = value["nfe"]["reading_range"]  # the evaluations' spacing brackets the saving it reads
+        assert span is None or span["low"] <= value["nfe"]["mean"] <= span["high"]
     assert "not reached at" in (tmp_path / "out" / "savings_toy.md").read_text()
     table = readme_table(summary).splitlines()  # the README's table: a row per method and target
     assert len(table) == 4 and table[0].count("|") == table[2].count("|") == 7  # 3 arms
