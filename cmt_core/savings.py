@@ -376,11 +376,13 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def _by_stage(costs: list[dict]) -> dict:
-    """The seed mean of costs, by unit and stage, with each unit's ``total``."""
+    """The seed mean of costs, by unit and stage, with each unit's ``total``; a stage that some seeds' paths never
+    entered (the CMT path met a target during mid-training in one seed and in post-training in another) counts 0
+    in those seeds, so the stages add up to the total."""
     out = {}
     for unit in UNITS:
-        stages = [s for s in STAGES if s in costs[0][unit]]
-        out[unit] = {s: statistics.fmean(c[unit][s] for c in costs) for s in stages}
+        stages = [s for s in STAGES if any(s in c[unit] for c in costs)]
+        out[unit] = {s: statistics.fmean(c[unit].get(s, 0.0) for c in costs) for s in stages}
         out[unit]["total"] = statistics.fmean(total(c, unit) for c in costs)
     return out
 

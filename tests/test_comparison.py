@@ -18,7 +18,7 @@ from cmt_core.comparison import (
     posttrain_nfe_per_step,
     training_nfe,
 )
-from cmt_core.savings import cadence, cap_steps, readme_table, saving
+from cmt_core.savings import _arm_result, cadence, cap_steps, readme_table, saving
 from cmt_core.stages import plan
 
 
@@ -186,6 +186,22 @@ def test_the_saving_is_a_lower_bound_where_the_other_arm_never_met_the_target():
     lower = saving(cmt, {"seeds": [seed(True, 4.0), seed(False, 10.0)]})["nfe"]
     assert lower["bound"] == "at_least" and lower["reading_range"] is None
     assert saving({"seeds": [seed(True, 1.0), seed(False, 3.0)]}, {"seeds": [seed(True, 4.0)] * 2}) is None
+
+
+def test_a_path_s_stages_add_up_to_its_total_where_seeds_met_the_target_in_different_stages():
+    target = Target(steps=1, bound=1.0, relative=False)
+
+    def point(stage, metric, **wall):  # wall seconds by stage; data and evaluations follow them
+        scales = (("mimg", 0.01), ("nfe", 100), ("wall_s", 1))
+        cost = {u: {s: scale * v for s, v in wall.items()} for u, scale in scales}
+        return {"stage": stage, "iter": 0, "metric_1step": metric, "metric_2step": metric, "cost": cost}
+
+    in_mid = [point("midtrain", 2.0, rollouts=5, midtrain=50), point("midtrain", 0.5, rollouts=5, midtrain=100)]
+    in_post = [point("midtrain", 2.0, rollouts=7, midtrain=100),
+               point("posttrain", 0.5, rollouts=7, midtrain=100, posttrain=40)]
+    cost = _arm_result([in_mid, in_post], target, [1.0, 1.0])["cost"]
+    assert cost["wall_s"] == {"rollouts": 6.0, "midtrain": 100.0, "posttrain": 20.0, "total": 126.0}
+    assert cost["nfe"]["posttrain"] == 2_000.0
 
 
 @pytest.mark.slow
