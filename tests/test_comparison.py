@@ -18,7 +18,7 @@ from cmt_core.comparison import (
     posttrain_nfe_per_step,
     training_nfe,
 )
-from cmt_core.savings import _arm_result, cadence, cap_steps, readme_table, saving
+from cmt_core.savings import _arm_result, _pct, cadence, cap_steps, readme_table, saving
 from cmt_core.stages import plan
 
 
@@ -185,6 +185,10 @@ def test_the_saving_is_a_lower_bound_where_the_other_arm_never_met_the_target():
     assert saving(cmt, {"seeds": [seed(True, 4.0, before=0.0), seed(True, 2.0)]})["nfe"]["reading_range"] is None
     lower = saving(cmt, {"seeds": [seed(True, 4.0), seed(False, 10.0)]})["nfe"]
     assert lower["bound"] == "at_least" and lower["reading_range"] is None
+    # one seed exact, one a lower bound: the mean is a lower bound, each seed is shown and the spread is not
+    mixed = saving(cmt, {"seeds": [seed(True, 4.0), seed(False, 20.0)]})["mimg"]
+    assert [r["bound"] for r in mixed["per_seed"]] == ["exact", "at_least"]
+    assert _pct(mixed) == "≥ 85% (per seed: 75%, ≥ 95%)" and _pct(exact["mimg"]) == "62% ± 18"
     assert saving({"seeds": [seed(True, 1.0), seed(False, 3.0)]}, {"seeds": [seed(True, 4.0)] * 2}) is None
 
 
