@@ -617,7 +617,7 @@ def readme_table(summary: dict) -> str:
 
 def plot(summary: dict, out_dir: Path) -> Path:
     """Quality against cumulative wall seconds per path (log axes), one panel per method and step count, each
-    seed a line, the targets drawn."""
+    seed a line, the targets drawn (their mean over the seeds, shaded from the lowest seed's to the highest's)."""
     from cmt_core.evaluation.report import plt
 
     methods = list(summary["methods"])
@@ -634,6 +634,9 @@ def plot(summary: dict, out_dir: Path) -> Path:
             for tname, t in entry["targets"].items():
                 if tname.startswith(f"{steps}step"):
                     ax.axhline(t["value"]["mean"], color="k", ls="--", lw=1, label=f"target {tname}")
+                    low, high = min(t["value"]["per_seed"]), max(t["value"]["per_seed"])
+                    if high > low:  # relative targets differ with each seed's teacher
+                        ax.axhspan(low, high, color="k", alpha=0.12, lw=0, label="its range over the seeds")
             ax.set(xscale="log", yscale="log", xlabel="cumulative wall seconds (rollouts + mid + post-training)",
                    ylabel=f"{steps}-step {summary['metric_name']}", title=f"{summary['preset']} {method}")
             ax.legend(fontsize=7)
