@@ -18,7 +18,7 @@ from cmt_core.comparison import (
     posttrain_nfe_per_step,
     training_nfe,
 )
-from cmt_core.savings import _arm_result, _pct, cadence, cap_steps, readme_table, saving
+from cmt_core.savings import _arm_result, _pct, cadence, cap_steps, plot, readme_table, saving
 from cmt_core.stages import plan
 
 
@@ -206,6 +206,24 @@ def test_a_path_s_stages_add_up_to_its_total_where_seeds_met_the_target_in_diffe
     cost = _arm_result([in_mid, in_post], target, [1.0, 1.0])["cost"]
     assert cost["wall_s"] == {"rollouts": 6.0, "midtrain": 100.0, "posttrain": 20.0, "total": 126.0}
     assert cost["nfe"]["posttrain"] == 2_000.0
+
+
+def test_the_plot_shades_a_relative_target_s_range_where_the_seeds_teachers_differ(tmp_path, monkeypatch):
+    from cmt_core.evaluation.report import plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read it
+    curve = [{"wall_s": w, "metric_1step": 3.0 / w, "metric_2step": 2.0 / w} for w in (1.0, 2.0, 4.0)]
+    targets = {"1step<=1.5x": {"value": {"mean": 1.0, "per_seed": [1.0, 1.0]}},
+               "2step<=1.1x": {"value": {"mean": 0.6, "per_seed": [0.5, 0.7]}}}
+    summary = {"preset": "toy", "metric_name": "sw",
+               "methods": {"ect": {"arms": {"cmt": {"curves": [curve, curve]}}, "targets": targets}}}
+    assert plot(summary, tmp_path).is_file()
+    one_step, two_step = figures[0].axes
+    assert [p.get_label() for p in one_step.patches] == []  # one target for every seed: the line alone
+    (band,) = two_step.patches
+    assert band.get_label() == "its range over the seeds"
+    assert (band.get_bbox().y0, band.get_bbox().y1) == pytest.approx((0.5, 0.7))  # the lowest seed's to the highest's
 
 
 @pytest.mark.slow
